@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Validates every deploy artifact with the tool its users run. Idempotent; CI runs it.
+#   helm lint/template + kubernetes-validate (1.29 and later) + property tests  (helm/meterd)
+#   botocore RegisterTaskDefinition shape + cfn-lint + property tests          (ecs-task-def/)
+#   systemd-analyze verify + property tests                                     (deploy/systemd/)
+#   hadolint                                                                    (deploy/Dockerfile)
+# Tools are installed by scripts/deploy-tools.sh (.venv-deploy, .cache/deploy-tools).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+eval "$("$ROOT/scripts/deploy-tools.sh")" || { echo "deploy checks: tool install failed" >&2; exit 1; }
+
+CHART=helm/meterd
+K8S_VERSIONS=(1.29.0 1.30.0 1.31.0 1.32.0 1.33.0 1.34.0 1.35.0 1.36.0 1.37.0)
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+passed=0
+failed=0
+failures=()
+check() {
+  local name="$1"; shift
+  local out="$WORK/out.$((passed + failed))"
+  if "$@" >"$out" 2>&1; then
+    passed=$((passed + 1))
+    printf 'ok    %s\n' "$name"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    printf 'FAIL  %s\n' "$name"
+    sed 's/^/      /' "$out" | tail -40
+  fi
+}
+# Succeeds when the command fails with a message matching a pattern.
+must_fail() {
+  local pattern="$1"; shift
+  local out
+  if out="$("$@" 2>&1)"; then echo "unexpectedly succeeded"; return 1; fi
+  grep -q -- "$pattern" <<<"$out" || { echo "$out"; echo "expected: $pattern"; return 1; }
+}
+
+# ---- Helm ----
+render() { # name, extra helm args...
+  local name="$1"; shift
+  rm -rf "$WORK/$name"
+  "$HELM" template meterd-ci "$CHART" --namespace seller "$@" --output-dir "$WORK/$name" >/dev/null
+}
+kv_all() { # render dir
+  local v files
+  mapfile -t files < <(find "$1" -name '*.yaml' | sort)
+  ((${#files[@]})) || { echo "no manifests in $1"; return 1; }
+  for v in "${K8S_VERSIONS[@]}"; do
+    "$VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "${files[@]}" || return 1
+  done
+}
+check "helm lint --strict (defaults)" "$HELM" lint --strict "$CHART"
+check "helm lint --strict (ci/example-values.yaml)" "$HELM" lint --strict "$CHART" -f "$CHART/ci/example-values.yaml"
+check "helm template (defaults)" render defaults
+check "helm template (ci/example-values.yaml)" render example -f "$CHART/ci/example-values.yaml"
+for r in defaults example; do
+  check "kubernetes-validate --strict ${K8S_VERSIONS[0]}..${K8S_VERSIONS[-1]} ($r)" kv_all "$WORK/$r"
+done
+check "helm property tests (sidecar, IRSA, probes, security context)" \
+  "$PYTHON" scripts/deploy_tests.py helm "$WORK/defaults" "$WORK/example:$CHART/ci/example-values.yaml"
+check "helm refuses a product code off the allow-list" \
+  must_fail "allowed-product-codes" "$HELM" template x "$CHART" --set meterd.productCode=prod-free0000
+check "helm refuses terminationGracePeriodSeconds <= grace period" \
+  must_fail "must exceed" "$HELM" template x "$CHART" --set terminationGracePeriodSeconds=25
+check "helm schema rejects unknown meterd values" \
+  must_fail "additional properties" "$HELM" template x "$CHART" --set meterd.dimension=requests
+
+seller_chart() { # docs/deploy-eks.md step 7: the named templates inside another chart
+  local dir="$WORK/seller"
+  rm -rf "$dir"; mkdir -p "$dir"
+  cp -r scripts/fixtures/seller-chart "$dir/chart"
+  cp "$CHART/templates/_meterd.tpl" "$dir/chart/templates/"
+  "$HELM" lint --strict "$dir/chart" &&
+    "$HELM" template seller "$dir/chart" --output-dir "$dir/out" >/dev/null &&
+    kv_all "$dir/out" &&
+    grep -q 'restartPolicy: Always' "$dir/out/seller-app/templates/deployment.yaml"
+}
+check "meterd.sidecar in a seller's own chart (scripts/fixtures/seller-chart)" seller_chart
+
+# ---- ECS ----
+check "ecs task definition vs botocore RegisterTaskDefinition; CFN and IAM consistency" \
+  "$PYTHON" scripts/deploy_tests.py ecs
+check "cfn-lint ecs-task-def/cloudformation.yaml" "$VENV/bin/cfn-lint" ecs-task-def/cloudformation.yaml
+
+# ---- systemd ----
+verify_unit() {
+  # ExecStart must name an executable; point it at the built binary or a stub.
+  local dir="$WORK/systemd" bin
+  mkdir -p "$dir"
+  bin="$ROOT/target/release/meterd"
+  [[ -x "$bin" ]] || bin="$ROOT/target/debug/meterd"
+  if [[ ! -x "$bin" ]]; then bin="$dir/meterd-stub"; printf '#!/bin/sh\n' >"$bin"; chmod +x "$bin"; fi
+  sed "s#/usr/local/bin/meterd#$bin#g" deploy/systemd/meterd.service >"$dir/meterd.service"
+  SYSTEMD_LOG_LEVEL=notice systemd-analyze verify "$dir/meterd.service"
+}
+check "systemd-analyze verify deploy/systemd/meterd.service" verify_unit
+check "systemd unit property tests" "$PYTHON" scripts/deploy_tests.py systemd
+check "install.sh into a prefix" bash -c '
+  set -e; p="$(mktemp -d)"; trap "rm -rf $p" EXIT
+  b="'"$ROOT"'/target/release/meterd"; [ -x "$b" ] || b="'"$ROOT"'/target/debug/meterd"
+  if ! "$b" check-config --help >/dev/null 2>&1; then echo "skip: no meterd binary with check-config"; exit 0; fi
+  "'"$ROOT"'/deploy/install.sh" --binary "$b" --prefix "$p"
+  test -x "$p/usr/local/bin/meterd" && test -f "$p/etc/systemd/system/meterd.service" && test -f "$p/etc/meterd/meterd.toml"'
+
+# ---- container ----
+check "hadolint deploy/Dockerfile" "$HADOLINT" deploy/Dockerfile
+
+echo
+if ((failed)); then
+  printf 'failed: %s\n' "${failures[@]}"
+fi
+echo "deploy checks: $passed passed, $failed failed"
+((failed == 0))

@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# Real container test: builds deploy/Dockerfile with podman and runs meterd as a sidecar.
+#
+#   1. base image debian:bookworm-slim made locally with debootstrap + podman import (cached);
+#   2. cargo build --release on the host, image built with --target runtime-prebuilt;
+#   3. emulator container (network: loopback only), meterd sidecar joined to its network
+#      namespace, a third container posting usage with `meterd report`;
+#   4. SIGTERM to the sidecar; the emulator must hold the MeterUsage records.
+#
+# Env: METERD_IMAGE (default localhost/meterd:test), KEEP=1 keeps containers for debugging,
+#      SKIP_CARGO_BUILD=1 uses target/release/meterd as it is.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+IMAGE="${METERD_IMAGE:-localhost/meterd:test}"
+BASE_IMAGE="docker.io/library/debian:bookworm-slim"
+SUITE_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+PODMAN=(podman --runtime runc --cgroup-manager=cgroupfs)
+LIMITS=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+EMU_PORT=18377
+AGENT_ADDR=127.0.0.1:8377
+MAX_IMAGE_BYTES=$((40 * 1000 * 1000))
+RUN_ID="meterd-ct-$$"
+
+start=$(date +%s)
+log() { printf 'container-test [%3ss]: %s\n' "$(($(date +%s) - start))" "$*" >&2; }
+fail() { log "FAIL: $*"; exit 1; }
+
+if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+
+# ---- 0. tools ----
+missing=()
+command -v podman >/dev/null || missing+=(podman)
+command -v runc >/dev/null || missing+=(runc)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v nsenter >/dev/null || missing+=(util-linux)
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" uidmap fuse-overlayfs >/dev/null
+fi
+
+eval "$("$ROOT/scripts/deploy-tools.sh")"
+log "hadolint deploy/Dockerfile"
+"$HADOLINT" deploy/Dockerfile || fail "hadolint"
+
+# ---- 1. base image (cached in podman's store) ----
+if ! "${PODMAN[@]}" image exists "$BASE_IMAGE"; then
+  log "debootstrap bookworm (minbase) for $BASE_IMAGE"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  $SUDO debootstrap --variant=minbase bookworm "$work/rootfs" "$SUITE_MIRROR" >"$work/debootstrap.log" 2>&1 \
+    || { tail -20 "$work/debootstrap.log"; fail "debootstrap"; }
+  $SUDO rm -rf "$work"/rootfs/var/lib/apt/lists/* "$work"/rootfs/var/cache/apt/*.bin \
+    "$work"/rootfs/var/cache/apt/archives/*.deb
+  $SUDO tar -C "$work/rootfs" -c . | "${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
+  $SUDO rm -rf "$work"
+  trap - EXIT
+fi
+
+# ---- 2. binary and image ----
+if [[ "${SKIP_CARGO_BUILD:-}" != 1 ]]; then
+  log "cargo build --release --locked"
+  cargo build --release --locked --quiet
+fi
+[[ -x target/release/meterd ]] || fail "target/release/meterd missing"
+
+log "podman build --target runtime-prebuilt -t $IMAGE"
+"${PODMAN[@]}" build --quiet --pull=never --format docker --network=host "${LIMITS[@]}" \
+  --build-arg METERD_PRODUCT_CODE=prod-demo1234 \
+  --build-arg METERD_REVISION="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  --target runtime-prebuilt -t "$IMAGE" -f deploy/Dockerfile . >/dev/null
+
+size=$("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Size}}')
+log "image size: $((size / 1000 / 1000)) MB"
+((size <= MAX_IMAGE_BYTES)) || fail "image is $size bytes, over 40 MB"
+
+"${PODMAN[@]}" image inspect "$IMAGE" >"$ROOT/target/container-test-inspect.json"
+python3 - "$ROOT/target/container-test-inspect.json" <<'PY' || fail "image config"
+import json, sys
+cfg = json.load(open(sys.argv[1]))[0]["Config"]
+env = dict(e.split("=", 1) for e in cfg["Env"])
+checks = {
+    "non-root user": cfg.get("User") == "10001:10001",
+    "healthcheck": cfg.get("Healthcheck", {}).get("Test") == ["CMD", "meterd", "health"],
+    "state volume": "/var/lib/meterd" in (cfg.get("Volumes") or {}),
+    "json logs": env.get("METERD_LOG_FORMAT") == "json",
+    "config path": env.get("METERD_CONFIG") == "/etc/meterd/meterd.toml",
+    "oci labels": all(k in cfg.get("Labels", {}) for k in (
+        "org.opencontainers.image.title", "org.opencontainers.image.version",
+        "org.opencontainers.image.licenses")),
+}
+bad = [k for k, ok in checks.items() if not ok]
+print("image config: " + ("ok" if not bad else "bad: " + ", ".join(bad)), file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+
+# ---- 3. run: emulator + sidecar + client in one network namespace ----
+shared="$(mktemp -d)"
+chmod 0777 "$shared"
+cleanup() {
+  if [[ "${KEEP:-}" != 1 ]]; then
+    "${PODMAN[@]}" rm -f -t 0 "$RUN_ID-client" "$RUN_ID-sidecar" "$RUN_ID-emulator" >/dev/null 2>&1 || true
+    rm -rf "$shared"
+  fi
+}
+dump_logs() {
+  for c in emulator sidecar; do
+    echo "---- logs: $c ----" >&2
+    "${PODMAN[@]}" logs "$RUN_ID-$c" 2>&1 | tail -40 >&2 || true
+  done
+}
+trap 'rc=$?; if ((rc)); then dump_logs; fi; cleanup; exit $rc' EXIT
+
+cat >"$shared/meterd.toml" <<EOF
+product_code = "prod-demo1234"
+platform = "ecs"
+
+[metering]
+dimensions = ["requests", "gigabytes"]
+tag_keys = ["tenant"]
+report_zero = true
+max_allocations = 500
+
+[registration]
+enabled = true
+public_key_version = 1
+public_key_files = ["/shared/emulator.pem"]
+
+[server]
+listen = "$AGENT_ADDR"
+unix_socket = ""
+auth_token_file = ""
+grace_period = "20s"
+
+[state]
+dir = "/var/lib/meterd"
+
+[aws]
+region = "us-east-1"
+endpoint_url = "http://127.0.0.1:$EMU_PORT"
+EOF
+chmod 0644 "$shared/meterd.toml"
+
+RUN=("${PODMAN[@]}" run "${LIMITS[@]}" --read-only --cap-drop=ALL --security-opt no-new-privileges
+  -v "$shared:/shared:z" -e METERD_CONFIG=/shared/meterd.toml)
+AWS_ENV=(-e AWS_ACCESS_KEY_ID=AKIDMETERDTEST -e AWS_SECRET_ACCESS_KEY=meterd-test-secret
+  -e AWS_EC2_METADATA_DISABLED=true)
+
+log "starting emulator (loopback-only network namespace)"
+"${RUN[@]}" -d --name "$RUN_ID-emulator" --network=none --health-cmd=none "$IMAGE" \
+  emulator --listen "127.0.0.1:$EMU_PORT" --public-key-out /shared/emulator.pem >/dev/null
+for _ in $(seq 1 100); do [[ -s "$shared/emulator.pem" ]] && break; sleep 0.1; done
+[[ -s "$shared/emulator.pem" ]] || fail "emulator wrote no public key"
+
+emu_pid=$("${PODMAN[@]}" inspect -f '{{.State.Pid}}' "$RUN_ID-emulator")
+in_netns() { $SUDO nsenter -t "$emu_pid" -n "$@"; }
+
+log "starting meterd sidecar in the emulator's network namespace"
+"${RUN[@]}" -d --name "$RUN_ID-sidecar" --network="container:$RUN_ID-emulator" \
+  --health-interval=disable "${AWS_ENV[@]}" "$IMAGE" >/dev/null
+
+ready=0
+for _ in $(seq 1 60); do
+  if "${PODMAN[@]}" healthcheck run "$RUN_ID-sidecar" >/dev/null 2>&1; then ready=1; break; fi
+  [[ "$("${PODMAN[@]}" inspect -f '{{.State.Running}}' "$RUN_ID-sidecar")" == true ]] || fail "sidecar exited"
+  sleep 0.5
+done
+((ready)) || fail "sidecar never became healthy (HEALTHCHECK meterd health)"
+log "sidecar healthy (image HEALTHCHECK passed)"
+
+log "posting usage from a second container"
+"${RUN[@]}" --rm --name "$RUN_ID-client" --network="container:$RUN_ID-emulator" --health-cmd=none \
+  "$IMAGE" report --dimension requests --quantity 3 >/dev/null
+"${RUN[@]}" --rm --name "$RUN_ID-client" --network="container:$RUN_ID-emulator" --health-cmd=none \
+  "$IMAGE" report --dimension gigabytes --quantity 2 >/dev/null
+in_netns python3 - "$AGENT_ADDR" <<'PY' || fail "POST /v1/usage"
+import json, sys, urllib.request
+req = urllib.request.Request(f"http://{sys.argv[1]}/v1/usage", method="POST",
+    data=json.dumps({"dimension": "requests", "quantity": 4}).encode(),
+    headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=5) as r:
+    assert 200 <= r.status < 300, r.status
+PY
+
+log "SIGTERM to the sidecar"
+t0=$(date +%s)
+"${PODMAN[@]}" kill --signal TERM "$RUN_ID-sidecar" >/dev/null
+code=$("${PODMAN[@]}" wait "$RUN_ID-sidecar")
+log "sidecar exited with $code after $(($(date +%s) - t0))s"
+[[ "$code" == 0 ]] || fail "sidecar exit code $code"
+
+log "checking the emulator's records"
+in_netns python3 - "127.0.0.1:$EMU_PORT" <<'PY' || fail "emulator records"
+import json, sys, urllib.request
+with urllib.request.urlopen(f"http://{sys.argv[1]}/_emulator/records", timeout=5) as r:
+    body = json.load(r)
+records = body.get("records", body) if isinstance(body, dict) else body
+
+def field(rec, *names):
+    for n in names:
+        if n in rec:
+            return rec[n]
+    return None
+
+totals = {}
+for rec in records:
+    dim = field(rec, "UsageDimension", "usage_dimension", "dimension")
+    qty = field(rec, "UsageQuantity", "usage_quantity", "quantity") or 0
+    code = field(rec, "ProductCode", "product_code")
+    assert code in (None, "prod-demo1234"), f"unexpected product code {code}"
+    totals[dim] = totals.get(dim, 0) + int(qty)
+print(f"emulator records: {len(records)}, totals {totals}", file=sys.stderr)
+assert totals.get("requests") == 7, totals
+assert totals.get("gigabytes") == 2, totals
+PY
+
+log "PASS"
+echo "container test: 1 passed, 0 failed"

@@ -1,0 +1,330 @@
+"""Property tests for the deploy artifacts, run by scripts/check-deploy.sh in .venv-deploy.
+
+    python scripts/deploy_tests.py helm DIR[:VALUES] ...   # helm template --output-dir DIR [-f VALUES]
+    python scripts/deploy_tests.py ecs                                 # task definition, IAM, CFN
+    python scripts/deploy_tests.py systemd                             # unit file directives
+
+Each group runs as a unittest suite; the exit code is non-zero on any failure.
+"""
+
+import json
+import pathlib
+import re
+import sys
+import tomllib
+import unittest
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RENDER_DIRS: list[tuple[pathlib.Path, dict]] = []
+
+
+def merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def seconds(text: str) -> int:
+    """'25s', '1m', '40' -> seconds."""
+    m = re.fullmatch(r"(\d+)\s*(s|sec|m|min)?", text.strip())
+    if not m:
+        raise ValueError(f"not a duration: {text!r}")
+    return int(m.group(1)) * (60 if m.group(2) in ("m", "min") else 1)
+
+
+def container_grace() -> int:
+    cfg = tomllib.loads((ROOT / "deploy/container/meterd.toml").read_text().replace("@PRODUCT_CODE@", "x"))
+    return seconds(cfg["server"]["grace_period"])
+
+
+# ---------------------------------------------------------------- helm
+
+
+def load_render(d: pathlib.Path) -> dict:
+    objs = {}
+    for f in sorted(d.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if doc:
+                objs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return objs
+
+
+def only(objs: dict, kind: str) -> dict:
+    found = [o for (k, _), o in objs.items() if k == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+class HelmRender(unittest.TestCase):
+    def each(self):
+        for d, values in RENDER_DIRS:
+            with self.subTest(render=d.name):
+                yield load_render(d), values
+
+    def pod(self, objs):
+        return only(objs, "Deployment")["spec"]["template"]["spec"]
+
+    def sidecar(self, objs):
+        inits = [c for c in self.pod(objs).get("initContainers", []) if c["name"] == "meterd"]
+        self.assertEqual(len(inits), 1, "meterd must be an init container")
+        return inits[0]
+
+    def config(self, objs):
+        cm = only(objs, "ConfigMap")
+        return tomllib.loads(cm["data"]["meterd.toml"])
+
+    def test_native_sidecar(self):
+        for objs, _ in self.each():
+            self.assertEqual(self.sidecar(objs).get("restartPolicy"), "Always")
+            for c in self.pod(objs)["containers"]:
+                self.assertNotEqual(c["name"], "meterd", "meterd must not be a regular container")
+
+    def test_probes(self):
+        for objs, _ in self.each():
+            sc = self.sidecar(objs)
+            self.assertEqual(sc["startupProbe"]["httpGet"]["path"], "/readyz")
+            self.assertEqual(sc["readinessProbe"]["httpGet"]["path"], "/readyz")
+            self.assertEqual(sc["livenessProbe"]["httpGet"]["path"], "/healthz")
+            port = self.config(objs)["server"]["listen"].rsplit(":", 1)[1]
+            ports = {p["name"]: p["containerPort"] for p in sc["ports"]}
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                get = sc[kind]["httpGet"]
+                self.assertEqual(str(ports[get["port"]]), port)
+                hosts = [h["value"] for h in get.get("httpHeaders", []) if h["name"].lower() == "host"]
+                self.assertEqual(hosts, ["localhost"], "meterd answers only loopback Host names")
+
+    def test_irsa(self):
+        for objs, values in self.each():
+            sa = only(objs, "ServiceAccount")
+            self.assertEqual(sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+                             values["serviceAccount"]["roleArn"])
+            self.assertEqual(self.pod(objs)["serviceAccountName"], sa["metadata"]["name"])
+
+    def test_security_context(self):
+        for objs, _ in self.each():
+            pod = self.pod(objs)
+            psc = pod["securityContext"]
+            self.assertTrue(psc["runAsNonRoot"])
+            self.assertEqual(psc["seccompProfile"]["type"], "RuntimeDefault")
+            for c in pod["containers"] + pod["initContainers"]:
+                sc = c["securityContext"]
+                self.assertTrue(sc["runAsNonRoot"], c["name"])
+                self.assertTrue(sc["readOnlyRootFilesystem"], c["name"])
+                self.assertFalse(sc["allowPrivilegeEscalation"], c["name"])
+                self.assertEqual(sc["capabilities"]["drop"], ["ALL"], c["name"])
+                self.assertNotIn("add", sc["capabilities"], c["name"])
+                self.assertEqual(sc["seccompProfile"]["type"], "RuntimeDefault", c["name"])
+                self.assertIn("limits", c["resources"], c["name"])
+                self.assertIn("requests", c["resources"], c["name"])
+
+    def test_grace_period(self):
+        for objs, _ in self.each():
+            grace = seconds(self.config(objs)["server"]["grace_period"])
+            self.assertGreater(self.pod(objs)["terminationGracePeriodSeconds"], grace)
+
+    def test_config_from_values(self):
+        chart = yaml.safe_load((ROOT / "helm/meterd/Chart.yaml").read_text())
+        allowed = chart["annotations"]["meterd.io/allowed-product-codes"].split(",")
+        for objs, values in self.each():
+            cfg = self.config(objs)
+            m = values["meterd"]
+            self.assertIn(cfg["product_code"], [a.strip() for a in allowed])
+            self.assertEqual(cfg["metering"]["dimensions"], m["dimensions"])
+            self.assertEqual(cfg["metering"]["tag_keys"], m["tagKeys"])
+            self.assertEqual(cfg["platform"], m["platform"])
+            self.assertEqual(cfg["state"]["dir"], "/var/lib/meterd")
+            # Only the keys meterd's config knows (unknown keys are errors).
+            self.assertLessEqual(set(cfg), {"product_code", "platform", "metering", "registration",
+                                            "server", "state", "aws", "sending"})
+
+    def test_state_volume(self):
+        for objs, values in self.each():
+            vols = {v["name"]: v for v in self.pod(objs)["volumes"]}
+            mounts = {m["name"]: m["mountPath"] for m in self.sidecar(objs)["volumeMounts"]}
+            self.assertEqual(mounts["meterd-state"], "/var/lib/meterd")
+            if values["meterd"]["state"]["persistence"]["enabled"]:
+                claim = vols["meterd-state"]["persistentVolumeClaim"]["claimName"]
+                self.assertIn(("PersistentVolumeClaim", claim), objs)
+            else:
+                self.assertIn("emptyDir", vols["meterd-state"])
+
+    def test_app_reaches_meterd(self):
+        for objs, _ in self.each():
+            port = self.config(objs)["server"]["listen"].rsplit(":", 1)[1]
+            for c in self.pod(objs)["containers"]:
+                env = {e["name"]: e for e in c.get("env", [])}
+                self.assertEqual(env["METERD_URL"]["value"], f"http://127.0.0.1:{port}")
+
+
+# ---------------------------------------------------------------- ecs
+
+
+def ecs_taskdef() -> dict:
+    return json.loads((ROOT / "ecs-task-def/task-definition.json").read_text())
+
+
+def cfn_template() -> dict:
+    from cfnlint.decode import cfn_yaml
+
+    return cfn_yaml.load(str(ROOT / "ecs-task-def/cloudformation.yaml"))
+
+
+def cfn_to_api(node, params):
+    """CloudFormation TaskDefinition properties -> RegisterTaskDefinition parameters."""
+    if isinstance(node, dict):
+        if set(node) == {"Ref"}:
+            ref = node["Ref"]
+            if ref in params:
+                return params[ref]
+            return {"AWS::Region": "us-east-1", "AWS::StackName": "meterd-example"}.get(ref, f"ref-{ref}")
+        if len(node) == 1 and next(iter(node)).startswith("Fn::"):
+            return "arn:aws:iam::111122223333:role/from-cfn"
+        return {k[0].lower() + k[1:] if k[0].isupper() else k: cfn_to_api(v, params) for k, v in node.items()}
+    if isinstance(node, list):
+        return [cfn_to_api(v, params) for v in node]
+    return node
+
+
+def validate_register(params: dict) -> str:
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    model = botocore.session.get_session().get_service_model("ecs")
+    shape = model.operation_model("RegisterTaskDefinition").input_shape
+    report = ParamValidator().validate(params, shape)
+    return report.generate_report() if report.has_errors() else ""
+
+
+class EcsTaskDefinition(unittest.TestCase):
+    def test_botocore_shape(self):
+        self.assertEqual(validate_register(ecs_taskdef()), "")
+
+    def test_cfn_task_definition_shape(self):
+        tmpl = cfn_template()
+        params = {k: v.get("Default") for k, v in tmpl["Parameters"].items()}
+        params.update(MeterdImage="meterd:test", AppImage="app:test")
+        props = tmpl["Resources"]["TaskDefinition"]["Properties"]
+        self.assertEqual(validate_register(cfn_to_api(props, params)), "")
+
+    def check_sidecar_shape(self, td: dict, grace: int):
+        self.assertEqual(td["networkMode"], "awsvpc")
+        self.assertTrue(td["taskRoleArn"])
+        c = {x["name"]: x for x in td["containerDefinitions"]}
+        self.assertEqual(set(c), {"meterd", "app"})
+        meterd, app = c["meterd"], c["app"]
+        self.assertTrue(meterd["essential"])
+        self.assertTrue(app["essential"])
+        self.assertEqual(meterd["healthCheck"]["command"], ["CMD", "meterd", "health"])
+        self.assertIn({"containerName": "meterd", "condition": "HEALTHY"}, app["dependsOn"])
+        self.assertGreaterEqual(int(meterd["stopTimeout"]), grace + 5)
+        self.assertTrue(meterd["readonlyRootFilesystem"])
+        self.assertEqual(meterd["linuxParameters"]["capabilities"]["drop"], ["ALL"])
+        mounts = {m["containerPath"] for m in meterd["mountPoints"]}
+        self.assertIn("/var/lib/meterd", mounts)
+        for x in (meterd, app):
+            self.assertEqual(x["logConfiguration"]["logDriver"], "awslogs")
+        env = {e["name"]: e["value"] for e in app["environment"]}
+        self.assertEqual(env["METERD_URL"], "http://127.0.0.1:8377")
+
+    def test_task_definition_properties(self):
+        self.check_sidecar_shape(ecs_taskdef(), container_grace())
+
+    def test_cfn_matches_task_definition(self):
+        tmpl = cfn_template()
+        params = {k: v.get("Default") for k, v in tmpl["Parameters"].items()}
+        api = cfn_to_api(tmpl["Resources"]["TaskDefinition"]["Properties"], params)
+        self.check_sidecar_shape(api, container_grace())
+        td = ecs_taskdef()
+        for key in ("networkMode", "requiresCompatibilities", "cpu", "memory", "volumes"):
+            self.assertEqual(api[key], td[key], key)
+        for a, b in zip(api["containerDefinitions"], td["containerDefinitions"]):
+            for key in ("name", "essential", "healthCheck", "dependsOn", "stopTimeout",
+                        "mountPoints", "environment", "user", "readonlyRootFilesystem"):
+                self.assertEqual(a.get(key), b.get(key), f"{a['name']}.{key}")
+
+    def test_iam_policy(self):
+        policy = json.loads((ROOT / "ecs-task-def/iam-policy.json").read_text())
+        actions = {a for s in policy["Statement"] if s["Effect"] == "Allow" for a in s["Action"]}
+        self.assertEqual(actions, {"aws-marketplace:RegisterUsage", "aws-marketplace:MeterUsage"})
+        role = cfn_template()["Resources"]["TaskRole"]["Properties"]
+        inline = role["Policies"][0]["PolicyDocument"]
+        self.assertEqual(json.loads(json.dumps(inline)), policy, "CFN inline policy drifted from iam-policy.json")
+        trust = role["AssumeRolePolicyDocument"]["Statement"][0]
+        self.assertEqual(trust["Principal"]["Service"], "ecs-tasks.amazonaws.com")
+
+    def test_trust_policies(self):
+        ecs = json.loads((ROOT / "ecs-task-def/task-role-trust-policy.json").read_text())["Statement"][0]
+        self.assertEqual((ecs["Principal"]["Service"], ecs["Action"]), ("ecs-tasks.amazonaws.com", "sts:AssumeRole"))
+        ec2 = json.loads((ROOT / "deploy/ec2/instance-role-trust-policy.json").read_text())["Statement"][0]
+        self.assertEqual((ec2["Principal"]["Service"], ec2["Action"]), ("ec2.amazonaws.com", "sts:AssumeRole"))
+        eks = json.loads((ROOT / "deploy/eks/irsa-trust-policy.json").read_text())["Statement"][0]
+        self.assertEqual(eks["Action"], "sts:AssumeRoleWithWebIdentity")
+        self.assertIn(":oidc-provider/", eks["Principal"]["Federated"])
+        cond = eks["Condition"]["StringEquals"]
+        self.assertEqual(cond["OIDC_PROVIDER:aud"], "sts.amazonaws.com")
+        self.assertRegex(cond["OIDC_PROVIDER:sub"], r"^system:serviceaccount:[^:]+:[^:]+$")
+
+
+# ---------------------------------------------------------------- systemd
+
+
+def unit_directives() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in (ROOT / "deploy/systemd/meterd.service").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            k, _, v = line.partition("=")
+            out.setdefault(k.strip(), []).append(v.strip())
+    return out
+
+
+class SystemdUnit(unittest.TestCase):
+    def test_required_directives(self):
+        d = unit_directives()
+        want = {
+            "Type": "notify", "Restart": "on-failure", "StateDirectory": "meterd",
+            "DynamicUser": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+            "NoNewPrivileges": "yes", "PrivateTmp": "yes",
+            "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "CapabilityBoundingSet": "",
+        }
+        for k, v in want.items():
+            self.assertEqual(d.get(k), [v], k)
+        self.assertIn("@system-service", d["SystemCallFilter"])
+
+    def test_stop_timeout_exceeds_grace(self):
+        cfg = tomllib.loads((ROOT / "deploy/systemd/meterd.toml").read_text())
+        grace = seconds(cfg["server"]["grace_period"])
+        self.assertGreater(seconds(unit_directives()["TimeoutStopSec"][0]), grace)
+
+    def test_example_config_matches_unit(self):
+        cfg = tomllib.loads((ROOT / "deploy/systemd/meterd.toml").read_text())
+        self.assertEqual(cfg["state"]["dir"], "/var/lib/meterd")  # StateDirectory=meterd
+        self.assertEqual(cfg["platform"], "ec2")
+        self.assertTrue(cfg["server"]["listen"].startswith("127.0.0.1:"))
+
+
+def main() -> int:
+    if len(sys.argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 64
+    group = sys.argv[1]
+    cases = {"helm": HelmRender, "ecs": EcsTaskDefinition, "systemd": SystemdUnit}[group]
+    if group == "helm":
+        defaults = yaml.safe_load((ROOT / "helm/meterd/values.yaml").read_text())
+        for arg in sys.argv[2:]:
+            d, _, over = arg.partition(":")
+            values = merged(defaults, yaml.safe_load(pathlib.Path(over).read_text())) if over else defaults
+            RENDER_DIRS.append((pathlib.Path(d), values))
+        if not RENDER_DIRS:
+            print("helm: give at least one render directory", file=sys.stderr)
+            return 64
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(cases)
+    result = unittest.TextTestRunner(verbosity=1, stream=sys.stderr).run(suite)
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+//! The one place that builds the Metering Service client and classifies its failures.
+//!
+//! SDK retries are turned off: meterd retries in exactly one layer (its own), deciding in
+//! [`CallFailure::is_retryable`] which failures are worth another attempt.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_marketplacemetering::config::http::HttpResponse;
+use aws_sdk_marketplacemetering::config::Credentials;
+use aws_sdk_marketplacemetering::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_marketplacemetering::Client;
+
+/// How to reach the Metering Service. Empty values fall back to the SDK's provider chains.
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// Fixed credentials (the demo and tests); `None` uses the SDK chain (IRSA, ECS, IMDS, env).
+    pub static_credentials: Option<(String, String)>,
+    pub operation_timeout: Option<Duration>,
+}
+
+/// Builds a client with SDK retries disabled.
+pub async fn build_client(settings: &AwsSettings) -> Client {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_timeout(
+                    settings
+                        .operation_timeout
+                        .unwrap_or(Duration::from_secs(30)),
+                )
+                .build(),
+        );
+    if let Some(region) = settings.region.as_deref().filter(|r| !r.is_empty()) {
+        loader = loader.region(Region::new(region.to_owned()));
+    }
+    if let Some(url) = settings.endpoint_url.as_deref().filter(|u| !u.is_empty()) {
+        loader = loader.endpoint_url(url);
+    }
+    if let Some((key, secret)) = &settings.static_credentials {
+        loader = loader.credentials_provider(Credentials::new(
+            key.clone(),
+            secret.clone(),
+            None,
+            None,
+            "meterd-static",
+        ));
+    }
+    Client::new(&loader.load().await)
+}
+
+/// Why a call to the Metering Service did not succeed, reduced to what callers branch on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", code.as_deref().unwrap_or("transport error"))]
+pub struct CallFailure {
+    /// The service's error code (`__type`), or `None` for transport failures and timeouts.
+    pub code: Option<String>,
+    pub message: String,
+    /// HTTP status when a response arrived.
+    pub status: Option<u16>,
+}
+
+impl CallFailure {
+    pub fn from_sdk<E>(err: &SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        match err {
+            SdkError::ServiceError(service) => {
+                let inner = service.err();
+                let status = Some(service.raw().status().as_u16());
+                CallFailure {
+                    code: inner.code().map(str::to_owned),
+                    message: inner
+                        .message()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| inner.to_string()),
+                    status,
+                }
+            }
+            other => CallFailure {
+                code: None,
+                message: DisplayErrorContext(other).to_string(),
+                status: other.raw_response().map(|r| r.status().as_u16()),
+            },
+        }
+    }
+
+    pub fn code_is(&self, code: &str) -> bool {
+        self.code.as_deref() == Some(code)
+    }
+
+    /// Throttling, server faults and transport failures are worth retrying; everything else
+    /// is an answer that will not change by asking again.
+    pub fn is_retryable(&self) -> bool {
+        match self.code.as_deref() {
+            None => true,
+            Some(code) => matches!(
+                code,
+                "ThrottlingException"
+                    | "InternalServiceErrorException"
+                    | "ServiceUnavailableException"
+                    | "InternalFailure"
+                    | "ServiceUnavailable"
+                    | "RequestTimeout"
+                    | "RequestTimeoutException"
+            ),
+        }
+    }
+}

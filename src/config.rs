@@ -1,0 +1,394 @@
+//! The agent's configuration: TOML, unknown keys rejected, every problem reported at once.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{self, MAX_ALLOCATIONS_CEILING, MAX_DIMENSIONS, MAX_TAG_KEYS};
+
+/// Exit code for a configuration the agent cannot run with (`EX_USAGE`).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PlatformSetting {
+    #[default]
+    Auto,
+    Ecs,
+    Eks,
+    Ec2,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub product_code: String,
+    #[serde(default)]
+    pub platform: PlatformSetting,
+    pub metering: MeteringConfig,
+    #[serde(default)]
+    pub registration: RegistrationConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub aws: AwsConfig,
+    #[serde(default)]
+    pub sending: SendingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringConfig {
+    pub dimensions: Vec<String>,
+    #[serde(default)]
+    pub tag_keys: Vec<String>,
+    #[serde(default = "yes")]
+    pub report_zero: bool,
+    #[serde(default = "default_max_allocations")]
+    pub max_allocations: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "one")]
+    pub public_key_version: u32,
+    #[serde(default)]
+    pub public_key_files: Vec<PathBuf>,
+    /// How long start-up may keep retrying throttling and transient failures.
+    #[serde(default = "default_startup_budget", with = "humantime_serde")]
+    pub startup_budget: Duration,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            public_key_version: 1,
+            public_key_files: Vec::new(),
+            startup_budget: default_startup_budget(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub unix_socket: String,
+    #[serde(default)]
+    pub auth_token_file: String,
+    /// Time allowed after SIGTERM to drain, seal the open hour and send it.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub grace_period: Duration,
+    /// Concurrent connections; further connections wait in the kernel backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            unix_socket: String::new(),
+            auth_token_file: String::new(),
+            grace_period: default_grace(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub endpoint_url: String,
+}
+
+/// How sealed records are delivered. The defaults suit production.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendingConfig {
+    /// Wait after an hour closes before sealing it, so requests received just before the
+    /// boundary land in their own hour.
+    #[serde(default = "default_seal_delay", with = "humantime_serde")]
+    pub seal_delay: Duration,
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Per-call timeout for MeterUsage.
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    pub call_timeout: Duration,
+}
+
+impl Default for SendingConfig {
+    fn default() -> Self {
+        Self {
+            seal_delay: default_seal_delay(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            call_timeout: default_call_timeout(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> u32 {
+    1
+}
+fn default_max_allocations() -> usize {
+    500
+}
+fn default_startup_budget() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_listen() -> String {
+    "127.0.0.1:8377".to_owned()
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(25)
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/meterd")
+}
+fn default_seal_delay() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+
+/// Every problem found in a configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration{}:\n  - {}", source_name.as_deref().map(|s| format!(" in {s}")).unwrap_or_default(), problems.join("\n  - "))]
+pub struct ConfigError {
+    pub source_name: Option<String>,
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: Some(path.display().to_string()),
+            problems: vec![format!("cannot read the file: {e}")],
+        })?;
+        Self::from_toml_str(&text).map_err(|mut e| {
+            e.source_name = Some(path.display().to_string());
+            e
+        })
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            source_name: None,
+            problems: vec![e.to_string().trim().replace('\n', "\n    ")],
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                source_name: None,
+                problems,
+            })
+        }
+    }
+
+    /// All semantic problems; empty when the configuration is usable.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = model::check_product_code(&self.product_code) {
+            problems.push(e);
+        }
+        let m = &self.metering;
+        if m.dimensions.is_empty() || m.dimensions.len() > MAX_DIMENSIONS {
+            problems.push(format!(
+                "metering.dimensions must list 1 to {MAX_DIMENSIONS} dimensions, got {}",
+                m.dimensions.len()
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for d in &m.dimensions {
+            if d.is_empty() || d.len() > 255 {
+                problems.push(format!(
+                    "metering.dimensions: {d:?} must be 1 to 255 characters"
+                ));
+            }
+            if !seen.insert(d) {
+                problems.push(format!("metering.dimensions: {d:?} is listed twice"));
+            }
+        }
+        if m.tag_keys.len() > MAX_TAG_KEYS {
+            problems.push(format!(
+                "metering.tag_keys lists {} keys; the service allows at most {MAX_TAG_KEYS}",
+                m.tag_keys.len()
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for k in &m.tag_keys {
+            if let Err(e) = model::check_tag_text("key", k, model::TAG_KEY_MAX_LEN) {
+                problems.push(format!("metering.tag_keys: {e}"));
+            }
+            if !seen.insert(k) {
+                problems.push(format!("metering.tag_keys: {k:?} is listed twice"));
+            }
+        }
+        if m.max_allocations == 0 || m.max_allocations > MAX_ALLOCATIONS_CEILING {
+            problems.push(format!(
+                "metering.max_allocations must be 1 to {MAX_ALLOCATIONS_CEILING}, got {}",
+                m.max_allocations
+            ));
+        }
+        if self.registration.public_key_version == 0 {
+            problems.push("registration.public_key_version must be at least 1".to_owned());
+        }
+        for f in &self.registration.public_key_files {
+            if !f.is_file() {
+                problems.push(format!(
+                    "registration.public_key_files: {} is not a readable file",
+                    f.display()
+                ));
+            }
+        }
+        if self.server.listen.is_empty() && self.server.unix_socket.is_empty() {
+            problems.push("server: set listen, unix_socket, or both".to_owned());
+        }
+        if !self.server.listen.is_empty() && self.server.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "server.listen {:?} is not an address like 127.0.0.1:8377",
+                self.server.listen
+            ));
+        }
+        if !self.server.auth_token_file.is_empty() {
+            match std::fs::read_to_string(&self.server.auth_token_file) {
+                Ok(t) if t.trim().is_empty() => problems.push(format!(
+                    "server.auth_token_file {} is empty",
+                    self.server.auth_token_file
+                )),
+                Ok(_) => {}
+                Err(e) => problems.push(format!(
+                    "server.auth_token_file {}: {e}",
+                    self.server.auth_token_file
+                )),
+            }
+        }
+        if self.server.max_connections == 0 {
+            problems.push("server.max_connections must be at least 1".to_owned());
+        }
+        if self.state.dir.as_os_str().is_empty() {
+            problems.push("state.dir must be set".to_owned());
+        }
+        let s = &self.sending;
+        if s.initial_backoff.is_zero() || s.initial_backoff > s.max_backoff {
+            problems.push(
+                "sending.initial_backoff must be above zero and at most sending.max_backoff"
+                    .to_owned(),
+            );
+        }
+        if s.seal_delay > Duration::from_secs(600) {
+            problems.push("sending.seal_delay must be at most 10m".to_owned());
+        }
+        problems
+    }
+
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.server.listen.parse().ok()
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        self.state.dir.join("ledger.sqlite3")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+product_code = "prod-1234abcd"
+[metering]
+dimensions = ["requests", "gigabytes"]
+"#;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::from_toml_str(MINIMAL).expect("valid");
+        assert!(c.metering.report_zero);
+        assert_eq!(c.metering.max_allocations, 500);
+        assert_eq!(c.server.listen, "127.0.0.1:8377");
+        assert_eq!(c.server.grace_period, Duration::from_secs(25));
+        assert!(c.registration.enabled);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::from_toml_str(&format!("{MINIMAL}report_zeroo = true\n"))
+            .expect_err("typo must fail");
+        assert!(err.to_string().contains("report_zeroo"), "{err}");
+        let err =
+            Config::from_toml_str(&MINIMAL.replace("[metering]", "[metering]\nreport_zro = false"))
+                .expect_err("typo must fail");
+        assert!(err.to_string().contains("report_zro"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+product_code = "bad code!"
+[metering]
+dimensions = []
+tag_keys = ["a","b","c","d","e","f"]
+max_allocations = 0
+[server]
+listen = "nowhere"
+"#;
+        let err = Config::from_toml_str(text).expect_err("invalid");
+        assert_eq!(err.problems.len(), 5, "{err}");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c = Config::from_toml_str(&format!("{MINIMAL}[server]\ngrace_period = \"40s\"\n"))
+            .expect("valid");
+        assert_eq!(c.server.grace_period, Duration::from_secs(40));
+    }
+}

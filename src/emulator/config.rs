@@ -1,0 +1,442 @@
+//! The emulator's TOML configuration: products, keys, customers, tokens, faults.
+//!
+//! Every problem is reported at once ([`ConfigError`]) before any socket is bound.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::faults::FaultProfile;
+use super::model::MODEL_MAX_ALLOCATIONS;
+
+/// The demo's signing key for PublicKeyVersion 1. It is public on purpose: it signs only
+/// emulator tokens, and a fixed key lets an agent trust the demo across restarts.
+pub const DEMO_SIGNING_KEY_PEM: &str = include_str!("demo-signing-key.pem");
+pub const DEMO_PRODUCT_CODE: &str = "prod-demo1234";
+
+/// The emulator's whole configuration. See `docs/emulator.md` for an annotated example.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmulatorConfig {
+    /// The region of the endpoint and of the caller's resources.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Seeds fault injection and generated ids/keys, so runs are reproducible.
+    #[serde(default)]
+    pub seed: u64,
+    /// How far in the future a usage Timestamp may be.
+    #[serde(default = "default_future_skew", with = "humantime_serde")]
+    pub timestamp_future_skew: Duration,
+    /// How old a usage Timestamp may be (AWS: 6 hours).
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub timestamp_max_age: Duration,
+    /// Allocations allowed per usage record (AWS documents 500; the model allows 2500).
+    #[serde(default = "default_max_allocations")]
+    pub max_usage_allocations: usize,
+    /// When set, a SigV4 `X-Amz-Date` further than this from the emulator clock is rejected.
+    #[serde(default, with = "humantime_serde")]
+    pub signature_max_skew: Option<Duration>,
+    /// Access key id → secret. When empty, any well-formed SigV4 header is accepted.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, String>,
+    #[serde(default)]
+    pub products: Vec<ProductConfig>,
+    /// RegisterUsage signing keys by PublicKeyVersion. Empty means one generated version 1.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+    /// SaaS customers for BatchMeterUsage and ResolveCustomer.
+    #[serde(default)]
+    pub customers: Vec<CustomerConfig>,
+    #[serde(default)]
+    pub registration_tokens: Vec<RegistrationTokenConfig>,
+    #[serde(default)]
+    pub faults: FaultProfile,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductConfig {
+    pub code: String,
+    pub dimensions: Vec<String>,
+    #[serde(default)]
+    pub entitlement: Entitlement,
+}
+
+/// How RegisterUsage (and MeterUsage's entitlement check) answers for a product.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Entitlement {
+    #[default]
+    Entitled,
+    /// `CustomerNotEntitledException` on each identity's first RegisterUsage, and on every
+    /// MeterUsage.
+    NotEntitled,
+    /// `PlatformNotSupportedException` on each identity's first RegisterUsage.
+    PlatformNotSupported,
+    /// `InvalidRegionException` on every RegisterUsage (the task runs in another region).
+    WrongRegion,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub version: u32,
+    /// PEM private key (PKCS#8 or PKCS#1). Without it (or `private_key_pem`) a key is generated.
+    #[serde(default)]
+    pub private_key_path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_pem: Option<String>,
+    /// From this instant the version counts as expired: RegisterUsage still signs with it
+    /// and adds `PublicKeyRotationTimestamp`.
+    #[serde(default, with = "humantime_serde")]
+    pub expired_at: Option<SystemTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerConfig {
+    pub identifier: String,
+    pub aws_account_id: String,
+    pub product_code: String,
+    #[serde(default = "yes")]
+    pub subscribed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationTokenConfig {
+    pub token: String,
+    pub customer_identifier: String,
+    #[serde(default, with = "humantime_serde")]
+    pub expires_at: Option<SystemTime>,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+fn default_future_skew() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+fn default_max_allocations() -> usize {
+    500
+}
+fn yes() -> bool {
+    true
+}
+
+/// Every problem found in a configuration. A CLI maps this to exit code 64 (`EX_USAGE`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid emulator configuration:\n  - {}", problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        Self {
+            region: default_region(),
+            seed: 0,
+            timestamp_future_skew: default_future_skew(),
+            timestamp_max_age: default_max_age(),
+            max_usage_allocations: default_max_allocations(),
+            signature_max_skew: None,
+            credentials: BTreeMap::new(),
+            products: Vec::new(),
+            keys: Vec::new(),
+            customers: Vec::new(),
+            registration_tokens: Vec::new(),
+            faults: FaultProfile::default(),
+        }
+    }
+}
+
+impl EmulatorConfig {
+    /// A demo product `prod-demo1234` (dimensions `requests`, `gigabytes`) in us-east-1,
+    /// entitled, signed with the fixed demo key as PublicKeyVersion 1, with two SaaS
+    /// customers and registration tokens `demo-token-1` … `demo-token-3`. No credential check.
+    pub fn demo() -> Self {
+        Self {
+            products: vec![ProductConfig {
+                code: DEMO_PRODUCT_CODE.to_owned(),
+                dimensions: vec!["requests".to_owned(), "gigabytes".to_owned()],
+                entitlement: Entitlement::Entitled,
+            }],
+            keys: vec![KeyConfig {
+                version: 1,
+                private_key_path: None,
+                private_key_pem: Some(DEMO_SIGNING_KEY_PEM.to_owned()),
+                expired_at: None,
+            }],
+            customers: vec![
+                CustomerConfig {
+                    identifier: "cust-demo-1".to_owned(),
+                    aws_account_id: "111122223333".to_owned(),
+                    product_code: DEMO_PRODUCT_CODE.to_owned(),
+                    subscribed: true,
+                },
+                CustomerConfig {
+                    identifier: "cust-demo-unsubscribed".to_owned(),
+                    aws_account_id: "444455556666".to_owned(),
+                    product_code: DEMO_PRODUCT_CODE.to_owned(),
+                    subscribed: false,
+                },
+            ],
+            registration_tokens: (1..=3)
+                .map(|i| RegistrationTokenConfig {
+                    token: format!("demo-token-{i}"),
+                    customer_identifier: "cust-demo-1".to_owned(),
+                    expires_at: None,
+                })
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Parses and validates TOML.
+    pub fn from_toml_str(text: &str) -> anyhow::Result<Self> {
+        let config: Self = toml::from_str(text).context("parsing emulator configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a TOML file. Relative key paths are relative to its folder.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading emulator configuration {}", path.display()))?;
+        let mut config: Self = toml::from_str(&text)
+            .with_context(|| format!("parsing emulator configuration {}", path.display()))?;
+        if let Some(dir) = path.parent() {
+            for key in &mut config.keys {
+                if let Some(p) = &key.private_key_path {
+                    if p.is_relative() {
+                        key.private_key_path = Some(dir.join(p));
+                    }
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn product(&self, code: &str) -> Option<&ProductConfig> {
+        self.products.iter().find(|p| p.code == code)
+    }
+
+    /// Checks everything and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.region.is_empty()
+            || !self
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            problems.push(format!("region {:?} is not a region name", self.region));
+        }
+        if !(1..=MODEL_MAX_ALLOCATIONS).contains(&self.max_usage_allocations) {
+            problems.push(format!(
+                "max_usage_allocations must be 1..={MODEL_MAX_ALLOCATIONS}, got {}",
+                self.max_usage_allocations
+            ));
+        }
+        if self.timestamp_max_age.is_zero() {
+            problems.push("timestamp_max_age must be positive".to_owned());
+        }
+        for (key, secret) in &self.credentials {
+            if key.is_empty() || key.contains(['/', ' ', ',', '=']) {
+                problems.push(format!("credential access key id {key:?} is malformed"));
+            }
+            if secret.is_empty() {
+                problems.push(format!("credential {key:?} has an empty secret"));
+            }
+        }
+        let mut codes = BTreeSet::new();
+        for product in &self.products {
+            let code = &product.code;
+            if code.is_empty()
+                || code.len() > 255
+                || !code
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-/=:_.@".contains(c))
+            {
+                problems.push(format!(
+                    "product code {code:?} does not match the model's pattern"
+                ));
+            }
+            if !codes.insert(code.as_str()) {
+                problems.push(format!("product {code:?} is listed twice"));
+            }
+            if product.dimensions.is_empty() || product.dimensions.len() > 24 {
+                problems.push(format!("product {code:?} needs 1 to 24 dimensions"));
+            }
+            let mut dims = BTreeSet::new();
+            for dim in &product.dimensions {
+                if dim.is_empty() || dim.len() > 255 {
+                    problems.push(format!(
+                        "product {code:?}: dimension {dim:?} must be 1-255 characters"
+                    ));
+                }
+                if !dims.insert(dim.as_str()) {
+                    problems.push(format!(
+                        "product {code:?}: dimension {dim:?} is listed twice"
+                    ));
+                }
+            }
+        }
+        let mut versions = BTreeSet::new();
+        for key in &self.keys {
+            if key.version == 0 {
+                problems.push("key version must be at least 1".to_owned());
+            }
+            if !versions.insert(key.version) {
+                problems.push(format!("key version {} is listed twice", key.version));
+            }
+            if key.private_key_path.is_some() && key.private_key_pem.is_some() {
+                problems.push(format!(
+                    "key version {}: give private_key_path or private_key_pem, not both",
+                    key.version
+                ));
+            }
+            if let Some(path) = &key.private_key_path {
+                if !path.is_file() {
+                    problems.push(format!(
+                        "key version {}: {} is not a readable file",
+                        key.version,
+                        path.display()
+                    ));
+                }
+            }
+        }
+        let mut customers = BTreeSet::new();
+        for c in &self.customers {
+            if c.identifier.is_empty() || c.identifier.len() > 255 {
+                problems.push(format!(
+                    "customer identifier {:?} must be 1-255 characters",
+                    c.identifier
+                ));
+            }
+            if !customers.insert(c.identifier.as_str()) {
+                problems.push(format!("customer {:?} is listed twice", c.identifier));
+            }
+            if c.aws_account_id.is_empty()
+                || !c.aws_account_id.chars().all(|ch| ch.is_ascii_digit())
+            {
+                problems.push(format!(
+                    "customer {:?}: aws_account_id must be digits",
+                    c.identifier
+                ));
+            }
+            if self.product(&c.product_code).is_none() {
+                problems.push(format!(
+                    "customer {:?}: product {:?} is not configured",
+                    c.identifier, c.product_code
+                ));
+            }
+        }
+        let mut tokens = BTreeSet::new();
+        for t in &self.registration_tokens {
+            if t.token.is_empty() {
+                problems.push("a registration token is empty".to_owned());
+            }
+            if !tokens.insert(t.token.as_str()) {
+                problems.push(format!("registration token {:?} is listed twice", t.token));
+            }
+            if !customers.contains(t.customer_identifier.as_str()) {
+                problems.push(format!(
+                    "registration token {:?}: customer {:?} is not configured",
+                    t.token, t.customer_identifier
+                ));
+            }
+        }
+        problems.extend(self.faults.problems());
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_is_valid() {
+        EmulatorConfig::demo()
+            .validate()
+            .expect("demo config is valid");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = EmulatorConfig::from_toml_str("regoin = \"us-east-1\"").expect_err("typo");
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let text = r#"
+            region = "US EAST"
+            max_usage_allocations = 3000
+            [[products]]
+            code = "bad code"
+            dimensions = []
+            [[customers]]
+            identifier = "c"
+            aws_account_id = "12ab"
+            product_code = "nope"
+            [faults.all]
+            throttle_rate = 1.5
+        "#;
+        let err = EmulatorConfig::from_toml_str(text).expect_err("invalid");
+        let err = err.downcast::<ConfigError>().expect("a ConfigError");
+        assert_eq!(err.problems.len(), 8, "{:#?}", err.problems);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = r#"
+            region = "eu-west-1"
+            seed = 7
+            timestamp_future_skew = "1m"
+            max_usage_allocations = 2500
+            signature_max_skew = "15m"
+            [credentials]
+            AKIDEXAMPLE = "secret"
+            [[products]]
+            code = "prod-x"
+            dimensions = ["a"]
+            entitlement = "platform_not_supported"
+            [[keys]]
+            version = 2
+            expired_at = "2024-01-01T00:00:00Z"
+            [[customers]]
+            identifier = "c1"
+            aws_account_id = "123456789012"
+            product_code = "prod-x"
+            [[registration_tokens]]
+            token = "t1"
+            customer_identifier = "c1"
+            expires_at = "2030-01-01T00:00:00Z"
+            [faults.all]
+            throttle_rate = 0.1
+            latency = "250ms"
+            [faults.operations.MeterUsage]
+            error_rate = 0.5
+            down_for = "30s"
+        "#;
+        let config = EmulatorConfig::from_toml_str(text).expect("valid");
+        assert_eq!(
+            config.products[0].entitlement,
+            Entitlement::PlatformNotSupported
+        );
+        assert_eq!(config.faults.all.latency, Some(Duration::from_millis(250)));
+    }
+}

@@ -1,0 +1,879 @@
+//! The four operations' rules and the emulator's stored state.
+//!
+//! Each operation takes the caller and `now` explicitly and either answers or changes state,
+//! never both halfway: every check runs before the first write.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::config::{CustomerConfig, EmulatorConfig, Entitlement, RegistrationTokenConfig};
+use super::error::ApiError;
+use super::faults::InjectedFault;
+use super::jwt::Keyring;
+use super::model::{
+    tag_text_ok, Allocation, BatchMeterUsageInput, MeterUsageInput, RegisterUsageInput,
+    ResolveCustomerInput, Tag,
+};
+use super::sigv4::Caller;
+use crate::clock::{hour_floor, unix_millis};
+
+/// Calls kept for `calls()`; older ones are dropped first.
+pub const MAX_CALLS_KEPT: usize = 100_000;
+
+const MAX_TAGS_PER_ALLOCATION: usize = 5;
+const MAX_DISTINCT_TAG_KEYS: usize = 5;
+
+/// An accepted usage record (MeterUsage, or one BatchMeterUsage record).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMeterRecord {
+    /// The caller's access key id: one EC2 instance, ECS task or EKS pod.
+    pub identity: String,
+    pub product_code: String,
+    pub dimension: String,
+    /// The Timestamp rounded down to the hour, epoch seconds.
+    pub hour: i64,
+    /// The Timestamp as sent, epoch seconds.
+    pub timestamp: f64,
+    pub quantity: i64,
+    pub allocations: Vec<Allocation>,
+    pub metering_record_id: String,
+    pub client_token: Option<String>,
+    /// BatchMeterUsage only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer_identifier: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub customer_aws_account_id: Option<String>,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    Error {
+        error_type: String,
+        status: u16,
+    },
+    /// The connection was closed without a response.
+    Dropped,
+}
+
+/// One call the emulator received.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// The operation name, or the raw `X-Amz-Target` when it named none.
+    pub operation: String,
+    /// The access key id from the Authorization header, when there was one.
+    pub identity: Option<String>,
+    /// Emulator-clock time the call arrived, epoch milliseconds.
+    pub time_ms: i64,
+    pub outcome: Outcome,
+    pub fault: Option<InjectedFault>,
+    pub added_latency_ms: u64,
+}
+
+impl CallRecord {
+    pub fn error_type(&self) -> Option<&str> {
+        match &self.outcome {
+            Outcome::Error { error_type, .. } => Some(error_type),
+            _ => None,
+        }
+    }
+}
+
+struct TokenUse {
+    fingerprint: String,
+    metering_record_id: String,
+}
+
+type HourKey = (String, String, String, i64);
+
+struct State {
+    entitlement: HashMap<String, Entitlement>,
+    meter_records: Vec<StoredMeterRecord>,
+    meter_index: HashMap<HourKey, usize>,
+    client_tokens: HashMap<(String, String), TokenUse>,
+    batch_records: Vec<StoredMeterRecord>,
+    batch_index: HashMap<HourKey, usize>,
+    registered: HashSet<(String, String)>,
+    tokens: BTreeMap<String, RegistrationTokenConfig>,
+    used_tokens: HashSet<String>,
+    calls: VecDeque<CallRecord>,
+    ids: StdRng,
+}
+
+pub(crate) struct Service {
+    pub config: EmulatorConfig,
+    pub keyring: Keyring,
+    state: Mutex<State>,
+}
+
+fn now_secs(now: SystemTime) -> f64 {
+    unix_millis(now) as f64 / 1000.0
+}
+
+fn error(error_type: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(error_type, message)
+}
+
+fn invalid_product() -> ApiError {
+    error(
+        "InvalidProductCodeException",
+        "The product code passed does not match the product code used for publishing the product.",
+    )
+}
+
+fn invalid_dimension() -> ApiError {
+    error(
+        "InvalidUsageDimensionException",
+        "The usage dimension does not match one of the UsageDimensions associated with products.",
+    )
+}
+
+fn timestamp_out_of_bounds() -> ApiError {
+    error(
+        "TimestampOutOfBoundsException",
+        "The timestamp value passed in the meterUsage() is out of allowed range.",
+    )
+}
+
+fn invalid_tag(detail: &str) -> ApiError {
+    error(
+        "InvalidTagException",
+        format!("The tag is invalid, or the number of tags is greater than 5. {detail}"),
+    )
+}
+
+fn invalid_allocations(detail: String) -> ApiError {
+    error("InvalidUsageAllocationsException", detail)
+}
+
+/// Allocations in a canonical order, so that equal sets compare equal.
+fn normalized(allocations: &[Allocation]) -> Vec<(Vec<Tag>, i64)> {
+    let mut out: Vec<(Vec<Tag>, i64)> = allocations
+        .iter()
+        .map(|a| {
+            let mut tags = a.tags.clone().unwrap_or_default();
+            tags.sort();
+            (tags, a.quantity)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The allocation and tag rules shared by MeterUsage and BatchMeterUsage.
+pub fn check_allocations(
+    allocations: Option<&[Allocation]>,
+    quantity: i64,
+    limit: usize,
+) -> Result<(), ApiError> {
+    let Some(allocations) = allocations else {
+        return Ok(());
+    };
+    if allocations.len() > limit {
+        return Err(invalid_allocations(format!(
+            "The usage allocation objects are invalid, or the number of allocations is greater than {limit} for a single usage record."
+        )));
+    }
+    let mut distinct_keys = BTreeSet::new();
+    for allocation in allocations {
+        let Some(tags) = &allocation.tags else {
+            continue;
+        };
+        if tags.is_empty() {
+            return Err(invalid_tag("Tags, when given, must hold at least 1 tag."));
+        }
+        if tags.len() > MAX_TAGS_PER_ALLOCATION {
+            return Err(invalid_tag(&format!(
+                "An allocation has {} tags; at most {MAX_TAGS_PER_ALLOCATION} are allowed.",
+                tags.len()
+            )));
+        }
+        let mut keys_here = BTreeSet::new();
+        for tag in tags {
+            let key_len = tag.key.encode_utf16().count();
+            let value_len = tag.value.encode_utf16().count();
+            if !(1..=100).contains(&key_len) || !tag_text_ok(&tag.key) {
+                return Err(invalid_tag(&format!(
+                    "Tag key '{}' must be 1-100 characters matching ^[a-zA-Z0-9+ -=._:\\/@]+$.",
+                    tag.key
+                )));
+            }
+            if !(1..=256).contains(&value_len) || !tag_text_ok(&tag.value) {
+                return Err(invalid_tag(&format!(
+                    "Tag value '{}' must be 1-256 characters matching ^[a-zA-Z0-9+ -=._:\\/@]+$.",
+                    tag.value
+                )));
+            }
+            if !keys_here.insert(tag.key.as_str()) {
+                return Err(invalid_tag(&format!(
+                    "Tag key '{}' appears twice in one allocation.",
+                    tag.key
+                )));
+            }
+            distinct_keys.insert(tag.key.as_str());
+        }
+    }
+    if distinct_keys.len() > MAX_DISTINCT_TAG_KEYS {
+        return Err(invalid_tag(&format!(
+            "The allocations use {} distinct tag keys; at most {MAX_DISTINCT_TAG_KEYS} are allowed.",
+            distinct_keys.len()
+        )));
+    }
+    let mut tag_sets = BTreeSet::new();
+    for (tags, _) in normalized(allocations) {
+        if !tag_sets.insert(tags) {
+            return Err(invalid_allocations(
+                "Each usage allocation must have a unique set of tags.".to_owned(),
+            ));
+        }
+    }
+    let sum: i64 = allocations.iter().map(|a| a.quantity).sum();
+    if sum != quantity {
+        return Err(invalid_allocations(format!(
+            "The sum of allocated usage quantities ({sum}) is not equal to the usage quantity ({quantity})."
+        )));
+    }
+    Ok(())
+}
+
+impl Service {
+    pub fn new(config: EmulatorConfig, keyring: Keyring) -> Self {
+        let state = State {
+            entitlement: config
+                .products
+                .iter()
+                .map(|p| (p.code.clone(), p.entitlement))
+                .collect(),
+            meter_records: Vec::new(),
+            meter_index: HashMap::new(),
+            client_tokens: HashMap::new(),
+            batch_records: Vec::new(),
+            batch_index: HashMap::new(),
+            registered: HashSet::new(),
+            tokens: config
+                .registration_tokens
+                .iter()
+                .map(|t| (t.token.clone(), t.clone()))
+                .collect(),
+            used_tokens: HashSet::new(),
+            calls: VecDeque::new(),
+            ids: StdRng::seed_from_u64(config.seed.wrapping_add(0x6d65_7465_7264)),
+        };
+        Self {
+            config,
+            keyring,
+            state: Mutex::new(state),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Emulator-side timestamp window: at most `timestamp_max_age` old (`inclusive`: an age
+    /// equal to it is already too old), at most `timestamp_future_skew` ahead.
+    fn check_timestamp(
+        &self,
+        timestamp: f64,
+        now: SystemTime,
+        inclusive: bool,
+    ) -> Result<(), ApiError> {
+        let now = now_secs(now);
+        let age = now - timestamp;
+        let max_age = self.config.timestamp_max_age.as_secs_f64();
+        let too_old = if inclusive {
+            age >= max_age
+        } else {
+            age > max_age
+        };
+        let too_new = timestamp - now > self.config.timestamp_future_skew.as_secs_f64();
+        if too_old || too_new {
+            Err(timestamp_out_of_bounds())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn register_usage(
+        &self,
+        input: &RegisterUsageInput,
+        caller: &Caller,
+        now: SystemTime,
+    ) -> Result<Value, ApiError> {
+        let wrong_region = || {
+            error(
+                "InvalidRegionException",
+                "RegisterUsage must be called in the same AWS Region the ECS task was launched in. \
+                 This prevents a container from hardcoding a Region (e.g. withRegion(\"us-east-1\") when calling RegisterUsage.",
+            )
+        };
+        if caller.region != self.config.region {
+            return Err(wrong_region());
+        }
+        if self.config.product(&input.product_code).is_none() {
+            return Err(invalid_product());
+        }
+        let Some(key) = self.keyring.get(input.public_key_version) else {
+            return Err(error(
+                "InvalidPublicKeyVersionException",
+                "Public Key version is invalid.",
+            ));
+        };
+        {
+            let mut state = self.state();
+            let entitlement = state
+                .entitlement
+                .get(&input.product_code)
+                .copied()
+                .unwrap_or_default();
+            if entitlement == Entitlement::WrongRegion {
+                return Err(wrong_region());
+            }
+            let first = state
+                .registered
+                .insert((caller.access_key_id.clone(), input.product_code.clone()));
+            match entitlement {
+                Entitlement::NotEntitled if first => {
+                    return Err(error(
+                        "CustomerNotEntitledException",
+                        "Exception thrown when the customer does not have a valid subscription for the product.",
+                    ))
+                }
+                Entitlement::PlatformNotSupported if first => {
+                    return Err(error(
+                        "PlatformNotSupportedException",
+                        "AWS Marketplace does not support metering usage from the underlying platform. \
+                         Currently, Amazon ECS, Amazon EKS, and AWS Fargate are supported.",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let iat = unix_millis(now) / 1000;
+        let signature = key
+            .sign(
+                &input.product_code,
+                input.public_key_version,
+                input.nonce.as_deref(),
+                iat,
+            )
+            .map_err(|e| {
+                tracing::error!(error = %e, "signing the RegisterUsage token failed");
+                ApiError::internal()
+            })?;
+        let mut response = json!({ "Signature": signature });
+        if let Some(expired_at) = key.expired_at.filter(|_| key.is_expired(now)) {
+            response["PublicKeyRotationTimestamp"] = json!(unix_millis(expired_at) / 1000);
+        }
+        Ok(response)
+    }
+
+    pub fn meter_usage(
+        &self,
+        input: &MeterUsageInput,
+        caller: &Caller,
+        now: SystemTime,
+    ) -> Result<Value, ApiError> {
+        if caller.region != self.config.region {
+            return Err(error(
+                "InvalidEndpointRegionException",
+                "The endpoint being called is in a AWS Region different from your EC2 instance, ECS task, or EKS pod. \
+                 The Region of the Metering Service endpoint and the AWS Region of the resource must match.",
+            ));
+        }
+        let product = self
+            .config
+            .product(&input.product_code)
+            .ok_or_else(invalid_product)?;
+        if !product.dimensions.contains(&input.usage_dimension) {
+            return Err(invalid_dimension());
+        }
+        check_allocations(
+            input.usage_allocations.as_deref(),
+            input.usage_quantity,
+            self.config.max_usage_allocations,
+        )?;
+        self.check_timestamp(input.timestamp, now, false)?;
+        let mut state = self.state();
+        if state.entitlement.get(&product.code) == Some(&Entitlement::NotEntitled) {
+            return Err(error(
+                "CustomerNotEntitledException",
+                "Exception thrown when the customer does not have a valid subscription for the product.",
+            ));
+        }
+        if input.dry_run {
+            return Err(error(
+                "DryRunOperation",
+                "Request would have succeeded, but DryRun flag is set.",
+            ));
+        }
+        let identity = caller.access_key_id.clone();
+        if let Some(token) = &input.client_token {
+            if let Some(used) = state.client_tokens.get(&(identity.clone(), token.clone())) {
+                if used.fingerprint != input.fingerprint {
+                    return Err(error(
+                        "IdempotencyConflictException",
+                        "The ClientToken is being used for multiple requests with different parameters.",
+                    ));
+                }
+                return Ok(json!({ "MeteringRecordId": used.metering_record_id }));
+            }
+        }
+        let hour = hour_floor(input.timestamp.floor() as i64);
+        let key = (
+            identity.clone(),
+            input.product_code.clone(),
+            input.usage_dimension.clone(),
+            hour,
+        );
+        let allocations = input.usage_allocations.clone().unwrap_or_default();
+        let id = match state.meter_index.get(&key) {
+            Some(&i) => {
+                let existing = &state.meter_records[i];
+                if existing.quantity != input.usage_quantity
+                    || normalized(&existing.allocations) != normalized(&allocations)
+                {
+                    return Err(error(
+                        "DuplicateRequestException",
+                        "A metering record has already been emitted by the same EC2 instance, ECS task, or EKS pod \
+                         for the given {usageDimension, timestamp} with a different usageQuantity.",
+                    ));
+                }
+                existing.metering_record_id.clone()
+            }
+            None => {
+                let id = new_id(&mut state.ids);
+                state.meter_records.push(StoredMeterRecord {
+                    identity: identity.clone(),
+                    product_code: input.product_code.clone(),
+                    dimension: input.usage_dimension.clone(),
+                    hour,
+                    timestamp: input.timestamp,
+                    quantity: input.usage_quantity,
+                    allocations,
+                    metering_record_id: id.clone(),
+                    client_token: input.client_token.clone(),
+                    customer_identifier: None,
+                    customer_aws_account_id: None,
+                });
+                let index = state.meter_records.len() - 1;
+                state.meter_index.insert(key, index);
+                id
+            }
+        };
+        if let Some(token) = &input.client_token {
+            state.client_tokens.insert(
+                (identity, token.clone()),
+                TokenUse {
+                    fingerprint: input.fingerprint.clone(),
+                    metering_record_id: id.clone(),
+                },
+            );
+        }
+        Ok(json!({ "MeteringRecordId": id }))
+    }
+
+    /// `unprocessed[i]` (drawn by fault injection) leaves record `i` unprocessed.
+    pub fn batch_meter_usage(
+        &self,
+        input: &BatchMeterUsageInput,
+        caller: &Caller,
+        now: SystemTime,
+        unprocessed: &[bool],
+    ) -> Result<Value, ApiError> {
+        let product = self
+            .config
+            .product(&input.product_code)
+            .ok_or_else(invalid_product)?;
+        for record in &input.usage_records {
+            if record.customer_identifier.is_some() == record.customer_aws_account_id.is_some() {
+                return Err(error(
+                    "InvalidCustomerIdentifierException",
+                    "Each usage record needs exactly one of CustomerIdentifier and CustomerAWSAccountId; \
+                     they are mutually exclusive.",
+                ));
+            }
+            if !product.dimensions.contains(&record.dimension) {
+                return Err(invalid_dimension());
+            }
+            check_allocations(
+                record.usage_allocations.as_deref(),
+                record.quantity,
+                self.config.max_usage_allocations,
+            )?;
+        }
+        for record in &input.usage_records {
+            self.check_timestamp(record.timestamp, now, true)?;
+        }
+        let mut state = self.state();
+        let mut results = Vec::new();
+        let mut left = Vec::new();
+        for (i, record) in input.usage_records.iter().enumerate() {
+            if unprocessed.get(i).copied().unwrap_or(false) {
+                left.push(record.raw.clone());
+                continue;
+            }
+            let customer = self.customer(
+                &product.code,
+                record.customer_identifier.as_deref(),
+                record.customer_aws_account_id.as_deref(),
+            );
+            let Some(customer) = customer.filter(|c| c.subscribed) else {
+                results.push(json!({"UsageRecord": record.raw, "Status": "CustomerNotSubscribed"}));
+                continue;
+            };
+            let hour = hour_floor(record.timestamp.floor() as i64);
+            let key = (
+                customer.identifier.clone(),
+                product.code.clone(),
+                record.dimension.clone(),
+                hour,
+            );
+            let allocations = record.usage_allocations.clone().unwrap_or_default();
+            match state.batch_index.get(&key) {
+                Some(&j) => {
+                    let existing = &state.batch_records[j];
+                    if existing.quantity == record.quantity
+                        && normalized(&existing.allocations) == normalized(&allocations)
+                    {
+                        results.push(json!({
+                            "UsageRecord": record.raw,
+                            "MeteringRecordId": existing.metering_record_id,
+                            "Status": "Success",
+                        }));
+                    } else {
+                        results
+                            .push(json!({"UsageRecord": record.raw, "Status": "DuplicateRecord"}));
+                    }
+                }
+                None => {
+                    let id = new_id(&mut state.ids);
+                    state.batch_records.push(StoredMeterRecord {
+                        identity: caller.access_key_id.clone(),
+                        product_code: product.code.clone(),
+                        dimension: record.dimension.clone(),
+                        hour,
+                        timestamp: record.timestamp,
+                        quantity: record.quantity,
+                        allocations,
+                        metering_record_id: id.clone(),
+                        client_token: None,
+                        customer_identifier: Some(customer.identifier.clone()),
+                        customer_aws_account_id: Some(customer.aws_account_id.clone()),
+                    });
+                    let index = state.batch_records.len() - 1;
+                    state.batch_index.insert(key, index);
+                    results.push(json!({
+                        "UsageRecord": record.raw,
+                        "MeteringRecordId": id,
+                        "Status": "Success",
+                    }));
+                }
+            }
+        }
+        Ok(json!({ "Results": results, "UnprocessedRecords": left }))
+    }
+
+    fn customer(
+        &self,
+        product_code: &str,
+        identifier: Option<&str>,
+        account_id: Option<&str>,
+    ) -> Option<&CustomerConfig> {
+        self.config.customers.iter().find(|c| {
+            c.product_code == product_code
+                && match (identifier, account_id) {
+                    (Some(id), _) => c.identifier == id,
+                    (None, Some(account)) => c.aws_account_id == account,
+                    (None, None) => false,
+                }
+        })
+    }
+
+    pub fn resolve_customer(
+        &self,
+        input: &ResolveCustomerInput,
+        now: SystemTime,
+    ) -> Result<Value, ApiError> {
+        let mut state = self.state();
+        let Some(token) = state.tokens.get(&input.registration_token).cloned() else {
+            return Err(error(
+                "InvalidTokenException",
+                "Registration token is invalid.",
+            ));
+        };
+        let expired = token.expires_at.is_some_and(|at| now >= at);
+        if expired || state.used_tokens.contains(&token.token) {
+            return Err(error(
+                "ExpiredTokenException",
+                "The submitted registration token has expired. This can happen if the buyer's browser takes too long \
+                 to redirect to your page, the buyer has resubmitted the registration token, or your application \
+                 has held on to the registration token for too long.",
+            ));
+        }
+        let Some(customer) = self
+            .config
+            .customers
+            .iter()
+            .find(|c| c.identifier == token.customer_identifier)
+        else {
+            return Err(error(
+                "InvalidTokenException",
+                "Registration token is invalid.",
+            ));
+        };
+        state.used_tokens.insert(token.token.clone());
+        Ok(json!({
+            "CustomerIdentifier": customer.identifier,
+            "CustomerAWSAccountId": customer.aws_account_id,
+            "ProductCode": customer.product_code,
+        }))
+    }
+
+    pub fn meter_records(&self) -> Vec<StoredMeterRecord> {
+        self.state().meter_records.clone()
+    }
+
+    pub fn batch_records(&self) -> Vec<StoredMeterRecord> {
+        self.state().batch_records.clone()
+    }
+
+    pub fn calls(&self) -> Vec<CallRecord> {
+        self.state().calls.iter().cloned().collect()
+    }
+
+    pub fn record_call(&self, call: CallRecord) {
+        let mut state = self.state();
+        if state.calls.len() >= MAX_CALLS_KEPT {
+            state.calls.pop_front();
+        }
+        state.calls.push_back(call);
+    }
+
+    pub fn set_entitlement(
+        &self,
+        product_code: &str,
+        entitlement: Entitlement,
+    ) -> Result<(), String> {
+        if self.config.product(product_code).is_none() {
+            return Err(format!("product {product_code:?} is not configured"));
+        }
+        self.state()
+            .entitlement
+            .insert(product_code.to_owned(), entitlement);
+        Ok(())
+    }
+
+    pub fn add_registration_token(&self, token: RegistrationTokenConfig) -> Result<(), String> {
+        if token.token.is_empty() {
+            return Err("the token is empty".to_owned());
+        }
+        if !self
+            .config
+            .customers
+            .iter()
+            .any(|c| c.identifier == token.customer_identifier)
+        {
+            return Err(format!(
+                "customer {:?} is not configured",
+                token.customer_identifier
+            ));
+        }
+        let mut state = self.state();
+        if state.tokens.contains_key(&token.token) {
+            return Err(format!("token {:?} exists already", token.token));
+        }
+        state.tokens.insert(token.token.clone(), token);
+        Ok(())
+    }
+}
+
+/// A UUID-shaped (version 4) id from the seeded generator.
+fn new_id(rng: &mut StdRng) -> String {
+    let mut b: [u8; 16] = rng.gen();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(quantity: i64, tags: &[(&str, &str)]) -> Allocation {
+        Allocation {
+            quantity,
+            tags: if tags.is_empty() {
+                None
+            } else {
+                Some(
+                    tags.iter()
+                        .map(|(k, v)| Tag {
+                            key: (*k).into(),
+                            value: (*v).into(),
+                        })
+                        .collect(),
+                )
+            },
+        }
+    }
+
+    fn check(allocs: &[Allocation], quantity: i64) -> Result<(), String> {
+        check_allocations(Some(allocs), quantity, 500).map_err(|e| e.error_type)
+    }
+
+    #[test]
+    fn allocation_rules_table() {
+        let five: Vec<(String, String)> =
+            (0..5).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+        let five: Vec<(&str, &str)> = five.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let six: Vec<(String, String)> =
+            (0..6).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+        let six: Vec<(&str, &str)> = six.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let long_key = "k".repeat(101);
+        let long_value = "v".repeat(257);
+        type Case<'a> = (&'a str, Vec<Allocation>, i64, Result<(), &'a str>);
+        let cases: Vec<Case> = vec![
+            (
+                "sum equals quantity",
+                vec![alloc(3, &[("a", "1")]), alloc(2, &[])],
+                5,
+                Ok(()),
+            ),
+            (
+                "sum differs",
+                vec![alloc(3, &[("a", "1")]), alloc(1, &[])],
+                5,
+                Err("InvalidUsageAllocationsException"),
+            ),
+            (
+                "duplicate tag sets",
+                vec![
+                    alloc(1, &[("a", "1"), ("b", "2")]),
+                    alloc(1, &[("b", "2"), ("a", "1")]),
+                ],
+                2,
+                Err("InvalidUsageAllocationsException"),
+            ),
+            (
+                "two untagged buckets",
+                vec![alloc(1, &[]), alloc(1, &[])],
+                2,
+                Err("InvalidUsageAllocationsException"),
+            ),
+            ("five tags ok", vec![alloc(1, &five)], 1, Ok(())),
+            (
+                "six tags",
+                vec![alloc(1, &six)],
+                1,
+                Err("InvalidTagException"),
+            ),
+            (
+                "six distinct keys across list",
+                vec![alloc(1, &five), alloc(1, &[("k5", "v")])],
+                2,
+                Err("InvalidTagException"),
+            ),
+            (
+                "key too long",
+                vec![alloc(1, &[(&long_key, "v")])],
+                1,
+                Err("InvalidTagException"),
+            ),
+            (
+                "key max length",
+                vec![alloc(1, &[(&long_key[..100], "v")])],
+                1,
+                Ok(()),
+            ),
+            (
+                "value too long",
+                vec![alloc(1, &[("k", &long_value)])],
+                1,
+                Err("InvalidTagException"),
+            ),
+            (
+                "value max length",
+                vec![alloc(1, &[("k", &long_value[..256])])],
+                1,
+                Ok(()),
+            ),
+            (
+                "key bad char",
+                vec![alloc(1, &[("k?", "v")])],
+                1,
+                Err("InvalidTagException"),
+            ),
+            (
+                "value bad char",
+                vec![alloc(1, &[("k", "v>")])],
+                1,
+                Err("InvalidTagException"),
+            ),
+            (
+                "range space..= allowed",
+                vec![alloc(1, &[("a b!#", "x,y;z<")])],
+                1,
+                Ok(()),
+            ),
+            (
+                "empty tag list",
+                vec![Allocation {
+                    quantity: 1,
+                    tags: Some(vec![]),
+                }],
+                1,
+                Err("InvalidTagException"),
+            ),
+            (
+                "same key twice in one allocation",
+                vec![alloc(1, &[("a", "1"), ("a", "2")])],
+                1,
+                Err("InvalidTagException"),
+            ),
+        ];
+        for (name, allocs, quantity, want) in cases {
+            assert_eq!(
+                check(&allocs, quantity),
+                want.map_err(str::to_owned),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn allocation_count_limit_is_configurable() {
+        let allocs: Vec<Allocation> = (0..3)
+            .map(|i| alloc(1, &[("k", &format!("v{i}"))]))
+            .collect();
+        assert!(check_allocations(Some(&allocs), 3, 3).is_ok());
+        let err = check_allocations(Some(&allocs), 3, 2).expect_err("over limit");
+        assert_eq!(err.error_type, "InvalidUsageAllocationsException");
+        assert!(err.message.contains("greater than 2"));
+    }
+
+    #[test]
+    fn ids_are_uuid_shaped_and_reproducible() {
+        let a = new_id(&mut StdRng::seed_from_u64(1));
+        let b = new_id(&mut StdRng::seed_from_u64(1));
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+    }
+}

@@ -1,0 +1,166 @@
+//! Exponential back-off with jitter for the start-up retry loops.
+//!
+//! The delay before retry `attempt` (0-based) starts from `base = min(max, initial * 2^attempt)`
+//! and is jittered uniformly into `[base / 2, base]` ("equal jitter"): never more than `max`,
+//! never less than half of `initial`, so retries neither stampede nor stall.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Longest cap accepted: a start-up retry never waits more than an hour at a time.
+pub const MAX_BACKOFF_CAP: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackoffError {
+    #[error("back-off initial delay must be greater than zero")]
+    ZeroInitial,
+    #[error("back-off initial delay {initial:?} is longer than its cap {max:?}")]
+    InitialAboveMax { initial: Duration, max: Duration },
+    #[error("back-off cap {0:?} is longer than the 1 h allowed")]
+    CapTooLong(Duration),
+}
+
+/// A validated back-off schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// `0 < initial <= max <= 1 h`.
+    pub fn try_new(initial: Duration, max: Duration) -> Result<Self, BackoffError> {
+        if initial.is_zero() {
+            return Err(BackoffError::ZeroInitial);
+        }
+        if initial > max {
+            return Err(BackoffError::InitialAboveMax { initial, max });
+        }
+        if max > MAX_BACKOFF_CAP {
+            return Err(BackoffError::CapTooLong(max));
+        }
+        Ok(Self { initial, max })
+    }
+
+    /// 1 s doubling up to 30 s: the container start-up default.
+    pub fn startup_default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+        }
+    }
+
+    pub fn initial(&self) -> Duration {
+        self.initial
+    }
+
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
+    /// The un-jittered delay before retry `attempt` (0-based): `min(max, initial * 2^attempt)`.
+    pub fn base_delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        self.initial
+            .checked_mul(factor)
+            .map_or(self.max, |d| d.min(self.max))
+    }
+
+    /// The delay for `attempt` with jitter `unit` in `[0, 1]` (clamped):
+    /// `base / 2 + unit * base / 2`.
+    pub fn delay_with_jitter(&self, attempt: u32, unit: f64) -> Duration {
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let base = self.base_delay(attempt);
+        let half = base / 2;
+        (half + (base - half).mul_f64(unit)).min(self.max)
+    }
+
+    /// The delay for `attempt`, jittered with `rng`.
+    pub fn delay<R: Rng + ?Sized>(&self, attempt: u32, rng: &mut R) -> Duration {
+        self.delay_with_jitter(attempt, rng.gen::<f64>())
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::startup_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn constructor_refuses_invalid_schedules() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            Backoff::try_new(Duration::ZERO, s(1)),
+            Err(BackoffError::ZeroInitial)
+        );
+        assert!(matches!(
+            Backoff::try_new(s(10), s(1)),
+            Err(BackoffError::InitialAboveMax { .. })
+        ));
+        assert!(matches!(
+            Backoff::try_new(s(1), s(7200)),
+            Err(BackoffError::CapTooLong(_))
+        ));
+        assert!(Backoff::try_new(s(1), s(1)).is_ok());
+    }
+
+    #[test]
+    fn base_delay_doubles_then_caps() {
+        let b = Backoff::try_new(Duration::from_secs(1), Duration::from_secs(30)).expect("valid");
+        let got: Vec<u64> = (0..8).map(|a| b.base_delay(a).as_secs()).collect();
+        assert_eq!(got, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(b.base_delay(u32::MAX), Duration::from_secs(30));
+    }
+
+    proptest! {
+        #[test]
+        fn jittered_delay_stays_within_bounds(
+            initial_ms in 1u64..=600_000,
+            extra_ms in 0u64..=3_000_000,
+            attempt in any::<u32>(),
+            unit in any::<f64>(),
+        ) {
+            let initial = Duration::from_millis(initial_ms);
+            let max = Duration::from_millis((initial_ms + extra_ms).min(3_600_000));
+            let b = Backoff::try_new(initial, max).expect("valid by construction");
+            let d = b.delay_with_jitter(attempt, unit);
+            prop_assert!(d <= max, "{d:?} > cap {max:?}");
+            prop_assert!(d >= initial / 2, "{d:?} < half the initial delay {initial:?}");
+            prop_assert!(d >= b.base_delay(attempt) / 2);
+            prop_assert!(d <= b.base_delay(attempt));
+        }
+
+        #[test]
+        fn base_delay_never_decreases(
+            initial_ms in 1u64..=600_000,
+            extra_ms in 0u64..=3_000_000,
+            attempt in 0u32..200,
+        ) {
+            let initial = Duration::from_millis(initial_ms);
+            let max = Duration::from_millis((initial_ms + extra_ms).min(3_600_000));
+            let b = Backoff::try_new(initial, max).expect("valid by construction");
+            prop_assert!(b.base_delay(attempt) <= b.base_delay(attempt + 1));
+        }
+
+        #[test]
+        fn constructor_accepts_exactly_the_valid_schedules(
+            initial_ms in 0u64..=4_000_000,
+            max_ms in 0u64..=4_000_000,
+        ) {
+            let r = Backoff::try_new(Duration::from_millis(initial_ms), Duration::from_millis(max_ms));
+            let valid = initial_ms > 0 && initial_ms <= max_ms && max_ms <= 3_600_000;
+            prop_assert_eq!(r.is_ok(), valid);
+        }
+    }
+}

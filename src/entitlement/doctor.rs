@@ -1,0 +1,593 @@
+//! `meterd doctor`: checks the deployment and says how to fix each problem.
+//!
+//! It reports the platform and credential source, the region and endpoint, the product code,
+//! whether the keyring holds a key for the configured version, whether a MeterUsage DryRun
+//! passes, and the clock skew against the endpoint's HTTP `Date` header. The skew is read from
+//! the DryRun's response (a signed HTTPS call works for every endpoint); when there is none
+//! and the endpoint is plain `http://` (the emulator), from a plain `GET /`.
+//!
+//! Doctor makes one attempt of each call and never retries.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_marketplacemetering::primitives::{DateTime, DateTimeFormat};
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+
+use super::dry_run::DRY_RUN_SUCCESS_CODE;
+use super::keyring::Keyring;
+use super::{check_product_code, classify_fatal, Operation};
+use crate::aws::CallFailure;
+use crate::clock::SharedClock;
+use crate::platform::{detect, DetectedBy, Env, ImdsSettings, Platform};
+
+/// Skew above which SigV4 signing fails (AWS allows 5 minutes).
+const SKEW_FAIL: Duration = Duration::from_secs(300);
+/// Skew worth a warning: hour boundaries and timestamps drift.
+const SKEW_WARN: Duration = Duration::from_secs(30);
+/// Budget for the plain HTTP `Date` request.
+const PLAIN_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything doctor looks at, as plain values; the caller maps configuration onto them.
+pub struct DoctorInputs<'a> {
+    pub product_code: &'a str,
+    /// A configured dimension for the DryRun; `None` skips the DryRun.
+    pub dimension: Option<&'a str>,
+    /// The region the client uses (`None`: unresolved).
+    pub region: Option<&'a str>,
+    /// The endpoint override, if any; otherwise the regional AWS endpoint is shown.
+    pub endpoint: Option<&'a str>,
+    pub public_key_version: u32,
+    /// Whether RegisterUsage is enabled in the configuration.
+    pub registration_enabled: bool,
+    pub configured_platform: Option<Platform>,
+    pub keyring: &'a Keyring,
+    pub client: &'a aws_sdk_marketplacemetering::Client,
+    pub clock: &'a SharedClock,
+    pub env: Env<'a>,
+    pub imds: ImdsSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    Warn,
+    Fail,
+    Skip,
+}
+
+impl CheckStatus {
+    fn label(self) -> &'static str {
+        match self {
+            CheckStatus::Ok => "ok",
+            CheckStatus::Warn => "warn",
+            CheckStatus::Fail => "FAIL",
+            CheckStatus::Skip => "skip",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DoctorCheck {
+    pub name: &'static str,
+    pub status: CheckStatus,
+    pub detail: String,
+    /// How to fix it, for `Warn` and `Fail`.
+    pub fix: Option<String>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DoctorReport {
+    pub platform: Platform,
+    pub region: Option<String>,
+    pub endpoint: String,
+    /// Endpoint time minus local time, in seconds, when measured.
+    pub clock_skew_seconds: Option<i64>,
+    pub checks: Vec<DoctorCheck>,
+}
+
+impl DoctorReport {
+    /// No check failed (warnings allowed).
+    pub fn is_healthy(&self) -> bool {
+        self.checks.iter().all(|c| c.status != CheckStatus::Fail)
+    }
+
+    pub fn check(&self, name: &str) -> Option<&DoctorCheck> {
+        self.checks.iter().find(|c| c.name == name)
+    }
+
+    pub fn render(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for DoctorReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for check in &self.checks {
+            writeln!(
+                f,
+                "[{:<4}] {:<12} {}",
+                check.status.label(),
+                check.name,
+                check.detail
+            )?;
+            if let Some(fix) = &check.fix {
+                writeln!(f, "{:20}fix: {fix}", "")?;
+            }
+        }
+        let failed = self
+            .checks
+            .iter()
+            .filter(|c| c.status == CheckStatus::Fail)
+            .count();
+        let warned = self
+            .checks
+            .iter()
+            .filter(|c| c.status == CheckStatus::Warn)
+            .count();
+        if failed == 0 && warned == 0 {
+            writeln!(f, "all checks passed")
+        } else {
+            writeln!(f, "{failed} problem(s), {warned} warning(s)")
+        }
+    }
+}
+
+fn check(
+    name: &'static str,
+    status: CheckStatus,
+    detail: String,
+    fix: Option<&str>,
+) -> DoctorCheck {
+    DoctorCheck {
+        name,
+        status,
+        detail,
+        fix: fix.map(str::to_owned),
+    }
+}
+
+/// Runs every check; never fails as a whole.
+pub async fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
+    let mut checks = Vec::new();
+
+    // Platform and credentials.
+    let info = detect(inputs.configured_platform, inputs.env, &inputs.imds).await;
+    let how = match &info.detected_by {
+        DetectedBy::Configured => "configured".to_owned(),
+        DetectedBy::EnvVar(var) => format!("detected from {var}"),
+        DetectedBy::Imds => format!(
+            "detected through IMDSv2, instance {}",
+            info.instance_id.as_deref().unwrap_or("?")
+        ),
+        DetectedBy::Nothing => "nothing detected".to_owned(),
+    };
+    if info.platform == Platform::Unknown {
+        checks.push(check(
+            "platform",
+            CheckStatus::Warn,
+            format!("unknown ({how})"),
+            Some("set `platform` (ecs, eks or ec2) in the configuration"),
+        ));
+    } else {
+        checks.push(check(
+            "platform",
+            CheckStatus::Ok,
+            format!("{} ({how})", info.platform),
+            None,
+        ));
+    }
+    if inputs.registration_enabled && info.platform == Platform::Ec2 {
+        checks.push(check(
+            "registration",
+            CheckStatus::Fail,
+            "RegisterUsage is enabled, but AWS does not support it on EC2".to_owned(),
+            Some("set registration.enabled = false and meter custom dimensions with MeterUsage"),
+        ));
+    }
+    let warnings = info.credential_warnings();
+    if warnings.is_empty() {
+        checks.push(check(
+            "credentials",
+            CheckStatus::Ok,
+            info.credentials.describe().to_owned(),
+            None,
+        ));
+    }
+    for w in warnings {
+        checks.push(check(
+            "credentials",
+            CheckStatus::Warn,
+            format!("{}: {}", info.credentials.describe(), w.problem),
+            Some(&w.fix),
+        ));
+    }
+
+    // Region and endpoint.
+    let region = inputs.region.map(str::to_owned);
+    let endpoint = match (inputs.endpoint, inputs.region) {
+        (Some(e), _) => e.to_owned(),
+        (None, Some(r)) => format!("https://metering.marketplace.{r}.amazonaws.com"),
+        (None, None) => "(no region, no endpoint)".to_owned(),
+    };
+    match inputs.region {
+        Some(r) => checks.push(check(
+            "region",
+            CheckStatus::Ok,
+            format!("{r}, endpoint {endpoint}"),
+            None,
+        )),
+        None => checks.push(check(
+            "region",
+            CheckStatus::Fail,
+            "no region resolved".to_owned(),
+            Some(
+                "set AWS_REGION to the region the task, pod or instance runs in (never a \
+                 fixed default)",
+            ),
+        )),
+    }
+
+    // Product code.
+    match check_product_code(inputs.product_code) {
+        Ok(()) => checks.push(check(
+            "product",
+            CheckStatus::Ok,
+            format!("product code {}", inputs.product_code),
+            None,
+        )),
+        Err(reason) => checks.push(DoctorCheck {
+            name: "product",
+            status: CheckStatus::Fail,
+            detail: format!("product code {} refused", inputs.product_code),
+            fix: Some(reason),
+        }),
+    }
+
+    // Keyring.
+    let version = inputs.public_key_version;
+    let keys: Vec<_> = inputs.keyring.for_version(version).collect();
+    if keys.is_empty() {
+        checks.push(check(
+            "keyring",
+            if inputs.registration_enabled {
+                CheckStatus::Fail
+            } else {
+                CheckStatus::Warn
+            },
+            format!("no trusted key for PublicKeyVersion {version}"),
+            Some(&format!(
+                "add the public key AWS gave you with the product code as keys/v{version}.pem \
+                 and rebuild, or list it in registration.public_key_files"
+            )),
+        ));
+    } else {
+        let list: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{} ({})", k.fingerprint, k.source))
+            .collect();
+        checks.push(check(
+            "keyring",
+            CheckStatus::Ok,
+            format!("{} key(s) for v{version}: {}", keys.len(), list.join(", ")),
+            None,
+        ));
+    }
+
+    // DryRun, and the endpoint's Date from its response.
+    let mut server_date = None;
+    match inputs.dimension {
+        None => checks.push(check(
+            "dryrun",
+            CheckStatus::Skip,
+            "no dimension configured".to_owned(),
+            None,
+        )),
+        Some(dimension) => {
+            let (result, date) =
+                dry_run_probe(inputs.client, inputs.product_code, dimension, inputs.clock).await;
+            server_date = date;
+            match result {
+                Ok(()) => checks.push(check(
+                    "dryrun",
+                    CheckStatus::Ok,
+                    format!("MeterUsage DryRun for {dimension} passed"),
+                    None,
+                )),
+                Err(failure) => {
+                    let err = classify_fatal(
+                        Operation::MeterUsageDryRun,
+                        failure,
+                        inputs.product_code,
+                        version,
+                        Some(dimension),
+                        inputs.region.unwrap_or("(unset)"),
+                    );
+                    let text = err.to_string();
+                    let (detail, fix) = match text.split_once("; fix: ") {
+                        Some((d, f)) => (d.to_owned(), Some(f.to_owned())),
+                        None => (text, None),
+                    };
+                    checks.push(DoctorCheck {
+                        name: "dryrun",
+                        status: CheckStatus::Fail,
+                        detail,
+                        fix,
+                    });
+                }
+            }
+        }
+    }
+    if server_date.is_none() {
+        if let Some(e) = inputs.endpoint.filter(|e| e.starts_with("http://")) {
+            server_date = plain_http_date(e).await;
+        }
+    }
+
+    // Clock skew.
+    let local = inputs.clock.now();
+    let skew = server_date.and_then(|d| skew_seconds(&d, local));
+    match skew {
+        None => checks.push(check(
+            "clock",
+            CheckStatus::Skip,
+            "skew unknown: the endpoint sent no Date header".to_owned(),
+            None,
+        )),
+        Some(s) => {
+            let abs = Duration::from_secs(s.unsigned_abs());
+            let detail = format!("local clock is {} the endpoint's", describe_skew(s));
+            let fix = "synchronise the host clock (chrony or systemd-timesyncd with the Amazon \
+                       Time Sync Service, 169.254.169.123)";
+            if abs > SKEW_FAIL {
+                checks.push(check("clock", CheckStatus::Fail, detail, Some(fix)));
+            } else if abs > SKEW_WARN {
+                checks.push(check("clock", CheckStatus::Warn, detail, Some(fix)));
+            } else {
+                checks.push(check("clock", CheckStatus::Ok, detail, None));
+            }
+        }
+    }
+
+    DoctorReport {
+        platform: info.platform,
+        region,
+        endpoint,
+        clock_skew_seconds: skew,
+        checks,
+    }
+}
+
+fn describe_skew(s: i64) -> String {
+    match s {
+        0 => "level with".to_owned(),
+        s if s > 0 => format!("{s} s behind"),
+        s => format!("{} s ahead of", -s),
+    }
+}
+
+/// Endpoint time minus local time, in whole seconds.
+fn skew_seconds(http_date: &str, local: SystemTime) -> Option<i64> {
+    let server = DateTime::from_str(http_date.trim(), DateTimeFormat::HttpDate).ok()?;
+    let local = DateTime::from(local);
+    Some(server.secs() - local.secs())
+}
+
+/// One DryRun attempt; also returns the response's `Date` header.
+async fn dry_run_probe(
+    client: &aws_sdk_marketplacemetering::Client,
+    product_code: &str,
+    dimension: &str,
+    clock: &SharedClock,
+) -> (Result<(), CallFailure>, Option<String>) {
+    let sent = client
+        .meter_usage()
+        .product_code(product_code)
+        .usage_dimension(dimension)
+        .usage_quantity(0)
+        .timestamp(DateTime::from(clock.now()))
+        .dry_run(true)
+        .send()
+        .await;
+    match sent {
+        Ok(_) => (Ok(()), None),
+        Err(e) => {
+            let date = e
+                .raw_response()
+                .and_then(|r| r.headers().get("date"))
+                .map(str::to_owned);
+            let failure = CallFailure::from_sdk(&e);
+            if failure.code_is(DRY_RUN_SUCCESS_CODE) {
+                (Ok(()), date)
+            } else {
+                (Err(failure), date)
+            }
+        }
+    }
+}
+
+/// `GET /` on a plain-HTTP endpoint, for its `Date` header.
+async fn plain_http_date(endpoint: &str) -> Option<String> {
+    let uri: http::Uri = endpoint.parse().ok()?;
+    let authority = uri.authority()?;
+    let address = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    let host = authority.as_str().to_owned();
+    let request = async move {
+        let stream = tokio::net::TcpStream::connect(address.replace(['[', ']'], ""))
+            .await
+            .ok()?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        let conn = tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(http::Method::GET)
+            .uri("/")
+            .header(http::header::HOST, host)
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let response = sender.send_request(req).await.ok();
+        conn.abort();
+        response?
+            .headers()
+            .get(http::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .map(str::to_owned)
+    };
+    tokio::time::timeout(PLAIN_HTTP_TIMEOUT, request)
+        .await
+        .ok()
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::entitlement::test_support::{error_reply, test_keyring, Stub};
+    use crate::platform::tests::{dead_imds, env_of};
+
+    // The stub's Date header: Sun, 22 Nov 2026 10:00:00 GMT.
+    const STUB_DATE: i64 = 1_795_341_600;
+
+    async fn run(
+        stub: &Stub,
+        env: &(dyn Fn(&str) -> Option<String> + Send + Sync),
+        local: i64,
+        keyring: &Keyring,
+        registration_enabled: bool,
+    ) -> DoctorReport {
+        let client = stub.client().await;
+        let clock: SharedClock = ManualClock::at_unix(local);
+        let url = stub.url();
+        doctor(DoctorInputs {
+            product_code: "prod-abc123",
+            dimension: Some("requests"),
+            region: Some("us-east-2"),
+            endpoint: Some(&url),
+            public_key_version: 1,
+            registration_enabled,
+            configured_platform: None,
+            keyring,
+            client: &client,
+            clock: &clock,
+            env,
+            imds: dead_imds().await,
+        })
+        .await
+    }
+
+    #[test]
+    fn stub_date_constant_is_right() {
+        assert_eq!(
+            skew_seconds(
+                "Sun, 22 Nov 2026 10:00:00 GMT",
+                crate::clock::from_unix_seconds(STUB_DATE)
+            ),
+            Some(0)
+        );
+    }
+
+    #[tokio::test]
+    async fn healthy_eks_deployment_passes_every_check() {
+        let stub = Stub::start(error_reply(400, "DryRunOperation")).await;
+        let env = env_of(&[
+            ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/token"),
+            ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/meterd"),
+        ]);
+        let report = run(&stub, &env, STUB_DATE - 2, &test_keyring(1), true).await;
+        assert!(report.is_healthy(), "{report}");
+        assert_eq!(report.platform, Platform::Eks);
+        assert_eq!(report.clock_skew_seconds, Some(2));
+        assert_eq!(
+            report.check("dryrun").map(|c| c.status),
+            Some(CheckStatus::Ok)
+        );
+        assert_eq!(
+            report.check("keyring").map(|c| c.status),
+            Some(CheckStatus::Ok)
+        );
+        let text = report.render();
+        assert!(text.contains("all checks passed"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn each_problem_comes_with_its_fix() {
+        let stub = Stub::start(error_reply(400, "AccessDeniedException")).await;
+        let env = env_of(&[("KUBERNETES_SERVICE_HOST", "10.0.0.1")]);
+        let report = run(&stub, &env, STUB_DATE + 600, &test_keyring(2), true).await;
+        assert!(!report.is_healthy());
+        let creds = report.check("credentials").expect("credentials check");
+        assert_eq!(creds.status, CheckStatus::Warn);
+        assert!(creds.detail.contains("IRSA"));
+        let dryrun = report.check("dryrun").expect("dryrun check");
+        assert_eq!(dryrun.status, CheckStatus::Fail);
+        assert!(dryrun
+            .fix
+            .as_deref()
+            .is_some_and(|f| f.contains("AWSMarketplaceMeteringRegisterUsage")));
+        let keyring = report.check("keyring").expect("keyring check");
+        assert_eq!(keyring.status, CheckStatus::Fail);
+        assert!(keyring
+            .fix
+            .as_deref()
+            .is_some_and(|f| f.contains("keys/v1.pem")));
+        let clock = report.check("clock").expect("clock check");
+        assert_eq!(
+            clock.status,
+            CheckStatus::Fail,
+            "10 minutes ahead breaks signing"
+        );
+        assert!(clock.detail.contains("600 s ahead"), "{}", clock.detail);
+        for c in &report.checks {
+            if matches!(c.status, CheckStatus::Warn | CheckStatus::Fail) {
+                assert!(c.fix.is_some(), "{} has no fix", c.name);
+            }
+        }
+        println!("{report}");
+    }
+
+    #[tokio::test]
+    async fn ec2_with_registration_enabled_is_a_problem() {
+        let stub = Stub::start(error_reply(400, "DryRunOperation")).await;
+        let client = stub.client().await;
+        let clock: SharedClock = ManualClock::at_unix(STUB_DATE);
+        let env = env_of(&[]);
+        let url = stub.url();
+        let ring = test_keyring(1);
+        let report = doctor(DoctorInputs {
+            product_code: "prod-abc123",
+            dimension: None,
+            region: Some("us-east-2"),
+            endpoint: Some(&url),
+            public_key_version: 1,
+            registration_enabled: true,
+            configured_platform: Some(Platform::Ec2),
+            keyring: &ring,
+            client: &client,
+            clock: &clock,
+            env: &env,
+            imds: dead_imds().await,
+        })
+        .await;
+        let reg = report.check("registration").expect("registration check");
+        assert_eq!(reg.status, CheckStatus::Fail);
+        assert_eq!(
+            report.check("dryrun").map(|c| c.status),
+            Some(CheckStatus::Skip)
+        );
+        // Skew still measured with a plain GET on the http:// endpoint.
+        assert_eq!(report.clock_skew_seconds, Some(0));
+    }
+}

@@ -1,0 +1,501 @@
+//! The start-up MeterUsage DryRun for custom metering without RegisterUsage (EC2/AMI products,
+//! or `registration.enabled = false`).
+//!
+//! The call is `MeterUsage` with `DryRun=true`, quantity 0 and the clock's current time. It
+//! checks credentials and permissions only; success comes back as the error code
+//! `DryRunOperation`.
+//!
+//! - **Container** ([`DryRunMode::Container`]): AWS's rule is that any error other than
+//!   `ThrottlingException` at start-up terminates the container. So only throttling is
+//!   retried, with back-off, within the start-up budget (5 min by default); everything else,
+//!   including 5xx and network errors, is returned at once as fatal.
+//! - **AMI/EC2** ([`DryRunMode::Ami`]): AWS asks to retry for up to 30 minutes with exponential
+//!   back-off and never to fail closed in less than 2 hours. So every failure is retried:
+//!   - for the first [`DryRunPolicy::ami_active_window`] (30 min) with exponential back-off;
+//!   - then, degraded, once every [`DryRunPolicy::ami_probe_interval`] (10 min);
+//!   - with a last attempt at the fail-closed time (2 h after the start, never earlier: a
+//!     shorter configured value is raised to [`AMI_MIN_FAIL_CLOSED`]), after which the error is
+//!     returned as [`EntitlementError::GaveUp`].
+//!
+//!   The agent should run the AMI check in a background task and keep accepting and persisting
+//!   usage meanwhile; the task's result is the final word (`Ok` = permissions work; `Err` =
+//!   2 hours of failure, fail closed with `exit_code()`).
+
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_marketplacemetering::primitives::DateTime;
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+use super::backoff::Backoff;
+use super::register::RetryEvent;
+use super::{classify_fatal, EntitlementError, Operation};
+use crate::aws::CallFailure;
+use crate::clock::{rfc3339, unix_seconds, SharedClock};
+
+/// The error code that means "a real call would have been allowed".
+pub const DRY_RUN_SUCCESS_CODE: &str = "DryRunOperation";
+/// An AMI product never fails closed sooner than this after start-up.
+pub const AMI_MIN_FAIL_CLOSED: Duration = Duration::from_secs(2 * 3600);
+
+/// Which failure policy applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DryRunMode {
+    /// ECS/EKS containers: anything but throttling is fatal.
+    Container,
+    /// EC2/AMI products: retry, fail closed no sooner than 2 hours.
+    Ami,
+}
+
+/// Timings of the DryRun policies. The defaults follow AWS's guidance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DryRunPolicy {
+    /// Container mode: how long throttling may delay start-up.
+    pub container_budget: Duration,
+    /// Container mode back-off.
+    pub container_backoff: Backoff,
+    /// AMI mode back-off during the active window.
+    pub ami_backoff: Backoff,
+    /// AMI mode: how long to retry with exponential back-off (30 min).
+    pub ami_active_window: Duration,
+    /// AMI mode: the interval between attempts after the active window (10 min).
+    pub ami_probe_interval: Duration,
+    /// AMI mode: when to give up (2 h); values below [`AMI_MIN_FAIL_CLOSED`] are raised to it.
+    pub ami_fail_closed_after: Duration,
+}
+
+impl Default for DryRunPolicy {
+    fn default() -> Self {
+        Self {
+            container_budget: super::register::DEFAULT_STARTUP_BUDGET,
+            container_backoff: Backoff::startup_default(),
+            ami_backoff: Backoff::try_new(Duration::from_secs(2), Duration::from_secs(300))
+                .expect("2 s to 5 min is a valid back-off"),
+            ami_active_window: Duration::from_secs(30 * 60),
+            ami_probe_interval: Duration::from_secs(10 * 60),
+            ami_fail_closed_after: AMI_MIN_FAIL_CLOSED,
+        }
+    }
+}
+
+/// The DryRun passed: credentials and permissions work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DryRunPassed {
+    pub mode: DryRunMode,
+    pub attempts: u32,
+    /// Epoch seconds on the clock.
+    pub passed_at: i64,
+    pub elapsed: Duration,
+}
+
+/// Checks MeterUsage permissions with the default policy; see the module docs.
+pub async fn dry_run_check(
+    client: &aws_sdk_marketplacemetering::Client,
+    product_code: &str,
+    dimension: &str,
+    mode: DryRunMode,
+    clock: &SharedClock,
+) -> Result<DryRunPassed, EntitlementError> {
+    dry_run_check_with(
+        client,
+        product_code,
+        dimension,
+        mode,
+        clock,
+        &DryRunPolicy::default(),
+        &|_| {},
+    )
+    .await
+}
+
+/// [`dry_run_check`] with explicit timings, calling `observer` before each wait.
+pub async fn dry_run_check_with(
+    client: &aws_sdk_marketplacemetering::Client,
+    product_code: &str,
+    dimension: &str,
+    mode: DryRunMode,
+    clock: &SharedClock,
+    policy: &DryRunPolicy,
+    observer: &(dyn Fn(&RetryEvent) + Send + Sync),
+) -> Result<DryRunPassed, EntitlementError> {
+    let region = client
+        .config()
+        .region()
+        .map_or_else(|| "(unset)".to_owned(), |r| r.to_string());
+    let fatal = |failure: CallFailure| {
+        classify_fatal(
+            Operation::MeterUsageDryRun,
+            failure,
+            product_code,
+            0,
+            Some(dimension),
+            &region,
+        )
+    };
+    let started = clock.now();
+    let container_deadline = started + policy.container_budget;
+    let active_until = started + policy.ami_active_window;
+    let fail_closed_at = started + policy.ami_fail_closed_after.max(AMI_MIN_FAIL_CLOSED);
+    let mut degraded = false;
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        let failure = match dry_run_once(client, product_code, dimension, clock.now()).await {
+            Ok(()) => {
+                let now = clock.now();
+                let elapsed = now.duration_since(started).unwrap_or_default();
+                if attempt > 1 {
+                    info!(attempts = attempt, "MeterUsage DryRun passed after retries");
+                } else {
+                    info!("MeterUsage DryRun passed");
+                }
+                return Ok(DryRunPassed {
+                    mode,
+                    attempts: attempt,
+                    passed_at: unix_seconds(now),
+                    elapsed,
+                });
+            }
+            Err(failure) => failure,
+        };
+        let now = clock.now();
+        let next = match mode {
+            DryRunMode::Container => {
+                if !failure.code_is("ThrottlingException") {
+                    let err = fatal(failure);
+                    error!(class = err.class(), exit_code = err.exit_code(), "{err}");
+                    return Err(err);
+                }
+                let next = now
+                    + policy
+                        .container_backoff
+                        .delay(attempt - 1, &mut rand::thread_rng());
+                if next > container_deadline {
+                    let err = EntitlementError::BudgetExhausted {
+                        operation: Operation::MeterUsageDryRun.name(),
+                        budget: policy.container_budget,
+                        attempts: attempt,
+                        last: failure,
+                    };
+                    error!(class = err.class(), exit_code = err.exit_code(), "{err}");
+                    return Err(err);
+                }
+                next
+            }
+            DryRunMode::Ami => {
+                if now >= fail_closed_at {
+                    let elapsed = now.duration_since(started).unwrap_or_default();
+                    let last = if failure.is_retryable() {
+                        EntitlementError::BudgetExhausted {
+                            operation: Operation::MeterUsageDryRun.name(),
+                            budget: elapsed,
+                            attempts: attempt,
+                            last: failure,
+                        }
+                    } else {
+                        fatal(failure)
+                    };
+                    let err = EntitlementError::GaveUp {
+                        operation: Operation::MeterUsageDryRun.name(),
+                        elapsed,
+                        attempts: attempt,
+                        last: Box::new(last),
+                    };
+                    error!(
+                        class = err.class(),
+                        exit_code = err.exit_code(),
+                        "failing closed: {err}"
+                    );
+                    return Err(err);
+                }
+                let delay = if now < active_until {
+                    policy
+                        .ami_backoff
+                        .delay(attempt - 1, &mut rand::thread_rng())
+                } else {
+                    if !degraded {
+                        degraded = true;
+                        error!(
+                            fail_closed_at = %rfc3339(unix_seconds(fail_closed_at)),
+                            "MeterUsage DryRun has failed for {} ({failure}); usage is still \
+                             accepted and stored, but the agent fails closed at {} unless this \
+                             is fixed: {}",
+                            humantime::format_duration(policy.ami_active_window),
+                            rfc3339(unix_seconds(fail_closed_at)),
+                            fatal(failure.clone()),
+                        );
+                    }
+                    policy.ami_probe_interval
+                };
+                (now + delay).min(fail_closed_at)
+            }
+        };
+        warn!(
+            attempt,
+            mode = ?mode,
+            next_attempt = %rfc3339(unix_seconds(next)),
+            "MeterUsage DryRun failed, will retry: {failure}"
+        );
+        observer(&RetryEvent {
+            operation: Operation::MeterUsageDryRun.name(),
+            attempt,
+            failure,
+            next_attempt_at: next,
+            degraded,
+        });
+        clock.sleep_until(next).await;
+    }
+}
+
+/// One DryRun call: `Ok` when the service answers `DryRunOperation` (or, leniently, success).
+async fn dry_run_once(
+    client: &aws_sdk_marketplacemetering::Client,
+    product_code: &str,
+    dimension: &str,
+    now: SystemTime,
+) -> Result<(), CallFailure> {
+    let sent = client
+        .meter_usage()
+        .product_code(product_code)
+        .usage_dimension(dimension)
+        .usage_quantity(0)
+        .timestamp(DateTime::from(now))
+        .dry_run(true)
+        .send()
+        .await;
+    match sent {
+        Ok(_) => {
+            warn!("MeterUsage DryRun answered success instead of DryRunOperation; treating it as passed");
+            Ok(())
+        }
+        Err(e) => {
+            let failure = CallFailure::from_sdk(&e);
+            if failure.code_is(DRY_RUN_SUCCESS_CODE) {
+                Ok(())
+            } else {
+                Err(failure)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{from_unix_seconds, Clock, ManualClock};
+    use crate::entitlement::test_support::{error_reply, Stub};
+    use crate::entitlement::{EXIT_CONFIGURATION, EXIT_NOT_ENTITLED, EXIT_TRANSIENT_BUDGET};
+    use std::sync::Arc;
+    use tokio::sync::mpsc;
+
+    const START: i64 = 1_800_000_000;
+
+    /// Runs the check in a task, moving the clock to each announced retry time. `on_event`
+    /// may change the stub's answers mid-run.
+    async fn drive(
+        stub: &Stub,
+        mode: DryRunMode,
+        clock: Arc<ManualClock>,
+        mut on_event: impl FnMut(&RetryEvent, &Stub),
+    ) -> (Result<DryRunPassed, EntitlementError>, Vec<RetryEvent>) {
+        let client = stub.client().await;
+        let shared: SharedClock = clock.clone();
+        let (tx, mut rx) = mpsc::unbounded_channel::<RetryEvent>();
+        let task = tokio::spawn(async move {
+            let observer = move |e: &RetryEvent| {
+                let _ = tx.send(e.clone());
+            };
+            dry_run_check_with(
+                &client,
+                "prod-abc123",
+                "requests",
+                mode,
+                &shared,
+                &DryRunPolicy::default(),
+                &observer,
+            )
+            .await
+        });
+        let mut events = Vec::new();
+        while let Some(event) = rx.recv().await {
+            on_event(&event, stub);
+            clock.set(event.next_attempt_at);
+            events.push(event);
+        }
+        (task.await.expect("dry-run task"), events)
+    }
+
+    fn elapsed(clock: &ManualClock) -> Duration {
+        clock
+            .now()
+            .duration_since(from_unix_seconds(START))
+            .expect("clock moved forward")
+    }
+
+    #[tokio::test]
+    async fn dry_run_operation_is_success_and_the_request_is_a_dry_run() {
+        let stub = Stub::start(error_reply(400, "DryRunOperation")).await;
+        let clock = ManualClock::at_unix(START);
+        let (result, events) = drive(&stub, DryRunMode::Container, clock, |_, _| {}).await;
+        let passed = result.expect("passes");
+        assert_eq!(passed.attempts, 1);
+        assert!(events.is_empty());
+        let seen = stub.seen();
+        assert_eq!(seen[0].target, "AWSMPMeteringService.MeterUsage");
+        assert_eq!(seen[0].body["DryRun"], true);
+        assert_eq!(seen[0].body["UsageDimension"], "requests");
+        assert_eq!(seen[0].body["Timestamp"].as_f64(), Some(START as f64));
+    }
+
+    #[tokio::test]
+    async fn container_any_error_but_throttling_is_fatal_at_once() {
+        for (code, exit) in [
+            ("AccessDeniedException", EXIT_CONFIGURATION),
+            ("CustomerNotEntitledException", EXIT_NOT_ENTITLED),
+            ("InvalidProductCodeException", EXIT_CONFIGURATION),
+            ("InvalidUsageDimensionException", EXIT_CONFIGURATION),
+            ("InvalidEndpointRegionException", EXIT_CONFIGURATION),
+        ] {
+            let stub = Stub::start(error_reply(400, code)).await;
+            let clock = ManualClock::at_unix(START);
+            let (result, events) = drive(&stub, DryRunMode::Container, clock, |_, _| {}).await;
+            let err = result.unwrap_err();
+            assert_eq!(err.exit_code(), exit, "{code}: {err}");
+            assert!(events.is_empty(), "{code} is not retried in a container");
+        }
+        let stub = Stub::start(error_reply(500, "InternalServiceErrorException")).await;
+        let (result, events) = drive(
+            &stub,
+            DryRunMode::Container,
+            ManualClock::at_unix(START),
+            |_, _| {},
+        )
+        .await;
+        assert!(
+            result.is_err() && events.is_empty(),
+            "even 5xx is fatal in a container"
+        );
+    }
+
+    #[tokio::test]
+    async fn container_throttling_is_retried_then_passes() {
+        let stub = Stub::start(error_reply(400, "DryRunOperation")).await;
+        stub.push(error_reply(400, "ThrottlingException"));
+        stub.push(error_reply(400, "ThrottlingException"));
+        let (result, events) = drive(
+            &stub,
+            DryRunMode::Container,
+            ManualClock::at_unix(START),
+            |_, _| {},
+        )
+        .await;
+        assert_eq!(result.expect("passes").attempts, 3);
+        assert_eq!(events.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn container_throttling_beyond_the_budget_is_fatal() {
+        let stub = Stub::start(error_reply(400, "ThrottlingException")).await;
+        let clock = ManualClock::at_unix(START);
+        let (result, _) = drive(&stub, DryRunMode::Container, clock.clone(), |_, _| {}).await;
+        let err = result.unwrap_err();
+        assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET);
+        assert!(elapsed(&clock) <= Duration::from_secs(300));
+    }
+
+    #[tokio::test]
+    async fn ami_never_fails_closed_before_two_hours() {
+        let stub = Stub::start(error_reply(400, "AccessDeniedException")).await;
+        let clock = ManualClock::at_unix(START);
+        let two_hours = from_unix_seconds(START) + Duration::from_secs(7200);
+        let (result, events) = drive(&stub, DryRunMode::Ami, clock.clone(), |e, _| {
+            assert!(
+                e.next_attempt_at <= two_hours,
+                "no wait past the fail-closed time"
+            );
+        })
+        .await;
+        let err = result.unwrap_err();
+        assert!(
+            elapsed(&clock) >= Duration::from_secs(7200),
+            "failed closed after only {:?}",
+            elapsed(&clock)
+        );
+        assert!(matches!(err, EntitlementError::GaveUp { .. }), "{err}");
+        assert_eq!(
+            err.exit_code(),
+            EXIT_CONFIGURATION,
+            "the last error's class"
+        );
+        // Exponential back-off in the first 30 minutes, then slow probes.
+        let active: Vec<_> = events.iter().filter(|e| !e.degraded).collect();
+        let degraded: Vec<_> = events.iter().filter(|e| e.degraded).collect();
+        assert!(active.len() >= 5, "{} active retries", active.len());
+        assert!(!degraded.is_empty());
+        for pair in degraded.windows(2) {
+            let gap = pair[1]
+                .next_attempt_at
+                .duration_since(pair[0].next_attempt_at)
+                .expect("fwd");
+            assert!(gap <= Duration::from_secs(600));
+        }
+        let last = events.last().expect("events");
+        assert_eq!(
+            last.next_attempt_at, two_hours,
+            "a last attempt exactly at 2 h"
+        );
+        assert_eq!(stub.seen().len(), events.len() + 1);
+    }
+
+    #[tokio::test]
+    async fn ami_recovers_when_permissions_are_fixed_late() {
+        let stub = Stub::start(error_reply(400, "AccessDeniedException")).await;
+        let clock = ManualClock::at_unix(START);
+        let fixed_at = from_unix_seconds(START) + Duration::from_secs(100 * 60);
+        let (result, events) = drive(&stub, DryRunMode::Ami, clock.clone(), |e, stub| {
+            if e.next_attempt_at >= fixed_at {
+                stub.set_fallback(error_reply(400, "DryRunOperation"));
+            }
+        })
+        .await;
+        let passed = result.expect("passes once the role is fixed");
+        assert!(passed.elapsed >= Duration::from_secs(100 * 60));
+        assert!(passed.elapsed < Duration::from_secs(7200));
+        assert!(events.iter().any(|e| e.degraded));
+    }
+
+    #[tokio::test]
+    async fn ami_fail_closed_floor_cannot_be_configured_lower() {
+        let stub = Stub::start(error_reply(500, "InternalServiceErrorException")).await;
+        let clock = ManualClock::at_unix(START);
+        let client = stub.client().await;
+        let shared: SharedClock = clock.clone();
+        let policy = DryRunPolicy {
+            ami_fail_closed_after: Duration::from_secs(60),
+            ..DryRunPolicy::default()
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<SystemTime>();
+        let task = tokio::spawn(async move {
+            let observer = move |e: &RetryEvent| {
+                let _ = tx.send(e.next_attempt_at);
+            };
+            dry_run_check_with(
+                &client,
+                "p",
+                "d",
+                DryRunMode::Ami,
+                &shared,
+                &policy,
+                &observer,
+            )
+            .await
+        });
+        while let Some(at) = rx.recv().await {
+            clock.set(at);
+        }
+        let err = task.await.expect("task").unwrap_err();
+        assert!(elapsed(&clock) >= AMI_MIN_FAIL_CLOSED);
+        assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET, "{err}");
+    }
+}

@@ -1,0 +1,421 @@
+//! Entitlement at start-up: RegisterUsage with a fresh nonce, PS256 verification against the
+//! keyring, and the MeterUsage DryRun used by custom metering without RegisterUsage.
+//!
+//! - [`keyring`]: trusted public keys, bundled from `keys/*.pem` at build time plus run-time
+//!   files; `meterd keys` prints [`Keyring::report`].
+//! - [`verify()`]: the RegisterUsage JWT check (PS256 only; trusted key of the asked version;
+//!   product code, nonce and version equal what was sent).
+//! - [`register()`]: RegisterUsage at start-up with retries inside a start-up budget.
+//! - [`dry_run_check()`]: MeterUsage `DryRun=true`, with the container and AMI failure policies.
+//! - [`doctor()`]: the `meterd doctor` report.
+//! - [`Backoff`]: exponential back-off with jitter, used by the retry loops here.
+//!
+//! # Exit codes
+//!
+//! Every fatal outcome is an [`EntitlementError`]; [`EntitlementError::exit_code`] maps it to
+//! one code per class (64 is left to configuration errors, see `config`):
+//!
+//! | code | constant | class |
+//! |-----:|----------|-------|
+//! | 65 | [`EXIT_VERIFICATION_FAILED`] | the RegisterUsage token failed verification (signature, algorithm, claims) |
+//! | 69 | [`EXIT_SERVICE_REFUSED`] | the service refused for another reason (`DisabledApiException`, an unknown error code) |
+//! | 70 | [`EXIT_INTERNAL`] | the operating system's random source failed |
+//! | 75 | [`EXIT_TRANSIENT_BUDGET`] | throttling, 5xx or network errors outlasted the start-up budget |
+//! | 77 | [`EXIT_NOT_ENTITLED`] | `CustomerNotEntitledException`: the customer is not subscribed |
+//! | 78 | [`EXIT_CONFIGURATION`] | deployment configuration: platform, region, product code, key version, keyring, credentials or IAM permissions |
+
+pub mod backoff;
+pub mod doctor;
+pub mod dry_run;
+pub mod keyring;
+pub mod nonce;
+pub mod register;
+pub mod verify;
+
+#[cfg(test)]
+pub(crate) mod test_support;
+
+use std::time::Duration;
+
+use crate::aws::CallFailure;
+
+pub use backoff::{Backoff, BackoffError};
+pub use doctor::{doctor, CheckStatus, DoctorCheck, DoctorInputs, DoctorReport};
+pub use dry_run::{dry_run_check, dry_run_check_with, DryRunMode, DryRunPassed, DryRunPolicy};
+pub use keyring::{KeyEntry, Keyring, KeyringError, KeysReport};
+pub use nonce::{new_nonce, NONCE_BYTES};
+pub use register::{
+    register, register_observed, Entitlement, EntitlementState, KeyRotation, RegistrationSettings,
+    RetryEvent,
+};
+pub use verify::{verify, Expected, VerifiedRegistration, VerifyError};
+
+/// The RegisterUsage token failed verification.
+pub const EXIT_VERIFICATION_FAILED: i32 = 65;
+/// The service refused for a reason that is neither entitlement nor configuration.
+pub const EXIT_SERVICE_REFUSED: i32 = 69;
+/// The operating system's random source failed.
+pub const EXIT_INTERNAL: i32 = 70;
+/// Transient failures (throttling, 5xx, network) outlasted the start-up budget.
+pub const EXIT_TRANSIENT_BUDGET: i32 = 75;
+/// The customer is not entitled to the product.
+pub const EXIT_NOT_ENTITLED: i32 = 77;
+/// Platform, region, product code, key version, keyring, credentials or IAM permissions.
+pub const EXIT_CONFIGURATION: i32 = 78;
+
+/// The product code baked in at build time (`METERD_PRODUCT_CODE=... cargo build`), if any.
+pub const BAKED_PRODUCT_CODE: Option<&str> = option_env!("METERD_PRODUCT_CODE");
+
+/// Refuses a configured product code that differs from the one baked in at build time, so a
+/// Helm value cannot swap in a free product's code. With nothing baked in, anything passes.
+pub fn check_product_code(configured: &str) -> Result<(), String> {
+    check_product_code_against(BAKED_PRODUCT_CODE, configured)
+}
+
+fn check_product_code_against(baked: Option<&str>, configured: &str) -> Result<(), String> {
+    match baked.filter(|b| !b.is_empty()) {
+        Some(baked) if baked != configured => Err(format!(
+            "product code {configured:?} is not the one this binary was built for ({baked:?}); \
+             fix: remove the product_code setting or set it to {baked:?}, or rebuild with \
+             METERD_PRODUCT_CODE set to the product you sell"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Why the agent cannot start metering. Each message names the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum EntitlementError {
+    #[error(
+        "the customer is not entitled to product {product_code:?} (CustomerNotEntitledException: \
+         {message}); fix: the customer must subscribe to the product in AWS Marketplace, \
+         from the AWS account that runs this task or pod"
+    )]
+    NotEntitled {
+        product_code: String,
+        message: String,
+    },
+
+    #[error(
+        "AWS does not support RegisterUsage on this platform ({detail}); fix: run the product \
+         on Amazon ECS, Amazon EKS or AWS Fargate, or, for an AMI or EC2 product, set \
+         registration.enabled = false and use custom metering"
+    )]
+    PlatformNotSupported { detail: String },
+
+    #[error(
+        "product code {product_code:?} is not valid for this call (InvalidProductCodeException: \
+         {message}); fix: configure the product code AWS Marketplace gave you for this product"
+    )]
+    InvalidProductCode {
+        product_code: String,
+        message: String,
+    },
+
+    #[error(
+        "the Metering Service rejected the region {region} ({code}: {message}); fix: call the \
+         endpoint of the region the task or pod runs in (leave the region unset so the SDK \
+         takes it from the environment, or set AWS_REGION to the resource's region)"
+    )]
+    InvalidRegion {
+        region: String,
+        code: String,
+        message: String,
+    },
+
+    #[error(
+        "PublicKeyVersion {version} is not valid for this product \
+         (InvalidPublicKeyVersionException: {message}); fix: set \
+         registration.public_key_version to the version of the key AWS gave you"
+    )]
+    InvalidPublicKeyVersion { version: u32, message: String },
+
+    #[error(
+        "the keyring holds no key for PublicKeyVersion {version}; fix: add the public key AWS \
+         gave you as keys/v{version}.pem and rebuild, or list it in \
+         registration.public_key_files"
+    )]
+    NoTrustedKey { version: u32 },
+
+    #[error(
+        "the RegisterUsage token failed verification: {0}; fix: check that the keyring holds \
+         the public key AWS gave you for this product and version (`meterd keys`); if it \
+         does, the response did not come from AWS Marketplace: check the endpoint setting \
+         and any proxy between the agent and AWS"
+    )]
+    Verification(#[from] VerifyError),
+
+    #[error("the agent's credentials may not call {operation} ({code}: {message}); fix: {fix}")]
+    Credentials {
+        operation: &'static str,
+        code: String,
+        message: String,
+        fix: &'static str,
+    },
+
+    #[error(
+        "usage dimension {dimension:?} is not a dimension of product {product_code:?} \
+         ({message}); fix: configure the dimension API names listed for the product in the \
+         AWS Marketplace Management Portal"
+    )]
+    InvalidDimension {
+        product_code: String,
+        dimension: String,
+        message: String,
+    },
+
+    #[error("product code {product_code:?} is refused: {reason}")]
+    ProductCodeNotAllowed {
+        product_code: String,
+        reason: String,
+    },
+
+    #[error("{operation} failed with {failure}; fix: {fix}")]
+    ServiceRefused {
+        operation: &'static str,
+        failure: CallFailure,
+        fix: &'static str,
+    },
+
+    #[error(
+        "{operation} did not succeed within the start-up budget of {}: {attempts} attempts, \
+         the last failed with {last}; fix: check network access to the Metering Service \
+         endpoint and its health, or raise the start-up budget",
+        humantime::format_duration(*budget)
+    )]
+    BudgetExhausted {
+        operation: &'static str,
+        budget: Duration,
+        attempts: u32,
+        last: CallFailure,
+    },
+
+    #[error(
+        "{operation} kept failing for {} ({attempts} attempts); giving up: {last}",
+        humantime::format_duration(*elapsed)
+    )]
+    GaveUp {
+        operation: &'static str,
+        elapsed: Duration,
+        attempts: u32,
+        last: Box<EntitlementError>,
+    },
+
+    #[error("the operating system's random source failed: {0}; fix: check /dev/urandom or getrandom(2) in the container's sandbox")]
+    Random(String),
+}
+
+impl EntitlementError {
+    /// The process exit code for this error's class; see the module docs for the table.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            EntitlementError::NotEntitled { .. } => EXIT_NOT_ENTITLED,
+            EntitlementError::Verification(_) => EXIT_VERIFICATION_FAILED,
+            EntitlementError::PlatformNotSupported { .. }
+            | EntitlementError::InvalidProductCode { .. }
+            | EntitlementError::InvalidRegion { .. }
+            | EntitlementError::InvalidPublicKeyVersion { .. }
+            | EntitlementError::NoTrustedKey { .. }
+            | EntitlementError::Credentials { .. }
+            | EntitlementError::InvalidDimension { .. }
+            | EntitlementError::ProductCodeNotAllowed { .. } => EXIT_CONFIGURATION,
+            EntitlementError::ServiceRefused { .. } => EXIT_SERVICE_REFUSED,
+            EntitlementError::BudgetExhausted { .. } => EXIT_TRANSIENT_BUDGET,
+            EntitlementError::GaveUp { last, .. } => last.exit_code(),
+            EntitlementError::Random(_) => EXIT_INTERNAL,
+        }
+    }
+
+    /// A short stable name for the class, for logs, metrics and `/v1/status`.
+    pub fn class(&self) -> &'static str {
+        match self.exit_code() {
+            EXIT_NOT_ENTITLED => "not_entitled",
+            EXIT_VERIFICATION_FAILED => "verification_failed",
+            EXIT_CONFIGURATION => "configuration",
+            EXIT_TRANSIENT_BUDGET => "transient_budget_exhausted",
+            EXIT_SERVICE_REFUSED => "service_refused",
+            _ => "internal",
+        }
+    }
+}
+
+/// Which call a failure came from; decides the wording of its fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation {
+    RegisterUsage,
+    MeterUsageDryRun,
+}
+
+impl Operation {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Operation::RegisterUsage => "RegisterUsage",
+            Operation::MeterUsageDryRun => "MeterUsage (DryRun)",
+        }
+    }
+}
+
+/// Turns a non-retryable service answer into the error that names its cause and fix.
+pub(crate) fn classify_fatal(
+    op: Operation,
+    failure: CallFailure,
+    product_code: &str,
+    public_key_version: u32,
+    dimension: Option<&str>,
+    region: &str,
+) -> EntitlementError {
+    let code = failure.code.clone().unwrap_or_default();
+    let message = failure.message.clone();
+    match code.as_str() {
+        "CustomerNotEntitledException" => EntitlementError::NotEntitled {
+            product_code: product_code.to_owned(),
+            message,
+        },
+        "PlatformNotSupportedException" => EntitlementError::PlatformNotSupported {
+            detail: format!("PlatformNotSupportedException: {message}"),
+        },
+        "InvalidProductCodeException" => EntitlementError::InvalidProductCode {
+            product_code: product_code.to_owned(),
+            message,
+        },
+        "InvalidRegionException" | "InvalidEndpointRegionException" => {
+            EntitlementError::InvalidRegion {
+                region: region.to_owned(),
+                code,
+                message,
+            }
+        }
+        "InvalidPublicKeyVersionException" => EntitlementError::InvalidPublicKeyVersion {
+            version: public_key_version,
+            message,
+        },
+        "InvalidUsageDimensionException" => EntitlementError::InvalidDimension {
+            product_code: product_code.to_owned(),
+            dimension: dimension.unwrap_or_default().to_owned(),
+            message,
+        },
+        "AccessDeniedException" | "UnauthorizedException" | "AccessDenied" => {
+            EntitlementError::Credentials {
+                operation: op.name(),
+                code,
+                message,
+                fix: "grant the task role, IRSA role or instance role the actions \
+                      aws-marketplace:MeterUsage and aws-marketplace:RegisterUsage (the managed \
+                      policy AWSMarketplaceMeteringRegisterUsage)",
+            }
+        }
+        "UnrecognizedClientException"
+        | "InvalidClientTokenId"
+        | "InvalidSignatureException"
+        | "SignatureDoesNotMatch"
+        | "ExpiredTokenException"
+        | "MissingAuthenticationTokenException"
+        | "IncompleteSignature" => EntitlementError::Credentials {
+            operation: op.name(),
+            code,
+            message,
+            fix: "give the agent valid AWS credentials: IRSA on EKS, the task role on ECS, the \
+                  instance role on EC2; also check the host clock (`meterd doctor` shows the \
+                  skew), since a clock off by more than 5 minutes breaks request signing",
+        },
+        "" => EntitlementError::ServiceRefused {
+            operation: op.name(),
+            failure,
+            fix: "the Metering Service endpoint could not be reached or did not answer; check \
+                  network access (VPC endpoint, NAT, proxy, security groups) to the endpoint \
+                  of this region",
+        },
+        "DisabledApiException" => EntitlementError::ServiceRefused {
+            operation: op.name(),
+            failure,
+            fix: "the Metering Service API is disabled for this account or product; contact \
+                  AWS Marketplace seller support",
+        },
+        _ => EntitlementError::ServiceRefused {
+            operation: op.name(),
+            failure,
+            fix: "see the error message; if it persists, run `meterd doctor` and contact AWS \
+                  Marketplace seller support",
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baked_product_code_refuses_a_different_configured_code() {
+        assert!(check_product_code_against(Some("prod-a"), "prod-a").is_ok());
+        let err = check_product_code_against(Some("prod-a"), "free-b").unwrap_err();
+        assert!(err.contains("prod-a") && err.contains("free-b"), "{err}");
+        assert!(check_product_code_against(None, "anything").is_ok());
+        assert!(check_product_code_against(Some(""), "anything").is_ok());
+    }
+
+    #[test]
+    fn each_fatal_class_has_its_own_exit_code_and_none_is_64() {
+        let fail = |code: &str| CallFailure {
+            code: Some(code.to_owned()),
+            message: "m".to_owned(),
+            status: Some(400),
+        };
+        let classify = |code: &str| {
+            classify_fatal(
+                Operation::RegisterUsage,
+                fail(code),
+                "p",
+                1,
+                None,
+                "eu-west-1",
+            )
+            .exit_code()
+        };
+        assert_eq!(classify("CustomerNotEntitledException"), EXIT_NOT_ENTITLED);
+        for code in [
+            "PlatformNotSupportedException",
+            "InvalidProductCodeException",
+            "InvalidRegionException",
+            "InvalidPublicKeyVersionException",
+            "AccessDeniedException",
+        ] {
+            assert_eq!(classify(code), EXIT_CONFIGURATION, "{code}");
+        }
+        assert_eq!(classify("DisabledApiException"), EXIT_SERVICE_REFUSED);
+        let verification = EntitlementError::Verification(VerifyError::NoSignature);
+        assert_eq!(verification.exit_code(), EXIT_VERIFICATION_FAILED);
+        let codes = [
+            EXIT_VERIFICATION_FAILED,
+            EXIT_SERVICE_REFUSED,
+            EXIT_INTERNAL,
+            EXIT_TRANSIENT_BUDGET,
+            EXIT_NOT_ENTITLED,
+            EXIT_CONFIGURATION,
+        ];
+        assert!(!codes.contains(&64));
+        let mut sorted = codes.to_vec();
+        sorted.dedup();
+        assert_eq!(sorted.len(), codes.len());
+    }
+
+    #[test]
+    fn fatal_messages_name_cause_and_fix() {
+        let err = classify_fatal(
+            Operation::RegisterUsage,
+            CallFailure {
+                code: Some("InvalidRegionException".into()),
+                message: "wrong region".into(),
+                status: Some(400),
+            },
+            "p",
+            1,
+            None,
+            "eu-west-1",
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("eu-west-1") && text.contains("fix:"),
+            "{text}"
+        );
+    }
+}

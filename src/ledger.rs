@@ -1,0 +1,1290 @@
+//! The durable ledger: SQLite in WAL mode with `synchronous = FULL`.
+//!
+//! # What is written, and when it is fsynced
+//! One writer thread owns the write connection. It drains every queued command, applies them
+//! in one transaction (each command inside its own savepoint, so one failing request rolls
+//! back alone) and commits once: many requests share one fsync (group commit). Replies go out
+//! only after the commit returns, so an acknowledged count is on disk.
+//!
+//! # Tables
+//! - `meta(key, value)`: `schema_version`, `instance_id` (random, feeds the ClientToken),
+//!   `first_start` (epoch seconds; no MeterUsage timestamp precedes it), `product_code`.
+//! - `usage(hour, dimension, tags, quantity)`: per-hour counters; `tags` is the canonical
+//!   JSON of the tag set (`{}` untagged).
+//! - `event_ids(id, accepted_at)`: idempotency keys of the last 7 hours.
+//! - `sealed_hours(hour, sealed_at)`: hours that are closed for good. Usage that arrives for a
+//!   sealed hour (after a shutdown flush, or a clock step back) goes to the first unsealed hour.
+//! - `records(hour, dimension, …, state)`: one per dimension-hour, written when the hour is
+//!   sealed and never changed afterwards except for its delivery state:
+//!   `pending` → `sent` | `dead` (window passed) | `duplicate` (service refused as duplicate).
+//!
+//! # Recovery
+//! SQLite's WAL replay restores the last committed transaction. On open, `quick_check` must
+//! pass and the schema version must match; otherwise the agent refuses to start with a clear
+//! error and never resets the file. Pending records and closed-but-unsealed hours are picked
+//! up by the normal seal and send loops. A lock file keeps a second process out.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::{hour_floor, HOUR_SECS};
+use crate::model::{self, TagSet, MAX_QUANTITY};
+use crate::seal::{self, Allocation, UsageRow};
+
+const SCHEMA_VERSION: i64 = 1;
+/// Idempotency keys are remembered this long.
+pub const EVENT_ID_RETENTION_SECS: i64 = 7 * HOUR_SECS;
+/// The service accepts timestamps at most this old.
+pub const REPORT_WINDOW_SECS: i64 = 6 * HOUR_SECS;
+/// Usage counters of sealed hours are kept this long for inspection.
+const USAGE_RETENTION_SECS: i64 = 24 * HOUR_SECS;
+/// Delivered or dead records are kept this long for `meterd records`.
+const RECORD_RETENTION_SECS: i64 = 7 * 24 * HOUR_SECS;
+/// Commands applied in one transaction at most.
+const MAX_GROUP: usize = 1024;
+/// Commands waiting for the writer; senders wait when it is full (back-pressure).
+const QUEUE_DEPTH: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    #[error("the ledger's disk is full: {0}")]
+    Full(String),
+    #[error("the ledger cannot be written: {0}")]
+    Unavailable(String),
+    #[error("the ledger at {path} is corrupt or unreadable: {detail}. It was left untouched; restore it from a backup or move it aside to start empty (unsent usage in it would be lost)")]
+    Corrupt { path: String, detail: String },
+    #[error("another meterd process holds {0}; run one agent per state directory")]
+    Locked(String),
+    #[error("the ledger at {path} belongs to product {found}, not {expected}; use a separate state directory per product")]
+    ProductMismatch {
+        path: String,
+        found: String,
+        expected: String,
+    },
+    #[error("dimension {dimension:?} would reach {would_be} in the hour starting {hour}; the service accepts at most {MAX_QUANTITY} per dimension-hour")]
+    HourlyCapExceeded {
+        dimension: String,
+        hour: i64,
+        would_be: i64,
+    },
+    #[error("the ledger is shut down")]
+    Closed,
+}
+
+impl LedgerError {
+    fn from_sqlite(e: &rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode as C;
+        match e.sqlite_error_code() {
+            Some(C::DiskFull) => LedgerError::Full(e.to_string()),
+            _ => LedgerError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+/// One usage count, already validated by ingest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub dimension: String,
+    pub tags: TagSet,
+    pub quantity: i64,
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AppendOutcome {
+    pub accepted: usize,
+    pub duplicates: usize,
+    /// The hour (epoch seconds) the counted events were attributed to.
+    pub hour: i64,
+}
+
+/// What sealing needs besides the counters.
+#[derive(Debug, Clone)]
+pub struct SealPolicy {
+    pub dimensions: Vec<String>,
+    pub report_zero: bool,
+    pub max_allocations: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordState {
+    Pending,
+    Sent,
+    Dead,
+    Duplicate,
+}
+
+impl RecordState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RecordState::Pending => "pending",
+            RecordState::Sent => "sent",
+            RecordState::Dead => "dead",
+            RecordState::Duplicate => "duplicate",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "sent" => RecordState::Sent,
+            "dead" => RecordState::Dead,
+            "duplicate" => RecordState::Duplicate,
+            _ => RecordState::Pending,
+        }
+    }
+}
+
+/// A sealed record as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredRecord {
+    pub hour: i64,
+    pub dimension: String,
+    pub quantity: i64,
+    pub allocations: Option<Vec<Allocation>>,
+    pub timestamp: i64,
+    pub client_token: String,
+    pub state: RecordState,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub metering_record_id: Option<String>,
+    pub sealed_at: i64,
+    pub sent_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LedgerStats {
+    pub pending: i64,
+    pub sent: i64,
+    pub dead: i64,
+    pub duplicate: i64,
+    pub last_error: Option<String>,
+    pub size_bytes: u64,
+}
+
+/// Sealing produced these records; `folded_tag_sets` feeds a warning and a metric.
+#[derive(Debug, Clone, Default)]
+pub struct SealOutcome {
+    pub hours: Vec<i64>,
+    pub records: usize,
+    pub folded_tag_sets: usize,
+}
+
+/// How a delivery attempt ended, as recorded.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Sent { metering_record_id: String },
+    Failed { error: String },
+    Final { state: RecordState, error: String },
+}
+
+enum Command {
+    Append {
+        events: Vec<Event>,
+        received_at: i64,
+        reply: oneshot::Sender<Result<AppendOutcome, LedgerError>>,
+    },
+    Seal {
+        end_exclusive: i64,
+        now: i64,
+        policy: SealPolicy,
+        reply: oneshot::Sender<Result<SealOutcome, LedgerError>>,
+    },
+    Deliver {
+        hour: i64,
+        dimension: String,
+        delivery: Delivery,
+        now: i64,
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
+}
+
+/// Facts fixed when the ledger was created.
+#[derive(Debug, Clone, Serialize)]
+pub struct LedgerIdentity {
+    pub instance_id: String,
+    pub first_start: i64,
+    pub product_code: String,
+}
+
+/// Commit counters, for the cost-of-durability metrics.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    pub commits: AtomicU64,
+    pub commands: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: mpsc::Sender<Command>,
+    reader: Mutex<Connection>,
+    path: PathBuf,
+    identity: LedgerIdentity,
+    /// First hour not yet sealed (0 before the first seal).
+    sealed_floor: Arc<AtomicI64>,
+    commit_stats: Arc<CommitStats>,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn open_connection(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `dir`, taking the per-directory lock.
+    pub fn open(dir: &Path, product_code: &str, now: i64) -> Result<Ledger, LedgerError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            LedgerError::Unavailable(format!("cannot create state dir {}: {e}", dir.display()))
+        })?;
+        let lock_path = dir.join("meterd.lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| {
+                LedgerError::Unavailable(format!("cannot open {}: {e}", lock_path.display()))
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LedgerError::Locked(lock_path.display().to_string()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(LedgerError::Unavailable(format!(
+                    "cannot lock {}: {e}",
+                    lock_path.display()
+                )))
+            }
+        }
+
+        let path = dir.join("ledger.sqlite3");
+        let corrupt = |e: &dyn std::fmt::Display| LedgerError::Corrupt {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        };
+        let existed = path.exists();
+        let writer = open_connection(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| corrupt(&e))?;
+        if existed {
+            let check: String = writer
+                .query_row("PRAGMA quick_check", [], |r| r.get(0))
+                .map_err(|e| corrupt(&e))?;
+            if check != "ok" {
+                return Err(corrupt(&check));
+            }
+        }
+        writer
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| corrupt(&e))?;
+        writer
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| LedgerError::from_sqlite(&e))?;
+        let identity = init_schema(&writer, product_code, now, existed).map_err(|e| match e {
+            SchemaError::Sql(e) if existed => corrupt(&e),
+            SchemaError::Sql(e) => LedgerError::from_sqlite(&e),
+            SchemaError::Version(v) => corrupt(&format!(
+                "schema version {v}; this meterd reads version {SCHEMA_VERSION}"
+            )),
+            SchemaError::Missing(what) => corrupt(&format!("meta entry {what} is missing")),
+            SchemaError::Product(found) => LedgerError::ProductMismatch {
+                path: path.display().to_string(),
+                found,
+                expected: product_code.to_owned(),
+            },
+        })?;
+        let floor = load_floor(&writer).map_err(|e| corrupt(&e))?;
+        let reader = open_connection(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| LedgerError::from_sqlite(&e))?;
+
+        let sealed_floor = Arc::new(AtomicI64::new(floor));
+        let commit_stats = Arc::new(CommitStats::default());
+        let (queue, commands) = mpsc::channel(QUEUE_DEPTH);
+        let writer_state = Writer {
+            conn: writer,
+            identity: identity.clone(),
+            sealed_floor: sealed_floor.clone(),
+            totals: HashMap::new(),
+            stats: commit_stats.clone(),
+        };
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("meterd-ledger".to_owned())
+            .spawn(move || {
+                let _entered = span.enter();
+                writer_state.run(commands)
+            })
+            .map_err(|e| LedgerError::Unavailable(format!("cannot start writer thread: {e}")))?;
+
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                queue,
+                reader: Mutex::new(reader),
+                path,
+                identity,
+                sealed_floor,
+                commit_stats,
+                _lock: lock,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn identity(&self) -> &LedgerIdentity {
+        &self.inner.identity
+    }
+
+    pub fn commit_stats(&self) -> &CommitStats {
+        &self.inner.commit_stats
+    }
+
+    /// The first hour not yet sealed; usage is never attributed to an earlier hour.
+    pub fn sealed_floor(&self) -> i64 {
+        self.inner.sealed_floor.load(Ordering::Acquire)
+    }
+
+    /// The hour that usage received at `now` is counted in.
+    pub fn open_hour(&self, now: i64) -> i64 {
+        hour_floor(now).max(self.sealed_floor())
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, LedgerError>>) -> Command,
+    ) -> Result<T, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .queue
+            .send(make(reply))
+            .await
+            .map_err(|_| LedgerError::Closed)?;
+        answer.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Durably counts `events` (all or nothing); returns once the commit is fsynced.
+    pub async fn append(
+        &self,
+        events: Vec<Event>,
+        received_at: i64,
+    ) -> Result<AppendOutcome, LedgerError> {
+        self.call(|reply| Command::Append {
+            events,
+            received_at,
+            reply,
+        })
+        .await
+    }
+
+    /// Seals every unsealed hour that starts before `end_exclusive`.
+    pub async fn seal_through(
+        &self,
+        end_exclusive: i64,
+        now: i64,
+        policy: SealPolicy,
+    ) -> Result<SealOutcome, LedgerError> {
+        self.call(|reply| Command::Seal {
+            end_exclusive,
+            now,
+            policy,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn record_delivery(
+        &self,
+        hour: i64,
+        dimension: &str,
+        delivery: Delivery,
+        now: i64,
+    ) -> Result<(), LedgerError> {
+        let dimension = dimension.to_owned();
+        self.call(|reply| Command::Deliver {
+            hour,
+            dimension,
+            delivery,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let inner = self.inner.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let conn = inner.reader.lock().unwrap_or_else(|e| e.into_inner());
+            f(&conn).map_err(|e| LedgerError::from_sqlite(&e))
+        })
+        .await
+        .map_err(|e| LedgerError::Unavailable(format!("reader task failed: {e}")))?
+    }
+
+    /// Records not yet delivered, oldest first.
+    pub async fn pending_records(&self) -> Result<Vec<StoredRecord>, LedgerError> {
+        self.read(|c| query_records(c, "WHERE state = 'pending' ORDER BY hour, dimension", []))
+            .await
+    }
+
+    /// The newest `limit` records, newest first.
+    pub async fn recent_records(&self, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
+        self.read(move |c| query_records(c, "ORDER BY hour DESC, dimension LIMIT ?1", [limit]))
+            .await
+    }
+
+    /// Counters of one hour.
+    pub async fn usage_of_hour(&self, hour: i64) -> Result<Vec<UsageRow>, LedgerError> {
+        self.read(move |c| usage_rows(c, hour)).await
+    }
+
+    pub async fn stats(&self) -> Result<LedgerStats, LedgerError> {
+        let path = self.inner.path.clone();
+        let mut stats = self
+            .read(|c| {
+                let mut stats = LedgerStats::default();
+                let mut stmt =
+                    c.prepare_cached("SELECT state, COUNT(*) FROM records GROUP BY state")?;
+                let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+                for row in rows {
+                    let (state, n): (String, i64) = row?;
+                    match RecordState::parse(&state) {
+                        RecordState::Pending => stats.pending = n,
+                        RecordState::Sent => stats.sent = n,
+                        RecordState::Dead => stats.dead = n,
+                        RecordState::Duplicate => stats.duplicate = n,
+                    }
+                }
+                stats.last_error = c
+                    .query_row(
+                        "SELECT last_error FROM records WHERE last_error IS NOT NULL \
+                         ORDER BY updated_at DESC LIMIT 1",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                Ok(stats)
+            })
+            .await?;
+        stats.size_bytes = ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut p = path.clone().into_os_string();
+                p.push(suffix);
+                std::fs::metadata(p).ok().map(|m| m.len())
+            })
+            .sum();
+        Ok(stats)
+    }
+}
+
+/// Reads records straight from a ledger file, without the lock: for `meterd records`.
+pub fn read_records_at(dir: &Path, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
+    let path = dir.join("ledger.sqlite3");
+    if !path.exists() {
+        return Err(LedgerError::Unavailable(format!(
+            "no ledger at {}",
+            path.display()
+        )));
+    }
+    let conn = open_connection(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| LedgerError::from_sqlite(&e))?;
+    query_records(&conn, "ORDER BY hour DESC, dimension LIMIT ?1", [limit])
+        .map_err(|e| LedgerError::from_sqlite(&e))
+}
+
+fn query_records<P: rusqlite::Params>(
+    c: &Connection,
+    tail: &str,
+    params: P,
+) -> rusqlite::Result<Vec<StoredRecord>> {
+    let sql = format!(
+        "SELECT hour, dimension, quantity, allocations, timestamp, client_token, state, attempts, \
+         last_error, metering_record_id, sealed_at, sent_at FROM records {tail}"
+    );
+    let mut stmt = c.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params, |r| {
+        let allocations: Option<String> = r.get(3)?;
+        let state: String = r.get(6)?;
+        Ok(StoredRecord {
+            hour: r.get(0)?,
+            dimension: r.get(1)?,
+            quantity: r.get(2)?,
+            allocations: match allocations {
+                None => None,
+                Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        3,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
+                })?),
+            },
+            timestamp: r.get(4)?,
+            client_token: r.get(5)?,
+            state: RecordState::parse(&state),
+            attempts: r.get(7)?,
+            last_error: r.get(8)?,
+            metering_record_id: r.get(9)?,
+            sealed_at: r.get(10)?,
+            sent_at: r.get(11)?,
+        })
+    })?;
+    rows.collect()
+}
+
+fn usage_rows(c: &Connection, hour: i64) -> rusqlite::Result<Vec<UsageRow>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT dimension, tags, quantity FROM usage WHERE hour = ?1 ORDER BY dimension, tags",
+    )?;
+    let rows = stmt.query_map([hour], |r| {
+        let tags: String = r.get(1)?;
+        Ok(UsageRow {
+            dimension: r.get(0)?,
+            tags: model::tagset_from_key(&tags).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    1,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?,
+            quantity: r.get(2)?,
+        })
+    })?;
+    rows.collect()
+}
+
+enum SchemaError {
+    Sql(rusqlite::Error),
+    Version(i64),
+    Missing(&'static str),
+    Product(String),
+}
+
+impl From<rusqlite::Error> for SchemaError {
+    fn from(e: rusqlite::Error) -> Self {
+        SchemaError::Sql(e)
+    }
+}
+
+fn init_schema(
+    c: &Connection,
+    product_code: &str,
+    now: i64,
+    existed: bool,
+) -> Result<LedgerIdentity, SchemaError> {
+    if !existed {
+        c.execute_batch(
+            "BEGIN;
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+             CREATE TABLE usage (
+                 hour INTEGER NOT NULL, dimension TEXT NOT NULL, tags TEXT NOT NULL,
+                 quantity INTEGER NOT NULL CHECK (quantity >= 0),
+                 PRIMARY KEY (hour, dimension, tags)) WITHOUT ROWID;
+             CREATE TABLE event_ids (id TEXT PRIMARY KEY, accepted_at INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE INDEX event_ids_by_age ON event_ids (accepted_at);
+             CREATE TABLE sealed_hours (hour INTEGER PRIMARY KEY, sealed_at INTEGER NOT NULL);
+             CREATE TABLE records (
+                 hour INTEGER NOT NULL, dimension TEXT NOT NULL,
+                 quantity INTEGER NOT NULL CHECK (quantity BETWEEN 0 AND 2147483647),
+                 allocations TEXT, timestamp INTEGER NOT NULL, client_token TEXT NOT NULL,
+                 state TEXT NOT NULL CHECK (state IN ('pending','sent','dead','duplicate')),
+                 attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+                 metering_record_id TEXT, sealed_at INTEGER NOT NULL, sent_at INTEGER,
+                 updated_at INTEGER NOT NULL,
+                 PRIMARY KEY (hour, dimension)) WITHOUT ROWID;
+             CREATE INDEX records_pending ON records (state, hour);
+             COMMIT;",
+        )?;
+        let instance_id = {
+            use rand::RngCore;
+            let mut bytes = [0u8; 16];
+            rand::rngs::OsRng.fill_bytes(&mut bytes);
+            hex::encode(bytes)
+        };
+        let mut insert = c.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
+        insert.execute(["schema_version", &SCHEMA_VERSION.to_string()])?;
+        insert.execute(["instance_id", &instance_id])?;
+        insert.execute(["first_start", &now.to_string()])?;
+        insert.execute(["product_code", product_code])?;
+    }
+    let get = |key: &'static str| -> Result<String, SchemaError> {
+        c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?
+            .ok_or(SchemaError::Missing(key))
+    };
+    let version: i64 = get("schema_version")?
+        .parse()
+        .map_err(|_| SchemaError::Missing("schema_version"))?;
+    if version != SCHEMA_VERSION {
+        return Err(SchemaError::Version(version));
+    }
+    let found = get("product_code")?;
+    if found != product_code {
+        return Err(SchemaError::Product(found));
+    }
+    Ok(LedgerIdentity {
+        instance_id: get("instance_id")?,
+        first_start: get("first_start")?
+            .parse()
+            .map_err(|_| SchemaError::Missing("first_start"))?,
+        product_code: found,
+    })
+}
+
+fn load_floor(c: &Connection) -> rusqlite::Result<i64> {
+    let last: Option<i64> = c.query_row("SELECT MAX(hour) FROM sealed_hours", [], |r| r.get(0))?;
+    Ok(last.map(|h| h + HOUR_SECS).unwrap_or(0))
+}
+
+struct Writer {
+    conn: Connection,
+    identity: LedgerIdentity,
+    sealed_floor: Arc<AtomicI64>,
+    /// Cached totals per (hour, dimension), for the hourly cap.
+    totals: HashMap<(i64, String), i64>,
+    stats: Arc<CommitStats>,
+}
+
+/// A reply to send once the group's commit is known.
+enum Reply {
+    Append(
+        oneshot::Sender<Result<AppendOutcome, LedgerError>>,
+        Result<AppendOutcome, LedgerError>,
+    ),
+    Seal(
+        oneshot::Sender<Result<SealOutcome, LedgerError>>,
+        Result<SealOutcome, LedgerError>,
+    ),
+    Deliver(
+        oneshot::Sender<Result<(), LedgerError>>,
+        Result<(), LedgerError>,
+    ),
+}
+
+impl Reply {
+    fn send(self, commit: &Result<(), LedgerError>) {
+        // A receiver that went away (client disconnected) needs no answer.
+        match self {
+            Reply::Append(tx, r) => drop(tx.send(commit.clone().and(r))),
+            Reply::Seal(tx, r) => drop(tx.send(commit.clone().and(r))),
+            Reply::Deliver(tx, r) => drop(tx.send(commit.clone().and(r))),
+        }
+    }
+}
+
+impl Writer {
+    fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut group = Vec::with_capacity(MAX_GROUP);
+        while let Some(first) = commands.blocking_recv() {
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match commands.try_recv() {
+                    Ok(c) => group.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.apply_group(std::mem::take(&mut group));
+        }
+    }
+
+    fn apply_group(&mut self, group: Vec<Command>) {
+        let n = group.len() as u64;
+        let floor_before = self.sealed_floor.load(Ordering::Acquire);
+        let mut replies = Vec::with_capacity(group.len());
+        let mut floor_after = floor_before;
+        let commit = (|| -> Result<(), LedgerError> {
+            let mut tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| LedgerError::from_sqlite(&e))?;
+            for command in group {
+                match command {
+                    Command::Append {
+                        events,
+                        received_at,
+                        reply,
+                    } => {
+                        let result =
+                            append_in(&mut tx, &mut self.totals, floor_after, &events, received_at);
+                        replies.push(Reply::Append(reply, result));
+                    }
+                    Command::Seal {
+                        end_exclusive,
+                        now,
+                        policy,
+                        reply,
+                    } => {
+                        let result = seal_in(
+                            &mut tx,
+                            &self.identity,
+                            floor_after,
+                            end_exclusive,
+                            now,
+                            &policy,
+                        );
+                        if let Ok(outcome) = &result {
+                            if let Some(last) = outcome.hours.last() {
+                                floor_after = floor_after.max(last + HOUR_SECS);
+                            }
+                        }
+                        replies.push(Reply::Seal(reply, result));
+                    }
+                    Command::Deliver {
+                        hour,
+                        dimension,
+                        delivery,
+                        now,
+                        reply,
+                    } => {
+                        let result = deliver_in(&tx, hour, &dimension, &delivery, now)
+                            .map_err(|e| LedgerError::from_sqlite(&e));
+                        replies.push(Reply::Deliver(reply, result));
+                    }
+                }
+            }
+            tx.commit().map_err(|e| LedgerError::from_sqlite(&e))
+        })();
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats.commands.fetch_add(n, Ordering::Relaxed);
+        match &commit {
+            Ok(()) => {
+                self.sealed_floor.store(floor_after, Ordering::Release);
+                // Counters of sealed hours are never capped again; keep the cache small.
+                self.totals.retain(|(hour, _), _| *hour >= floor_after);
+            }
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "ledger commit failed; the affected requests were not acknowledged");
+                // Cached totals may include rolled-back increments.
+                self.totals.clear();
+            }
+        }
+        for reply in replies {
+            reply.send(&commit);
+        }
+    }
+}
+
+fn append_in(
+    tx: &mut rusqlite::Transaction<'_>,
+    totals: &mut HashMap<(i64, String), i64>,
+    floor: i64,
+    events: &[Event],
+    received_at: i64,
+) -> Result<AppendOutcome, LedgerError> {
+    let hour = hour_floor(received_at).max(floor);
+    let sql = |e: rusqlite::Error| LedgerError::from_sqlite(&e);
+    let sp = tx.savepoint().map_err(sql)?;
+    let mut duplicates = 0;
+    let mut sums: HashMap<(&str, String), i64> = HashMap::new();
+    {
+        let mut seen = sp
+            .prepare_cached("SELECT accepted_at FROM event_ids WHERE id = ?1")
+            .map_err(sql)?;
+        let mut remember = sp
+            .prepare_cached("INSERT OR REPLACE INTO event_ids (id, accepted_at) VALUES (?1, ?2)")
+            .map_err(sql)?;
+        for event in events {
+            if let Some(id) = &event.id {
+                let previous: Option<i64> =
+                    seen.query_row([id], |r| r.get(0)).optional().map_err(sql)?;
+                if previous.is_some_and(|at| at > received_at - EVENT_ID_RETENTION_SECS) {
+                    duplicates += 1;
+                    continue;
+                }
+                remember.execute(params![id, received_at]).map_err(sql)?;
+            }
+            *sums
+                .entry((event.dimension.as_str(), model::tagset_key(&event.tags)))
+                .or_default() += event.quantity;
+        }
+    }
+    // The hourly cap, per dimension.
+    let mut per_dimension: HashMap<&str, i64> = HashMap::new();
+    for ((dimension, _), q) in &sums {
+        *per_dimension.entry(dimension).or_default() += q;
+    }
+    let mut new_totals = Vec::with_capacity(per_dimension.len());
+    for (dimension, adding) in per_dimension {
+        let key = (hour, dimension.to_owned());
+        let current = match totals.get(&key) {
+            Some(t) => *t,
+            None => sp
+                .query_row(
+                    "SELECT COALESCE(SUM(quantity), 0) FROM usage WHERE hour = ?1 AND dimension = ?2",
+                    params![hour, dimension],
+                    |r| r.get(0),
+                )
+                .map_err(sql)?,
+        };
+        let would_be = current.saturating_add(adding);
+        if would_be > MAX_QUANTITY {
+            // Dropping the savepoint rolls this request back.
+            return Err(LedgerError::HourlyCapExceeded {
+                dimension: dimension.to_owned(),
+                hour,
+                would_be,
+            });
+        }
+        new_totals.push((key, would_be));
+    }
+    {
+        let mut upsert = sp
+            .prepare_cached(
+                "INSERT INTO usage (hour, dimension, tags, quantity) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (hour, dimension, tags) DO UPDATE SET quantity = quantity + excluded.quantity",
+            )
+            .map_err(sql)?;
+        for ((dimension, tags), quantity) in &sums {
+            upsert
+                .execute(params![hour, dimension, tags, quantity])
+                .map_err(sql)?;
+        }
+    }
+    sp.commit().map_err(sql)?;
+    totals.extend(new_totals);
+    Ok(AppendOutcome {
+        accepted: events.len() - duplicates,
+        duplicates,
+        hour,
+    })
+}
+
+fn seal_in(
+    tx: &mut rusqlite::Transaction<'_>,
+    identity: &LedgerIdentity,
+    floor: i64,
+    end_exclusive: i64,
+    now: i64,
+    policy: &SealPolicy,
+) -> Result<SealOutcome, LedgerError> {
+    let sql = |e: rusqlite::Error| LedgerError::from_sqlite(&e);
+    let sp = tx.savepoint().map_err(sql)?;
+    let start = if floor > 0 {
+        floor
+    } else {
+        let oldest_usage: Option<i64> = sp
+            .query_row("SELECT MIN(hour) FROM usage", [], |r| r.get(0))
+            .map_err(sql)?;
+        let first = hour_floor(identity.first_start);
+        oldest_usage.map_or(first, |h| h.min(first))
+    };
+    let mut outcome = SealOutcome::default();
+    let mut hour = start;
+    while hour < end_exclusive {
+        let rows = usage_rows(&sp, hour).map_err(sql)?;
+        let timestamp = seal::record_timestamp(hour, identity.first_start);
+        let reportable = timestamp + REPORT_WINDOW_SECS > now;
+        if !rows.is_empty() || reportable {
+            let records = seal::seal_hour(
+                hour,
+                &rows,
+                &policy.dimensions,
+                policy.report_zero,
+                policy.max_allocations,
+            );
+            let mut insert = sp
+                .prepare_cached(
+                    "INSERT INTO records (hour, dimension, quantity, allocations, timestamp, \
+                     client_token, state, sealed_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)",
+                )
+                .map_err(sql)?;
+            for record in &records {
+                let allocations = match &record.allocations {
+                    Some(a) => Some(
+                        serde_json::to_string(a)
+                            .map_err(|e| LedgerError::Unavailable(e.to_string()))?,
+                    ),
+                    None => None,
+                };
+                let token = seal::client_token(
+                    &identity.product_code,
+                    &record.dimension,
+                    hour,
+                    &identity.instance_id,
+                );
+                insert
+                    .execute(params![
+                        hour,
+                        record.dimension,
+                        record.quantity,
+                        allocations,
+                        timestamp,
+                        token,
+                        now
+                    ])
+                    .map_err(sql)?;
+                outcome.records += 1;
+                outcome.folded_tag_sets += record.folded_tag_sets;
+            }
+        }
+        sp.execute(
+            "INSERT INTO sealed_hours (hour, sealed_at) VALUES (?1, ?2)",
+            params![hour, now],
+        )
+        .map_err(sql)?;
+        outcome.hours.push(hour);
+        hour += HOUR_SECS;
+    }
+    // Housekeeping: forget what can no longer matter.
+    sp.execute(
+        "DELETE FROM event_ids WHERE accepted_at <= ?1",
+        [now - EVENT_ID_RETENTION_SECS],
+    )
+    .map_err(sql)?;
+    sp.execute(
+        "DELETE FROM usage WHERE hour < ?1 AND hour < ?2",
+        params![hour.max(floor), now - USAGE_RETENTION_SECS],
+    )
+    .map_err(sql)?;
+    sp.execute(
+        "DELETE FROM records WHERE state != 'pending' AND hour < ?1",
+        [now - RECORD_RETENTION_SECS],
+    )
+    .map_err(sql)?;
+    sp.commit().map_err(sql)?;
+    Ok(outcome)
+}
+
+fn deliver_in(
+    tx: &rusqlite::Transaction<'_>,
+    hour: i64,
+    dimension: &str,
+    delivery: &Delivery,
+    now: i64,
+) -> rusqlite::Result<()> {
+    match delivery {
+        Delivery::Sent { metering_record_id } => tx.execute(
+            "UPDATE records SET state = 'sent', metering_record_id = ?3, sent_at = ?4, \
+             attempts = attempts + 1, updated_at = ?4 WHERE hour = ?1 AND dimension = ?2",
+            params![hour, dimension, metering_record_id, now],
+        ),
+        Delivery::Failed { error } => tx.execute(
+            "UPDATE records SET attempts = attempts + 1, last_error = ?3, updated_at = ?4 \
+             WHERE hour = ?1 AND dimension = ?2 AND state = 'pending'",
+            params![hour, dimension, error, now],
+        ),
+        Delivery::Final { state, error } => tx.execute(
+            "UPDATE records SET state = ?3, last_error = ?4, updated_at = ?5 \
+             WHERE hour = ?1 AND dimension = ?2 AND state = 'pending'",
+            params![hour, dimension, state.as_str(), error, now],
+        ),
+    }
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
+
+    fn policy() -> SealPolicy {
+        SealPolicy {
+            dimensions: vec!["requests".into(), "gigabytes".into()],
+            report_zero: true,
+            max_allocations: 500,
+        }
+    }
+
+    fn event(dimension: &str, quantity: i64, id: Option<&str>) -> Event {
+        Event {
+            dimension: dimension.into(),
+            tags: TagSet::new(),
+            quantity,
+            id: id.map(str::to_owned),
+        }
+    }
+
+    fn total(rows: &[UsageRow], dimension: &str) -> i64 {
+        rows.iter()
+            .filter(|r| r.dimension == dimension)
+            .map(|r| r.quantity)
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn appended_counts_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+            let out = ledger
+                .append(
+                    vec![event("requests", 3, None), event("requests", 4, None)],
+                    H + 10,
+                )
+                .await
+                .expect("append");
+            assert_eq!(
+                out,
+                AppendOutcome {
+                    accepted: 2,
+                    duplicates: 0,
+                    hour: H
+                }
+            );
+        }
+        // The writer thread exits once the last handle is gone; wait for the lock to free.
+        let ledger = loop {
+            match Ledger::open(dir.path(), "prod-a", H + 20) {
+                Ok(l) => break l,
+                Err(LedgerError::Locked(_)) => tokio::task::yield_now().await,
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
+        assert_eq!(ledger.identity().first_start, H);
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            7
+        );
+    }
+
+    #[tokio::test]
+    async fn event_ids_count_once_within_seven_hours() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        let first = ledger
+            .append(
+                vec![
+                    event("requests", 5, Some("e1")),
+                    event("requests", 5, Some("e1")),
+                ],
+                H,
+            )
+            .await
+            .expect("append");
+        assert_eq!((first.accepted, first.duplicates), (1, 1));
+        let again = ledger
+            .append(vec![event("requests", 5, Some("e1"))], H + 60)
+            .await
+            .expect("append");
+        assert_eq!((again.accepted, again.duplicates), (0, 1));
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            5
+        );
+        let later = H + EVENT_ID_RETENTION_SECS + 1;
+        let after = ledger
+            .append(vec![event("requests", 5, Some("e1"))], later)
+            .await
+            .expect("append");
+        assert_eq!(after.accepted, 1, "an id older than 7 hours counts again");
+    }
+
+    #[tokio::test]
+    async fn hourly_cap_rejects_the_whole_request_and_keeps_earlier_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        ledger
+            .append(vec![event("requests", MAX_QUANTITY - 1, None)], H)
+            .await
+            .expect("append");
+        let err = ledger
+            .append(
+                vec![event("gigabytes", 1, Some("g")), event("requests", 2, None)],
+                H,
+            )
+            .await
+            .expect_err("over the cap");
+        assert!(
+            matches!(err, LedgerError::HourlyCapExceeded { .. }),
+            "{err}"
+        );
+        let rows = ledger.usage_of_hour(H).await.expect("usage");
+        assert_eq!(total(&rows, "requests"), MAX_QUANTITY - 1);
+        assert_eq!(
+            total(&rows, "gigabytes"),
+            0,
+            "rejected request left nothing behind"
+        );
+        // The rejected id was not remembered either.
+        let ok = ledger
+            .append(vec![event("gigabytes", 1, Some("g"))], H)
+            .await
+            .expect("append");
+        assert_eq!(ok.accepted, 1);
+        ledger
+            .append(vec![event("requests", 1, None)], H)
+            .await
+            .expect("exactly at the cap");
+    }
+
+    #[tokio::test]
+    async fn sealing_writes_one_record_per_dimension_and_carries_later_usage_forward() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H + 100).expect("open");
+        ledger
+            .append(vec![event("requests", 9, None)], H + 200)
+            .await
+            .expect("append");
+        let sealed = ledger
+            .seal_through(H + HOUR_SECS, H + HOUR_SECS + 5, policy())
+            .await
+            .expect("seal");
+        assert_eq!((sealed.hours.clone(), sealed.records), (vec![H], 2));
+        let records = ledger.pending_records().await.expect("pending");
+        assert_eq!(records.len(), 2);
+        let req = records
+            .iter()
+            .find(|r| r.dimension == "requests")
+            .expect("requests");
+        assert_eq!(
+            (req.quantity, req.timestamp),
+            (9, H + 100),
+            "timestamp not before first start"
+        );
+        assert_eq!(ledger.sealed_floor(), H + HOUR_SECS);
+        // A late or clock-stepped event for the sealed hour goes to the next one.
+        let late = ledger
+            .append(vec![event("requests", 1, None)], H + 3000)
+            .await
+            .expect("append");
+        assert_eq!(late.hour, H + HOUR_SECS);
+        // Sealing again is a no-op for the same range.
+        let again = ledger
+            .seal_through(H + HOUR_SECS, H + HOUR_SECS + 9, policy())
+            .await
+            .expect("seal");
+        assert!(again.hours.is_empty());
+    }
+
+    #[tokio::test]
+    async fn delivery_states_are_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        ledger
+            .seal_through(H + HOUR_SECS, H + HOUR_SECS, policy())
+            .await
+            .expect("seal");
+        ledger
+            .record_delivery(
+                H,
+                "requests",
+                Delivery::Failed {
+                    error: "ThrottlingException: slow down".into(),
+                },
+                H + HOUR_SECS,
+            )
+            .await
+            .expect("failed");
+        ledger
+            .record_delivery(
+                H,
+                "requests",
+                Delivery::Sent {
+                    metering_record_id: "rec-1".into(),
+                },
+                H + HOUR_SECS,
+            )
+            .await
+            .expect("sent");
+        ledger
+            .record_delivery(
+                H,
+                "gigabytes",
+                Delivery::Final {
+                    state: RecordState::Dead,
+                    error: "window passed".into(),
+                },
+                H + HOUR_SECS,
+            )
+            .await
+            .expect("dead");
+        let stats = ledger.stats().await.expect("stats");
+        assert_eq!((stats.pending, stats.sent, stats.dead), (0, 1, 1));
+        let recent = ledger.recent_records(10).await.expect("records");
+        let req = recent
+            .iter()
+            .find(|r| r.dimension == "requests")
+            .expect("requests");
+        assert_eq!(
+            (req.attempts, req.metering_record_id.as_deref()),
+            (2, Some("rec-1"))
+        );
+    }
+
+    #[tokio::test]
+    async fn old_empty_hours_are_sealed_without_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        let now = H + 10 * HOUR_SECS;
+        let out = ledger
+            .seal_through(hour_floor(now), now, policy())
+            .await
+            .expect("seal");
+        assert_eq!(out.hours.len(), 10);
+        // Only hours still inside the 6-hour window get zero records: H+5h..H+9h at H+10h.
+        assert_eq!(out.records, 2 * 5);
+    }
+
+    #[test]
+    fn a_second_process_is_locked_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        let err = Ledger::open(dir.path(), "prod-a", H).expect_err("locked");
+        assert!(matches!(err, LedgerError::Locked(_)), "{err}");
+    }
+
+    #[test]
+    fn a_corrupt_ledger_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.sqlite3");
+        std::fs::write(
+            &path,
+            b"this is not a database, it is a sentence of garbage bytes....",
+        )
+        .expect("write");
+        let before = std::fs::read(&path).expect("read");
+        let err = Ledger::open(dir.path(), "prod-a", H).expect_err("corrupt");
+        assert!(matches!(err, LedgerError::Corrupt { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).expect("read"), before);
+    }
+
+    #[test]
+    fn a_ledger_of_another_product_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Ledger::open(dir.path(), "prod-a", H).expect("open"));
+        std::thread::sleep(Duration::from_millis(50));
+        let err = Ledger::open(dir.path(), "prod-b", H).expect_err("mismatch");
+        assert!(matches!(err, LedgerError::ProductMismatch { .. }), "{err}");
+    }
+}

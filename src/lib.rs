@@ -1,0 +1,33 @@
+//! meterd: a metering agent for AWS Marketplace sellers.
+//!
+//! The crate follows the path of a usage count:
+//!
+//! - [`config`]: the agent's TOML configuration, validated in full before anything starts.
+//! - [`ingest`]: the local HTTP API (`POST /v1/usage` and friends) on TCP and a Unix socket.
+//! - [`ledger`]: the durable SQLite ledger with group commit; a 200 means fsynced.
+//! - [`seal`]: turns a closed hour's counters into one record per dimension, with allocations.
+//! - [`send`]: delivers sealed records with MeterUsage, retrying until AWS confirms.
+//! - [`entitlement`]: RegisterUsage at start-up and PS256 verification against the keyring.
+//! - [`agent`]: wires the above together under one root `run` and a cancellation token.
+//!
+//! Beside the agent: [`emulator`], a faithful Metering Service for tests and sellers;
+//! [`clock`], wall-clock time as a dependency; [`aws`], the SDK client and error classes.
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod aws;
+pub mod clock;
+pub mod emulator;
+pub mod entitlement;
+pub mod config;
+pub mod demo;
+pub mod ingest;
+pub mod ledger;
+pub mod local_client;
+pub mod metrics;
+pub mod model;
+pub mod platform;
+pub mod seal;
+pub mod send;
+pub mod status;

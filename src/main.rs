@@ -1,0 +1,380 @@
+//! The `meterd` command line: a thin layer over the library.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use http::{Method, StatusCode};
+use tokio_util::sync::CancellationToken;
+
+use meterd::agent::{self, Listeners, RunContext};
+use meterd::aws::{build_client, AwsSettings};
+use meterd::clock::{rfc3339, SystemClock};
+use meterd::config::{Config, EXIT_BAD_CONFIG};
+use meterd::local_client::{self, Target};
+
+#[derive(Parser)]
+#[command(name = "meterd", version, about = "Metering agent for AWS Marketplace sellers")]
+struct Cli {
+    /// Log format: human-readable, or one JSON object per line (the container default).
+    #[arg(long, global = true, env = "METERD_LOG_FORMAT", default_value = "human")]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `meterd=debug` (RUST_LOG syntax).
+    #[arg(long, global = true, env = "METERD_LOG", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigArg {
+    /// Configuration file (TOML).
+    #[arg(long, short, env = "METERD_CONFIG", default_value = "/etc/meterd/meterd.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: register, take usage on the local API, seal and send every hour.
+    Run(ConfigArg),
+    /// Post one usage count to the running agent.
+    Report {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        dimension: String,
+        #[arg(long)]
+        quantity: i64,
+        /// A tag as key=value; repeat for several.
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// Idempotency key: a retried report with the same id counts once.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Print the running agent's status as JSON.
+    Status(ConfigArg),
+    /// Exit 0 when the running agent is ready (for container health checks).
+    Health(ConfigArg),
+    /// Validate a configuration file and print every problem.
+    CheckConfig(ConfigArg),
+    /// List sealed records from the ledger: hour, dimension, quantity, state, record id.
+    Records {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, default_value_t = 48)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the trusted public keys with their SHA-256 fingerprints.
+    Keys {
+        /// Also load the configuration's `registration.public_key_files`.
+        #[arg(long, env = "METERD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Check platform, credentials, region, endpoint, clock skew, permissions and keys.
+    Doctor(ConfigArg),
+    /// Serve the Metering Service emulator.
+    Emulator(meterd::emulator::EmulatorArgs),
+    /// Run the real agent against the embedded emulator, with one hour passing per minute.
+    Demo(meterd::demo::DemoArgs),
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("meterd: {e}");
+        exit(EXIT_BAD_CONFIG)
+    })
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meterd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(c) => run(&c.config).await,
+            Command::Report { config, dimension, quantity, tags, id } => {
+                report(&config.config, dimension, quantity, tags, id).await
+            }
+            Command::Status(c) => status(&c.config).await,
+            Command::Health(c) => health(&c.config).await,
+            Command::CheckConfig(c) => match load_config(&c.config) {
+                Ok(config) => {
+                    println!("{}: valid (product {}, {} dimensions)", c.config.display(), config.product_code, config.metering.dimensions.len());
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            },
+            Command::Records { config, limit, json } => records(&config.config, limit, json),
+            Command::Keys { config } => keys(config.as_deref()),
+            Command::Doctor(c) => doctor(&c.config).await,
+            Command::Emulator(args) => match meterd::emulator::run_cli(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meterd emulator: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Demo(args) => match meterd::demo::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meterd demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}
+
+async fn run(config_path: &Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let listeners = match Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return exit(e.exit_code());
+        }
+    };
+    let client = build_client(&AwsSettings {
+        region: Some(config.aws.region.clone()),
+        endpoint_url: Some(config.aws.endpoint_url.clone()),
+        static_credentials: None,
+        operation_timeout: Some(config.sending.call_timeout),
+    })
+    .await;
+    let shutdown = CancellationToken::new();
+    let grace = config.server.grace_period;
+    tokio::spawn(watch_signals(shutdown.clone(), grace));
+    let ctx = RunContext::new(Arc::new(SystemClock), client, shutdown);
+    match agent::run(config, listeners, ctx).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(exit_code = e.exit_code(), "meterd stopped: {e}");
+            exit(e.exit_code())
+        }
+    }
+}
+
+/// SIGTERM or SIGINT starts the graceful shutdown; if it outlasts the grace period by 5 s,
+/// or a second signal arrives, the process exits at once (the ledger keeps everything).
+async fn watch_signals(shutdown: CancellationToken, grace: Duration) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => tracing::warn!("second signal: exiting now; unsent records stay in the ledger"),
+        _ = int.recv() => tracing::warn!("second signal: exiting now; unsent records stay in the ledger"),
+        _ = tokio::time::sleep(grace + Duration::from_secs(5)) => tracing::error!("shutdown outlasted the grace period; exiting; unsent records stay in the ledger"),
+    }
+    std::process::exit(1);
+}
+
+fn auth_token(config: &Config) -> Option<String> {
+    match config.server.auth_token_file.as_str() {
+        "" => None,
+        path => std::fs::read_to_string(path).ok().map(|t| t.trim().to_owned()),
+    }
+}
+
+async fn report(
+    config_path: &Path,
+    dimension: String,
+    quantity: i64,
+    tags: Vec<(String, String)>,
+    id: Option<String>,
+) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut event = serde_json::json!({"dimension": dimension, "quantity": quantity});
+    if !tags.is_empty() {
+        event["tags"] = serde_json::Value::Object(
+            tags.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect(),
+        );
+    }
+    if let Some(id) = id {
+        event["id"] = serde_json::Value::String(id);
+    }
+    let token = auth_token(&config);
+    match local_client::call(
+        &Target::from_config(&config),
+        Method::POST,
+        "/v1/usage",
+        Some(event.to_string().into_bytes()),
+        token.as_deref(),
+        Duration::from_secs(30),
+    )
+    .await
+    {
+        Ok((StatusCode::OK, body)) => {
+            println!("{}", String::from_utf8_lossy(&body));
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("meterd report: {status}: {}", String::from_utf8_lossy(&body));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("meterd report: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn status(config_path: &Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let token = auth_token(&config);
+    match local_client::call(&Target::from_config(&config), Method::GET, "/v1/status", None, token.as_deref(), Duration::from_secs(10)).await {
+        Ok((StatusCode::OK, body)) => {
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                Err(_) => println!("{}", String::from_utf8_lossy(&body)),
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("meterd status: {status}: {}", String::from_utf8_lossy(&body));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("meterd status: cannot reach the agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn health(config_path: &Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match local_client::call(&Target::from_config(&config), Method::GET, "/readyz", None, None, Duration::from_secs(5)).await {
+        Ok((StatusCode::OK, _)) => ExitCode::SUCCESS,
+        Ok((status, body)) => {
+            eprintln!("not ready ({status}): {}", String::from_utf8_lossy(&body));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("not ready: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn records(config_path: &Path, limit: i64, json: bool) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let records = match meterd::ledger::read_records_at(&config.state.dir, limit) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meterd records: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!("{:<21} {:<24} {:>12} {:<10} {:>8}  METERING RECORD ID / LAST ERROR", "HOUR", "DIMENSION", "QUANTITY", "STATE", "ATTEMPTS");
+    for r in records {
+        let state = serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let detail = r.metering_record_id.or(r.last_error).unwrap_or_default();
+        println!("{:<21} {:<24} {:>12} {:<10} {:>8}  {}", rfc3339(r.hour), r.dimension, r.quantity, state, r.attempts, detail);
+    }
+    ExitCode::SUCCESS
+}
+
+fn keys(config_path: Option<&Path>) -> ExitCode {
+    let (files, version) = match config_path.filter(|p| p.exists()) {
+        Some(p) => match load_config(p) {
+            Ok(c) => (c.registration.public_key_files, c.registration.public_key_version),
+            Err(code) => return code,
+        },
+        None => (Vec::new(), 1),
+    };
+    match meterd::entitlement::Keyring::load(&files, version) {
+        Ok(keyring) => {
+            print!("{}", keyring.report().render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meterd keys: {e}");
+            exit(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+async fn doctor(config_path: &Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match agent::doctor(&config).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("meterd doctor: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Live state shared by the API, the sender and the start-up sequence.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+
+use serde::Serialize;
+
+/// Where start-up stands with entitlement.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EntitlementState {
+    /// RegisterUsage or the DryRun check has not passed yet.
+    Pending,
+    /// RegisterUsage returned a token that verified.
+    Entitled,
+    /// No RegisterUsage (EC2, or registration disabled); the DryRun check passed.
+    PermissionsVerified,
+    /// No RegisterUsage; the DryRun check is still being retried (AMI products stay up).
+    Unverified,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EntitlementStatus {
+    pub state: EntitlementState,
+    /// Non-secret facts: claims, key fingerprint, registration time, rotation timestamp.
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct SenderStatus {
+    pub last_error: Option<String>,
+    pub last_success_at: Option<String>,
+    pub consecutive_failures: u64,
+}
+
+#[derive(Debug)]
+pub struct StatusBoard {
+    pub platform: String,
+    entitlement: RwLock<EntitlementStatus>,
+    sender: RwLock<SenderStatus>,
+    ready: AtomicBool,
+    ledger_writable: AtomicBool,
+}
+
+impl StatusBoard {
+    pub fn new(platform: String) -> Self {
+        Self {
+            platform,
+            entitlement: RwLock::new(EntitlementStatus {
+                state: EntitlementState::Pending,
+                details: serde_json::Value::Null,
+            }),
+            sender: RwLock::new(SenderStatus::default()),
+            ready: AtomicBool::new(false),
+            ledger_writable: AtomicBool::new(true),
+        }
+    }
+
+    pub fn entitlement(&self) -> EntitlementStatus {
+        self.entitlement
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_entitlement(&self, status: EntitlementStatus) {
+        let admitted = matches!(
+            status.state,
+            EntitlementState::Entitled
+                | EntitlementState::PermissionsVerified
+                | EntitlementState::Unverified
+        );
+        *self.entitlement.write().unwrap_or_else(|e| e.into_inner()) = status;
+        self.ready.store(admitted, Ordering::Release);
+    }
+
+    pub fn sender(&self) -> SenderStatus {
+        self.sender.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn update_sender(&self, f: impl FnOnce(&mut SenderStatus)) {
+        f(&mut self.sender.write().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn set_ledger_writable(&self, writable: bool) {
+        self.ledger_writable.store(writable, Ordering::Release);
+    }
+
+    pub fn ledger_writable(&self) -> bool {
+        self.ledger_writable.load(Ordering::Acquire)
+    }
+
+    /// Ready: entitled (or admitted without RegisterUsage) and the ledger takes writes.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.ledger_writable()
+    }
+}

@@ -1,0 +1,347 @@
+//! Entitlement at start-up against the in-process emulator, on loopback, with a ManualClock
+//! shared by the agent side and the emulator.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use meterd::aws::{build_client, AwsSettings};
+use meterd::clock::{from_unix_seconds, Clock, ManualClock, SharedClock};
+use meterd::emulator::{self, EmulatorConfig, EmulatorHandle, FaultProfile, FaultRule};
+use meterd::entitlement::{
+    dry_run_check_with, register_observed, DryRunMode, DryRunPolicy, Entitlement, EntitlementError,
+    EntitlementState, Keyring, RegistrationSettings, RetryEvent, VerifyError, EXIT_CONFIGURATION,
+    EXIT_NOT_ENTITLED, EXIT_TRANSIENT_BUDGET, EXIT_VERIFICATION_FAILED,
+};
+use meterd::platform::Platform;
+use tokio::sync::mpsc;
+
+const START: i64 = 1_800_000_000;
+const PRODUCT: &str = emulator::config::DEMO_PRODUCT_CODE;
+
+struct Rig {
+    emu: EmulatorHandle,
+    clock: Arc<ManualClock>,
+}
+
+async fn rig(config: EmulatorConfig) -> Rig {
+    let clock = ManualClock::at_unix(START);
+    let shared: SharedClock = clock.clone();
+    let addr: SocketAddr = "127.0.0.1:0".parse().expect("loopback address");
+    let emu = emulator::start(config, shared, addr)
+        .await
+        .expect("emulator starts");
+    Rig { emu, clock }
+}
+
+impl Rig {
+    async fn client(&self, region: &str, access_key: &str) -> aws_sdk_marketplacemetering::Client {
+        build_client(&AwsSettings {
+            region: Some(region.to_owned()),
+            endpoint_url: Some(self.emu.endpoint_url()),
+            static_credentials: Some((access_key.to_owned(), "secret".to_owned())),
+            operation_timeout: Some(Duration::from_secs(10)),
+        })
+        .await
+    }
+
+    /// A keyring trusting the emulator's key for `version` (and the bundled keys).
+    fn keyring(&self, version: u32) -> Keyring {
+        let mut ring = Keyring::bundled().expect("bundled keys");
+        let pem = self.emu.public_key_pem(1).expect("emulator key v1");
+        ring.add_pem(version, "emulator:v1", &pem)
+            .expect("emulator key parses");
+        ring
+    }
+
+    /// Registers in a task, moving the shared clock to each announced retry time and calling
+    /// `on_retry` with the number of retries so far.
+    async fn register(
+        &self,
+        client: aws_sdk_marketplacemetering::Client,
+        settings: RegistrationSettings,
+        keyring: Keyring,
+        mut on_retry: impl FnMut(usize, &EmulatorHandle),
+    ) -> (Result<Entitlement, EntitlementError>, usize) {
+        let shared: SharedClock = self.clock.clone();
+        let (tx, mut rx) = mpsc::unbounded_channel::<SystemTime>();
+        let task = tokio::spawn(async move {
+            let observer = move |e: &RetryEvent| {
+                let _ = tx.send(e.next_attempt_at);
+            };
+            register_observed(&client, &settings, &keyring, &shared, &observer).await
+        });
+        let mut retries = 0;
+        while let Some(at) = rx.recv().await {
+            retries += 1;
+            on_retry(retries, &self.emu);
+            self.clock.set(at);
+        }
+        (task.await.expect("register task"), retries)
+    }
+}
+
+fn settings(version: u32) -> RegistrationSettings {
+    RegistrationSettings::new(PRODUCT, version, Platform::Ecs)
+}
+
+#[tokio::test]
+async fn entitled_path_against_the_emulator() {
+    let rig = rig(EmulatorConfig::demo()).await;
+    let client = rig.client("us-east-1", "AKIDENTITLED").await;
+    let (result, retries) = rig
+        .register(client, settings(1), rig.keyring(1), |_, _| {})
+        .await;
+    let ent = result.expect("entitled");
+    assert_eq!(retries, 0);
+    assert_eq!(ent.state, EntitlementState::Entitled);
+    assert_eq!(ent.claims.product_code, PRODUCT);
+    assert_eq!(ent.claims.key_source, "emulator:v1");
+    assert_eq!(ent.registered_at, START);
+    assert!(!ent.key_rotation_due);
+    let status = serde_json::to_value(&ent).expect("serializes for /v1/status");
+    assert_eq!(status["state"], "entitled");
+    assert_eq!(status["key_fingerprint"], ent.key_fingerprint.as_str());
+}
+
+#[tokio::test]
+async fn the_shipped_keyring_does_not_trust_the_emulator() {
+    // The emulator's demo key is public; a binary must never accept its tokens by default.
+    let rig = rig(EmulatorConfig::demo()).await;
+    let client = rig.client("us-east-1", "AKIDBUNDLED").await;
+    let bundled = Keyring::bundled().expect("bundled keys");
+    let (result, _) = rig.register(client, settings(1), bundled, |_, _| {}).await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EntitlementError::Verification(VerifyError::BadSignature { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), EXIT_VERIFICATION_FAILED);
+}
+
+#[tokio::test]
+async fn each_fatal_class_exits_with_its_code_against_the_emulator() {
+    use meterd::emulator::Entitlement as Emu;
+    for (state, exit) in [
+        (Emu::NotEntitled, EXIT_NOT_ENTITLED),
+        (Emu::PlatformNotSupported, EXIT_CONFIGURATION),
+        (Emu::WrongRegion, EXIT_CONFIGURATION),
+    ] {
+        let rig = rig(EmulatorConfig::demo()).await;
+        rig.emu
+            .set_entitlement(PRODUCT, state)
+            .expect("set entitlement");
+        let client = rig.client("us-east-1", "AKIDFATAL").await;
+        let (result, retries) = rig
+            .register(client, settings(1), rig.keyring(1), |_, _| {})
+            .await;
+        let err = result.unwrap_err();
+        assert_eq!(err.exit_code(), exit, "{state:?}: {err}");
+        assert_eq!(retries, 0, "{state:?} is not retried");
+    }
+
+    // A client in another region than the emulator's.
+    let rig = rig(EmulatorConfig::demo()).await;
+    let client = rig.client("eu-west-1", "AKIDREGION").await;
+    let (result, _) = rig
+        .register(client, settings(1), rig.keyring(1), |_, _| {})
+        .await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, EntitlementError::InvalidRegion { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("eu-west-1"));
+
+    // A product code the service does not know.
+    let client = rig.client("us-east-1", "AKIDPRODUCT").await;
+    let mut s = settings(1);
+    s.product_code = "prod-unknown".to_owned();
+    let (result, _) = rig.register(client, s, rig.keyring(1), |_, _| {}).await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, EntitlementError::InvalidProductCode { .. }),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), EXIT_CONFIGURATION);
+
+    // A key version the service does not have (the keyring trusts one, so the call is made).
+    let client = rig.client("us-east-1", "AKIDVERSION").await;
+    let (result, _) = rig
+        .register(client, settings(9), rig.keyring(9), |_, _| {})
+        .await;
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EntitlementError::InvalidPublicKeyVersion { version: 9, .. }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), EXIT_CONFIGURATION);
+}
+
+#[tokio::test]
+async fn throttling_followed_by_success_ends_entitled() {
+    let rig = rig(EmulatorConfig::demo()).await;
+    rig.emu.set_faults(FaultProfile {
+        all: FaultRule {
+            throttle_rate: 1.0,
+            ..FaultRule::default()
+        },
+        ..FaultProfile::default()
+    });
+    let client = rig.client("us-east-1", "AKIDTHROTTLE").await;
+    let (result, retries) = rig
+        .register(client, settings(1), rig.keyring(1), |n, emu| {
+            if n == 3 {
+                emu.set_faults(FaultProfile::default());
+            }
+        })
+        .await;
+    let ent = result.expect("entitled after throttling");
+    assert_eq!(retries, 3);
+    assert_eq!(ent.attempts, 4);
+    assert!(ent.registered_at > START);
+}
+
+#[tokio::test]
+async fn a_service_that_stays_down_exhausts_the_budget() {
+    let rig = rig(EmulatorConfig::demo()).await;
+    rig.emu.set_faults(FaultProfile {
+        all: FaultRule {
+            error_rate: 1.0,
+            ..FaultRule::default()
+        },
+        ..FaultProfile::default()
+    });
+    let client = rig.client("us-east-1", "AKIDDOWN").await;
+    let (result, retries) = rig
+        .register(client, settings(1), rig.keyring(1), |_, _| {})
+        .await;
+    let err = result.unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET, "{err}");
+    assert!(retries >= 5);
+    let waited = rig
+        .clock
+        .now()
+        .duration_since(from_unix_seconds(START))
+        .expect("forward");
+    assert!(waited <= Duration::from_secs(300), "{waited:?}");
+}
+
+#[tokio::test]
+async fn an_expired_key_version_is_accepted_with_a_rotation_flag() {
+    let mut config = EmulatorConfig::demo();
+    config.keys[0].expired_at = Some(from_unix_seconds(START - 86_400));
+    let rig = rig(config).await;
+    let client = rig.client("us-east-1", "AKIDROTATE").await;
+    let (result, _) = rig
+        .register(client, settings(1), rig.keyring(1), |_, _| {})
+        .await;
+    let ent = result.expect("still entitled");
+    assert!(ent.key_rotation_due);
+    assert_eq!(
+        ent.key_rotation.expect("rotation date").timestamp,
+        START - 86_400
+    );
+}
+
+/// Runs a DryRun check in a task, moving the shared clock to each announced retry time.
+async fn dry_run(
+    rig: &Rig,
+    access_key: &str,
+    mode: DryRunMode,
+) -> Result<meterd::entitlement::DryRunPassed, EntitlementError> {
+    let client = rig.client("us-east-1", access_key).await;
+    let shared: SharedClock = rig.clock.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<SystemTime>();
+    let task = tokio::spawn(async move {
+        let observer = move |e: &RetryEvent| {
+            let _ = tx.send(e.next_attempt_at);
+        };
+        dry_run_check_with(
+            &client,
+            PRODUCT,
+            "requests",
+            mode,
+            &shared,
+            &DryRunPolicy::default(),
+            &observer,
+        )
+        .await
+    });
+    while let Some(at) = rx.recv().await {
+        rig.clock.set(at);
+    }
+    task.await.expect("dry-run task")
+}
+
+#[tokio::test]
+async fn dry_run_passes_against_the_emulator() {
+    let rig = rig(EmulatorConfig::demo()).await;
+    let passed = dry_run(&rig, "AKIDDRY", DryRunMode::Container)
+        .await
+        .expect("DryRunOperation is success");
+    assert_eq!(passed.attempts, 1);
+    assert!(rig.emu.records().is_empty(), "a DryRun stores nothing");
+}
+
+#[tokio::test]
+async fn container_dry_run_for_an_unentitled_customer_is_fatal() {
+    let rig = rig(EmulatorConfig::demo()).await;
+    rig.emu
+        .set_entitlement(PRODUCT, meterd::emulator::Entitlement::NotEntitled)
+        .expect("set entitlement");
+    let err = dry_run(&rig, "AKIDDRYNE", DryRunMode::Container)
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), EXIT_NOT_ENTITLED, "{err}");
+    assert_eq!(rig.clock.now(), from_unix_seconds(START), "no retry");
+}
+
+#[tokio::test]
+async fn ami_dry_run_fails_closed_no_sooner_than_two_hours() {
+    let rig = rig(EmulatorConfig::demo()).await;
+    rig.emu.set_faults(FaultProfile {
+        all: FaultRule {
+            error_rate: 1.0,
+            ..FaultRule::default()
+        },
+        ..FaultProfile::default()
+    });
+    let err = dry_run(&rig, "AKIDAMI", DryRunMode::Ami).await.unwrap_err();
+    let waited = rig
+        .clock
+        .now()
+        .duration_since(from_unix_seconds(START))
+        .expect("forward");
+    assert!(
+        waited >= Duration::from_secs(7200),
+        "failed closed after {waited:?}"
+    );
+    assert!(matches!(err, EntitlementError::GaveUp { .. }), "{err}");
+    assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET);
+}
+
+#[test]
+fn the_keyring_is_embedded_in_the_binary() {
+    // Nothing is read from disk: the bundled keys come from the build.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = std::env::current_dir().expect("cwd");
+    std::env::set_current_dir(dir.path()).expect("chdir");
+    let ring = Keyring::bundled();
+    std::env::set_current_dir(before).expect("chdir back");
+    let ring = ring.expect("bundled keys parse");
+    let v1 = ring
+        .entries()
+        .iter()
+        .find(|e| e.source == "bundled:v1.pem")
+        .expect("keys/v1.pem is embedded");
+    assert_eq!((v1.version, v1.bits), (1, 3072));
+    let report = ring.report().render();
+    assert!(report.contains(&v1.fingerprint), "{report}");
+}
