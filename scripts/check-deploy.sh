@@ -40,6 +40,14 @@ must_fail() {
   grep -q -- "$pattern" <<<"$out" || { echo "$out"; echo "expected: $pattern"; return 1; }
 }
 
+meterd_bin() {
+  local b
+  for b in "$ROOT/target/release/meterd" "$ROOT/target/debug/meterd"; do
+    if [[ -x "$b" ]] && "$b" check-config --help >/dev/null 2>&1; then echo "$b"; return 0; fi
+  done
+  return 1
+}
+
 # ---- Helm ----
 render() { # name, extra helm args...
   local name="$1"; shift
@@ -63,6 +71,11 @@ for r in defaults example; do
 done
 check "helm property tests (sidecar, IRSA, probes, security context)" \
   "$PYTHON" scripts/deploy_tests.py helm "$WORK/defaults" "$WORK/example:$CHART/ci/example-values.yaml"
+notes() {
+  "$HELM" install analytics "$CHART" -n seller --dry-run=client -f "$CHART/ci/example-values.yaml" |
+    grep -q 'meterd runs as a native sidecar of analytics-meterd'
+}
+check "helm install --dry-run=client renders NOTES.txt" notes
 check "helm refuses a product code off the allow-list" \
   must_fail "allowed-product-codes" "$HELM" template x "$CHART" --set meterd.productCode=prod-free0000
 check "helm refuses terminationGracePeriodSeconds <= grace period" \
@@ -100,12 +113,32 @@ verify_unit() {
 }
 check "systemd-analyze verify deploy/systemd/meterd.service" verify_unit
 check "systemd unit property tests" "$PYTHON" scripts/deploy_tests.py systemd
-check "install.sh into a prefix" bash -c '
-  set -e; p="$(mktemp -d)"; trap "rm -rf $p" EXIT
-  b="'"$ROOT"'/target/release/meterd"; [ -x "$b" ] || b="'"$ROOT"'/target/debug/meterd"
-  if ! "$b" check-config --help >/dev/null 2>&1; then echo "skip: no meterd binary with check-config"; exit 0; fi
-  "'"$ROOT"'/deploy/install.sh" --binary "$b" --prefix "$p"
-  test -x "$p/usr/local/bin/meterd" && test -f "$p/etc/systemd/system/meterd.service" && test -f "$p/etc/meterd/meterd.toml"'
+install_prefix() {
+  local bin p="$WORK/prefix"
+  bin="$(meterd_bin)" || { echo "skip: no meterd binary (cargo build first)"; return 0; }
+  deploy/install.sh --binary "$bin" --prefix "$p" --no-start &&
+    test -x "$p/usr/local/bin/meterd" && test -f "$p/etc/systemd/system/meterd.service" &&
+    test -f "$p/etc/meterd/meterd.toml"
+}
+check "install.sh into a prefix" install_prefix
+
+# ---- every shipped configuration passes the agent's own validation ----
+configs_valid() {
+  local bin dir="$WORK/configs" f
+  bin="$(meterd_bin)" || { echo "skip: no meterd binary (cargo build first)"; return 0; }
+  mkdir -p "$dir"
+  echo "token-for-check" >"$dir/token"
+  sed 's/@PRODUCT_CODE@/prod-1234abcd/' deploy/container/meterd.toml >"$dir/container.toml"
+  cp deploy/systemd/meterd.toml "$dir/systemd.toml"
+  for r in defaults example seller/out; do
+    "$PYTHON" scripts/deploy_tests.py helm-config "$WORK/$r" "$dir/token" >"$dir/helm-${r%%/*}.toml" || return 1
+  done
+  for f in "$dir"/*.toml; do
+    "$bin" check-config --config "$f" || return 1
+  done
+  ls "$dir"/helm-*.toml >/dev/null
+}
+check "meterd check-config on the image, systemd and rendered Helm configs" configs_valid
 
 # ---- container ----
 check "hadolint deploy/Dockerfile" "$HADOLINT" deploy/Dockerfile

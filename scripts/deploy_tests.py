@@ -3,6 +3,7 @@
     python scripts/deploy_tests.py helm DIR[:VALUES] ...   # helm template --output-dir DIR [-f VALUES]
     python scripts/deploy_tests.py ecs                                 # task definition, IAM, CFN
     python scripts/deploy_tests.py systemd                             # unit file directives
+    python scripts/deploy_tests.py helm-config DIR TOKEN_FILE           # print the rendered meterd.toml
 
 Each group runs as a unittest suite; the exit code is non-zero on any failure.
 """
@@ -311,6 +312,10 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 64
     group = sys.argv[1]
+    if group == "helm-config":
+        cm = only(load_render(pathlib.Path(sys.argv[2])), "ConfigMap")
+        print(cm["data"]["meterd.toml"].replace("/var/run/meterd/token", sys.argv[3]), end="")
+        return 0
     cases = {"helm": HelmRender, "ecs": EcsTaskDefinition, "systemd": SystemdUnit}[group]
     if group == "helm":
         defaults = yaml.safe_load((ROOT / "helm/meterd/values.yaml").read_text())

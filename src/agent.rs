@@ -69,12 +69,15 @@ impl Listeners {
     pub async fn bind(config: &Config) -> Result<Self, AgentError> {
         let mut listeners = Listeners::default();
         if let Some(addr) = config.listen_addr() {
-            listeners.tcp = Some(TcpListener::bind(addr).await.map_err(|e| {
-                AgentError::Listen {
-                    what: addr.to_string(),
-                    detail: e.to_string(),
-                }
-            })?);
+            listeners.tcp =
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| AgentError::Listen {
+                            what: addr.to_string(),
+                            detail: e.to_string(),
+                        })?,
+                );
         }
         if !config.server.unix_socket.is_empty() {
             listeners.unix = Some(bind_unix(&PathBuf::from(&config.server.unix_socket))?);
@@ -83,7 +86,8 @@ impl Listeners {
     }
 }
 
-fn bind_unix(path: &std::path::Path) -> Result<UnixListener, AgentError> {
+/// Binds the local API's Unix socket with mode 0660, replacing a stale socket file.
+pub fn bind_unix(path: &std::path::Path) -> Result<UnixListener, AgentError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let err = |detail: String| AgentError::Listen {
         what: path.display().to_string(),
@@ -143,7 +147,13 @@ pub struct Handles {
 }
 
 /// Runs the agent until `ctx.shutdown` fires and the final flush is done, or a fatal error.
-pub async fn run(config: Config, listeners: Listeners, ctx: RunContext) -> Result<(), AgentError> {
+/// With `listeners` of `None`, binds what the configuration names, after taking the ledger
+/// lock (so a second agent is told about the lock, not about a busy port).
+pub async fn run(
+    config: Config,
+    listeners: Option<Listeners>,
+    ctx: RunContext,
+) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let clock = ctx.clock.clone();
     let ledger = Ledger::open(
@@ -156,6 +166,10 @@ pub async fn run(config: Config, listeners: Listeners, ctx: RunContext) -> Resul
         first_start = %rfc3339(ledger.identity().first_start),
         "ledger open"
     );
+    let listeners = match listeners {
+        Some(l) => l,
+        None => Listeners::bind(&config).await?,
+    };
 
     let env: EnvFn = ctx
         .env
@@ -169,7 +183,7 @@ pub async fn run(config: Config, listeners: Listeners, ctx: RunContext) -> Resul
     )
     .await;
     for warning in platform_info.credential_warnings() {
-        tracing::warn!(?warning, "credentials");
+        tracing::warn!(problem = %warning.problem, fix = %warning.fix, "credentials");
     }
     let platform = platform_info.platform;
 
@@ -207,15 +221,29 @@ pub async fn run(config: Config, listeners: Listeners, ctx: RunContext) -> Resul
             tracing::info!(%addr, "serving the local API");
         }
         servers.spawn(
-            ingest::serve(api.clone(), tcp, Via::Tcp, config.server.max_connections, http_stop.clone(), drain)
-                .instrument(tracing::info_span!("http", via = "tcp")),
+            ingest::serve(
+                api.clone(),
+                tcp,
+                Via::Tcp,
+                config.server.max_connections,
+                http_stop.clone(),
+                drain,
+            )
+            .instrument(tracing::info_span!("http", via = "tcp")),
         );
     }
     if let Some(unix) = listeners.unix {
         tracing::info!(path = %config.server.unix_socket, "serving the local API");
         servers.spawn(
-            ingest::serve(api.clone(), unix, Via::Unix, config.server.max_connections, http_stop.clone(), drain)
-                .instrument(tracing::info_span!("http", via = "unix")),
+            ingest::serve(
+                api.clone(),
+                unix,
+                Via::Unix,
+                config.server.max_connections,
+                http_stop.clone(),
+                drain,
+            )
+            .instrument(tracing::info_span!("http", via = "unix")),
         );
     }
     if let Some(on_started) = ctx.on_started {
@@ -303,7 +331,9 @@ pub async fn run(config: Config, listeners: Listeners, ctx: RunContext) -> Resul
     {
         let sender = sender.clone();
         let (wake, stop) = (wake.clone(), workers_stop.clone());
-        workers.spawn(async move { sender.run(wake, stop).await }.instrument(tracing::info_span!("sender")));
+        workers.spawn(
+            async move { sender.run(wake, stop).await }.instrument(tracing::info_span!("sender")),
+        );
     }
 
     let fatal = async {
@@ -335,12 +365,17 @@ pub async fn run(config: Config, listeners: Listeners, ctx: RunContext) -> Resul
 
     let now = unix_seconds(clock.now());
     let open_hour = ledger.open_hour(now);
-    match ledger.seal_through(open_hour + HOUR_SECS, now, policy).await {
+    match ledger
+        .seal_through(open_hour + HOUR_SECS, now, policy)
+        .await
+    {
         Ok(outcome) => {
             report_seal(&outcome, &metrics);
             tracing::info!(hour = %rfc3339(open_hour), "sealed the open hour for the final flush");
         }
-        Err(e) => tracing::error!(error = %e, "could not seal the open hour; its usage stays in the ledger for the next start"),
+        Err(e) => {
+            tracing::error!(error = %e, "could not seal the open hour; its usage stays in the ledger for the next start")
+        }
     }
     let budget = deadline
         .saturating_duration_since(tokio::time::Instant::now())
@@ -391,7 +426,9 @@ async fn establish_entitlement(
         let entitlement = entitlement::register(client, &settings, keyring, clock).await?;
         metrics.entitled.set(1);
         if let Some(rotation) = &entitlement.key_rotation {
-            metrics.public_key_rotation_timestamp_seconds.set(rotation.timestamp);
+            metrics
+                .public_key_rotation_timestamp_seconds
+                .set(rotation.timestamp);
         }
         status.set_entitlement(EntitlementStatus {
             state: EntitlementState::Entitled,
@@ -399,7 +436,12 @@ async fn establish_entitlement(
         });
         return Ok(None);
     }
-    let dimension = config.metering.dimensions.first().cloned().unwrap_or_default();
+    let dimension = config
+        .metering
+        .dimensions
+        .first()
+        .cloned()
+        .unwrap_or_default();
     let mode = if platform == Platform::Ec2 {
         DryRunMode::Ami
     } else {
@@ -408,7 +450,16 @@ async fn establish_entitlement(
     let mut policy = dry_run_policy;
     policy.container_budget = config.registration.startup_budget;
     if mode == DryRunMode::Container {
-        let passed = entitlement::dry_run_check_with(client, &config.product_code, &dimension, mode, clock, &policy, &|_| {}).await?;
+        let passed = entitlement::dry_run_check_with(
+            client,
+            &config.product_code,
+            &dimension,
+            mode,
+            clock,
+            &policy,
+            &|_| {},
+        )
+        .await?;
         metrics.entitled.set(1);
         status.set_entitlement(EntitlementStatus {
             state: EntitlementState::PermissionsVerified,
@@ -431,7 +482,16 @@ async fn establish_entitlement(
     );
     let handle = tokio::spawn(
         async move {
-            let passed = entitlement::dry_run_check_with(&client, &product_code, &dimension, mode, &clock, &policy, &|_| {}).await?;
+            let passed = entitlement::dry_run_check_with(
+                &client,
+                &product_code,
+                &dimension,
+                mode,
+                &clock,
+                &policy,
+                &|_| {},
+            )
+            .await?;
             metrics.entitled.set(1);
             status.set_entitlement(EntitlementStatus {
                 state: EntitlementState::PermissionsVerified,
@@ -458,7 +518,10 @@ async fn seal_loop(
     loop {
         let now = unix_seconds(clock.now());
         let closed_before = hour_floor(now - delay);
-        let next_check = match ledger.seal_through(closed_before, now, policy.clone()).await {
+        let next_check = match ledger
+            .seal_through(closed_before, now, policy.clone())
+            .await
+        {
             Ok(outcome) => {
                 if !outcome.hours.is_empty() {
                     report_seal(&outcome, &metrics);
@@ -480,7 +543,9 @@ async fn seal_loop(
 
 fn report_seal(outcome: &crate::ledger::SealOutcome, metrics: &Metrics) {
     metrics.records_sealed.inc_by(outcome.records as u64);
-    metrics.tag_sets_folded.inc_by(outcome.folded_tag_sets as u64);
+    metrics
+        .tag_sets_folded
+        .inc_by(outcome.folded_tag_sets as u64);
     for hour in &outcome.hours {
         tracing::info!(hour = %rfc3339(*hour), "hour sealed");
     }

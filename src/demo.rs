@@ -54,9 +54,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let clock: SharedClock = ScaledClock::new(start, args.time_scale);
     let work = tempfile::tempdir().context("cannot create a temporary directory")?;
 
-    let emulator = emulator::start(EmulatorConfig::demo(), clock.clone(), "127.0.0.1:0".parse()?)
-        .await
-        .context("cannot start the emulator")?;
+    let emulator = emulator::start(
+        EmulatorConfig::demo(),
+        clock.clone(),
+        "127.0.0.1:0".parse()?,
+    )
+    .await
+    .context("cannot start the emulator")?;
     let key_path = work.path().join("emulator-v1.pem");
     std::fs::write(
         &key_path,
@@ -110,26 +114,39 @@ max_backoff = "2s"
     ctx.env = Some(Arc::new(|_| None));
     let agent_task = tokio::spawn(agent::run(
         config,
-        Listeners {
+        Some(Listeners {
             tcp: Some(listener),
             unix: None,
-        },
+        }),
         ctx,
     ));
 
-    println!("meterd demo: emulator at {}, agent at http://{agent_addr}", emulator.endpoint_url());
-    println!("meterd demo: one hour passes every {:.0} s; running {} hours", 3600.0 / args.time_scale, args.hours);
+    println!(
+        "meterd demo: emulator at {}, agent at http://{agent_addr}",
+        emulator.endpoint_url()
+    );
+    println!(
+        "meterd demo: one hour passes every {:.0} s; running {} hours",
+        3600.0 / args.time_scale,
+        args.hours
+    );
     println!("meterd demo: post usage yourself with:");
     println!("  curl -s -H 'Content-Type: application/json' -d '{{\"dimension\":\"requests\",\"quantity\":5,\"tags\":{{\"tenant\":\"acme\"}}}}' http://{agent_addr}/v1/usage");
 
     let target = Target::Tcp(agent_addr.to_string());
     wait_ready(&target, &agent_task).await?;
-    println!("meterd demo: agent registered with RegisterUsage (PS256 token verified) and is ready");
+    println!(
+        "meterd demo: agent registered with RegisterUsage (PS256 token verified) and is ready"
+    );
 
     let acknowledged = Arc::new(AtomicI64::new(0));
     let load_stop = CancellationToken::new();
     let load = (!args.no_load).then(|| {
-        tokio::spawn(generate_load(target.clone(), acknowledged.clone(), load_stop.clone()))
+        tokio::spawn(generate_load(
+            target.clone(),
+            acknowledged.clone(),
+            load_stop.clone(),
+        ))
     });
 
     let first_hour = hour_floor(unix_seconds(clock.now()));
@@ -151,7 +168,10 @@ max_backoff = "2s"
     }
     println!("meterd demo: stopping the agent (SIGTERM path): the open hour is sealed and sent");
     shutdown.cancel();
-    agent_task.await.context("agent task")?.map_err(|e| anyhow::anyhow!("agent: {e}"))?;
+    agent_task
+        .await
+        .context("agent task")?
+        .map_err(|e| anyhow::anyhow!("agent: {e}"))?;
     print_new_records(&emulator, shown);
 
     let billed: i64 = emulator.records().iter().map(|r| r.quantity).sum();
@@ -174,8 +194,15 @@ async fn wait_ready(
         if agent_task.is_finished() {
             anyhow::bail!("the agent stopped during start-up");
         }
-        if let Ok((StatusCode::OK, _)) =
-            local_client::call(target, Method::GET, "/readyz", None, None, Duration::from_secs(2)).await
+        if let Ok((StatusCode::OK, _)) = local_client::call(
+            target,
+            Method::GET,
+            "/readyz",
+            None,
+            None,
+            Duration::from_secs(2),
+        )
+        .await
         {
             return Ok(());
         }
@@ -202,9 +229,18 @@ async fn generate_load(target: Target, acknowledged: Arc<AtomicI64>, stop: Cance
                 .collect()
         };
         let sum: i64 = events.iter().filter_map(|e| e["quantity"].as_i64()).sum();
-        let body = serde_json::json!({"events": events}).to_string().into_bytes();
-        if let Ok((StatusCode::OK, _)) =
-            local_client::call(&target, Method::POST, "/v1/usage", Some(body), None, Duration::from_secs(10)).await
+        let body = serde_json::json!({"events": events})
+            .to_string()
+            .into_bytes();
+        if let Ok((StatusCode::OK, _)) = local_client::call(
+            &target,
+            Method::POST,
+            "/v1/usage",
+            Some(body),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
         {
             acknowledged.fetch_add(sum, Ordering::Relaxed);
         }
@@ -223,7 +259,12 @@ fn print_new_records(emulator: &emulator::EmulatorHandle, shown: usize) -> usize
             let name = a
                 .tags
                 .as_ref()
-                .map(|tags| tags.iter().map(|t| t.value.clone()).collect::<Vec<_>>().join(","))
+                .map(|tags| {
+                    tags.iter()
+                        .map(|t| t.value.clone())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
                 .unwrap_or_else(|| "untagged".to_owned());
             allocations.insert(name, a.quantity);
         }
@@ -232,7 +273,11 @@ fn print_new_records(emulator: &emulator::EmulatorHandle, shown: usize) -> usize
         } else {
             format!(
                 "  [{}]",
-                allocations.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+                allocations
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             )
         };
         println!(

@@ -279,10 +279,7 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
 }
 
 fn error_response(r: &Rejection) -> Response<Body> {
-    json_response(
-        r.status,
-        &json!({"error": r.error, "details": r.details}),
-    )
+    json_response(r.status, &json!({"error": r.error, "details": r.details}))
 }
 
 /// Where a request came from: the Unix socket is not reachable by a browser, so its Host is
@@ -354,7 +351,9 @@ impl Api {
             (&Method::POST, "/v1/usage") => self.post_usage(req).await,
             (&Method::GET, "/v1/usage/current") => self.current_usage().await,
             (&Method::GET, "/v1/status") => self.status().await,
-            (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "alive"})),
+            (&Method::GET, "/healthz") => {
+                json_response(StatusCode::OK, &json!({"status": "alive"}))
+            }
             (&Method::GET, "/readyz") => self.readyz(),
             (&Method::GET, "/metrics") => {
                 if let Ok(stats) = self.ledger.stats().await {
@@ -371,13 +370,15 @@ impl Api {
                 );
                 resp
             }
-            (_, "/v1/usage" | "/v1/usage/current" | "/v1/status" | "/healthz" | "/readyz" | "/metrics") => {
-                error_response(&Rejection::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method",
-                    format!("{} is not allowed on {path}", req.method()),
-                ))
-            }
+            (
+                _,
+                "/v1/usage" | "/v1/usage/current" | "/v1/status" | "/healthz" | "/readyz"
+                | "/metrics",
+            ) => error_response(&Rejection::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method",
+                format!("{} is not allowed on {path}", req.method()),
+            )),
             _ => error_response(&Rejection::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -647,7 +648,10 @@ mod tests {
 
     fn vocab() -> Vocabulary {
         Vocabulary {
-            dimensions: ["requests", "gigabytes"].iter().map(|s| s.to_string()).collect(),
+            dimensions: ["requests", "gigabytes"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             tag_keys: ["tenant"].iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -678,17 +682,53 @@ mod tests {
     fn each_bad_input_is_named() {
         let cases = [
             ("{not json", "malformed_json", ""),
-            (r#"{"dimension":"nope","quantity":1}"#, "unknown_dimension", "unknown dimension"),
-            (r#"{"dimension":"requests","quantity":-1}"#, "bad_quantity", "negative"),
-            (r#"{"dimension":"requests","quantity":1.5}"#, "bad_quantity", "whole number"),
-            (r#"{"dimension":"requests","quantity":2147483648}"#, "bad_quantity", "larger than"),
+            (
+                r#"{"dimension":"nope","quantity":1}"#,
+                "unknown_dimension",
+                "unknown dimension",
+            ),
+            (
+                r#"{"dimension":"requests","quantity":-1}"#,
+                "bad_quantity",
+                "negative",
+            ),
+            (
+                r#"{"dimension":"requests","quantity":1.5}"#,
+                "bad_quantity",
+                "whole number",
+            ),
+            (
+                r#"{"dimension":"requests","quantity":2147483648}"#,
+                "bad_quantity",
+                "larger than",
+            ),
             (r#"{"dimension":"requests"}"#, "bad_quantity", "required"),
-            (r#"{"dimension":"requests","quantity":1,"tags":{"colour":"red"}}"#, "bad_tags", "not in metering.tag_keys"),
-            (r#"{"dimension":"requests","quantity":1,"tags":{"tenant":"a>b"}}"#, "bad_tags", "contains"),
-            (r#"{"dimension":"requests","quantity":1,"tags":{"tenant":""}}"#, "bad_tags", "empty"),
-            (r#"{"dimension":"requests","quantity":1,"tags":{"a":"1","b":"1","c":"1","d":"1","e":"1","f":"1"}}"#, "bad_tags", "at most 5"),
+            (
+                r#"{"dimension":"requests","quantity":1,"tags":{"colour":"red"}}"#,
+                "bad_tags",
+                "not in metering.tag_keys",
+            ),
+            (
+                r#"{"dimension":"requests","quantity":1,"tags":{"tenant":"a>b"}}"#,
+                "bad_tags",
+                "contains",
+            ),
+            (
+                r#"{"dimension":"requests","quantity":1,"tags":{"tenant":""}}"#,
+                "bad_tags",
+                "empty",
+            ),
+            (
+                r#"{"dimension":"requests","quantity":1,"tags":{"a":"1","b":"1","c":"1","d":"1","e":"1","f":"1"}}"#,
+                "bad_tags",
+                "at most 5",
+            ),
             (r#"{"events":[]}"#, "batch_size", ""),
-            (r#"{"dimension":"requests","quantity":1,"extra":true}"#, "malformed_json", "extra"),
+            (
+                r#"{"dimension":"requests","quantity":1,"extra":true}"#,
+                "malformed_json",
+                "extra",
+            ),
         ];
         for (body, reason, needle) in cases {
             let r = reject(body);
@@ -710,10 +750,22 @@ mod tests {
 
     #[test]
     fn host_guard_accepts_only_loopback_names() {
-        for ok in ["localhost", "localhost:8377", "127.0.0.1:8377", "[::1]:8377", "127.1.2.3"] {
+        for ok in [
+            "localhost",
+            "localhost:8377",
+            "127.0.0.1:8377",
+            "[::1]:8377",
+            "127.1.2.3",
+        ] {
             assert!(host_allowed(Some(ok), None), "{ok}");
         }
-        for bad in ["evil.example", "evil.example:8377", "10.0.0.1:8377", "0.0.0.0:8377", ""] {
+        for bad in [
+            "evil.example",
+            "evil.example:8377",
+            "10.0.0.1:8377",
+            "0.0.0.0:8377",
+            "",
+        ] {
             assert!(!host_allowed(Some(bad), None), "{bad}");
         }
         assert!(!host_allowed(None, None));

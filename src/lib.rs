@@ -17,11 +17,12 @@
 
 pub mod agent;
 pub mod aws;
+pub mod backoff;
 pub mod clock;
-pub mod emulator;
-pub mod entitlement;
 pub mod config;
 pub mod demo;
+pub mod emulator;
+pub mod entitlement;
 pub mod ingest;
 pub mod ledger;
 pub mod local_client;

@@ -11,17 +11,26 @@ use clap::{Parser, Subcommand, ValueEnum};
 use http::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
 
-use meterd::agent::{self, Listeners, RunContext};
+use meterd::agent::{self, RunContext};
 use meterd::aws::{build_client, AwsSettings};
 use meterd::clock::{rfc3339, SystemClock};
 use meterd::config::{Config, EXIT_BAD_CONFIG};
 use meterd::local_client::{self, Target};
 
 #[derive(Parser)]
-#[command(name = "meterd", version, about = "Metering agent for AWS Marketplace sellers")]
+#[command(
+    name = "meterd",
+    version,
+    about = "Metering agent for AWS Marketplace sellers"
+)]
 struct Cli {
     /// Log format: human-readable, or one JSON object per line (the container default).
-    #[arg(long, global = true, env = "METERD_LOG_FORMAT", default_value = "human")]
+    #[arg(
+        long,
+        global = true,
+        env = "METERD_LOG_FORMAT",
+        default_value = "human"
+    )]
     log_format: LogFormat,
     /// Log filter, e.g. `info` or `meterd=debug` (RUST_LOG syntax).
     #[arg(long, global = true, env = "METERD_LOG", default_value = "info")]
@@ -39,7 +48,12 @@ enum LogFormat {
 #[derive(clap::Args, Clone)]
 struct ConfigArg {
     /// Configuration file (TOML).
-    #[arg(long, short, env = "METERD_CONFIG", default_value = "/etc/meterd/meterd.toml")]
+    #[arg(
+        long,
+        short,
+        env = "METERD_CONFIG",
+        default_value = "/etc/meterd/meterd.toml"
+    )]
     config: PathBuf,
 }
 
@@ -103,6 +117,7 @@ fn init_logging(format: LogFormat, filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -137,19 +152,32 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Run(c) => run(&c.config).await,
-            Command::Report { config, dimension, quantity, tags, id } => {
-                report(&config.config, dimension, quantity, tags, id).await
-            }
+            Command::Report {
+                config,
+                dimension,
+                quantity,
+                tags,
+                id,
+            } => report(&config.config, dimension, quantity, tags, id).await,
             Command::Status(c) => status(&c.config).await,
             Command::Health(c) => health(&c.config).await,
             Command::CheckConfig(c) => match load_config(&c.config) {
                 Ok(config) => {
-                    println!("{}: valid (product {}, {} dimensions)", c.config.display(), config.product_code, config.metering.dimensions.len());
+                    println!(
+                        "{}: valid (product {}, {} dimensions)",
+                        c.config.display(),
+                        config.product_code,
+                        config.metering.dimensions.len()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(code) => code,
             },
-            Command::Records { config, limit, json } => records(&config.config, limit, json),
+            Command::Records {
+                config,
+                limit,
+                json,
+            } => records(&config.config, limit, json),
             Command::Keys { config } => keys(config.as_deref()),
             Command::Doctor(c) => doctor(&c.config).await,
             Command::Emulator(args) => match meterd::emulator::run_cli(args).await {
@@ -175,13 +203,6 @@ async fn run(config_path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let listeners = match Listeners::bind(&config).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            return exit(e.exit_code());
-        }
-    };
     let client = build_client(&AwsSettings {
         region: Some(config.aws.region.clone()),
         endpoint_url: Some(config.aws.endpoint_url.clone()),
@@ -193,7 +214,7 @@ async fn run(config_path: &Path) -> ExitCode {
     let grace = config.server.grace_period;
     tokio::spawn(watch_signals(shutdown.clone(), grace));
     let ctx = RunContext::new(Arc::new(SystemClock), client, shutdown);
-    match agent::run(config, listeners, ctx).await {
+    match agent::run(config, None, ctx).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(exit_code = e.exit_code(), "meterd stopped: {e}");
@@ -206,7 +227,10 @@ async fn run(config_path: &Path) -> ExitCode {
 /// or a second signal arrives, the process exits at once (the ledger keeps everything).
 async fn watch_signals(shutdown: CancellationToken, grace: Duration) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -226,7 +250,9 @@ async fn watch_signals(shutdown: CancellationToken, grace: Duration) {
 fn auth_token(config: &Config) -> Option<String> {
     match config.server.auth_token_file.as_str() {
         "" => None,
-        path => std::fs::read_to_string(path).ok().map(|t| t.trim().to_owned()),
+        path => std::fs::read_to_string(path)
+            .ok()
+            .map(|t| t.trim().to_owned()),
     }
 }
 
@@ -244,7 +270,9 @@ async fn report(
     let mut event = serde_json::json!({"dimension": dimension, "quantity": quantity});
     if !tags.is_empty() {
         event["tags"] = serde_json::Value::Object(
-            tags.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect(),
+            tags.into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect(),
         );
     }
     if let Some(id) = id {
@@ -266,7 +294,10 @@ async fn report(
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {
-            eprintln!("meterd report: {status}: {}", String::from_utf8_lossy(&body));
+            eprintln!(
+                "meterd report: {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -282,7 +313,16 @@ async fn status(config_path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     let token = auth_token(&config);
-    match local_client::call(&Target::from_config(&config), Method::GET, "/v1/status", None, token.as_deref(), Duration::from_secs(10)).await {
+    match local_client::call(
+        &Target::from_config(&config),
+        Method::GET,
+        "/v1/status",
+        None,
+        token.as_deref(),
+        Duration::from_secs(10),
+    )
+    .await
+    {
         Ok((StatusCode::OK, body)) => {
             match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
@@ -291,7 +331,10 @@ async fn status(config_path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {
-            eprintln!("meterd status: {status}: {}", String::from_utf8_lossy(&body));
+            eprintln!(
+                "meterd status: {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -306,7 +349,16 @@ async fn health(config_path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match local_client::call(&Target::from_config(&config), Method::GET, "/readyz", None, None, Duration::from_secs(5)).await {
+    match local_client::call(
+        &Target::from_config(&config),
+        Method::GET,
+        "/readyz",
+        None,
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    {
         Ok((StatusCode::OK, _)) => ExitCode::SUCCESS,
         Ok((status, body)) => {
             eprintln!("not ready ({status}): {}", String::from_utf8_lossy(&body));
@@ -332,14 +384,31 @@ fn records(config_path: &Path, limit: i64, json: bool) -> ExitCode {
         }
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&records).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&records).unwrap_or_default()
+        );
         return ExitCode::SUCCESS;
     }
-    println!("{:<21} {:<24} {:>12} {:<10} {:>8}  METERING RECORD ID / LAST ERROR", "HOUR", "DIMENSION", "QUANTITY", "STATE", "ATTEMPTS");
+    println!(
+        "{:<21} {:<24} {:>12} {:<10} {:>8}  METERING RECORD ID / LAST ERROR",
+        "HOUR", "DIMENSION", "QUANTITY", "STATE", "ATTEMPTS"
+    );
     for r in records {
-        let state = serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let state = serde_json::to_value(r.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         let detail = r.metering_record_id.or(r.last_error).unwrap_or_default();
-        println!("{:<21} {:<24} {:>12} {:<10} {:>8}  {}", rfc3339(r.hour), r.dimension, r.quantity, state, r.attempts, detail);
+        println!(
+            "{:<21} {:<24} {:>12} {:<10} {:>8}  {}",
+            rfc3339(r.hour),
+            r.dimension,
+            r.quantity,
+            state,
+            r.attempts,
+            detail
+        );
     }
     ExitCode::SUCCESS
 }
@@ -347,7 +416,10 @@ fn records(config_path: &Path, limit: i64, json: bool) -> ExitCode {
 fn keys(config_path: Option<&Path>) -> ExitCode {
     let (files, version) = match config_path.filter(|p| p.exists()) {
         Some(p) => match load_config(p) {
-            Ok(c) => (c.registration.public_key_files, c.registration.public_key_version),
+            Ok(c) => (
+                c.registration.public_key_files,
+                c.registration.public_key_version,
+            ),
             Err(code) => return code,
         },
         None => (Vec::new(), 1),

@@ -68,21 +68,81 @@ impl Metrics {
             public_key_rotation_timestamp_seconds: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("meterd_events_accepted", "Usage events counted", m.events_accepted.clone());
-        registry.register("meterd_events_duplicate", "Usage events acknowledged again by id but not counted", m.events_duplicate.clone());
-        registry.register("meterd_requests_rejected", "Ingest requests refused, by reason", m.requests_rejected.clone());
-        registry.register("meterd_ledger_errors", "Ledger writes that failed, by reason", m.ledger_errors.clone());
-        registry.register("meterd_ledger_commits", "Ledger transactions committed (one fsync each)", m.ledger_commits.clone());
-        registry.register("meterd_ledger_commands", "Ledger commands applied (requests, seals, deliveries)", m.ledger_commands.clone());
-        registry.register("meterd_records_sealed", "Dimension-hour records sealed", m.records_sealed.clone());
-        registry.register("meterd_records_sent", "Records confirmed by MeterUsage", m.records_sent.clone());
-        registry.register("meterd_send_failures", "MeterUsage attempts that failed, by error code", m.send_failures.clone());
-        registry.register("meterd_records_dead_lettered", "Records given up after the 6-hour window", m.records_dead_lettered.clone());
-        registry.register("meterd_records_duplicate", "Records refused by the service as duplicates", m.records_duplicate.clone());
-        registry.register("meterd_tag_sets_folded", "Tag sets folded into the untagged bucket at max_allocations", m.tag_sets_folded.clone());
-        registry.register("meterd_records_pending", "Sealed records not yet confirmed", m.records_pending.clone());
-        registry.register("meterd_entitled", "1 once RegisterUsage (or the DryRun check) passed", m.entitled.clone());
-        registry.register("meterd_public_key_rotation_timestamp_seconds", "PublicKeyRotationTimestamp from RegisterUsage; 0 when the key version is current", m.public_key_rotation_timestamp_seconds.clone());
+        registry.register(
+            "meterd_events_accepted",
+            "Usage events counted",
+            m.events_accepted.clone(),
+        );
+        registry.register(
+            "meterd_events_duplicate",
+            "Usage events acknowledged again by id but not counted",
+            m.events_duplicate.clone(),
+        );
+        registry.register(
+            "meterd_requests_rejected",
+            "Ingest requests refused, by reason",
+            m.requests_rejected.clone(),
+        );
+        registry.register(
+            "meterd_ledger_errors",
+            "Ledger writes that failed, by reason",
+            m.ledger_errors.clone(),
+        );
+        registry.register(
+            "meterd_ledger_commits",
+            "Ledger transactions committed (one fsync each)",
+            m.ledger_commits.clone(),
+        );
+        registry.register(
+            "meterd_ledger_commands",
+            "Ledger commands applied (requests, seals, deliveries)",
+            m.ledger_commands.clone(),
+        );
+        registry.register(
+            "meterd_records_sealed",
+            "Dimension-hour records sealed",
+            m.records_sealed.clone(),
+        );
+        registry.register(
+            "meterd_records_sent",
+            "Records confirmed by MeterUsage",
+            m.records_sent.clone(),
+        );
+        registry.register(
+            "meterd_send_failures",
+            "MeterUsage attempts that failed, by error code",
+            m.send_failures.clone(),
+        );
+        registry.register(
+            "meterd_records_dead_lettered",
+            "Records given up after the 6-hour window",
+            m.records_dead_lettered.clone(),
+        );
+        registry.register(
+            "meterd_records_duplicate",
+            "Records refused by the service as duplicates",
+            m.records_duplicate.clone(),
+        );
+        registry.register(
+            "meterd_tag_sets_folded",
+            "Tag sets folded into the untagged bucket at max_allocations",
+            m.tag_sets_folded.clone(),
+        );
+        registry.register(
+            "meterd_records_pending",
+            "Sealed records not yet confirmed",
+            m.records_pending.clone(),
+        );
+        registry.register(
+            "meterd_entitled",
+            "1 once RegisterUsage (or the DryRun check) passed",
+            m.entitled.clone(),
+        );
+        registry.register(
+            "meterd_public_key_rotation_timestamp_seconds",
+            "PublicKeyRotationTimestamp from RegisterUsage; 0 when the key version is current",
+            m.public_key_rotation_timestamp_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::aws::CallFailure;
+use crate::backoff::Backoff;
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
-use crate::entitlement::backoff::Backoff;
 use crate::ledger::{Delivery, Ledger, LedgerError, RecordState, StoredRecord, REPORT_WINDOW_SECS};
 use crate::metrics::Metrics;
 use crate::status::StatusBoard;
@@ -208,7 +208,8 @@ impl Sender {
     }
 
     async fn meter_usage(&self, record: &StoredRecord) -> Result<String, CallFailure> {
-        let quantity = i32::try_from(record.quantity).map_err(|_| local_failure("quantity exceeds the service maximum"))?;
+        let quantity = i32::try_from(record.quantity)
+            .map_err(|_| local_failure("quantity exceeds the service maximum"))?;
         let mut request = self
             .client
             .meter_usage()
@@ -230,7 +231,8 @@ impl Sender {
                             .map_err(|e| local_failure(&e.to_string()))?,
                     )
                 };
-                let quantity = i32::try_from(a.quantity).map_err(|_| local_failure("allocation exceeds the service maximum"))?;
+                let quantity = i32::try_from(a.quantity)
+                    .map_err(|_| local_failure("allocation exceeds the service maximum"))?;
                 let allocation = UsageAllocation::builder()
                     .allocated_usage_quantity(quantity)
                     .set_tags(tags)

@@ -76,7 +76,10 @@ impl StatusBoard {
     }
 
     pub fn sender(&self) -> SenderStatus {
-        self.sender.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.sender
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn update_sender(&self, f: impl FnOnce(&mut SenderStatus)) {

@@ -10,7 +10,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::faults::FaultProfile;
-use super::model::MODEL_MAX_ALLOCATIONS;
+use super::model::{Operation, MODEL_MAX_ALLOCATIONS};
 
 /// The demo's signing key for PublicKeyVersion 1. It is public on purpose: it signs only
 /// emulator tokens, and a fixed key lets an agent trust the demo across restarts.
@@ -54,6 +54,9 @@ pub struct EmulatorConfig {
     pub registration_tokens: Vec<RegistrationTokenConfig>,
     #[serde(default)]
     pub faults: FaultProfile,
+    /// Operations answered `DisabledApiException` ("The API is disabled in the Region").
+    #[serde(default)]
+    pub disabled_operations: Vec<Operation>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +155,7 @@ impl Default for EmulatorConfig {
             customers: Vec::new(),
             registration_tokens: Vec::new(),
             faults: FaultProfile::default(),
+            disabled_operations: Vec::new(),
         }
     }
 }
@@ -401,6 +405,15 @@ mod tests {
     }
 
     #[test]
+    fn a_product_has_at_most_24_dimensions() {
+        let mut config = EmulatorConfig::demo();
+        config.products[0].dimensions = (0..24).map(|i| format!("d{i}")).collect();
+        assert!(config.validate().is_ok());
+        config.products[0].dimensions.push("d24".to_owned());
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
     fn full_example_parses() {
         let text = r#"
             region = "eu-west-1"
@@ -408,6 +421,7 @@ mod tests {
             timestamp_future_skew = "1m"
             max_usage_allocations = 2500
             signature_max_skew = "15m"
+            disabled_operations = ["BatchMeterUsage"]
             [credentials]
             AKIDEXAMPLE = "secret"
             [[products]]
@@ -438,5 +452,6 @@ mod tests {
             Entitlement::PlatformNotSupported
         );
         assert_eq!(config.faults.all.latency, Some(Duration::from_millis(250)));
+        assert_eq!(config.disabled_operations, vec![Operation::BatchMeterUsage]);
     }
 }

@@ -18,7 +18,7 @@ use super::faults::InjectedFault;
 use super::jwt::Keyring;
 use super::model::{
     tag_text_ok, Allocation, BatchMeterUsageInput, MeterUsageInput, RegisterUsageInput,
-    ResolveCustomerInput, Tag,
+    ResolveCustomerInput, Tag, UsageRecordInput,
 };
 use super::sigv4::Caller;
 use crate::clock::{hour_floor, unix_millis};
@@ -494,7 +494,7 @@ impl Service {
             .product(&input.product_code)
             .ok_or_else(invalid_product)?;
         for record in &input.usage_records {
-            if record.customer_identifier.is_some() == record.customer_aws_account_id.is_some() {
+            if customer_identifier(record).is_some() == record.customer_aws_account_id.is_some() {
                 return Err(error(
                     "InvalidCustomerIdentifierException",
                     "Each usage record needs exactly one of CustomerIdentifier and CustomerAWSAccountId; \
@@ -523,7 +523,7 @@ impl Service {
             }
             let customer = self.customer(
                 &product.code,
-                record.customer_identifier.as_deref(),
+                customer_identifier(record),
                 record.customer_aws_account_id.as_deref(),
             );
             let Some(customer) = customer.filter(|c| c.subscribed) else {
@@ -694,6 +694,15 @@ impl Service {
         state.tokens.insert(token.token.clone(), token);
         Ok(())
     }
+}
+
+/// The record's CustomerIdentifier when it names one. The model allows an empty string, and
+/// SDKs whose model marks the member required send `""` beside a `CustomerAWSAccountId`.
+fn customer_identifier(record: &UsageRecordInput) -> Option<&str> {
+    record
+        .customer_identifier
+        .as_deref()
+        .filter(|s| !s.is_empty())
 }
 
 /// A UUID-shaped (version 4) id from the seeded generator.

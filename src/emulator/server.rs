@@ -188,6 +188,12 @@ async fn protocol(shared: &Shared, req: Request<Incoming>) -> Result<HttpRespons
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
+        if shared.service.config.disabled_operations.contains(&op) {
+            return Ok(Err(ApiError::new(
+                "DisabledApiException",
+                "The API is disabled in the Region.",
+            )));
+        }
         let decision = shared.faults().decide(op, now);
         if let Some(latency) = decision.latency {
             call.added_latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);

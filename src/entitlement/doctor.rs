@@ -264,7 +264,8 @@ pub async fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
             format!("no trusted key for PublicKeyVersion {version}"),
             Some(&format!(
                 "add the public key AWS gave you with the product code as keys/v{version}.pem \
-                 and rebuild, or list it in registration.public_key_files"
+                 (or keys/v{version}-<name>.pem) and rebuild, or list it in \
+                 registration.public_key_files"
             )),
         ));
     } else {
@@ -542,7 +543,7 @@ mod tests {
         assert!(keyring
             .fix
             .as_deref()
-            .is_some_and(|f| f.contains("keys/v1.pem")));
+            .is_some_and(|f| f.contains("keys/v1-<name>.pem")));
         let clock = report.check("clock").expect("clock check");
         assert_eq!(
             clock.status,

@@ -27,10 +27,10 @@ use aws_sdk_marketplacemetering::primitives::DateTime;
 use serde::Serialize;
 use tracing::{error, info, warn};
 
-use super::backoff::Backoff;
 use super::register::RetryEvent;
 use super::{classify_fatal, EntitlementError, Operation};
 use crate::aws::CallFailure;
+use crate::backoff::Backoff;
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 
 /// The error code that means "a real call would have been allowed".

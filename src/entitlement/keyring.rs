@@ -341,6 +341,25 @@ mod tests {
     }
 
     #[test]
+    fn small_keys_and_version_zero_are_refused() {
+        use rsa::pkcs8::LineEnding;
+        let small = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).expect("keygen");
+        let pem = small
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem");
+        let err = Keyring::empty().add_pem(1, "small", &pem).unwrap_err();
+        assert!(
+            matches!(err, KeyringError::TooSmall { bits: 1024, .. }),
+            "{err}"
+        );
+        let err = Keyring::empty()
+            .add_pem(0, "zero", &trusted_public_pem())
+            .unwrap_err();
+        assert!(matches!(err, KeyringError::BadVersion { .. }), "{err}");
+    }
+
+    #[test]
     fn duplicate_keys_are_listed_once_and_report_renders() {
         let mut ring = Keyring::empty();
         ring.add_pem(2, "a", &trusted_public_pem()).expect("add");

@@ -24,7 +24,6 @@
 //! | 77 | [`EXIT_NOT_ENTITLED`] | `CustomerNotEntitledException`: the customer is not subscribed |
 //! | 78 | [`EXIT_CONFIGURATION`] | deployment configuration: platform, region, product code, key version, keyring, credentials or IAM permissions |
 
-pub mod backoff;
 pub mod doctor;
 pub mod dry_run;
 pub mod keyring;
@@ -39,7 +38,7 @@ use std::time::Duration;
 
 use crate::aws::CallFailure;
 
-pub use backoff::{Backoff, BackoffError};
+pub use crate::backoff::{Backoff, BackoffError};
 pub use doctor::{doctor, CheckStatus, DoctorCheck, DoctorInputs, DoctorReport};
 pub use dry_run::{dry_run_check, dry_run_check_with, DryRunMode, DryRunPassed, DryRunPolicy};
 pub use keyring::{KeyEntry, Keyring, KeyringError, KeysReport};
@@ -132,8 +131,8 @@ pub enum EntitlementError {
 
     #[error(
         "the keyring holds no key for PublicKeyVersion {version}; fix: add the public key AWS \
-         gave you as keys/v{version}.pem and rebuild, or list it in \
-         registration.public_key_files"
+         gave you as keys/v{version}.pem (or keys/v{version}-<name>.pem) and rebuild, or \
+         list it in registration.public_key_files"
     )]
     NoTrustedKey { version: u32 },
 

@@ -20,12 +20,12 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tracing::{error, info, warn};
 
-use super::backoff::Backoff;
 use super::keyring::Keyring;
 use super::nonce::new_nonce;
 use super::verify::{verify, Expected, VerifiedRegistration, VerifyError};
 use super::{check_product_code, classify_fatal, EntitlementError, Operation};
 use crate::aws::CallFailure;
+use crate::backoff::Backoff;
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::platform::Platform;
 

@@ -575,6 +575,38 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_input_is_refused_without_panicking(input in ".{0,600}") {
+            proptest::prop_assert!(verify(&input, &test_keyring(1), &expected()).is_err());
+        }
+
+        #[test]
+        fn arbitrary_segments_are_refused_without_panicking(
+            header in "[A-Za-z0-9_-]{0,80}",
+            payload in "[A-Za-z0-9_-]{0,80}",
+            signature in "[A-Za-z0-9_-]{0,80}",
+        ) {
+            let token = format!("{header}.{payload}.{signature}");
+            proptest::prop_assert!(verify(&token, &test_keyring(1), &expected()).is_err());
+        }
+
+        #[test]
+        fn any_other_algorithm_is_refused_before_key_use(alg in "[A-Za-z0-9]{0,8}") {
+            proptest::prop_assume!(alg != "PS256");
+            let token = format!(
+                "{}.{}.AAAA",
+                b64(&json!({"alg": alg})),
+                b64(&claims(PRODUCT, NONCE, 1))
+            );
+            // An empty keyring: refusing must not depend on any key.
+            proptest::prop_assert_eq!(
+                verify(&token, &Keyring::empty(), &expected()),
+                Err(VerifyError::AlgorithmRefused { alg })
+            );
+        }
+    }
+
     #[test]
     fn missing_claims_are_named() {
         let token = sign_ps256(

@@ -1,4 +1,4 @@
-//! Exponential back-off with jitter for the start-up retry loops.
+//! Exponential back-off with jitter, for every retry loop (start-up and delivery).
 //!
 //! The delay before retry `attempt` (0-based) starts from `base = min(max, initial * 2^attempt)`
 //! and is jittered uniformly into `[base / 2, base]` ("equal jitter"): never more than `max`,

@@ -1,0 +1,665 @@
+//! The agent driven in-process against the emulator, with a manual clock shared by both.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use meterd::agent::{self, AgentError, Handles, Listeners, RunContext};
+use meterd::aws::{build_client, AwsSettings};
+use meterd::clock::{ManualClock, HOUR_SECS};
+use meterd::config::Config;
+use meterd::emulator::{self, EmulatorConfig, EmulatorHandle, FaultProfile, FaultRule};
+use meterd::local_client::{self, Target};
+
+/// An hour boundary well clear of anything real: 2027-01-15T08:00:00Z.
+const H0: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
+const PRODUCT: &str = "prod-demo1234";
+const ACCESS_KEY: &str = "AKIATESTAGENT0000001";
+
+struct Agent {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+    handles: Handles,
+}
+
+struct Harness {
+    clock: Arc<ManualClock>,
+    emulator: EmulatorHandle,
+    dir: tempfile::TempDir,
+    key_path: std::path::PathBuf,
+}
+
+impl Harness {
+    async fn new(start: i64) -> Self {
+        let clock = ManualClock::at_unix(start);
+        let emulator = emulator::start(
+            EmulatorConfig::demo(),
+            clock.clone(),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await
+        .expect("emulator starts");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_path = dir.path().join("emulator-v1.pem");
+        std::fs::write(&key_path, emulator.public_key_pem(1).expect("key v1")).expect("write key");
+        Self {
+            clock,
+            emulator,
+            dir,
+            key_path,
+        }
+    }
+
+    fn config(&self, extra: &str) -> Config {
+        let text = format!(
+            r#"
+product_code = "{PRODUCT}"
+platform = "ecs"
+[metering]
+dimensions = ["requests", "gigabytes"]
+tag_keys = ["tenant", "region"]
+[registration]
+public_key_files = [{key:?}]
+[server]
+listen = "127.0.0.1:0"
+grace_period = "10s"
+{extra}
+[state]
+dir = {state:?}
+[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+[sending]
+seal_delay = "1s"
+initial_backoff = "5ms"
+max_backoff = "40ms"
+call_timeout = "5s"
+"#,
+            key = self.key_path.display().to_string(),
+            state = self.dir.path().join("state").display().to_string(),
+            endpoint = self.emulator.endpoint_url(),
+        );
+        Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn start_agent(&self, config: Config) -> Agent {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = build_client(&AwsSettings {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(self.emulator.endpoint_url()),
+            static_credentials: Some((ACCESS_KEY.into(), "secret".into())),
+            operation_timeout: Some(Duration::from_secs(5)),
+        })
+        .await;
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut ctx = RunContext::new(self.clock.clone(), client, shutdown.clone());
+        ctx.env = Some(Arc::new(|_| None));
+        ctx.on_started = Some(Box::new(move |h| {
+            let _ = tx.send(h);
+        }));
+        let unix = match config.server.unix_socket.as_str() {
+            "" => None,
+            path => Some(agent::bind_unix(std::path::Path::new(path)).expect("bind unix socket")),
+        };
+        let task = tokio::spawn(agent::run(
+            config,
+            Some(Listeners {
+                tcp: Some(listener),
+                unix,
+            }),
+            ctx,
+        ));
+        let handles = rx.await.expect("agent started");
+        let agent = Agent {
+            addr,
+            shutdown,
+            task,
+            handles,
+        };
+        wait_for("agent ready", || agent.handles.status.is_ready()).await;
+        agent
+    }
+
+    /// MeterUsage records the emulator accepted, by (hour, dimension).
+    fn billed(&self) -> BTreeMap<(i64, String), emulator::StoredMeterRecord> {
+        let mut out = BTreeMap::new();
+        for r in self.emulator.records() {
+            let key = (r.hour, r.dimension.clone());
+            assert!(
+                out.insert(key.clone(), r).is_none(),
+                "two records for {key:?}"
+            );
+        }
+        out
+    }
+
+    fn advance_to(&self, t: i64) {
+        self.clock.set(meterd::clock::from_unix_seconds(t));
+    }
+}
+
+impl Agent {
+    async fn post(&self, body: Value) -> (StatusCode, Value) {
+        self.post_raw(body.to_string().into_bytes()).await
+    }
+
+    async fn post_raw(&self, body: Vec<u8>) -> (StatusCode, Value) {
+        let (status, bytes) = local_client::call(
+            &Target::Tcp(self.addr.to_string()),
+            Method::POST,
+            "/v1/usage",
+            Some(body),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("request");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let (status, bytes) = local_client::call(
+            &Target::Tcp(self.addr.to_string()),
+            Method::GET,
+            path,
+            None,
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("request");
+        (
+            status,
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+        )
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("agent task")
+            .expect("agent exits cleanly");
+    }
+}
+
+/// Polls a condition on real time (the agent works concurrently); fails after 20 s.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn ev(dimension: &str, quantity: i64, tenant: Option<&str>) -> Value {
+    match tenant {
+        Some(t) => json!({"dimension": dimension, "quantity": quantity, "tags": {"tenant": t}}),
+        None => json!({"dimension": dimension, "quantity": quantity}),
+    }
+}
+
+fn allocations(r: &emulator::StoredMeterRecord) -> BTreeMap<String, i64> {
+    r.allocations
+        .iter()
+        .map(|a| {
+            let name = a
+                .tags
+                .as_ref()
+                .map(|t| {
+                    t.iter()
+                        .map(|t| format!("{}={}", t.key, t.value))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_else(|| "-".into());
+            (name, a.quantity)
+        })
+        .collect()
+}
+
+fn meter_usage_errors(h: &Harness) -> Vec<String> {
+    h.emulator
+        .calls()
+        .iter()
+        .filter(|c| c.operation == "MeterUsage")
+        .filter_map(|c| c.error_type().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hours_two_dimensions_exactly_one_record_each() {
+    let h = Harness::new(H0 + 600).await;
+    let agent = h.start_agent(h.config("")).await;
+
+    let (status, body) = agent
+        .post(json!({"events": [ev("requests", 3, Some("a")), ev("requests", 4, Some("b")), ev("requests", 2, None), ev("gigabytes", 5, None)]}))
+        .await;
+    assert_eq!(
+        (status, body["accepted"].as_i64()),
+        (StatusCode::OK, Some(4)),
+        "{body}"
+    );
+    agent.post(ev("requests", 1, Some("a"))).await;
+
+    h.advance_to(H0 + HOUR_SECS + 300);
+    wait_for("hour 0 billed", || h.billed().len() == 2).await;
+
+    agent.post(ev("requests", 7, Some("c"))).await;
+    h.advance_to(H0 + 2 * HOUR_SECS + 300);
+    wait_for("hour 1 billed", || h.billed().len() == 4).await;
+    // Hour 2 has no usage at all.
+    h.advance_to(H0 + 3 * HOUR_SECS + 300);
+    wait_for("hour 2 billed", || h.billed().len() == 6).await;
+
+    let billed = h.billed();
+    let get = |hour: i64, d: &str| {
+        billed
+            .get(&(H0 + hour * HOUR_SECS, d.to_owned()))
+            .unwrap_or_else(|| panic!("no record for hour {hour} {d}"))
+    };
+    let r = get(0, "requests");
+    assert_eq!(r.quantity, 10);
+    assert_eq!(
+        allocations(r),
+        BTreeMap::from([
+            ("tenant=a".into(), 4),
+            ("tenant=b".into(), 4),
+            ("-".into(), 2)
+        ])
+    );
+    assert_eq!(
+        r.timestamp as i64,
+        H0 + 600,
+        "timestamp not before the agent first started"
+    );
+    let g = get(0, "gigabytes");
+    assert_eq!(
+        (g.quantity, g.allocations.len()),
+        (5, 0),
+        "no tags: no allocations"
+    );
+    let r1 = get(1, "requests");
+    assert_eq!((r1.quantity, r1.timestamp as i64), (7, H0 + HOUR_SECS));
+    assert_eq!(allocations(r1), BTreeMap::from([("tenant=c".into(), 7)]));
+    assert_eq!(
+        get(1, "gigabytes").quantity,
+        0,
+        "zero record for an idle dimension"
+    );
+    for d in ["requests", "gigabytes"] {
+        let z = get(2, d);
+        assert_eq!(
+            (z.quantity, z.allocations.len()),
+            (0, 0),
+            "zero record for an empty hour"
+        );
+    }
+    let meter_calls = h
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.operation == "MeterUsage")
+        .count();
+    assert_eq!(meter_calls, 6, "one MeterUsage per dimension-hour");
+    assert!(
+        meter_usage_errors(&h).is_empty(),
+        "{:?}",
+        meter_usage_errors(&h)
+    );
+    // Every record carried a ClientToken.
+    assert!(billed
+        .values()
+        .all(|r| r.client_token.as_deref().is_some_and(|t| t.len() == 64)));
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_errors_and_two_hours_down_still_bill_each_hour_once() {
+    let h = Harness::new(H0 + 300).await;
+    let agent = h.start_agent(h.config("")).await;
+    let flaky = FaultRule {
+        throttle_rate: 0.5,
+        error_rate: 0.2,
+        ..FaultRule::default()
+    };
+    let meter_only = |rule: FaultRule| FaultProfile {
+        operations: BTreeMap::from([(emulator::Operation::MeterUsage, rule)]),
+        seed: Some(7),
+        ..FaultProfile::default()
+    };
+    h.emulator.set_faults(meter_only(flaky.clone()));
+
+    let mut expected: BTreeMap<(i64, String), i64> = BTreeMap::new();
+    for hour in 0..5 {
+        let start = H0 + hour * HOUR_SECS;
+        h.advance_to(start + 600);
+        let q = 10 + hour;
+        agent
+            .post(json!({"events": [ev("requests", q, Some("x")), ev("gigabytes", 1, None)]}))
+            .await;
+        expected.insert((start, "requests".into()), q);
+        expected.insert((start, "gigabytes".into()), 1);
+        if hour == 1 {
+            // Down for two simulated hours from 01:10, on top of throttling and 500s.
+            h.emulator.set_faults(meter_only(FaultRule {
+                down_for: Some(Duration::from_secs(2 * 3600)),
+                ..flaky.clone()
+            }));
+        }
+    }
+    h.advance_to(H0 + 5 * HOUR_SECS + 600);
+    wait_for("all five hours billed", || h.billed().len() == 10).await;
+    let billed: BTreeMap<(i64, String), i64> = h
+        .billed()
+        .into_iter()
+        .map(|(k, r)| (k, r.quantity))
+        .collect();
+    assert_eq!(billed, expected);
+    let errors = meter_usage_errors(&h);
+    assert!(
+        errors.iter().any(|e| e == "ThrottlingException"),
+        "faults were injected: {errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e == "InternalServiceErrorException"),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e != "DuplicateRequestException" && e != "IdempotencyConflictException"),
+        "{errors:?}"
+    );
+    // The emulator stores a record just before the agent hears back; let the agent settle.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let (_, status) = agent.get("/v1/status").await;
+        if status["records"]["pending"] == 0 || tokio::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(status["records"]["pending"], 0, "{status}");
+    assert_eq!(status["records"]["sent"], 10, "{status}");
+    assert_eq!(status["records"]["dead_letter"], 0, "{status}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_past_the_six_hour_window_is_dead_lettered_and_visible() {
+    let h = Harness::new(H0 + 300).await;
+    let agent = h.start_agent(h.config("")).await;
+    h.emulator.set_faults(FaultProfile {
+        operations: BTreeMap::from([(
+            emulator::Operation::MeterUsage,
+            FaultRule {
+                down_for: Some(Duration::from_secs(8 * 3600)),
+                ..FaultRule::default()
+            },
+        )]),
+        ..FaultProfile::default()
+    });
+    agent.post(ev("requests", 42, None)).await;
+    h.advance_to(H0 + HOUR_SECS + 60);
+    wait_for("first failed attempt", || {
+        !meter_usage_errors(&h).is_empty()
+    })
+    .await;
+    // Six hours after the record's timestamp (00:05), it can no longer be reported.
+    h.advance_to(H0 + 300 + 6 * HOUR_SECS + 60);
+    let dead = || async {
+        let (_, status) = agent.get("/v1/status").await;
+        status["records"]["dead_letter"].as_i64().unwrap_or(0)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while dead().await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hour 0 was never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, metrics) = agent.get("/metrics").await;
+    let text = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(
+        text.contains("meterd_records_dead_lettered_total 2"),
+        "{text}"
+    );
+    let records = agent
+        .handles
+        .ledger
+        .recent_records(100)
+        .await
+        .expect("records");
+    let lost: Vec<_> = records.iter().filter(|r| r.hour == H0).collect();
+    assert_eq!(lost.len(), 2);
+    assert!(lost
+        .iter()
+        .all(|r| r.state == meterd::ledger::RecordState::Dead && r.last_error.is_some()));
+    assert_eq!(
+        lost.iter().map(|r| r.quantity).sum::<i64>(),
+        42,
+        "dead letters keep the usage for reconciliation"
+    );
+    assert!(h.billed().is_empty());
+    agent.shutdown.cancel();
+    let _ = agent.task.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_named_4xx_and_changes_nothing() {
+    let h = Harness::new(H0 + 300).await;
+    let agent = h.start_agent(h.config("")).await;
+    agent
+        .post(json!({"events": [ev("requests", 5, Some("a")), ev("gigabytes", 2, None)]}))
+        .await;
+    let (_, before) = agent.get("/v1/usage/current").await;
+
+    let big_batch = json!({"events": vec![ev("requests", 1, None); 10_001]});
+    let cases: Vec<(Vec<u8>, StatusCode, &str)> = vec![
+        (b"{not json".to_vec(), StatusCode::BAD_REQUEST, "not a valid usage request"),
+        (json!({"dimension": "bogus", "quantity": 1}).to_string().into_bytes(), StatusCode::BAD_REQUEST, "unknown dimension"),
+        (json!({"dimension": "requests", "quantity": -3}).to_string().into_bytes(), StatusCode::BAD_REQUEST, "negative"),
+        (br#"{"dimension":"requests","quantity":2.5}"#.to_vec(), StatusCode::BAD_REQUEST, "whole number"),
+        (json!({"dimension": "requests", "quantity": 2_147_483_648_i64}).to_string().into_bytes(), StatusCode::BAD_REQUEST, "larger than"),
+        (json!({"dimension": "requests", "quantity": 1, "tags": {"colour": "red"}}).to_string().into_bytes(), StatusCode::BAD_REQUEST, "not in metering.tag_keys"),
+        (json!({"dimension": "requests", "quantity": 1, "tags": {"tenant": "a?b"}}).to_string().into_bytes(), StatusCode::BAD_REQUEST, "contains"),
+        (json!({"dimension": "requests", "quantity": 1, "tags": {"tenant": "a", "region": "b", "k3": "c", "k4": "d", "k5": "e", "k6": "f"}}).to_string().into_bytes(), StatusCode::BAD_REQUEST, "at most 5"),
+        (json!({"events": [ev("requests", 1, None), ev("requests", -1, None)]}).to_string().into_bytes(), StatusCode::BAD_REQUEST, "\"index\":1"),
+        (big_batch.to_string().into_bytes(), StatusCode::BAD_REQUEST, "1 to 10000 events"),
+        (vec![b' '; 1024 * 1024 + 1], StatusCode::PAYLOAD_TOO_LARGE, "exceeds"),
+        (json!({"dimension": "requests", "quantity": 2_147_483_647_i64}).to_string().into_bytes(), StatusCode::UNPROCESSABLE_ENTITY, "at most 2147483647"),
+    ];
+    for (body, want, needle) in cases {
+        let (status, reply) = agent.post_raw(body).await;
+        assert_eq!(status, want, "{reply}");
+        assert!(
+            reply.to_string().contains(needle),
+            "{needle:?} not in {reply}"
+        );
+    }
+    // Wrong content type.
+    let (status, bytes) = {
+        let mut stream = tokio::net::TcpStream::connect(agent.addr)
+            .await
+            .expect("connect");
+        raw_exchange(&mut stream, "POST /v1/usage HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}").await
+    };
+    assert_eq!(status, 415, "{bytes}");
+    assert!(bytes.contains("application/json"), "{bytes}");
+
+    let (_, after) = agent.get("/v1/usage/current").await;
+    assert_eq!(before, after, "rejected requests changed the ledger");
+    agent.stop().await;
+}
+
+async fn raw_exchange(stream: &mut tokio::net::TcpStream, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_the_open_hour_and_a_restart_carries_usage_forward() {
+    let h = Harness::new(H0 + 600).await;
+    let agent = h.start_agent(h.config("")).await;
+    agent.post(ev("requests", 8, Some("a"))).await;
+    agent.stop().await;
+    let billed = h.billed();
+    assert_eq!(
+        billed.len(),
+        2,
+        "the open hour was sealed and sent at shutdown"
+    );
+    assert_eq!(billed[&(H0, "requests".to_owned())].quantity, 8);
+
+    // Restart within the same hour: that hour is reported, so new usage goes to the next.
+    h.advance_to(H0 + 1200);
+    let agent = h.start_agent(h.config("")).await;
+    let (_, current) = agent.get("/v1/usage/current").await;
+    assert_eq!(
+        current["hour"],
+        meterd::clock::rfc3339(H0 + HOUR_SECS),
+        "{current}"
+    );
+    agent.post(ev("requests", 5, None)).await;
+    h.advance_to(H0 + 2 * HOUR_SECS + 60);
+    wait_for("the carried hour billed", || h.billed().len() == 4).await;
+    let billed = h.billed();
+    assert_eq!(
+        billed[&(H0, "requests".to_owned())].quantity,
+        8,
+        "the reported hour never changes"
+    );
+    assert_eq!(billed[&(H0 + HOUR_SECS, "requests".to_owned())].quantity, 5);
+    assert!(
+        meter_usage_errors(&h).is_empty(),
+        "{:?}",
+        meter_usage_errors(&h)
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_api_guards_host_token_and_socket_mode() {
+    let h = Harness::new(H0 + 300).await;
+    let token_path = h.dir.path().join("token");
+    std::fs::write(&token_path, "s3cret-token\n").expect("token");
+    let socket = h.dir.path().join("meterd.sock");
+    let agent = h
+        .start_agent(h.config(&format!(
+            "auth_token_file = {:?}\nunix_socket = {:?}",
+            token_path.display().to_string(),
+            socket.display().to_string()
+        )))
+        .await;
+    // DNS rebinding: a foreign Host is refused even with the right token.
+    let mut stream = tokio::net::TcpStream::connect(agent.addr)
+        .await
+        .expect("connect");
+    let (status, _) = raw_exchange(&mut stream, "GET /v1/status HTTP/1.1\r\nHost: attacker.example\r\nAuthorization: Bearer s3cret-token\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, 403);
+    // No token, wrong token, right token.
+    assert_eq!(agent.get("/v1/status").await.0, StatusCode::UNAUTHORIZED);
+    let target = Target::Tcp(agent.addr.to_string());
+    let wrong = local_client::call(
+        &target,
+        Method::GET,
+        "/v1/status",
+        None,
+        Some("s3cret-tokeX"),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("call");
+    assert_eq!(wrong.0, StatusCode::UNAUTHORIZED);
+    let right = local_client::call(
+        &target,
+        Method::GET,
+        "/v1/status",
+        None,
+        Some("s3cret-token"),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("call");
+    assert_eq!(right.0, StatusCode::OK);
+    // Health endpoints stay open for probes.
+    assert_eq!(agent.get("/readyz").await.0, StatusCode::OK);
+    // The Unix socket: mode 0660, same routes, same token rule.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    let unix = Target::Unix(socket.display().to_string());
+    let body = ev("requests", 2, None).to_string().into_bytes();
+    let (status, _) = local_client::call(
+        &unix,
+        Method::POST,
+        "/v1/usage",
+        Some(body),
+        Some("s3cret-token"),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("call");
+    assert_eq!(status, StatusCode::OK);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_ids_count_once_under_concurrent_retries() {
+    let h = Harness::new(H0 + 300).await;
+    let agent = Arc::new(h.start_agent(h.config("")).await);
+    let mut tasks = Vec::new();
+    for client in 0..64 {
+        let agent = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10 {
+                // Every client sends ids 0..40 of a shared pool, so each id arrives many times.
+                let id = format!("evt-{}", (client * 10 + i) % 40);
+                let (status, _) = agent
+                    .post(json!({"dimension": "requests", "quantity": 1, "id": id}))
+                    .await;
+                assert_eq!(status, StatusCode::OK);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    let (_, current) = agent.get("/v1/usage/current").await;
+    assert_eq!(current["usage"][0]["quantity"], 40, "{current}");
+    let agent = Arc::try_unwrap(agent).unwrap_or_else(|_| panic!("agent still shared"));
+    agent.stop().await;
+    assert_eq!(h.billed()[&(H0, "requests".to_owned())].quantity, 40);
+}

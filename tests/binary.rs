@@ -1,0 +1,402 @@
+//! The real `meterd` binary: crash-safety under SIGKILL, SIGTERM flush, exit codes.
+//!
+//! The emulator runs in this test process (so it outlives every kill); the agent is a child.
+//! `METERD_CRASH_ITERATIONS` sets the number of kills (default 20; the long mode uses 200).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use rand::Rng;
+use tokio::process::{Child, Command};
+
+use meterd::clock::SystemClock;
+use meterd::emulator::{self, EmulatorConfig, EmulatorHandle};
+use meterd::local_client::{self, Target};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meterd");
+
+struct Setup {
+    emulator: EmulatorHandle,
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    addr: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+async fn setup(extra_config: &str) -> Setup {
+    let emulator = emulator::start(
+        EmulatorConfig::demo(),
+        Arc::new(SystemClock),
+        "127.0.0.1:0".parse().expect("addr"),
+    )
+    .await
+    .expect("emulator");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("emulator-v1.pem");
+    std::fs::write(&key, emulator.public_key_pem(1).expect("key")).expect("key file");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config_path = dir.path().join("meterd.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"
+product_code = "prod-demo1234"
+platform = "ecs"
+[metering]
+dimensions = ["requests", "gigabytes"]
+tag_keys = ["tenant"]
+[registration]
+public_key_files = [{key:?}]
+[server]
+listen = "{addr}"
+grace_period = "10s"
+[state]
+dir = {state:?}
+[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+[sending]
+initial_backoff = "20ms"
+max_backoff = "200ms"
+{extra_config}
+"#,
+            key = key.display().to_string(),
+            state = dir.path().join("state").display().to_string(),
+            endpoint = emulator.endpoint_url(),
+        ),
+    )
+    .expect("config");
+    Setup {
+        emulator,
+        dir,
+        config_path,
+        addr,
+    }
+}
+
+fn agent_command(config: &Path, cwd: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(config)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("AWS_ACCESS_KEY_ID", "AKIACRASHTEST0000001")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("METERD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn wait_ready(addr: &str, child: &mut Child) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            panic!("agent exited during start-up with {status}: {err}");
+        }
+        let ready = local_client::call(
+            &Target::Tcp(addr.to_owned()),
+            Method::GET,
+            "/readyz",
+            None,
+            None,
+            Duration::from_secs(1),
+        )
+        .await;
+        if matches!(ready, Ok((StatusCode::OK, _))) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running child");
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// Every acknowledged count is billed exactly once, however often the agent is SIGKILLed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
+    let iterations: usize = std::env::var("METERD_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let s = setup("").await;
+    let mut child = agent_command(&s.config_path, s.dir.path())
+        .spawn()
+        .expect("spawn");
+    wait_ready(&s.addr, &mut child).await;
+
+    // Oracle: acknowledged quantity per dimension. Clients retry an unacknowledged request
+    // with the same id until it is acknowledged, as an application using ids would.
+    let acked: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let sent_requests = Arc::new(AtomicI64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for client in 0..8 {
+        let (acked, stop, sent, addr) = (
+            acked.clone(),
+            stop.clone(),
+            sent_requests.clone(),
+            s.addr.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let target = Target::Tcp(addr);
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                let (events, totals) = {
+                    let mut rng = rand::thread_rng();
+                    let n = rng.gen_range(1..20);
+                    let mut totals: HashMap<String, i64> = HashMap::new();
+                    let events: Vec<serde_json::Value> = (0..n)
+                        .map(|i| {
+                            let dimension = if rng.gen_bool(0.7) { "requests" } else { "gigabytes" };
+                            let q = rng.gen_range(0..100);
+                            *totals.entry(dimension.to_owned()).or_default() += q;
+                            serde_json::json!({"dimension": dimension, "quantity": q, "id": format!("c{client}-{seq}-{i}"), "tags": {"tenant": format!("t{}", i % 3)}})
+                        })
+                        .collect();
+                    (events, totals)
+                };
+                let body = serde_json::json!({"events": events}).to_string().into_bytes();
+                loop {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    let r = local_client::call(&target, Method::POST, "/v1/usage", Some(body.clone()), None, Duration::from_secs(5)).await;
+                    if let Ok((StatusCode::OK, _)) = r {
+                        let mut acked = acked.lock().expect("oracle");
+                        for (d, q) in &totals {
+                            *acked.entry(d.clone()).or_default() += q;
+                        }
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }));
+    }
+
+    for _ in 0..iterations {
+        let pause = rand::thread_rng().gen_range(30..250);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.start_kill().expect("SIGKILL");
+        child.wait().await.expect("reaped");
+        child = agent_command(&s.config_path, s.dir.path())
+            .spawn()
+            .expect("respawn");
+        wait_ready(&s.addr, &mut child).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("client");
+    }
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits within grace")
+        .expect("wait");
+    assert!(status.success(), "SIGTERM exit status {status}");
+
+    let acked = acked.lock().expect("oracle").clone();
+    let mut billed: HashMap<String, i64> = HashMap::new();
+    for r in s.emulator.records() {
+        *billed.entry(r.dimension.clone()).or_default() += r.quantity;
+    }
+    for d in ["requests", "gigabytes"] {
+        assert_eq!(
+            billed.get(d).copied().unwrap_or(0),
+            acked.get(d).copied().unwrap_or(0),
+            "dimension {d}: billed vs acknowledged after {iterations} kills"
+        );
+    }
+    assert!(acked.values().sum::<i64>() > 0, "the test posted usage");
+    let errors: Vec<String> = s
+        .emulator
+        .calls()
+        .iter()
+        .filter_map(|c| c.error_type().map(str::to_owned))
+        .collect();
+    assert!(
+        errors.iter().all(|e| e != "DuplicateRequestException"),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_the_open_hour_and_a_second_process_is_refused() {
+    let s = setup("").await;
+    let mut child = agent_command(&s.config_path, s.dir.path())
+        .spawn()
+        .expect("spawn");
+    wait_ready(&s.addr, &mut child).await;
+
+    let second = agent_command(&s.config_path, s.dir.path())
+        .output()
+        .await
+        .expect("second agent");
+    assert_eq!(
+        second.status.code(),
+        Some(74),
+        "a second agent on the same state dir exits with EX_IOERR"
+    );
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another meterd process holds"), "{stderr}");
+
+    let report = std::process::Command::new(BIN)
+        .args(["report", "--config"])
+        .arg(&s.config_path)
+        .args([
+            "--dimension",
+            "requests",
+            "--quantity",
+            "12",
+            "--tag",
+            "tenant=acme",
+            "--id",
+            "r-1",
+        ])
+        .output()
+        .expect("meterd report");
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let health = std::process::Command::new(BIN)
+        .args(["health", "--config"])
+        .arg(&s.config_path)
+        .status()
+        .expect("health");
+    assert!(health.success());
+
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exit in grace")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    let records = s.emulator.records();
+    assert_eq!(
+        records.len(),
+        2,
+        "both dimensions of the open hour were sent before exit"
+    );
+    assert_eq!(records.iter().map(|r| r.quantity).sum::<i64>(), 12);
+
+    let listed = std::process::Command::new(BIN)
+        .args(["records", "--config"])
+        .arg(&s.config_path)
+        .output()
+        .expect("records");
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("requests")
+            && text.contains("sent")
+            && text.contains(&records[0].metering_record_id)
+            || text.contains(&records[1].metering_record_id),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_bad_config_exits_64_naming_every_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "product_code = \"x y\"\n[metering]\ndimensions = []\nreport_zro = true\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("report_zro"));
+    std::fs::write(
+        &path,
+        "product_code = \"x y\"\n[metering]\ndimensions = []\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("product_code") && err.contains("metering.dimensions"),
+        "{err}"
+    );
+}
+
+/// The keyring is in the binary: from an empty folder, with no key files configured, the agent
+/// still finds a version-1 key and verifies against it (the emulator's token is signed by
+/// another key, so verification fails with the verification exit code, not "no key").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keyring_is_embedded_in_the_binary() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let keys = std::process::Command::new(BIN)
+        .arg("keys")
+        .current_dir(empty.path())
+        .env_remove("METERD_CONFIG")
+        .output()
+        .expect("keys");
+    assert!(keys.status.success());
+    let listing = String::from_utf8_lossy(&keys.stdout);
+    assert!(listing.contains("bundled"), "{listing}");
+
+    let s = setup("").await;
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    let without_files = text.replace(
+        &format!(
+            "public_key_files = [{:?}]",
+            s.dir.path().join("emulator-v1.pem").display().to_string()
+        ),
+        "public_key_files = []",
+    );
+    assert_ne!(text, without_files);
+    std::fs::write(&s.config_path, without_files).expect("config");
+    let out = agent_command(&s.config_path, empty.path())
+        .output()
+        .await
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(65),
+        "verification ran against the bundled key: {err}"
+    );
+}

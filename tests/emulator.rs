@@ -1,0 +1,1668 @@
+//! The Metering Service emulator, driven by the real Rust SDK (and raw HTTP where the SDK
+//! cannot send a malformed request). Time moves only through a `ManualClock`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_marketplacemetering::primitives::DateTime;
+use aws_sdk_marketplacemetering::types::{
+    Tag, UsageAllocation, UsageRecord, UsageRecordResultStatus,
+};
+use aws_sdk_marketplacemetering::Client;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+use meterd::aws::{build_client, AwsSettings, CallFailure};
+use meterd::clock::{hour_floor, Clock, ManualClock};
+use meterd::emulator::config::{
+    CustomerConfig, KeyConfig, RegistrationTokenConfig, DEMO_SIGNING_KEY_PEM,
+};
+use meterd::emulator::sigv4::Signer;
+use meterd::emulator::{
+    self, EmulatorConfig, EmulatorHandle, Entitlement, FaultProfile, FaultRule, InjectedFault,
+    Operation, Outcome,
+};
+
+/// 2027-01-15T08:30:00Z: half past an hour.
+const T0: i64 = 1_800_000_000 + 1800;
+const PRODUCT: &str = "prod-demo1234";
+
+struct Env {
+    emu: EmulatorHandle,
+    clock: Arc<ManualClock>,
+}
+
+async fn start(config: EmulatorConfig) -> Env {
+    let clock = ManualClock::at_unix(T0);
+    let emu = emulator::start(config, clock.clone(), "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("emulator starts");
+    Env { emu, clock }
+}
+
+impl Env {
+    fn now(&self) -> i64 {
+        meterd::clock::unix_seconds(self.clock.now())
+    }
+
+    async fn client(&self, key: &str, secret: &str, region: &str) -> Client {
+        build_client(&AwsSettings {
+            region: Some(region.to_owned()),
+            endpoint_url: Some(self.emu.endpoint_url()),
+            static_credentials: Some((key.to_owned(), secret.to_owned())),
+            operation_timeout: Some(Duration::from_secs(20)),
+        })
+        .await
+    }
+
+    async fn default_client(&self) -> Client {
+        self.client("AKIDTASK1", "secret", "us-east-1").await
+    }
+}
+
+fn code<E>(
+    err: &aws_sdk_marketplacemetering::error::SdkError<
+        E,
+        aws_sdk_marketplacemetering::config::http::HttpResponse,
+    >,
+) -> String
+where
+    E: aws_sdk_marketplacemetering::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    CallFailure::from_sdk(err)
+        .code
+        .unwrap_or_else(|| "transport".to_owned())
+}
+
+fn tag(k: &str, v: &str) -> Tag {
+    Tag::builder().key(k).value(v).build().expect("tag")
+}
+
+fn alloc(quantity: i32, tags: &[(&str, &str)]) -> UsageAllocation {
+    let tags: Vec<Tag> = tags.iter().map(|(k, v)| tag(k, v)).collect();
+    UsageAllocation::builder()
+        .allocated_usage_quantity(quantity)
+        .set_tags(if tags.is_empty() { None } else { Some(tags) })
+        .build()
+        .expect("allocation")
+}
+
+async fn meter(
+    client: &Client,
+    dimension: &str,
+    timestamp: i64,
+    quantity: i32,
+    allocations: Option<Vec<UsageAllocation>>,
+) -> Result<String, String> {
+    client
+        .meter_usage()
+        .product_code(PRODUCT)
+        .usage_dimension(dimension)
+        .timestamp(DateTime::from_secs(timestamp))
+        .usage_quantity(quantity)
+        .set_usage_allocations(allocations)
+        .send()
+        .await
+        .map(|o| o.metering_record_id().unwrap_or_default().to_owned())
+        .map_err(|e| code(&e))
+}
+
+/// One raw HTTP/1.1 exchange; `None` when the connection closed without a response.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+) -> Option<(u16, Value)> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    *req.headers_mut() = headers;
+    let resp = sender.send_request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Some((status, value))
+}
+
+/// A protocol call signed (when `key` is given) like an SDK signs it.
+async fn raw_call(
+    env: &Env,
+    op: &str,
+    body: &Value,
+    key: Option<(&str, &str)>,
+) -> Option<(u16, Value)> {
+    let body = body.to_string().into_bytes();
+    raw_bytes(env, op, body, key).await
+}
+
+async fn raw_bytes(
+    env: &Env,
+    op: &str,
+    body: Vec<u8>,
+    key: Option<(&str, &str)>,
+) -> Option<(u16, Value)> {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", env.emu.addr().to_string().parse().expect("host"));
+    headers.insert(
+        "content-type",
+        "application/x-amz-json-1.1".parse().expect("ct"),
+    );
+    headers.insert(
+        "x-amz-target",
+        format!("AWSMPMeteringService.{op}")
+            .parse()
+            .expect("target"),
+    );
+    if let Some((key, secret)) = key {
+        Signer {
+            access_key_id: key,
+            secret,
+            region: "us-east-1",
+        }
+        .sign(&mut headers, "POST", "/", &body, env.clock.now());
+    }
+    http(env.emu.addr(), "POST", "/", headers, body).await
+}
+
+fn error_type(answer: &Option<(u16, Value)>) -> (u16, String) {
+    let (status, body) = answer.as_ref().expect("a response");
+    (
+        *status,
+        body["__type"].as_str().unwrap_or("<none>").to_owned(),
+    )
+}
+
+async fn admin_get(env: &Env, path: &str) -> Value {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", env.emu.addr().to_string().parse().expect("host"));
+    let (status, body) = http(env.emu.addr(), "GET", path, headers, Vec::new())
+        .await
+        .expect("admin answers");
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+async fn admin_post(env: &Env, path: &str, body: Value) -> (u16, Value) {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", env.emu.addr().to_string().parse().expect("host"));
+    headers.insert("content-type", "application/json".parse().expect("ct"));
+    http(
+        env.emu.addr(),
+        "POST",
+        path,
+        headers,
+        body.to_string().into_bytes(),
+    )
+    .await
+    .expect("admin answers")
+}
+
+// ---------------------------------------------------------------- MeterUsage
+
+#[tokio::test]
+async fn meter_usage_once_per_identity_product_dimension_hour() {
+    let env = start(EmulatorConfig::demo()).await;
+    let task1 = env.default_client().await;
+    let task2 = env.client("AKIDTASK2", "secret", "us-east-1").await;
+    let hour = hour_floor(T0) - 3600;
+
+    let id = meter(&task1, "requests", hour + 10, 7, None)
+        .await
+        .expect("first report");
+    // Identical after rounding down to the hour: the same record id.
+    assert_eq!(
+        meter(&task1, "requests", hour + 3599, 7, None).await,
+        Ok(id.clone())
+    );
+    // A different quantity, or different allocations, for the same hour: duplicate.
+    assert_eq!(
+        meter(&task1, "requests", hour, 8, None).await,
+        Err("DuplicateRequestException".into())
+    );
+    assert_eq!(
+        meter(
+            &task1,
+            "requests",
+            hour,
+            7,
+            Some(vec![alloc(7, &[("team", "a")])])
+        )
+        .await,
+        Err("DuplicateRequestException".into())
+    );
+    // Other dimension, other identity (task), other hour: each its own record.
+    let other_dim = meter(&task1, "gigabytes", hour, 8, None)
+        .await
+        .expect("other dimension");
+    let other_task = meter(&task2, "requests", hour, 9, None)
+        .await
+        .expect("other task");
+    let other_hour = meter(&task1, "requests", hour - 3600, 1, None)
+        .await
+        .expect("other hour");
+    let ids = [&id, &other_dim, &other_task, &other_hour];
+    for (i, a) in ids.iter().enumerate() {
+        for b in &ids[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+
+    let records = env.emu.records();
+    assert_eq!(records.len(), 4);
+    assert_eq!(records[0].identity, "AKIDTASK1");
+    assert_eq!(records[0].hour, hour);
+    assert_eq!(records[0].timestamp, (hour + 10) as f64);
+    assert_eq!(records[0].quantity, 7);
+    assert_eq!(records[0].metering_record_id, id);
+    assert!(
+        records[0].client_token.is_some(),
+        "the SDK fills in a ClientToken"
+    );
+    assert_eq!(records[2].identity, "AKIDTASK2");
+}
+
+#[tokio::test]
+async fn meter_usage_allocations_compare_as_sets() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let t = T0 - 600;
+    let a = vec![alloc(3, &[("team", "a"), ("env", "prod")]), alloc(2, &[])];
+    let id = meter(&c, "requests", t, 5, Some(a))
+        .await
+        .expect("accepted");
+    let reordered = vec![alloc(2, &[]), alloc(3, &[("env", "prod"), ("team", "a")])];
+    assert_eq!(meter(&c, "requests", t, 5, Some(reordered)).await, Ok(id));
+    let records = env.emu.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].allocations.len(), 2);
+}
+
+#[tokio::test]
+async fn meter_usage_timestamp_window() {
+    let env = start(EmulatorConfig::demo()).await;
+    let skew = 300;
+    // (case, offset from now, expected). Each case meters as its own task.
+    let cases: [(&str, i64, Result<(), &str>); 6] = [
+        ("now", 0, Ok(())),
+        ("6 hours ago exactly", -6 * 3600, Ok(())),
+        (
+            "6 hours and 1 second ago",
+            -6 * 3600 - 1,
+            Err("TimestampOutOfBoundsException"),
+        ),
+        ("a day ago", -86_400, Err("TimestampOutOfBoundsException")),
+        ("within the future skew", skew, Ok(())),
+        (
+            "beyond the future skew",
+            skew + 1,
+            Err("TimestampOutOfBoundsException"),
+        ),
+    ];
+    for (i, (name, offset, want)) in cases.iter().enumerate() {
+        let c = env
+            .client(&format!("AKIDWINDOW{i}"), "s", "us-east-1")
+            .await;
+        let got = meter(&c, "requests", env.now() + offset, 1, None)
+            .await
+            .map(|_| ());
+        assert_eq!(got, want.map_err(str::to_owned), "{name}");
+    }
+    assert_eq!(env.emu.records().len(), 3);
+    // Moving the clock moves the window.
+    env.clock.advance(Duration::from_secs(3600));
+    let c = env.client("AKIDWINDOWX", "s", "us-east-1").await;
+    assert_eq!(
+        meter(&c, "requests", env.now() - 6 * 3600 - 1, 1, None).await,
+        Err("TimestampOutOfBoundsException".into())
+    );
+}
+
+#[tokio::test]
+async fn meter_usage_allocation_and_tag_rules() {
+    let mut config = EmulatorConfig::demo();
+    config.max_usage_allocations = 4;
+    let env = start(config).await;
+    let keys6: Vec<(String, String)> = (0..6).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let keys6: Vec<(&str, &str)> = keys6
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let key101 = "k".repeat(101);
+    let value257 = "v".repeat(257);
+    type Case<'a> = (&'a str, i32, Vec<UsageAllocation>, Result<(), &'a str>);
+    let cases: Vec<Case> = vec![
+        (
+            "sum equals quantity",
+            5,
+            vec![alloc(3, &[("a", "1")]), alloc(2, &[])],
+            Ok(()),
+        ),
+        (
+            "sum differs from quantity",
+            5,
+            vec![alloc(3, &[("a", "1")])],
+            Err("InvalidUsageAllocationsException"),
+        ),
+        (
+            "tag sets not unique",
+            2,
+            vec![alloc(1, &[("a", "1")]), alloc(1, &[("a", "1")])],
+            Err("InvalidUsageAllocationsException"),
+        ),
+        (
+            "two untagged buckets",
+            2,
+            vec![alloc(1, &[]), alloc(1, &[])],
+            Err("InvalidUsageAllocationsException"),
+        ),
+        (
+            "more allocations than the configured limit",
+            5,
+            (0..5).map(|i| alloc(1, &[("a", &i.to_string())])).collect(),
+            Err("InvalidUsageAllocationsException"),
+        ),
+        (
+            "at the configured limit",
+            4,
+            (0..4).map(|i| alloc(1, &[("a", &i.to_string())])).collect(),
+            Ok(()),
+        ),
+        (
+            "6 tags on one allocation",
+            1,
+            vec![alloc(1, &keys6)],
+            Err("InvalidTagException"),
+        ),
+        (
+            "6 distinct keys across the list",
+            2,
+            vec![alloc(1, &keys6[..5]), alloc(1, &keys6[5..])],
+            Err("InvalidTagException"),
+        ),
+        (
+            "5 distinct keys across the list",
+            2,
+            vec![alloc(1, &keys6[..3]), alloc(1, &keys6[3..5])],
+            Ok(()),
+        ),
+        (
+            "key of 101 characters",
+            1,
+            vec![alloc(1, &[(&key101, "v")])],
+            Err("InvalidTagException"),
+        ),
+        (
+            "key of 100 characters",
+            1,
+            vec![alloc(1, &[(&key101[..100], "v")])],
+            Ok(()),
+        ),
+        (
+            "value of 257 characters",
+            1,
+            vec![alloc(1, &[("k", &value257)])],
+            Err("InvalidTagException"),
+        ),
+        (
+            "value of 256 characters",
+            1,
+            vec![alloc(1, &[("k", &value257[..256])])],
+            Ok(()),
+        ),
+        (
+            "key outside the pattern",
+            1,
+            vec![alloc(1, &[("team?", "a")])],
+            Err("InvalidTagException"),
+        ),
+        (
+            "value outside the pattern",
+            1,
+            vec![alloc(1, &[("team", "a>b")])],
+            Err("InvalidTagException"),
+        ),
+        (
+            "the space..= range and + . _ : / @",
+            1,
+            vec![alloc(1, &[("a b!#$%&'()*+,-./:;<=", "x_y.z:/@")])],
+            Ok(()),
+        ),
+    ];
+    let before = env.emu.records().len();
+    let mut accepted = 0;
+    for (i, (name, quantity, allocations, want)) in cases.into_iter().enumerate() {
+        let c = env.client(&format!("AKIDALLOC{i}"), "s", "us-east-1").await;
+        let got = meter(&c, "requests", T0, quantity, Some(allocations))
+            .await
+            .map(|_| ());
+        if got.is_ok() {
+            accepted += 1;
+        }
+        assert_eq!(got, want.map_err(str::to_owned), "{name}");
+    }
+    assert_eq!(
+        env.emu.records().len(),
+        before + accepted,
+        "rejected calls store nothing"
+    );
+}
+
+#[tokio::test]
+async fn meter_usage_default_allocation_limit_is_500() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let many = |n: i32| {
+        (0..n)
+            .map(|i| alloc(1, &[("n", &i.to_string())]))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        meter(&c, "requests", T0, 501, Some(many(501))).await,
+        Err("InvalidUsageAllocationsException".into())
+    );
+    assert!(meter(&c, "requests", T0, 500, Some(many(500)))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn meter_usage_product_dimension_region_entitlement_dry_run_and_client_token() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let send = |product: &'static str, dimension: &'static str| {
+        c.meter_usage()
+            .product_code(product)
+            .usage_dimension(dimension)
+            .timestamp(DateTime::from_secs(T0))
+            .usage_quantity(1)
+    };
+    let e = send("prod-unknown", "requests")
+        .send()
+        .await
+        .expect_err("unknown product");
+    assert_eq!(code(&e), "InvalidProductCodeException");
+    let e = send(PRODUCT, "seats")
+        .send()
+        .await
+        .expect_err("unknown dimension");
+    assert_eq!(code(&e), "InvalidUsageDimensionException");
+
+    // DryRun: success is the DryRunOperation error, and nothing is stored.
+    let e = send(PRODUCT, "requests")
+        .dry_run(true)
+        .send()
+        .await
+        .expect_err("dry run");
+    assert_eq!(code(&e), "DryRunOperation");
+    assert!(env.emu.records().is_empty());
+
+    // ClientToken: same token, same parameters → same answer; different parameters → conflict.
+    let id = send(PRODUCT, "requests")
+        .client_token("tok-1")
+        .send()
+        .await
+        .expect("first");
+    let again = send(PRODUCT, "requests")
+        .client_token("tok-1")
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(id.metering_record_id(), again.metering_record_id());
+    let e = send(PRODUCT, "gigabytes")
+        .client_token("tok-1")
+        .send()
+        .await
+        .expect_err("conflict");
+    assert_eq!(code(&e), "IdempotencyConflictException");
+    assert_eq!(env.emu.records().len(), 1);
+
+    // Signing for another region than the endpoint's.
+    let west = env.client("AKIDTASK1", "secret", "us-west-2").await;
+    let e = west
+        .meter_usage()
+        .product_code(PRODUCT)
+        .usage_dimension("gigabytes")
+        .timestamp(DateTime::from_secs(T0))
+        .send()
+        .await
+        .expect_err("wrong region");
+    assert_eq!(code(&e), "InvalidEndpointRegionException");
+
+    env.emu
+        .set_entitlement(PRODUCT, Entitlement::NotEntitled)
+        .expect("known product");
+    let e = send(PRODUCT, "gigabytes")
+        .send()
+        .await
+        .expect_err("not entitled");
+    assert_eq!(code(&e), "CustomerNotEntitledException");
+    assert_eq!(env.emu.records().len(), 1);
+}
+
+#[tokio::test]
+async fn model_constraints_answer_validation_or_serialization_errors() {
+    let env = start(EmulatorConfig::demo()).await;
+    let key = Some(("AKIDRAW", "s"));
+    let ok = json!({"ProductCode": PRODUCT, "UsageDimension": "requests", "Timestamp": T0, "UsageQuantity": 1});
+    let with = |k: &str, v: Value| {
+        let mut b = ok.clone();
+        b[k] = v;
+        b
+    };
+    let without = |k: &str| {
+        let mut b = ok.clone();
+        b.as_object_mut().expect("object").remove(k);
+        b
+    };
+    let too_many: Vec<Value> = (0..2501).map(|i| json!({"AllocatedUsageQuantity": 0, "Tags": [{"Key": "n", "Value": i.to_string()}]})).collect();
+    let cases: Vec<(&str, &str, Value, &str)> = vec![
+        (
+            "MeterUsage",
+            "missing ProductCode",
+            without("ProductCode"),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "missing Timestamp",
+            without("Timestamp"),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "missing UsageDimension",
+            without("UsageDimension"),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "ProductCode outside pattern",
+            with("ProductCode", json!("prod demo!")),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "ProductCode of 256 characters",
+            with("ProductCode", json!("p".repeat(256))),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "empty UsageDimension",
+            with("UsageDimension", json!("")),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "UsageDimension of 256 characters",
+            with("UsageDimension", json!("d".repeat(256))),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "negative UsageQuantity",
+            with("UsageQuantity", json!(-1)),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "UsageQuantity above 2147483647",
+            with("UsageQuantity", json!(2_147_483_648_i64)),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "ClientToken of 65 characters",
+            with("ClientToken", json!("t".repeat(65))),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "empty ClientToken",
+            with("ClientToken", json!("")),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "empty UsageAllocations",
+            with("UsageAllocations", json!([])),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "more than 2500 allocations",
+            with("UsageAllocations", Value::Array(too_many)),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "allocation without quantity",
+            with(
+                "UsageAllocations",
+                json!([{"Tags": [{"Key": "a", "Value": "b"}]}]),
+            ),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "negative allocation",
+            with("UsageAllocations", json!([{"AllocatedUsageQuantity": -1}])),
+            "ValidationException",
+        ),
+        (
+            "MeterUsage",
+            "Timestamp as text",
+            with("Timestamp", json!("2027-01-15T08:00:00Z")),
+            "SerializationException",
+        ),
+        (
+            "MeterUsage",
+            "UsageQuantity as text",
+            with("UsageQuantity", json!("1")),
+            "SerializationException",
+        ),
+        (
+            "RegisterUsage",
+            "PublicKeyVersion 0",
+            json!({"ProductCode": PRODUCT, "PublicKeyVersion": 0}),
+            "ValidationException",
+        ),
+        (
+            "RegisterUsage",
+            "missing PublicKeyVersion",
+            json!({"ProductCode": PRODUCT}),
+            "ValidationException",
+        ),
+        (
+            "RegisterUsage",
+            "Nonce of 256 characters",
+            json!({"ProductCode": PRODUCT, "PublicKeyVersion": 1, "Nonce": "n".repeat(256)}),
+            "ValidationException",
+        ),
+        (
+            "ResolveCustomer",
+            "empty RegistrationToken",
+            json!({"RegistrationToken": ""}),
+            "ValidationException",
+        ),
+        (
+            "ResolveCustomer",
+            "missing RegistrationToken",
+            json!({}),
+            "ValidationException",
+        ),
+        (
+            "BatchMeterUsage",
+            "missing UsageRecords",
+            json!({"ProductCode": PRODUCT}),
+            "ValidationException",
+        ),
+        (
+            "BatchMeterUsage",
+            "account id not digits",
+            json!({"ProductCode": PRODUCT, "UsageRecords": [{"Timestamp": T0, "Dimension": "requests", "CustomerAWSAccountId": "12ab"}]}),
+            "ValidationException",
+        ),
+        (
+            "BatchMeterUsage",
+            "record without Dimension",
+            json!({"ProductCode": PRODUCT, "UsageRecords": [{"Timestamp": T0, "CustomerIdentifier": "cust-demo-1"}]}),
+            "ValidationException",
+        ),
+    ];
+    for (op, name, body, want) in cases {
+        let answer = raw_call(&env, op, &body, key).await;
+        assert_eq!(error_type(&answer), (400, want.to_owned()), "{op}: {name}");
+    }
+    let (_, body) = raw_call(&env, "MeterUsage", &without("ProductCode"), key)
+        .await
+        .expect("answer");
+    assert_eq!(
+        body["message"],
+        "1 validation error detected: Value null at 'productCode' failed to satisfy constraint: Member must not be null"
+    );
+    assert!(env.emu.records().is_empty());
+    assert!(env.emu.batch_records().is_empty());
+    let answer = raw_bytes(&env, "MeterUsage", b"{not json".to_vec(), key).await;
+    assert_eq!(
+        error_type(&answer),
+        (400, "SerializationException".to_owned())
+    );
+    let answer = raw_call(&env, "DeleteEverything", &json!({}), key).await;
+    assert_eq!(
+        error_type(&answer),
+        (400, "UnknownOperationException".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn zero_usage_is_a_record_and_disabled_apis_answer_disabled_api_exception() {
+    let mut config = EmulatorConfig::demo();
+    config.disabled_operations = vec![Operation::BatchMeterUsage, Operation::ResolveCustomer];
+    let env = start(config).await;
+    let c = env.default_client().await;
+    meter(&c, "requests", T0 - 3600, 0, None)
+        .await
+        .expect("a zero record");
+    assert_eq!(env.emu.records()[0].quantity, 0);
+    let e = c
+        .batch_meter_usage()
+        .product_code(PRODUCT)
+        .usage_records(record(Some("cust-demo-1"), None, "requests", T0, 1))
+        .send()
+        .await
+        .expect_err("disabled");
+    assert_eq!(code(&e), "DisabledApiException");
+    let e = c
+        .resolve_customer()
+        .registration_token("demo-token-1")
+        .send()
+        .await
+        .expect_err("disabled");
+    assert_eq!(code(&e), "DisabledApiException");
+    c.register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(1)
+        .send()
+        .await
+        .expect("enabled");
+    assert!(env.emu.batch_records().is_empty());
+}
+
+// ---------------------------------------------------------------- RegisterUsage
+
+fn decode_jwt(token: &str, pem: &str) -> Value {
+    let key = jsonwebtoken::DecodingKey::from_rsa_pem(pem.as_bytes()).expect("public key");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::PS256);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    let header = jsonwebtoken::decode_header(token).expect("header");
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::PS256);
+    assert_eq!(header.typ.as_deref(), Some("JWT"));
+    jsonwebtoken::decode::<Value>(token, &key, &validation)
+        .expect("PS256 signature verifies")
+        .claims
+}
+
+#[tokio::test]
+async fn register_usage_signs_a_ps256_jwt_with_the_nonce() {
+    let mut config = EmulatorConfig::demo();
+    config.keys.push(KeyConfig {
+        version: 2,
+        private_key_path: None,
+        private_key_pem: Some(DEMO_SIGNING_KEY_PEM.to_owned()),
+        expired_at: Some(meterd::clock::from_unix_seconds(T0 - 86_400)),
+    });
+    let env = start(config).await;
+    let c = env.default_client().await;
+    let out = c
+        .register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(1)
+        .nonce("nonce-123")
+        .send()
+        .await
+        .expect("registered");
+    assert!(
+        out.public_key_rotation_timestamp().is_none(),
+        "version 1 has not expired"
+    );
+    let pem = env.emu.public_key_pem(1).expect("version 1 key");
+    assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+    let claims = decode_jwt(out.signature().expect("signature"), &pem);
+    assert_eq!(
+        claims,
+        json!({"productCode": PRODUCT, "publicKeyVersion": 1, "nonce": "nonce-123", "iat": T0})
+    );
+
+    // An expired key version still signs, and says when it rotated.
+    let out = c
+        .register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(2)
+        .nonce("n2")
+        .send()
+        .await
+        .expect("registered");
+    assert_eq!(
+        out.public_key_rotation_timestamp().map(|t| t.secs()),
+        Some(T0 - 86_400)
+    );
+    assert_eq!(
+        decode_jwt(
+            out.signature().expect("sig"),
+            &env.emu.public_key_pem(2).expect("v2")
+        )["publicKeyVersion"],
+        2
+    );
+
+    let e = c
+        .register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(3)
+        .send()
+        .await
+        .expect_err("unknown version");
+    assert_eq!(code(&e), "InvalidPublicKeyVersionException");
+    let e = c
+        .register_usage()
+        .product_code("prod-other")
+        .public_key_version(1)
+        .send()
+        .await
+        .expect_err("unknown product");
+    assert_eq!(code(&e), "InvalidProductCodeException");
+    let west = env.client("AKIDTASK1", "secret", "eu-west-1").await;
+    let e = west
+        .register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(1)
+        .send()
+        .await
+        .expect_err("wrong region");
+    assert_eq!(code(&e), "InvalidRegionException");
+}
+
+#[tokio::test]
+async fn register_usage_entitlement_errors_only_on_an_identitys_first_call() {
+    let env = start(EmulatorConfig::demo()).await;
+    let register = |c: Client| async move {
+        c.register_usage()
+            .product_code(PRODUCT)
+            .public_key_version(1)
+            .nonce("n")
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| code(&e))
+    };
+    // A task registered while entitled stays fine after the customer unsubscribes.
+    let early = env.client("AKIDEARLY", "s", "us-east-1").await;
+    assert_eq!(register(early.clone()).await, Ok(()));
+
+    let cases: [(Entitlement, &str, Result<(), &str>); 3] = [
+        (
+            Entitlement::NotEntitled,
+            "CustomerNotEntitledException",
+            Ok(()),
+        ),
+        (
+            Entitlement::PlatformNotSupported,
+            "PlatformNotSupportedException",
+            Ok(()),
+        ),
+        (
+            Entitlement::WrongRegion,
+            "InvalidRegionException",
+            Err("InvalidRegionException"),
+        ),
+    ];
+    for (i, (mode, first, later)) in cases.into_iter().enumerate() {
+        env.emu
+            .set_entitlement(PRODUCT, mode)
+            .expect("known product");
+        let task = env.client(&format!("AKIDENT{i}"), "s", "us-east-1").await;
+        assert_eq!(
+            register(task.clone()).await,
+            Err(first.to_owned()),
+            "{mode:?}: first call"
+        );
+        assert_eq!(
+            register(task.clone()).await,
+            later.map_err(str::to_owned),
+            "{mode:?}: second call"
+        );
+        if mode != Entitlement::WrongRegion {
+            assert_eq!(
+                register(early.clone()).await,
+                Ok(()),
+                "{mode:?}: an already registered task"
+            );
+        }
+    }
+    // Set at run time through the admin API as well.
+    let (status, _) = admin_post(
+        &env,
+        "/_emulator/entitlement",
+        json!({"product_code": PRODUCT, "entitlement": "not_entitled"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let task = env.client("AKIDADMIN", "s", "us-east-1").await;
+    assert_eq!(
+        register(task).await,
+        Err("CustomerNotEntitledException".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn entitlement_failure_can_be_configured_at_start() {
+    let mut config = EmulatorConfig::demo();
+    config.products[0].entitlement = Entitlement::PlatformNotSupported;
+    let env = start(config).await;
+    let c = env.default_client().await;
+    let e = c
+        .register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(1)
+        .send()
+        .await
+        .expect_err("first");
+    assert_eq!(code(&e), "PlatformNotSupportedException");
+    c.register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(1)
+        .send()
+        .await
+        .expect("later calls succeed");
+}
+
+// ---------------------------------------------------------------- BatchMeterUsage
+
+fn record(
+    customer: Option<&str>,
+    account: Option<&str>,
+    dimension: &str,
+    timestamp: i64,
+    quantity: i32,
+) -> UsageRecord {
+    UsageRecord::builder()
+        .set_customer_identifier(customer.map(str::to_owned))
+        .set_customer_aws_account_id(account.map(str::to_owned))
+        .dimension(dimension)
+        .timestamp(DateTime::from_secs(timestamp))
+        .quantity(quantity)
+        .build()
+        .expect("record")
+}
+
+#[tokio::test]
+async fn batch_meter_usage_per_record_statuses() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let t = T0 - 60;
+    let records = vec![
+        record(Some("cust-demo-1"), None, "requests", t, 5),
+        record(Some("cust-demo-1"), None, "requests", t, 5),
+        record(Some("cust-demo-1"), None, "requests", t - 30, 6),
+        record(Some("cust-demo-unsubscribed"), None, "requests", t, 1),
+        record(Some("cust-nobody"), None, "requests", t, 1),
+        record(None, Some("111122223333"), "gigabytes", t, 2),
+    ];
+    let out = c
+        .batch_meter_usage()
+        .product_code(PRODUCT)
+        .set_usage_records(Some(records))
+        .send()
+        .await
+        .expect("batch");
+    let statuses: Vec<_> = out.results().iter().map(|r| r.status().cloned()).collect();
+    use UsageRecordResultStatus as S;
+    assert_eq!(
+        statuses,
+        vec![
+            Some(S::Success),
+            Some(S::Success),
+            Some(S::DuplicateRecord),
+            Some(S::CustomerNotSubscribed),
+            Some(S::CustomerNotSubscribed),
+            Some(S::Success)
+        ]
+    );
+    let results = out.results();
+    assert_eq!(
+        results[0].metering_record_id(),
+        results[1].metering_record_id(),
+        "identical records are idempotent"
+    );
+    assert!(results[0].metering_record_id().is_some());
+    assert_eq!(
+        results[3].usage_record().map(|r| r.customer_identifier()),
+        Some("cust-demo-unsubscribed")
+    );
+    assert!(out.unprocessed_records().is_empty());
+    let stored = env.emu.batch_records();
+    assert_eq!(stored.len(), 2);
+    assert_eq!(
+        stored[1].customer_identifier.as_deref(),
+        Some("cust-demo-1")
+    );
+    assert_eq!(
+        stored[1].customer_aws_account_id.as_deref(),
+        Some("111122223333")
+    );
+    // Retrying the same records (or a subset) is idempotent.
+    let again = c
+        .batch_meter_usage()
+        .product_code(PRODUCT)
+        .usage_records(record(Some("cust-demo-1"), None, "requests", t, 5))
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(
+        again.results()[0].metering_record_id(),
+        results[0].metering_record_id()
+    );
+    assert!(
+        env.emu.records().is_empty(),
+        "batch records are kept apart from MeterUsage records"
+    );
+}
+
+#[tokio::test]
+async fn batch_meter_usage_whole_batch_errors() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let good = || record(Some("cust-demo-1"), None, "requests", T0, 1);
+    let batch = |records: Vec<UsageRecord>| {
+        c.batch_meter_usage()
+            .product_code(PRODUCT)
+            .set_usage_records(Some(records))
+    };
+    let tagged = UsageRecord::builder()
+        .customer_identifier("cust-demo-1")
+        .dimension("gigabytes")
+        .timestamp(DateTime::from_secs(T0))
+        .quantity(2)
+        .usage_allocations(alloc(1, &[("bad?", "x")]))
+        .usage_allocations(alloc(1, &[]))
+        .build()
+        .expect("record");
+    let unsummed = UsageRecord::builder()
+        .customer_identifier("cust-demo-1")
+        .dimension("gigabytes")
+        .timestamp(DateTime::from_secs(T0))
+        .quantity(3)
+        .usage_allocations(alloc(1, &[("a", "x")]))
+        .build()
+        .expect("record");
+    let cases: Vec<(&str, Vec<UsageRecord>, &str)> = vec![
+        (
+            "26 records",
+            (0..26).map(|_| good()).collect(),
+            "ValidationException",
+        ),
+        (
+            "both CustomerIdentifier and CustomerAWSAccountId",
+            vec![
+                good(),
+                record(Some("cust-demo-1"), Some("111122223333"), "requests", T0, 1),
+            ],
+            "InvalidCustomerIdentifierException",
+        ),
+        (
+            "neither customer member",
+            vec![record(None, None, "requests", T0, 1)],
+            "InvalidCustomerIdentifierException",
+        ),
+        (
+            "one timestamp 6 hours old",
+            vec![
+                good(),
+                record(Some("cust-demo-1"), None, "gigabytes", T0 - 6 * 3600, 1),
+            ],
+            "TimestampOutOfBoundsException",
+        ),
+        (
+            "one timestamp in the future",
+            vec![
+                good(),
+                record(Some("cust-demo-1"), None, "gigabytes", T0 + 3600, 1),
+            ],
+            "TimestampOutOfBoundsException",
+        ),
+        (
+            "unknown dimension",
+            vec![good(), record(Some("cust-demo-1"), None, "seats", T0, 1)],
+            "InvalidUsageDimensionException",
+        ),
+        ("bad tag", vec![good(), tagged], "InvalidTagException"),
+        (
+            "allocations not summing",
+            vec![good(), unsummed],
+            "InvalidUsageAllocationsException",
+        ),
+    ];
+    for (name, records, want) in cases {
+        let e = batch(records).send().await.expect_err(name);
+        assert_eq!(code(&e), want, "{name}");
+    }
+    let e = c
+        .batch_meter_usage()
+        .product_code("prod-unknown")
+        .usage_records(good())
+        .send()
+        .await
+        .expect_err("product");
+    assert_eq!(code(&e), "InvalidProductCodeException");
+    assert!(
+        env.emu.batch_records().is_empty(),
+        "a rejected batch stores nothing"
+    );
+    // 25 records is fine.
+    let ok = batch((0..25).map(|_| good()).collect())
+        .send()
+        .await
+        .expect("25 records");
+    assert_eq!(ok.results().len(), 25);
+    // The request must be smaller than 1 MB (unknown members are ignored but still count).
+    let big =
+        json!({"ProductCode": PRODUCT, "UsageRecords": [], "Padding": "x".repeat(1024 * 1024)});
+    let answer = raw_call(&env, "BatchMeterUsage", &big, Some(("AKIDRAW", "s"))).await;
+    assert_eq!(error_type(&answer), (400, "ValidationException".to_owned()));
+    let small = json!({"ProductCode": PRODUCT, "UsageRecords": [], "Padding": "x".repeat(1000)});
+    let answer = raw_call(&env, "BatchMeterUsage", &small, Some(("AKIDRAW", "s"))).await;
+    assert_eq!(answer.map(|a| a.0), Some(200));
+}
+
+#[tokio::test]
+async fn batch_meter_usage_unprocessed_records_under_fault_injection() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let mut profile = FaultProfile::default();
+    profile.operations.insert(
+        Operation::BatchMeterUsage,
+        FaultRule {
+            unprocessed_rate: 1.0,
+            ..FaultRule::default()
+        },
+    );
+    env.emu.set_faults(profile);
+    let out = c
+        .batch_meter_usage()
+        .product_code(PRODUCT)
+        .usage_records(record(Some("cust-demo-1"), None, "requests", T0, 3))
+        .usage_records(record(None, Some("111122223333"), "gigabytes", T0, 4))
+        .send()
+        .await
+        .expect("batch answered");
+    assert!(out.results().is_empty());
+    assert_eq!(out.unprocessed_records().len(), 2);
+    assert_eq!(
+        out.unprocessed_records()[1].customer_aws_account_id(),
+        Some("111122223333")
+    );
+    assert!(env.emu.batch_records().is_empty());
+    assert_eq!(
+        env.emu.calls().last().and_then(|c| c.fault),
+        Some(InjectedFault::Unprocessed { records: 2 })
+    );
+    // Retrying the unprocessed records once the fault clears processes them.
+    env.emu.set_faults(FaultProfile::default());
+    let retry = c
+        .batch_meter_usage()
+        .product_code(PRODUCT)
+        .set_usage_records(Some(out.unprocessed_records().to_vec()))
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(retry.results().len(), 2);
+    assert_eq!(env.emu.batch_records().len(), 2);
+}
+
+// ---------------------------------------------------------------- ResolveCustomer
+
+#[tokio::test]
+async fn resolve_customer_tokens() {
+    let mut config = EmulatorConfig::demo();
+    config.customers.push(CustomerConfig {
+        identifier: "cust-acme".into(),
+        aws_account_id: "999988887777".into(),
+        product_code: PRODUCT.into(),
+        subscribed: true,
+    });
+    config.registration_tokens.push(RegistrationTokenConfig {
+        token: "tok-expiring".into(),
+        customer_identifier: "cust-acme".into(),
+        expires_at: Some(meterd::clock::from_unix_seconds(T0 + 60)),
+    });
+    config.registration_tokens.push(RegistrationTokenConfig {
+        token: "tok-expired".into(),
+        customer_identifier: "cust-acme".into(),
+        expires_at: Some(meterd::clock::from_unix_seconds(T0 - 1)),
+    });
+    let env = start(config).await;
+    let c = env.default_client().await;
+    let resolve = |token: &'static str| {
+        let c = c.clone();
+        async move {
+            c.resolve_customer()
+                .registration_token(token)
+                .send()
+                .await
+                .map(|o| {
+                    (
+                        o.customer_identifier().unwrap_or_default().to_owned(),
+                        o.customer_aws_account_id().unwrap_or_default().to_owned(),
+                        o.product_code().unwrap_or_default().to_owned(),
+                    )
+                })
+                .map_err(|e| code(&e))
+        }
+    };
+    let acme = Ok((
+        "cust-acme".to_owned(),
+        "999988887777".to_owned(),
+        PRODUCT.to_owned(),
+    ));
+    type Resolved = Result<(String, String, String), String>;
+    let cases: Vec<(&str, &'static str, Resolved)> = vec![
+        ("configured token", "tok-expiring", acme.clone()),
+        (
+            "the same token again",
+            "tok-expiring",
+            Err("ExpiredTokenException".into()),
+        ),
+        (
+            "a token past its expiry",
+            "tok-expired",
+            Err("ExpiredTokenException".into()),
+        ),
+        (
+            "an unknown token",
+            "tok-nobody",
+            Err("InvalidTokenException".into()),
+        ),
+        (
+            "the demo token",
+            "demo-token-1",
+            Ok(("cust-demo-1".into(), "111122223333".into(), PRODUCT.into())),
+        ),
+    ];
+    for (name, token, want) in cases {
+        assert_eq!(resolve(token).await, want, "{name}");
+    }
+    // Expiry follows the emulator clock.
+    let (status, _) = admin_post(&env, "/_emulator/registration-tokens", json!({"token": "tok-late", "customer_identifier": "cust-acme", "expires_at": "2027-01-15T09:00:00Z"})).await;
+    assert_eq!(status, 201);
+    env.clock.advance(Duration::from_secs(3600));
+    assert_eq!(
+        resolve("tok-late").await,
+        Err("ExpiredTokenException".into())
+    );
+    assert_eq!(
+        resolve("demo-token-2").await.map(|r| r.0),
+        Ok("cust-demo-1".into())
+    );
+}
+
+// ---------------------------------------------------------------- SigV4
+
+#[tokio::test]
+async fn sigv4_with_configured_credentials() {
+    let mut config = EmulatorConfig::demo();
+    config.credentials = BTreeMap::from([("AKIDGOOD".to_owned(), "right-secret".to_owned())]);
+    let env = start(config).await;
+    let register = |c: Client| async move {
+        c.register_usage()
+            .product_code(PRODUCT)
+            .public_key_version(1)
+            .nonce("x")
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                let f = CallFailure::from_sdk(&e);
+                (f.code.unwrap_or_default(), f.status.unwrap_or_default())
+            })
+    };
+    assert_eq!(
+        register(env.client("AKIDGOOD", "right-secret", "us-east-1").await).await,
+        Ok(())
+    );
+    assert_eq!(
+        register(env.client("AKIDGOOD", "wrong-secret", "us-east-1").await).await,
+        Err(("InvalidSignatureException".to_owned(), 400))
+    );
+    assert_eq!(
+        register(env.client("AKIDUNKNOWN", "right-secret", "us-east-1").await).await,
+        Err(("UnrecognizedClientException".to_owned(), 400))
+    );
+    let c = env.client("AKIDGOOD", "wrong-secret", "us-east-1").await;
+    let e = meter(&c, "requests", T0, 1, None).await;
+    assert_eq!(e, Err("InvalidSignatureException".into()));
+    assert!(
+        env.emu.records().is_empty(),
+        "an unauthenticated call stores nothing"
+    );
+
+    let body = json!({"ProductCode": PRODUCT, "PublicKeyVersion": 1});
+    assert_eq!(
+        error_type(&raw_call(&env, "RegisterUsage", &body, None).await),
+        (400, "MissingAuthenticationTokenException".to_owned())
+    );
+    assert_eq!(
+        raw_call(
+            &env,
+            "RegisterUsage",
+            &body,
+            Some(("AKIDGOOD", "right-secret"))
+        )
+        .await
+        .map(|a| a.0),
+        Some(200)
+    );
+    assert_eq!(
+        error_type(&raw_call(&env, "RegisterUsage", &body, Some(("AKIDGOOD", "nope"))).await),
+        (400, "InvalidSignatureException".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn without_credentials_any_well_formed_signature_is_accepted_but_one_is_required() {
+    let env = start(EmulatorConfig::demo()).await;
+    let body = json!({"ProductCode": PRODUCT, "PublicKeyVersion": 1});
+    assert_eq!(
+        raw_call(&env, "RegisterUsage", &body, Some(("ANYKEY", "any-secret")))
+            .await
+            .map(|a| a.0),
+        Some(200)
+    );
+    assert_eq!(
+        error_type(&raw_call(&env, "RegisterUsage", &body, None).await),
+        (400, "MissingAuthenticationTokenException".to_owned())
+    );
+    let calls = env.emu.calls();
+    assert_eq!(calls[0].identity.as_deref(), Some("ANYKEY"));
+    assert_eq!(calls[0].operation, "RegisterUsage");
+    assert_eq!(
+        calls[1].error_type(),
+        Some("MissingAuthenticationTokenException")
+    );
+}
+
+// ---------------------------------------------------------------- Faults
+
+/// Sends `n` MeterUsage calls, each as its own task (identity), for distinct records.
+async fn meter_many(env: &Env, n: usize, prefix: &str) -> Vec<Option<(u16, Value)>> {
+    let mut answers = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = json!({"ProductCode": PRODUCT, "UsageDimension": "requests", "Timestamp": T0, "UsageQuantity": i});
+        answers.push(
+            raw_call(
+                env,
+                "MeterUsage",
+                &body,
+                Some((&format!("{prefix}{i}"), "s")),
+            )
+            .await,
+        );
+    }
+    answers
+}
+
+#[tokio::test]
+async fn seeded_fault_rates_and_faulted_calls_store_nothing() {
+    let mut config = EmulatorConfig::demo();
+    config.seed = 1234;
+    config.faults.all = FaultRule {
+        throttle_rate: 0.2,
+        error_rate: 0.1,
+        drop_rate: 0.05,
+        ..FaultRule::default()
+    };
+    let env = start(config).await;
+    let n = 400;
+    let answers = meter_many(&env, n, "AKIDF").await;
+
+    let (mut throttled, mut errors, mut dropped, mut ok) = (0, 0, 0, 0);
+    for a in &answers {
+        match a {
+            None => dropped += 1,
+            Some((200, _)) => ok += 1,
+            Some((400, b)) if b["__type"] == "ThrottlingException" => throttled += 1,
+            Some((500, b)) if b["__type"] == "InternalServiceErrorException" => errors += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // Within 5 standard deviations of n·p.
+    let within = |count: usize, p: f64| {
+        let mean = n as f64 * p;
+        let sd = (n as f64 * p * (1.0 - p)).sqrt();
+        (count as f64 - mean).abs() <= 5.0 * sd
+    };
+    assert!(within(throttled, 0.2), "throttled {throttled}");
+    assert!(within(errors, 0.1), "errors {errors}");
+    assert!(within(dropped, 0.05), "dropped {dropped}");
+    assert!(throttled > 0 && errors > 0 && dropped > 0);
+
+    // Only the calls that succeeded left records, one each.
+    let records = env.emu.records();
+    assert_eq!(records.len(), ok);
+    let calls = env.emu.calls();
+    assert_eq!(calls.len(), n);
+    for (call, answer) in calls.iter().zip(&answers) {
+        let stored = records
+            .iter()
+            .any(|r| Some(&r.identity) == call.identity.as_ref());
+        assert_eq!(stored, call.fault.is_none(), "{call:?}");
+        match call.fault {
+            Some(InjectedFault::Dropped) => assert_eq!(call.outcome, Outcome::Dropped),
+            Some(InjectedFault::Throttled) => {
+                assert_eq!(call.error_type(), Some("ThrottlingException"))
+            }
+            Some(InjectedFault::ServerError) => assert_eq!(answer.as_ref().map(|a| a.0), Some(500)),
+            None => assert_eq!(call.outcome, Outcome::Ok),
+            other => panic!("unexpected fault {other:?}"),
+        }
+    }
+
+    // The same seed reproduces the same faults.
+    let mut config = EmulatorConfig::demo();
+    config.seed = 1234;
+    config.faults.all = FaultRule {
+        throttle_rate: 0.2,
+        error_rate: 0.1,
+        drop_rate: 0.05,
+        ..FaultRule::default()
+    };
+    let twin = start(config).await;
+    meter_many(&twin, 100, "AKIDF").await;
+    let faults = |calls: &[meterd::emulator::CallRecord]| {
+        calls.iter().take(100).map(|c| c.fault).collect::<Vec<_>>()
+    };
+    assert_eq!(faults(&twin.emu.calls()), faults(&calls));
+}
+
+#[tokio::test]
+async fn sdk_sees_injected_faults_as_aws_errors() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let only = |rule: FaultRule| {
+        let mut p = FaultProfile::default();
+        p.operations.insert(Operation::MeterUsage, rule);
+        p
+    };
+    let cases: [(FaultRule, Option<&str>, Option<u16>); 3] = [
+        (
+            FaultRule {
+                throttle_rate: 1.0,
+                ..FaultRule::default()
+            },
+            Some("ThrottlingException"),
+            Some(400),
+        ),
+        (
+            FaultRule {
+                error_rate: 1.0,
+                ..FaultRule::default()
+            },
+            Some("InternalServiceErrorException"),
+            Some(500),
+        ),
+        (
+            FaultRule {
+                drop_rate: 1.0,
+                ..FaultRule::default()
+            },
+            None,
+            None,
+        ),
+    ];
+    for (rule, want_code, want_status) in cases {
+        env.emu.set_faults(only(rule));
+        let e = c
+            .meter_usage()
+            .product_code(PRODUCT)
+            .usage_dimension("requests")
+            .timestamp(DateTime::from_secs(T0))
+            .send()
+            .await
+            .expect_err("faulted");
+        let f = CallFailure::from_sdk(&e);
+        assert_eq!(
+            (f.code.as_deref(), f.status),
+            (want_code, want_status),
+            "{f:?}"
+        );
+        assert!(f.is_retryable());
+    }
+    // Other operations are unaffected by a MeterUsage-only rule.
+    c.register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(1)
+        .send()
+        .await
+        .expect("unaffected");
+    assert!(env.emu.records().is_empty());
+}
+
+#[tokio::test]
+async fn down_for_follows_the_emulator_clock_and_admin_api_sets_faults() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let (status, _) = admin_post(
+        &env,
+        "/_emulator/faults",
+        json!({"operations": {"MeterUsage": {"down_for": "60s"}}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        admin_get(&env, "/_emulator/faults").await["operations"]["MeterUsage"]["down_for"],
+        "1m"
+    );
+    let e = c
+        .meter_usage()
+        .product_code(PRODUCT)
+        .usage_dimension("requests")
+        .timestamp(DateTime::from_secs(T0))
+        .send()
+        .await
+        .expect_err("down");
+    let f = CallFailure::from_sdk(&e);
+    assert_eq!(
+        (f.code.as_deref(), f.status),
+        (Some("ServiceUnavailable"), Some(503))
+    );
+    c.register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(1)
+        .send()
+        .await
+        .expect("other operations are up");
+    env.clock.advance(Duration::from_secs(59));
+    assert!(meter(&c, "requests", T0, 1, None).await.is_err());
+    env.clock.advance(Duration::from_secs(1));
+    assert!(
+        meter(&c, "requests", T0, 1, None).await.is_ok(),
+        "back up after 60 s of emulator time"
+    );
+    assert_eq!(env.emu.records().len(), 1);
+
+    let (status, body) = admin_post(
+        &env,
+        "/_emulator/faults",
+        json!({"all": {"throttle_rate": 2.0}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = admin_post(
+        &env,
+        "/_emulator/faults",
+        json!({"all": {"throtle_rate": 0.5}}),
+    )
+    .await;
+    assert_eq!(status, 400, "unknown fields are rejected");
+}
+
+#[tokio::test]
+async fn latency_is_emulator_clock_time() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let mut profile = FaultProfile::default();
+    profile.all.latency = Some(Duration::from_secs(10));
+    env.emu.set_faults(profile);
+    let call = tokio::spawn(async move { meter(&c, "requests", T0, 1, None).await });
+    let mut advanced = 0;
+    let mut call = std::pin::pin!(call);
+    let answer = loop {
+        assert!(advanced < 200, "the call never finished");
+        if let Ok(done) = tokio::time::timeout(Duration::from_millis(50), &mut call).await {
+            break done.expect("task");
+        }
+        env.clock.advance(Duration::from_secs(1));
+        advanced += 1;
+    };
+    assert!(answer.is_ok(), "{answer:?}");
+    assert!(
+        advanced >= 10,
+        "answered after only {advanced} s of emulator time"
+    );
+    assert_eq!(env.emu.calls()[0].added_latency_ms, 10_000);
+}
+
+// ---------------------------------------------------------------- Admin
+
+#[tokio::test]
+async fn admin_endpoints_report_records_calls_and_keys() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let id = meter(
+        &c,
+        "requests",
+        T0,
+        3,
+        Some(vec![alloc(3, &[("team", "a")])]),
+    )
+    .await
+    .expect("metered");
+    let _ = meter(&c, "requests", T0, 4, None).await;
+
+    let records = admin_get(&env, "/_emulator/records").await;
+    assert_eq!(records.as_array().map(Vec::len), Some(1));
+    assert_eq!(records[0]["metering_record_id"], id.as_str());
+    assert_eq!(records[0]["identity"], "AKIDTASK1");
+    assert_eq!(records[0]["hour"], hour_floor(T0));
+    assert_eq!(records[0]["allocations"][0]["tags"][0]["key"], "team");
+
+    let calls = admin_get(&env, "/_emulator/calls").await;
+    assert_eq!(
+        calls[1]["outcome"],
+        json!({"kind": "error", "error_type": "DuplicateRequestException", "status": 400})
+    );
+    assert_eq!(calls[0]["time_ms"], T0 * 1000);
+
+    let keys = admin_get(&env, "/_emulator/public-keys").await;
+    assert_eq!(keys[0]["version"], 1);
+    assert_eq!(
+        keys[0]["pem"].as_str(),
+        env.emu.public_key_pem(1).as_deref()
+    );
+    assert_eq!(admin_get(&env, "/_emulator/health").await["status"], "ok");
+    assert_eq!(admin_get(&env, "/_emulator/batch-records").await, json!([]));
+    env.emu.shutdown().await;
+}
