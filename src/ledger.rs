@@ -610,7 +610,17 @@ fn init_schema(
     now: i64,
     existed: bool,
 ) -> Result<LedgerIdentity, SchemaError> {
-    if !existed {
+    // The schema and its meta rows are created in one transaction, so a file without any
+    // table holds nothing: it is what a crash during the very first start leaves (SQLite
+    // creates the file, then writes its header, before the schema commits). Such a file is
+    // initialised, with a warning; a file with any table is never re-initialised.
+    let tables: i64 = c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if existed && tables == 0 {
+        tracing::warn!(
+            "the ledger file exists but holds no table (an interrupted first start); initialising it"
+        );
+    }
+    if tables == 0 {
         c.execute_batch(
             "BEGIN;
              CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -630,8 +640,7 @@ fn init_schema(
                  metering_record_id TEXT, sealed_at INTEGER NOT NULL, sent_at INTEGER,
                  updated_at INTEGER NOT NULL,
                  PRIMARY KEY (hour, dimension)) WITHOUT ROWID;
-             CREATE INDEX records_pending ON records (state, hour);
-             COMMIT;",
+             CREATE INDEX records_pending ON records (state, hour);",
         )?;
         let instance_id = {
             use rand::RngCore;
@@ -639,11 +648,18 @@ fn init_schema(
             rand::rngs::OsRng.fill_bytes(&mut bytes);
             hex::encode(bytes)
         };
-        let mut insert = c.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
-        insert.execute(["schema_version", &SCHEMA_VERSION.to_string()])?;
-        insert.execute(["instance_id", &instance_id])?;
-        insert.execute(["first_start", &now.to_string()])?;
-        insert.execute(["product_code", product_code])?;
+        let inserted = (|| {
+            let mut insert = c.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
+            insert.execute(["schema_version", &SCHEMA_VERSION.to_string()])?;
+            insert.execute(["instance_id", &instance_id])?;
+            insert.execute(["first_start", &now.to_string()])?;
+            insert.execute(["product_code", product_code])?;
+            c.execute_batch("COMMIT")
+        })();
+        if let Err(e) = inserted {
+            let _ = c.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
     }
     let get = |key: &'static str| -> Result<String, SchemaError> {
         c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -1273,6 +1289,31 @@ mod tests {
             b"this is not a database, it is a sentence of garbage bytes....",
         )
         .expect("write");
+        let before = std::fs::read(&path).expect("read");
+        let err = Ledger::open(dir.path(), "prod-a", H).expect_err("corrupt");
+        assert!(matches!(err, LedgerError::Corrupt { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).expect("read"), before);
+    }
+
+    #[test]
+    fn a_file_without_tables_is_initialised_and_a_half_schema_is_refused() {
+        // An interrupted first start: the file exists, SQLite's header may be written, no
+        // table committed. Nothing can be in it, so it is initialised.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ledger.sqlite3"), b"").expect("write");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("a 0-byte ledger is new");
+        assert_eq!(ledger.identity().first_start, H);
+        drop(ledger);
+        // Tables without their meta rows cannot come from meterd (one transaction creates
+        // both): refused as corrupt, never re-initialised.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.sqlite3");
+        Connection::open(&path)
+            .and_then(|c| {
+                c.pragma_update(None, "journal_mode", "WAL")?;
+                c.execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
+            })
+            .expect("half schema");
         let before = std::fs::read(&path).expect("read");
         let err = Ledger::open(dir.path(), "prod-a", H).expect_err("corrupt");
         assert!(matches!(err, LedgerError::Corrupt { .. }), "{err}");

@@ -184,7 +184,11 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("meterd emulator: {e:#}");
-                    ExitCode::FAILURE
+                    if e.downcast_ref::<meterd::emulator::ConfigError>().is_some() {
+                        exit(EXIT_BAD_CONFIG)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             },
             Command::Demo(args) => match meterd::demo::run(args).await {

@@ -89,6 +89,13 @@ call_timeout = "5s"
     }
 
     async fn start_agent(&self, config: Config) -> Agent {
+        let agent = self.spawn_agent(config).await;
+        wait_for("agent ready", || agent.handles.status.is_ready()).await;
+        agent
+    }
+
+    /// Starts the agent without waiting for it to become ready.
+    async fn spawn_agent(&self, config: Config) -> Agent {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -120,14 +127,12 @@ call_timeout = "5s"
             ctx,
         ));
         let handles = rx.await.expect("agent started");
-        let agent = Agent {
+        Agent {
             addr,
             shutdown,
             task,
             handles,
-        };
-        wait_for("agent ready", || agent.handles.status.is_ready()).await;
-        agent
+        }
     }
 
     /// MeterUsage records the emulator accepted, by (hour, dimension).
@@ -662,4 +667,180 @@ async fn idempotency_ids_count_once_under_concurrent_retries() {
     let agent = Arc::try_unwrap(agent).unwrap_or_else(|_| panic!("agent still shared"));
     agent.stop().await;
     assert_eq!(h.billed()[&(H0, "requests".to_owned())].quantity, 40);
+}
+
+/// Runs an agent that must fail at start-up; returns its exit code and whether it was ever ready.
+async fn fatal_start(h: &Harness, config: Config) -> (i32, bool) {
+    let agent = h.spawn_agent(config).await;
+    let mut ever_ready = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !agent.task.is_finished() {
+        ever_ready |= agent.handles.status.is_ready();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let err = agent
+        .task
+        .await
+        .expect("task")
+        .expect_err("start-up must fail");
+    (
+        err.exit_code(),
+        ever_ready || agent.handles.status.is_ready(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fatal_entitlement_class_exits_with_its_code_and_never_turns_ready() {
+    let cases: [(&str, Option<emulator::Entitlement>, &str, i32); 5] = [
+        (
+            "not entitled",
+            Some(emulator::Entitlement::NotEntitled),
+            "",
+            77,
+        ),
+        (
+            "platform not supported",
+            Some(emulator::Entitlement::PlatformNotSupported),
+            "",
+            78,
+        ),
+        (
+            "wrong region",
+            Some(emulator::Entitlement::WrongRegion),
+            "",
+            78,
+        ),
+        ("untrusted signing key", None, "untrusted", 65),
+        ("unknown key version", None, "version", 78),
+    ];
+    for (name, entitlement, tweak, code) in cases {
+        let h = Harness::new(H0 + 300).await;
+        if let Some(e) = entitlement {
+            h.emulator
+                .set_entitlement(PRODUCT, e)
+                .expect("set entitlement");
+        }
+        let mut config = h.config("");
+        match tweak {
+            "untrusted" => config.registration.public_key_files.clear(),
+            "version" => config.registration.public_key_version = 9,
+            _ => {}
+        }
+        let (exit, ever_ready) = fatal_start(&h, config).await;
+        assert_eq!(exit, code, "{name}");
+        assert!(!ever_ready, "{name}: the agent turned ready");
+        assert!(h.billed().is_empty(), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_registration_retries_and_ends_ready() {
+    let h = Harness::new(H0 + 300).await;
+    let throttle = |rate: f64| FaultProfile {
+        operations: BTreeMap::from([(
+            emulator::Operation::RegisterUsage,
+            FaultRule {
+                throttle_rate: rate,
+                ..FaultRule::default()
+            },
+        )]),
+        ..FaultProfile::default()
+    };
+    h.emulator.set_faults(throttle(1.0));
+    let agent = h.spawn_agent(h.config("")).await;
+    let throttled = || {
+        h.emulator
+            .calls()
+            .iter()
+            .filter(|c| c.error_type() == Some("ThrottlingException"))
+            .count()
+    };
+    wait_for("a throttled RegisterUsage", || throttled() >= 1).await;
+    assert!(
+        !agent.handles.status.is_ready(),
+        "not ready while registration is retrying"
+    );
+    h.emulator.set_faults(throttle(0.0));
+    // Back-off waits run on the agent's clock: move it on until the retry happens.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !agent.handles.status.is_ready() {
+        assert!(tokio::time::Instant::now() < deadline, "never became ready");
+        h.clock.advance(Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, status) = agent.get("/v1/status").await;
+    assert_eq!(status["entitlement"]["state"], "entitled", "{status}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ami_product_keeps_taking_usage_while_its_dry_run_retries() {
+    let h = Harness::new(H0 + 300).await;
+    h.emulator.set_faults(FaultProfile {
+        operations: BTreeMap::from([(
+            emulator::Operation::MeterUsage,
+            FaultRule {
+                down_for: Some(Duration::from_secs(3600)),
+                ..FaultRule::default()
+            },
+        )]),
+        ..FaultProfile::default()
+    });
+    let mut config = h.config("");
+    config.platform = meterd::config::PlatformSetting::Ec2;
+    let agent = h.start_agent(config).await;
+    let (_, status) = agent.get("/v1/status").await;
+    assert_eq!(status["entitlement"]["state"], "unverified", "{status}");
+    let (code, _) = agent.post(ev("requests", 4, None)).await;
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "usage is accepted and persisted meanwhile"
+    );
+    // Past the emulator's downtime the DryRun passes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, status) = agent.get("/v1/status").await;
+        if status["entitlement"]["state"] == "permissions_verified" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "DryRun never passed: {status}"
+        );
+        h.clock.advance(Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        h.emulator
+            .calls()
+            .iter()
+            .all(|c| c.operation != "RegisterUsage"),
+        "RegisterUsage is never attempted on EC2"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_without_registration_exits_when_the_dry_run_is_refused() {
+    let h = Harness::new(H0 + 300).await;
+    h.emulator
+        .set_entitlement(PRODUCT, emulator::Entitlement::NotEntitled)
+        .expect("set entitlement");
+    let mut config = h.config("");
+    config.registration.enabled = false;
+    let (exit, ever_ready) = fatal_start(&h, config).await;
+    assert_eq!(exit, 77);
+    assert!(!ever_ready);
+    assert!(
+        h.emulator
+            .calls()
+            .iter()
+            .any(|c| c.operation == "MeterUsage"),
+        "the DryRun was made"
+    );
 }

@@ -1,8 +1,8 @@
 //! Fault injection: throttling, 5xx, added latency, dropped connections, downtime and
 //! unprocessed batch records, per operation, from a seeded RNG.
 //!
-//! Each call draws exactly one number from the RNG (and one more per batch record), so a
-//! given seed and call sequence always produces the same faults. A faulted call is decided
+//! Each authenticated call of an enabled operation draws exactly one number from the RNG (and
+//! one more per batch record), so a given seed and call sequence always produce the same faults. A faulted call is decided
 //! before the operation runs, so it changes no stored state.
 
 use std::collections::BTreeMap;

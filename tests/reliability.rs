@@ -1,0 +1,1569 @@
+//! The reliability suite: every acknowledged count is billed exactly once, under crashes,
+//! faults, clock jumps, a full disk and concurrent retries, checked by an oracle.
+//!
+//! Run it with `scripts/reliability.sh` (short mode, CI) or `scripts/reliability.sh --long`
+//! (releases). Every test here is `#[ignore]`d so that a plain `cargo test` stays quick and
+//! needs neither libfaketime nor root; the script runs them with `--ignored`.
+//!
+//! The oracle records every count a client got a 200 for (`acked`) and compares it with what
+//! the emulator accepted (`billed`), per dimension and per tenant tag:
+//! - lost = acked − billed, where positive; must be 0.
+//! - double-billed = billed − acked, where positive; must be 0.
+//! - duplicates = (hour, dimension) keys accepted more than once, plus
+//!   `DuplicateRequestException`/`IdempotencyConflictException` answers in the emulator's
+//!   calls log; must be 0.
+//!
+//! Each test prints one `RELIABILITY scenario=… lost=… double_billed=… duplicates=…` line;
+//! `docs/RELIABILITY.md` collects them.
+//!
+//! Knobs (the script sets them): `METERD_RELIABILITY_KILLS` (kill -9 iterations, default 20),
+//! `METERD_RELIABILITY_HOURS` (simulated hours of the fault run, default 8),
+//! `METERD_RELIABILITY_CLIENTS` (concurrent clients in the kill loop, default 8).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{Method, StatusCode};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use meterd::agent::{self, AgentError, Handles, Listeners, RunContext};
+use meterd::aws::{build_client, AwsSettings};
+use meterd::clock::{
+    from_unix_seconds, hour_floor, unix_seconds, Clock, ManualClock, ScaledClock, SharedClock,
+    SystemClock, HOUR_SECS,
+};
+use meterd::config::Config;
+use meterd::emulator::{
+    self, EmulatorConfig, EmulatorHandle, FaultProfile, FaultRule, Operation, StoredMeterRecord,
+};
+use meterd::ledger::{RecordState, StoredRecord};
+use meterd::local_client::{self, Target};
+
+const BIN: &str = env!("CARGO_BIN_EXE_meterd");
+/// An hour boundary well clear of anything real: 2027-01-15T08:00:00Z.
+const H0: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
+const PRODUCT: &str = "prod-demo1234";
+const ACCESS_KEY: &str = "AKIARELIABILITY00001";
+const DIMENSIONS: [&str; 2] = ["requests", "gigabytes"];
+const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The oracle
+
+/// (dimension, tenant or "-") → quantity.
+type Totals = BTreeMap<(String, String), i64>;
+
+/// What clients were told: every count acknowledged with a 200.
+#[derive(Default)]
+struct Oracle {
+    acked: Mutex<Totals>,
+    requests: AtomicU64,
+    attempts: AtomicU64,
+    /// Events the agent reported as duplicates of an id it already held (retries).
+    retried_ids: AtomicU64,
+}
+
+impl Oracle {
+    fn ack(&self, totals: &Totals, duplicates: u64) {
+        let mut acked = self.acked.lock().expect("oracle");
+        for (k, q) in totals {
+            *acked.entry(k.clone()).or_default() += q;
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.retried_ids.fetch_add(duplicates, Ordering::Relaxed);
+    }
+
+    fn acked(&self) -> Totals {
+        self.acked.lock().expect("oracle").clone()
+    }
+}
+
+/// A batch of events with ids, and what it adds per (dimension, tenant).
+fn random_batch(rng: &mut impl Rng, prefix: &str, max_events: usize) -> (Vec<u8>, Totals) {
+    let n = rng.gen_range(1..=max_events);
+    let mut totals = Totals::new();
+    let events: Vec<Value> = (0..n)
+        .map(|i| {
+            let dimension = DIMENSIONS[usize::from(rng.gen_bool(0.3))];
+            let q = rng.gen_range(0..100);
+            let tenant = if rng.gen_bool(0.2) {
+                None
+            } else {
+                Some(TENANTS[rng.gen_range(0..TENANTS.len())])
+            };
+            *totals
+                .entry((dimension.to_owned(), tenant.unwrap_or("-").to_owned()))
+                .or_default() += q;
+            let mut e =
+                json!({"dimension": dimension, "quantity": q, "id": format!("{prefix}-{i}")});
+            if let Some(t) = tenant {
+                e["tags"] = json!({"tenant": t});
+            }
+            e
+        })
+        .collect();
+    (json!({"events": events}).to_string().into_bytes(), totals)
+}
+
+/// Posts `body` until it is acknowledged (same ids on every attempt), then tells the oracle.
+/// Gives up (fails the test) after `patience` of real time.
+async fn post_until_acked(
+    target: &Target,
+    token: Option<&str>,
+    body: &[u8],
+    totals: &Totals,
+    oracle: &Oracle,
+    patience: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        oracle.attempts.fetch_add(1, Ordering::Relaxed);
+        let r = local_client::call(
+            target,
+            Method::POST,
+            "/v1/usage",
+            Some(body.to_vec()),
+            token,
+            Duration::from_secs(5),
+        )
+        .await;
+        if let Ok((StatusCode::OK, reply)) = &r {
+            let reply: Value = serde_json::from_slice(reply).unwrap_or(Value::Null);
+            oracle.ack(totals, reply["duplicates"].as_u64().unwrap_or(0));
+            return;
+        }
+        if let Ok((status, reply)) = &r {
+            // Only "not now" answers are retried; anything else is a bug in the test or agent.
+            assert!(
+                matches!(
+                    *status,
+                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::INSUFFICIENT_STORAGE
+                ),
+                "unexpected answer {status}: {}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a request was never acknowledged: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Billed quantity per (dimension, tenant), from the emulator's accepted MeterUsage records.
+fn billed_totals(records: &[StoredMeterRecord]) -> Totals {
+    let mut out = Totals::new();
+    for r in records {
+        if r.allocations.is_empty() {
+            *out.entry((r.dimension.clone(), "-".into())).or_default() += r.quantity;
+            continue;
+        }
+        for a in &r.allocations {
+            let tenant = a
+                .tags
+                .as_ref()
+                .and_then(|tags| tags.iter().find(|t| t.key == "tenant"))
+                .map_or("-".to_owned(), |t| t.value.clone());
+            *out.entry((r.dimension.clone(), tenant)).or_default() += a.quantity;
+        }
+    }
+    out.retain(|_, q| *q != 0);
+    out
+}
+
+fn dead_totals(records: &[StoredRecord]) -> i64 {
+    records
+        .iter()
+        .filter(|r| r.state == RecordState::Dead)
+        .map(|r| r.quantity)
+        .sum()
+}
+
+/// The outcome figures of one scenario.
+#[derive(Debug)]
+struct Figures {
+    acked: i64,
+    billed: i64,
+    dead_lettered: i64,
+    lost: i64,
+    double_billed: i64,
+    duplicates: usize,
+    records: usize,
+    meter_calls: usize,
+    faulted_calls: usize,
+}
+
+/// Compares the oracle with the emulator (and the dead letters, which are accounted for,
+/// not lost), prints the figures and fails on any loss, double billing or duplicate.
+fn settle(
+    scenario: &str,
+    iterations: usize,
+    oracle: &Oracle,
+    emulator: &EmulatorHandle,
+    dead: &[StoredRecord],
+) -> Figures {
+    let acked = oracle.acked();
+    acked_nonzero(&acked);
+    let records = emulator.records();
+    let billed = billed_totals(&records);
+    let calls = emulator.calls();
+    let mut keys = BTreeMap::new();
+    for r in &records {
+        *keys
+            .entry((r.identity.clone(), r.hour, r.dimension.clone()))
+            .or_insert(0usize) += 1;
+    }
+    let duplicate_keys = keys.values().filter(|n| **n > 1).count();
+    let duplicate_answers = calls
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.error_type(),
+                Some("DuplicateRequestException" | "IdempotencyConflictException")
+            )
+        })
+        .count();
+    let dead_quantity = dead_totals(dead);
+    let mut lost = 0;
+    let mut double_billed = 0;
+    let mut all: Vec<&(String, String)> = acked.keys().chain(billed.keys()).collect();
+    all.sort();
+    all.dedup();
+    for k in all {
+        let a = acked.get(k).copied().unwrap_or(0);
+        let b = billed.get(k).copied().unwrap_or(0);
+        if a > b {
+            lost += a - b;
+        } else {
+            double_billed += b - a;
+        }
+    }
+    // Dead letters are usage the service could no longer take: visible and kept, not lost.
+    let lost = lost - dead_quantity;
+    let figures = Figures {
+        acked: acked.values().sum(),
+        billed: billed.values().sum(),
+        dead_lettered: dead_quantity,
+        lost,
+        double_billed,
+        duplicates: duplicate_keys + duplicate_answers,
+        records: records.len(),
+        meter_calls: calls.iter().filter(|c| c.operation == "MeterUsage").count(),
+        faulted_calls: calls
+            .iter()
+            .filter(|c| c.operation == "MeterUsage" && c.fault.is_some())
+            .count(),
+    };
+    println!(
+        "RELIABILITY scenario={scenario} iterations={iterations} requests_acked={} attempts={} retried_ids={} acked={} billed={} dead_lettered={} lost={} double_billed={} duplicates={} records={} meter_calls={} faulted_calls={}",
+        oracle.requests.load(Ordering::Relaxed),
+        oracle.attempts.load(Ordering::Relaxed),
+        oracle.retried_ids.load(Ordering::Relaxed),
+        figures.acked,
+        figures.billed,
+        figures.dead_lettered,
+        figures.lost,
+        figures.double_billed,
+        figures.duplicates,
+        figures.records,
+        figures.meter_calls,
+        figures.faulted_calls,
+    );
+    assert_eq!(
+        figures.lost, 0,
+        "{scenario}: acknowledged usage lost: acked {acked:?} billed {billed:?} dead {dead_quantity}"
+    );
+    assert_eq!(
+        figures.double_billed, 0,
+        "{scenario}: double billed: acked {acked:?} billed {billed:?}"
+    );
+    assert_eq!(figures.duplicates, 0, "{scenario}: duplicate records");
+    figures
+}
+
+fn acked_nonzero(acked: &Totals) {
+    assert!(
+        acked.values().sum::<i64>() > 0,
+        "the scenario acknowledged no usage"
+    );
+}
+
+/// Every (dimension, hour) from the first to the last billed hour has exactly one record: no
+/// hour skipped, none sent twice (the agent reports zero for idle hours).
+fn assert_hours_contiguous(records: &[StoredMeterRecord]) -> (i64, i64) {
+    let mut by_dim: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for r in records {
+        by_dim.entry(r.dimension.as_str()).or_default().push(r.hour);
+    }
+    let mut span = (i64::MAX, i64::MIN);
+    for d in DIMENSIONS {
+        let hours = by_dim
+            .get_mut(d)
+            .unwrap_or_else(|| panic!("no record for {d}"));
+        hours.sort_unstable();
+        for pair in hours.windows(2) {
+            assert_eq!(
+                pair[1] - pair[0],
+                HOUR_SECS,
+                "{d}: hours {} and {} are not consecutive (skipped or sent twice)",
+                pair[0],
+                pair[1]
+            );
+        }
+        span = (span.0.min(hours[0]), span.1.max(hours[hours.len() - 1]));
+    }
+    span
+}
+
+fn meter_errors(emulator: &EmulatorHandle) -> Vec<String> {
+    emulator
+        .calls()
+        .iter()
+        .filter(|c| c.operation == "MeterUsage")
+        .filter_map(|c| c.error_type().map(str::to_owned))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-process harness: emulator and agent in this process, each with an injected clock.
+
+struct World {
+    emulator: EmulatorHandle,
+    dir: tempfile::TempDir,
+    key_path: PathBuf,
+}
+
+impl World {
+    async fn new(emulator_clock: SharedClock) -> Self {
+        let emulator = emulator::start(
+            EmulatorConfig::demo(),
+            emulator_clock,
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await
+        .expect("emulator starts");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_path = dir.path().join("emulator-v1.pem");
+        std::fs::write(&key_path, emulator.public_key_pem(1).expect("key v1")).expect("key");
+        Self {
+            emulator,
+            dir,
+            key_path,
+        }
+    }
+
+    fn config(&self, state_dir: &Path, extra_server: &str) -> Config {
+        let text = format!(
+            r#"
+product_code = "{PRODUCT}"
+platform = "ecs"
+[metering]
+dimensions = ["requests", "gigabytes"]
+tag_keys = ["tenant"]
+[registration]
+public_key_files = [{key:?}]
+[server]
+listen = "127.0.0.1:0"
+grace_period = "10s"
+{extra_server}
+[state]
+dir = {state:?}
+[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+[sending]
+seal_delay = "1s"
+initial_backoff = "5ms"
+max_backoff = "40ms"
+call_timeout = "2s"
+"#,
+            key = self.key_path.display().to_string(),
+            state = state_dir.display().to_string(),
+            endpoint = self.emulator.endpoint_url(),
+        );
+        Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    async fn start_agent(&self, config: Config, clock: SharedClock) -> Agent {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = build_client(&AwsSettings {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(self.emulator.endpoint_url()),
+            static_credentials: Some((ACCESS_KEY.into(), "secret".into())),
+            operation_timeout: Some(Duration::from_secs(2)),
+        })
+        .await;
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut ctx = RunContext::new(clock, client, shutdown.clone());
+        ctx.env = Some(Arc::new(|_| None));
+        ctx.on_started = Some(Box::new(move |h| {
+            let _ = tx.send(h);
+        }));
+        let task = tokio::spawn(agent::run(
+            config,
+            Some(Listeners {
+                tcp: Some(listener),
+                unix: None,
+            }),
+            ctx,
+        ));
+        let handles = rx.await.expect("agent started");
+        let agent = Agent {
+            addr,
+            shutdown,
+            task,
+            handles,
+        };
+        wait_for("agent ready", || agent.handles.status.is_ready()).await;
+        agent
+    }
+}
+
+struct Agent {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+    handles: Handles,
+}
+
+impl Agent {
+    fn target(&self) -> Target {
+        Target::Tcp(self.addr.to_string())
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let (status, bytes) = local_client::call(
+            &self.target(),
+            Method::GET,
+            path,
+            None,
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("request");
+        (
+            status,
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+        )
+    }
+
+    async fn post(&self, body: &[u8]) -> (StatusCode, Value) {
+        let (status, bytes) = local_client::call(
+            &self.target(),
+            Method::POST,
+            "/v1/usage",
+            Some(body.to_vec()),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("request");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Waits until nothing is pending in the ledger.
+    async fn settled(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let stats = self.handles.ledger.stats().await.expect("stats");
+            if stats.pending == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "records still pending: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until every hour before `end` is sealed.
+    async fn sealed_through(&self, end: i64) {
+        let ledger = self.handles.ledger.clone();
+        wait_for("hours sealed", || ledger.sealed_floor() >= end).await;
+    }
+
+    async fn records(&self) -> Vec<StoredRecord> {
+        self.handles
+            .ledger
+            .recent_records(10_000)
+            .await
+            .expect("records")
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("agent task")
+            .expect("agent exits cleanly");
+    }
+}
+
+/// Polls a condition on real time (the agent works concurrently); fails after 60 s.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends `n` acknowledged batches from one client with its own ids.
+async fn send_batches(agent: &Agent, oracle: &Oracle, rng: &mut impl Rng, tag: &str, n: usize) {
+    for i in 0..n {
+        let (body, totals) = random_batch(rng, &format!("{tag}-{i}"), 10);
+        post_until_acked(
+            &agent.target(),
+            None,
+            &body,
+            &totals,
+            oracle,
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults
+
+/// Throttling, 5xx, added latency and dropped connections all the time, and the service down
+/// for 5 hours in the middle: every hour is still billed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh"]
+async fn faults_and_five_hours_down_deliver_everything_exactly_once() {
+    let hours = env_usize("METERD_RELIABILITY_HOURS", 8).max(7) as i64;
+    let clock = ManualClock::at_unix(H0 + 120);
+    let world = World::new(clock.clone()).await;
+    let agent = world
+        .start_agent(world.config(&world.state_dir(), ""), clock.clone())
+        .await;
+    let flaky = FaultRule {
+        throttle_rate: 0.25,
+        error_rate: 0.2,
+        drop_rate: 0.15,
+        latency: Some(Duration::from_secs(3)),
+        ..FaultRule::default()
+    };
+    let meter_only = |rule: FaultRule| FaultProfile {
+        operations: BTreeMap::from([(Operation::MeterUsage, rule)]),
+        seed: Some(11),
+        ..FaultProfile::default()
+    };
+    world.emulator.set_faults(meter_only(flaky.clone()));
+
+    // Emulator latency is emulator-clock time: a ticker moves the clock a second every
+    // millisecond so that delayed answers arrive; hour boundaries are set explicitly.
+    let ticking = Arc::new(AtomicBool::new(true));
+    let ticker = {
+        let (clock, ticking) = (clock.clone(), ticking.clone());
+        tokio::spawn(async move {
+            for _ in 0..10_000_000u64 {
+                if !ticking.load(Ordering::Relaxed) {
+                    return;
+                }
+                clock.advance(Duration::from_secs(1));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let oracle = Oracle::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut down_until: Option<i64> = None;
+    for hour in 0..hours {
+        let start = H0 + hour * HOUR_SECS;
+        if unix_seconds(clock.now()) < start + 60 {
+            clock.set(from_unix_seconds(start + 60));
+        }
+        send_batches(&agent, &oracle, &mut rng, &format!("h{hour}"), 5).await;
+        // Once the service is back, give the sender time (the ticker keeps the clock moving)
+        // before jumping ahead: an outage of up to 5 hours must cost nothing.
+        if let Some(until) = down_until.filter(|u| *u < start + HOUR_SECS - 5) {
+            wait_for("the outage to end", || unix_seconds(clock.now()) >= until).await;
+        }
+        if down_until.is_none_or(|until| unix_seconds(clock.now()) >= until) {
+            agent.settled().await;
+        }
+        if hour == 1 {
+            // Down for five hours from about 01:01, on top of the other faults.
+            world.emulator.set_faults(meter_only(FaultRule {
+                down_for: Some(Duration::from_secs(5 * 3600)),
+                ..flaky.clone()
+            }));
+            down_until = Some(unix_seconds(clock.now()) + 5 * HOUR_SECS);
+        }
+        // Jump close to the end of the hour; the ticker carries the clock over it.
+        let near_end = start + HOUR_SECS - 5;
+        if unix_seconds(clock.now()) < near_end {
+            clock.set(from_unix_seconds(near_end));
+        }
+        send_batches(&agent, &oracle, &mut rng, &format!("h{hour}e"), 1).await;
+    }
+    let end = H0 + hours * HOUR_SECS + 60;
+    if unix_seconds(clock.now()) < end {
+        clock.set(from_unix_seconds(end));
+    }
+    let expected_records = 2 * hours as usize;
+    wait_for("every hour billed", || {
+        world.emulator.records().len() >= expected_records
+    })
+    .await;
+    agent.settled().await;
+    ticking.store(false, Ordering::Relaxed);
+    ticker.await.expect("ticker");
+    let records = agent.records().await;
+    let errors = meter_errors(&world.emulator);
+    for needed in [
+        "ThrottlingException",
+        "InternalServiceErrorException",
+        "ServiceUnavailable",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(needed)),
+            "{needed} was never injected: {errors:?}"
+        );
+    }
+    let calls = world.emulator.calls();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.outcome == emulator::Outcome::Dropped),
+        "no connection was dropped"
+    );
+    assert!(calls.iter().any(|c| c.added_latency_ms > 0));
+    assert!(down_until.is_some());
+    assert!(
+        !errors.iter().any(|e| e == "TimestampOutOfBoundsException"),
+        "{errors:?}"
+    );
+    assert!(records.iter().all(|r| r.state == RecordState::Sent));
+    let (first, last) = assert_hours_contiguous(&world.emulator.records());
+    assert_eq!((first, last), (H0, H0 + (hours - 1) * HOUR_SECS));
+    settle(
+        "faults_5h_down",
+        hours as usize,
+        &oracle,
+        &world.emulator,
+        &[],
+    );
+    agent.stop().await;
+}
+
+/// The service down for 7 hours: hours older than the 6-hour window when it returns are
+/// dead-lettered, visible in status and metrics and kept in the ledger; the rest is billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh"]
+async fn seven_hours_down_leaves_visible_dead_letters_and_drops_nothing_silently() {
+    let clock = ManualClock::at_unix(H0 + 120);
+    let world = World::new(clock.clone()).await;
+    let agent = world
+        .start_agent(world.config(&world.state_dir(), ""), clock.clone())
+        .await;
+    world.emulator.set_faults(FaultProfile {
+        operations: BTreeMap::from([(
+            Operation::MeterUsage,
+            FaultRule {
+                down_for: Some(Duration::from_secs(7 * 3600)),
+                ..FaultRule::default()
+            },
+        )]),
+        ..FaultProfile::default()
+    });
+    let oracle = Oracle::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // Usage in each of 9 hours; the service is down from 00:02 to 07:02.
+    for hour in 0..9 {
+        clock.set(from_unix_seconds(H0 + hour * HOUR_SECS + 600));
+        send_batches(&agent, &oracle, &mut rng, &format!("d{hour}"), 3).await;
+        // Let the sender try (and fail) at least once an hour, as it would in real time.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    clock.set(from_unix_seconds(H0 + 9 * HOUR_SECS + 60));
+    agent.sealed_through(H0 + 9 * HOUR_SECS).await;
+    agent.settled().await;
+    let records = agent.records().await;
+    let dead: Vec<StoredRecord> = records
+        .iter()
+        .filter(|r| r.state == RecordState::Dead)
+        .cloned()
+        .collect();
+    // Hours 00:00 and 01:00 were older than 6 hours at 07:02 (and 02:00 too, at 08:00 when
+    // the first retry after the outage may land); at least the first two are dead.
+    assert!(dead.len() >= 4, "dead letters: {dead:?}");
+    assert!(dead.iter().all(|r| r.last_error.is_some()));
+    let (_, status) = agent.get("/v1/status").await;
+    assert_eq!(
+        status["records"]["dead_letter"].as_u64(),
+        Some(dead.len() as u64),
+        "{status}"
+    );
+    let (_, metrics) = agent.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(
+        metrics.contains(&format!(
+            "meterd_records_dead_lettered_total {}",
+            dead.len()
+        )),
+        "{metrics}"
+    );
+    // Nothing else: every record is either billed or dead, and the dead ones are not billed.
+    assert!(records
+        .iter()
+        .all(|r| matches!(r.state, RecordState::Sent | RecordState::Dead)));
+    let billed_keys: Vec<(i64, String)> = world
+        .emulator
+        .records()
+        .iter()
+        .map(|r| (r.hour, r.dimension.clone()))
+        .collect();
+    for d in &dead {
+        assert!(!billed_keys.contains(&(d.hour, d.dimension.clone())));
+    }
+    let figures = settle("down_7h_dead_letter", 9, &oracle, &world.emulator, &dead);
+    assert!(figures.dead_lettered > 0);
+    agent.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clock
+
+/// The wall clock (agent and service alike) jumps forward 2 hours and back 10 minutes while
+/// usage flows: every hour is billed once, none skipped, no timestamp out of bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh"]
+async fn wall_clock_jumps_forward_and_back_bill_every_hour_once() {
+    let clock = ManualClock::at_unix(H0 + 300);
+    let world = World::new(clock.clone()).await;
+    let agent = world
+        .start_agent(world.config(&world.state_dir(), ""), clock.clone())
+        .await;
+    let oracle = Oracle::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    send_batches(&agent, &oracle, &mut rng, "a", 5).await;
+    // +2 h: from 00:05 to 02:05; hours 00 and 01 close at once.
+    clock.set(from_unix_seconds(H0 + 2 * HOUR_SECS + 300));
+    wait_for("hours 0 and 1 billed", || {
+        world.emulator.records().len() >= 4
+    })
+    .await;
+    send_batches(&agent, &oracle, &mut rng, "b", 5).await;
+    // Move to 03:05 (hour 02 closes and is billed), then −10 min back to 02:55.
+    clock.set(from_unix_seconds(H0 + 3 * HOUR_SECS + 300));
+    wait_for("hour 2 billed", || world.emulator.records().len() >= 6).await;
+    send_batches(&agent, &oracle, &mut rng, "c", 3).await;
+    clock.set(from_unix_seconds(H0 + 3 * HOUR_SECS - 300));
+    // Usage after the step back lands in an unsealed hour, never in the billed hour 02.
+    send_batches(&agent, &oracle, &mut rng, "d", 5).await;
+    let (_, current) = agent.get("/v1/usage/current").await;
+    assert_eq!(
+        current["hour"],
+        meterd::clock::rfc3339(H0 + 3 * HOUR_SECS),
+        "{current}"
+    );
+    // And again across a boundary: 03:55 → 04:05 → back to 03:58.
+    clock.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 300));
+    send_batches(&agent, &oracle, &mut rng, "e", 3).await;
+    clock.set(from_unix_seconds(H0 + 4 * HOUR_SECS + 300));
+    wait_for("hour 3 billed", || world.emulator.records().len() >= 8).await;
+    clock.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 120));
+    send_batches(&agent, &oracle, &mut rng, "f", 3).await;
+    clock.set(from_unix_seconds(H0 + 5 * HOUR_SECS + 60));
+    wait_for("hour 4 billed", || world.emulator.records().len() >= 10).await;
+    agent.settled().await;
+    let errors = meter_errors(&world.emulator);
+    assert!(errors.is_empty(), "the service refused records: {errors:?}");
+    let records = world.emulator.records();
+    let (first, last) = assert_hours_contiguous(&records);
+    assert_eq!((first, last), (H0, H0 + 4 * HOUR_SECS));
+    for r in &records {
+        assert!(
+            r.timestamp as i64 >= r.hour && (r.timestamp as i64) < r.hour + HOUR_SECS,
+            "timestamp outside its hour: {r:?}"
+        );
+    }
+    settle("clock_jumps_shared", 2, &oracle, &world.emulator, &[]);
+    agent.stop().await;
+}
+
+/// Only the agent's clock is wrong and gets corrected, while the service keeps true time:
+/// 2 hours slow then stepped forward, later 10 minutes fast then stepped back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh"]
+async fn agent_clock_corrections_keep_timestamps_in_bounds() {
+    let truth = ManualClock::at_unix(H0 + 2 * HOUR_SECS + 300);
+    let local = ManualClock::at_unix(H0 + 300);
+    let world = World::new(truth.clone()).await;
+    let agent = world
+        .start_agent(world.config(&world.state_dir(), ""), local.clone())
+        .await;
+    let oracle = Oracle::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    send_batches(&agent, &oracle, &mut rng, "slow", 5).await;
+    // Hour 00 (agent time) closes while the agent is 2 h slow: sent 3 h late, in bounds.
+    local.set(from_unix_seconds(H0 + HOUR_SECS + 60));
+    truth.set(from_unix_seconds(H0 + 3 * HOUR_SECS + 60));
+    wait_for("hour 0 billed", || world.emulator.records().len() >= 2).await;
+    send_batches(&agent, &oracle, &mut rng, "slow2", 3).await;
+    // NTP steps the agent +2 h to the truth: 01:01 → 03:01; hours 01 and 02 close.
+    local.set(from_unix_seconds(H0 + 3 * HOUR_SECS + 60));
+    wait_for("hours 1 and 2 billed", || {
+        world.emulator.records().len() >= 6
+    })
+    .await;
+    send_batches(&agent, &oracle, &mut rng, "ok", 3).await;
+    // Later the agent runs 10 minutes fast: at true 03:55 it reads 04:05 and seals hour 03.
+    truth.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 300));
+    local.set(from_unix_seconds(H0 + 4 * HOUR_SECS + 300));
+    wait_for("hour 3 billed", || world.emulator.records().len() >= 8).await;
+    // Stepped back 10 minutes: usage now counts in hour 04, not in the billed hour 03.
+    local.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 300));
+    send_batches(&agent, &oracle, &mut rng, "back", 5).await;
+    truth.set(from_unix_seconds(H0 + 5 * HOUR_SECS + 60));
+    local.set(from_unix_seconds(H0 + 5 * HOUR_SECS + 60));
+    wait_for("hour 4 billed", || world.emulator.records().len() >= 10).await;
+    agent.settled().await;
+    let errors = meter_errors(&world.emulator);
+    assert!(errors.is_empty(), "the service refused records: {errors:?}");
+    let (first, last) = assert_hours_contiguous(&world.emulator.records());
+    assert_eq!((first, last), (H0, H0 + 4 * HOUR_SECS));
+    settle(
+        "clock_corrections_agent_only",
+        2,
+        &oracle,
+        &world.emulator,
+        &[],
+    );
+    agent.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency
+
+/// 64 clients, each retrying its own requests and replaying ids other clients sent: each id
+/// counts once, and the bill equals the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh"]
+async fn sixty_four_clients_with_retried_ids_count_each_id_once() {
+    let clock = ManualClock::at_unix(H0 + 300);
+    let world = World::new(clock.clone()).await;
+    let agent = Arc::new(
+        world
+            .start_agent(world.config(&world.state_dir(), ""), clock.clone())
+            .await,
+    );
+    // An id's event is fixed by the id, so a replay from any client is the same event.
+    fn event_of(id: usize) -> (Value, (String, String), i64) {
+        let dimension = DIMENSIONS[id % 2];
+        let tenant = TENANTS[id % 3];
+        let q = (id % 97) as i64;
+        (
+            json!({"dimension": dimension, "quantity": q, "tags": {"tenant": tenant}, "id": format!("evt-{id}")}),
+            (dimension.to_owned(), tenant.to_owned()),
+            q,
+        )
+    }
+    let counted: Arc<Mutex<BTreeMap<usize, bool>>> = Arc::default();
+    let replays = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client in 0..64usize {
+        let (agent, counted, replays) = (agent.clone(), counted.clone(), replays.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(client as u64);
+            for round in 0..10usize {
+                let own: Vec<usize> = (0..5)
+                    .map(|i| 10_000 + client * 100 + round * 5 + i)
+                    .collect();
+                // Replays of ids from a shared pool that every client sends.
+                let shared: Vec<usize> = (0..3).map(|_| rng.gen_range(0..200)).collect();
+                let ids: Vec<usize> = own.iter().chain(shared.iter()).copied().collect();
+                let events: Vec<Value> = ids.iter().map(|id| event_of(*id).0).collect();
+                let body = json!({"events": events}).to_string().into_bytes();
+                // Each request is sent once or twice (a client retry after a lost answer).
+                let sends = if rng.gen_bool(0.5) { 2 } else { 1 };
+                for _ in 0..sends {
+                    let (status, reply) = agent.post(&body).await;
+                    assert_eq!(status, StatusCode::OK, "{reply}");
+                    replays.fetch_add(reply["duplicates"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                    let mut counted = counted.lock().expect("counted");
+                    for id in &ids {
+                        counted.insert(*id, true);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    let oracle = Oracle::default();
+    {
+        let counted = counted.lock().expect("counted");
+        let mut totals = Totals::new();
+        for id in counted.keys() {
+            let (_, key, q) = event_of(*id);
+            *totals.entry(key).or_default() += q;
+        }
+        oracle.ack(&totals, replays.load(Ordering::Relaxed));
+        let expected_ids = counted.len() as u64;
+        assert_eq!(
+            agent.handles.metrics.events_accepted.get(),
+            expected_ids,
+            "each distinct id is accepted exactly once"
+        );
+    }
+    let (_, current) = agent.get("/v1/usage/current").await;
+    let current_total: i64 = current["usage"]
+        .as_array()
+        .map(|rows| rows.iter().filter_map(|r| r["quantity"].as_i64()).sum())
+        .unwrap_or(0);
+    assert_eq!(current_total, oracle.acked().values().sum::<i64>());
+    let agent = Arc::try_unwrap(agent).unwrap_or_else(|_| panic!("agent still shared"));
+    agent.stop().await;
+    settle("concurrency_64_clients", 64, &oracle, &world.emulator, &[]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage: a tiny tmpfs that fills up
+
+/// A tmpfs mounted for the test; unmounted on drop.
+struct TinyFs {
+    path: PathBuf,
+}
+
+impl TinyFs {
+    fn mount(path: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&path).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("tmpfs")
+            .arg(&path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (CAP_SYS_ADMIN); scripts/reliability.sh runs as root in CI: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { path }
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Fills the filesystem holding `dir` with a filler file until the kernel says no.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    for chunk in [64 * 1024, 4096, 512, 1] {
+        let buf = vec![0xA5u8; chunk];
+        for _ in 0..100_000 {
+            if f.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    }
+    let _ = f.sync_all();
+    path
+}
+
+/// The state dir on a 2 MiB tmpfs: when it is full, ingest answers 507 with a clear error and
+/// records nothing; once space returns the same requests are acknowledged and everything
+/// acknowledged is billed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh (root, for the tmpfs)"]
+async fn full_disk_answers_507_loses_nothing_and_recovers() {
+    let clock = ManualClock::at_unix(H0 + 300);
+    let world = World::new(clock.clone()).await;
+    let fs = TinyFs::mount(world.dir.path().join("tiny"), "2m");
+    let state = fs.path.join("state");
+    let agent = world
+        .start_agent(world.config(&state, ""), clock.clone())
+        .await;
+    let oracle = Oracle::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    send_batches(&agent, &oracle, &mut rng, "before", 20).await;
+
+    let filler = fill(&fs.path);
+    // Post until the ledger runs out of room (its WAL may have some slack first).
+    let mut refused = None;
+    let mut held: Vec<(Vec<u8>, Totals)> = Vec::new();
+    for i in 0..2000 {
+        let (body, totals) = random_batch(&mut rng, &format!("full-{i}"), 50);
+        let (status, reply) = agent.post(&body).await;
+        if status == StatusCode::OK {
+            oracle.ack(&totals, 0);
+            continue;
+        }
+        held.push((body, totals));
+        refused = Some((status, reply));
+        break;
+    }
+    let (status, reply) = refused.expect("the full disk was never noticed");
+    assert!(
+        status == StatusCode::INSUFFICIENT_STORAGE || status == StatusCode::SERVICE_UNAVAILABLE,
+        "{status} {reply}"
+    );
+    let error = reply["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("disk is full") && error.contains("nothing of this request was recorded"),
+        "{error}"
+    );
+    // Still refused while full, and the agent says so.
+    let (status, _) = agent.post(&held[0].0).await;
+    assert_ne!(status, StatusCode::OK, "a write succeeded on a full disk");
+    let (_, status_doc) = agent.get("/v1/status").await;
+    assert_eq!(status_doc["ledger"]["writable"], false, "{status_doc}");
+    assert_eq!(
+        agent.get("/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let (_, metrics) = agent.get("/metrics").await;
+    assert!(
+        metrics.as_str().unwrap_or_default().contains("disk_full"),
+        "{metrics}"
+    );
+    // The hour closes while the disk is full: sealing may fail and is retried.
+    clock.set(from_unix_seconds(H0 + HOUR_SECS + 30));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Space returns: the refused request goes through with its ids, counted once.
+    std::fs::remove_file(&filler).expect("free space");
+    clock.advance(Duration::from_secs(10));
+    for (body, totals) in &held {
+        post_until_acked(
+            &agent.target(),
+            None,
+            body,
+            totals,
+            &oracle,
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    wait_for("ready again", || agent.handles.status.is_ready()).await;
+    send_batches(&agent, &oracle, &mut rng, "after", 5).await;
+    clock.set(from_unix_seconds(H0 + 2 * HOUR_SECS + 30));
+    wait_for("both hours billed", || world.emulator.records().len() >= 4).await;
+    agent.settled().await;
+    assert!(meter_errors(&world.emulator).is_empty());
+    settle("disk_full_tmpfs", 1, &oracle, &world.emulator, &[]);
+    agent.stop().await;
+    drop(fs);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+struct BinSetup {
+    emulator: EmulatorHandle,
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    addr: String,
+}
+
+impl BinSetup {
+    async fn new(clock: SharedClock, extra_server: &str) -> Self {
+        let emulator = emulator::start(
+            EmulatorConfig::demo(),
+            clock,
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await
+        .expect("emulator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("emulator-v1.pem");
+        std::fs::write(&key, emulator.public_key_pem(1).expect("key")).expect("key file");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config_path = dir.path().join("meterd.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                r#"
+product_code = "{PRODUCT}"
+platform = "ecs"
+[metering]
+dimensions = ["requests", "gigabytes"]
+tag_keys = ["tenant"]
+[registration]
+public_key_files = [{key:?}]
+[server]
+listen = "{addr}"
+grace_period = "10s"
+{extra_server}
+[state]
+dir = {state:?}
+[aws]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+[sending]
+initial_backoff = "20ms"
+max_backoff = "200ms"
+call_timeout = "5s"
+"#,
+                key = key.display().to_string(),
+                state = dir.path().join("state").display().to_string(),
+                endpoint = emulator.endpoint_url(),
+            ),
+        )
+        .expect("config");
+        Self {
+            emulator,
+            dir,
+            config_path,
+            addr,
+        }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TZ", "UTC")
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("METERD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+}
+
+async fn wait_ready(addr: &str, child: &mut Child) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            panic!("agent exited during start-up with {status}: {err}");
+        }
+        let ready = local_client::call(
+            &Target::Tcp(addr.to_owned()),
+            Method::GET,
+            "/readyz",
+            None,
+            None,
+            Duration::from_secs(1),
+        )
+        .await;
+        if matches!(ready, Ok((StatusCode::OK, _))) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().expect("running child");
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+async fn sigterm_and_wait(mut child: Child) -> (std::process::ExitStatus, String) {
+    signal(&child, "TERM");
+    let mut stderr = child.stderr.take();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .expect("wait");
+    let mut err = String::new();
+    if let Some(e) = stderr.as_mut() {
+        use tokio::io::AsyncReadExt;
+        let _ = e.read_to_string(&mut err).await;
+    }
+    (status, err)
+}
+
+/// libfaketime's preload library, as Debian's `libfaketime` package installs it.
+fn libfaketime() -> PathBuf {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+        "/usr/local/lib/faketime/libfaketimeMT.so.1",
+    ];
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("libfaketime is not installed (apt-get install faketime); scripts/reliability.sh installs it")
+        })
+}
+
+/// `@YYYY-MM-DD hh:mm:ss` for libfaketime (UTC; the child runs with TZ=UTC).
+fn faketime_spec(t: SystemTime, speed: u32) -> String {
+    let text = humantime::format_rfc3339_seconds(t).to_string();
+    let text = text.trim_end_matches('Z').replace('T', " ");
+    format!("@{text} x{speed}")
+}
+
+/// kill -9 at random moments while concurrent clients post usage with ids, with the agent's
+/// wall clock (libfaketime, sped up) crossing hour boundaries during the loop. The emulator
+/// runs in this process on a `ScaledClock` with the same origin and speed, so both agree on
+/// the time; each restart's libfaketime start is read from that clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh (needs libfaketime)"]
+async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
+    const SPEED: u32 = 360; // an hour passes in 10 s
+    let iterations = env_usize("METERD_RELIABILITY_KILLS", 20);
+    let n_clients = env_usize("METERD_RELIABILITY_CLIENTS", 8);
+    let preload = libfaketime();
+    // Start 40 s (fake) before an hour boundary: the first one is crossed almost at once.
+    let clock: SharedClock = ScaledClock::new(from_unix_seconds(H0 - 40), f64::from(SPEED));
+    let s = BinSetup::new(clock.clone(), "").await;
+    let spawn = |clock: &SharedClock| {
+        let mut cmd = s.command();
+        cmd.env("LD_PRELOAD", &preload)
+            .env("FAKETIME", faketime_spec(clock.now(), SPEED))
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .env("FAKETIME_NO_CACHE", "1");
+        cmd.spawn().expect("spawn agent")
+    };
+    let mut child = spawn(&clock);
+    wait_ready(&s.addr, &mut child).await;
+    let first_hour = hour_floor(unix_seconds(clock.now()));
+
+    let oracle = Arc::new(Oracle::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..n_clients {
+        let (oracle, stop, target) = (oracle.clone(), stop.clone(), Target::Tcp(s.addr.clone()));
+        clients.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + c as u64);
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                let (body, totals) = random_batch(&mut rng, &format!("c{c}-{seq}"), 20);
+                post_until_acked(
+                    &target,
+                    None,
+                    &body,
+                    &totals,
+                    &oracle,
+                    Duration::from_secs(60),
+                )
+                .await;
+            }
+        }));
+    }
+
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    for _ in 0..iterations {
+        let pause = rng.gen_range(50..1200);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        child.start_kill().expect("SIGKILL");
+        child.wait().await.expect("reaped");
+        child = spawn(&clock);
+        wait_ready(&s.addr, &mut child).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("client");
+    }
+    let last_hour = hour_floor(unix_seconds(clock.now()));
+    let boundaries = (last_hour - first_hour) / HOUR_SECS;
+    let (status, stderr) = sigterm_and_wait(child).await;
+    assert!(status.success(), "SIGTERM exit status {status}: {stderr}");
+    assert!(
+        boundaries >= 2,
+        "the loop crossed only {boundaries} hour boundaries"
+    );
+
+    let ledger = meterd::ledger::read_records_at(&s.state_dir(), 100_000).expect("ledger");
+    assert!(
+        ledger.iter().all(|r| r.state == RecordState::Sent),
+        "records left undelivered: {:?}",
+        ledger
+            .iter()
+            .filter(|r| r.state != RecordState::Sent)
+            .collect::<Vec<_>>()
+    );
+    let records = s.emulator.records();
+    let (first, last) = assert_hours_contiguous(&records);
+    assert!(last - first >= 2 * HOUR_SECS, "{first}..{last}");
+    let errors = meter_errors(&s.emulator);
+    assert!(
+        !errors.iter().any(|e| e == "TimestampOutOfBoundsException"),
+        "{errors:?}"
+    );
+    println!(
+        "RELIABILITY kill9 hour_boundaries={boundaries} billed_hours={}",
+        (last - first) / HOUR_SECS + 1
+    );
+    settle("kill9_faketime", iterations, &oracle, &s.emulator, &[]);
+}
+
+/// A truncated or emptied ledger stops the agent at start with exit 74 and a clear message,
+/// and the file is left exactly as it was (never silently reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh"]
+async fn a_truncated_ledger_is_refused_with_exit_74_and_left_untouched() {
+    let s = BinSetup::new(Arc::new(SystemClock), "").await;
+    let mut child = s.command().spawn().expect("spawn");
+    wait_ready(&s.addr, &mut child).await;
+    // Enough usage for a ledger of several pages.
+    let oracle = Oracle::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    for i in 0..40 {
+        let (body, totals) = random_batch(&mut rng, &format!("t{i}"), 50);
+        post_until_acked(
+            &Target::Tcp(s.addr.clone()),
+            None,
+            &body,
+            &totals,
+            &oracle,
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    let (status, err) = sigterm_and_wait(child).await;
+    assert!(status.success(), "{err}");
+    let ledger = s.state_dir().join("ledger.sqlite3");
+    // Fold the WAL into the main file, so that the file alone is the whole ledger.
+    {
+        let conn = rusqlite::Connection::open(&ledger).expect("open the ledger");
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("checkpoint");
+    }
+    let intact = std::fs::read(&ledger).expect("ledger");
+    assert!(
+        intact.len() >= 8 * 4096,
+        "ledger only {} bytes",
+        intact.len()
+    );
+    for (name, cut) in [
+        ("half", intact.len() / 2),
+        ("one page", 4096),
+        ("a partial header", 60),
+    ] {
+        std::fs::write(&ledger, &intact[..cut]).expect("truncate");
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(s.state_dir().join(format!("ledger.sqlite3{suffix}")));
+        }
+        let out = s.command().output().await.expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(74),
+            "ledger truncated to {name}: {stderr}"
+        );
+        assert!(
+            stderr.contains("is corrupt or unreadable") && stderr.contains("left untouched"),
+            "ledger truncated to {name}: {stderr}"
+        );
+        let after = std::fs::read(&ledger).expect("ledger");
+        assert!(
+            after == intact[..cut],
+            "the ledger truncated to {name} was modified ({} bytes, now {})",
+            cut,
+            after.len()
+        );
+        println!("RELIABILITY scenario=truncated_ledger cut={name:?} exit=74 file_unchanged=true");
+    }
+    // A 0-byte file holds no table, so nothing: it is what a crash during the very first
+    // start leaves, and it is initialised with a warning rather than bricking the agent.
+    std::fs::write(&ledger, b"").expect("empty");
+    let mut cmd = s.command();
+    cmd.env("METERD_LOG", "warn");
+    let mut child = cmd.spawn().expect("spawn");
+    wait_ready(&s.addr, &mut child).await;
+    let (status, err) = sigterm_and_wait(child).await;
+    assert!(status.success(), "{err}");
+    assert!(err.contains("holds no table"), "{err}");
+    // Restored, it starts again and still holds everything.
+    std::fs::write(&ledger, &intact).expect("restore");
+    let mut child = s.command().spawn().expect("spawn");
+    wait_ready(&s.addr, &mut child).await;
+    let (status, err) = sigterm_and_wait(child).await;
+    assert!(status.success(), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Security
+
+#[test]
+#[ignore = "reliability suite: scripts/reliability.sh"]
+fn the_local_api_listens_on_loopback_by_default() {
+    let config = Config::from_toml_str(
+        "product_code = \"prod-demo1234\"\n[metering]\ndimensions = [\"requests\"]\n",
+    )
+    .expect("minimal config");
+    let addr = config.listen_addr().expect("a TCP listener by default");
+    assert!(addr.ip().is_loopback(), "default listen {addr}");
+    assert_eq!(addr.to_string(), "127.0.0.1:8377");
+    assert!(config.server.unix_socket.is_empty());
+}
+
+/// With debug logging of every crate, neither the bearer token nor the AWS secret key appears
+/// in the agent's output, through start-up, requests (right and wrong token), sending and
+/// shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh"]
+async fn no_secret_appears_in_debug_logs() {
+    const TOKEN: &str = "tok-9f2c71d0e4b8a6-SECRET";
+    const AWS_SECRET: &str = "aws-secret-3be1c9d7f05a42-SECRET";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
+    let emulator_clock: SharedClock = Arc::new(SystemClock);
+    let s = BinSetup::new(
+        emulator_clock,
+        &format!("auth_token_file = {:?}", token_file.display().to_string()),
+    )
+    .await;
+    let mut cmd = s.command();
+    cmd.env("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+        .env("METERD_LOG", "debug")
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdout = child.stdout.take();
+    let target = Target::Tcp(s.addr.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = local_client::call(
+            &target,
+            Method::GET,
+            "/readyz",
+            None,
+            None,
+            Duration::from_secs(1),
+        )
+        .await;
+        if matches!(r, Ok((StatusCode::OK, _))) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body =
+        json!({"dimension": "requests", "quantity": 5, "tags": {"tenant": "t0"}, "id": "x1"})
+            .to_string()
+            .into_bytes();
+    let ok = local_client::call(
+        &target,
+        Method::POST,
+        "/v1/usage",
+        Some(body.clone()),
+        Some(TOKEN),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("post");
+    assert_eq!(ok.0, StatusCode::OK);
+    let wrong = local_client::call(
+        &target,
+        Method::POST,
+        "/v1/usage",
+        Some(body),
+        Some("not-the-token"),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("post");
+    assert_eq!(wrong.0, StatusCode::UNAUTHORIZED);
+    for path in ["/v1/status", "/metrics", "/v1/usage/current"] {
+        let r = local_client::call(
+            &target,
+            Method::GET,
+            path,
+            None,
+            Some(TOKEN),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("get");
+        assert_eq!(r.0, StatusCode::OK, "{path}");
+    }
+    // SIGTERM: the open hour is sealed and sent (a SigV4-signed MeterUsage) before exit.
+    let (status, stderr) = sigterm_and_wait(child).await;
+    assert!(status.success(), "{stderr}");
+    let mut out = String::new();
+    if let Some(o) = stdout.as_mut() {
+        use tokio::io::AsyncReadExt;
+        let _ = o.read_to_string(&mut out).await;
+    }
+    assert_eq!(s.emulator.records().len(), 2, "the flush sent signed calls");
+    let logs = format!("{out}{stderr}");
+    assert!(
+        logs.lines().count() > 20,
+        "debug logging produced too little to be a test: {logs}"
+    );
+    for secret in [TOKEN, AWS_SECRET] {
+        assert!(!logs.contains(secret), "{secret} appears in the logs");
+    }
+    // Nor a recognisable piece of either.
+    assert!(!logs.contains("9f2c71d0e4b8a6") && !logs.contains("3be1c9d7f05a42"));
+    println!(
+        "RELIABILITY scenario=no_secret_in_logs log_lines={} secrets_found=0",
+        logs.lines().count()
+    );
+}
