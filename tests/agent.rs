@@ -37,9 +37,13 @@ struct Harness {
 
 impl Harness {
     async fn new(start: i64) -> Self {
+        Self::with_emulator(start, EmulatorConfig::demo()).await
+    }
+
+    async fn with_emulator(start: i64, emulator_config: EmulatorConfig) -> Self {
         let clock = ManualClock::at_unix(start);
         let emulator = emulator::start(
-            EmulatorConfig::demo(),
+            emulator_config,
             clock.clone(),
             "127.0.0.1:0".parse().expect("addr"),
         )
@@ -843,4 +847,92 @@ async fn a_container_without_registration_exits_when_the_dry_run_is_refused() {
             .any(|c| c.operation == "MeterUsage"),
         "the DryRun was made"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_refusal_is_an_error_in_status_and_not_retried_forever() {
+    let h = Harness::new(H0 + 300).await;
+    // Another writer with our identity already reported hour 0 with a different quantity.
+    let intruder = build_client(&AwsSettings {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(h.emulator.endpoint_url()),
+        static_credentials: Some((ACCESS_KEY.into(), "secret".into())),
+        operation_timeout: Some(Duration::from_secs(5)),
+    })
+    .await;
+    intruder
+        .meter_usage()
+        .product_code(PRODUCT)
+        .timestamp(aws_sdk_marketplacemetering::primitives::DateTime::from_secs(H0))
+        .usage_dimension("requests")
+        .usage_quantity(99)
+        .send()
+        .await
+        .expect("the intruding record");
+    let agent = h.start_agent(h.config("")).await;
+    agent.post(ev("requests", 5, None)).await;
+    h.advance_to(H0 + HOUR_SECS + 60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let (_, status) = agent.get("/v1/status").await;
+        if status["records"]["duplicate"] == 1 && status["records"]["pending"] == 0 {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        status["records"]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("DuplicateRequestException"),
+        "{status}"
+    );
+    let (_, metrics) = agent.get("/metrics").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("meterd_records_duplicate_total 1"),
+        "{metrics}"
+    );
+    // It is not retried: one refused attempt for that record, however long we wait.
+    h.advance_to(H0 + 2 * HOUR_SECS + 60);
+    // The intruder's hour-0 record, our hour-0 zero for gigabytes, and both of hour 1.
+    wait_for("hour 1 billed", || h.billed().len() == 4).await;
+    let refused = meter_usage_errors(&h)
+        .iter()
+        .filter(|e| *e == "DuplicateRequestException")
+        .count();
+    assert_eq!(refused, 1);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_key_version_warns_in_status_and_metrics_but_runs() {
+    let mut config = EmulatorConfig::demo();
+    let expired_at = meterd::clock::from_unix_seconds(H0 - 86_400);
+    for key in &mut config.keys {
+        key.expired_at = Some(expired_at);
+    }
+    assert!(!config.keys.is_empty());
+    let h = Harness::with_emulator(H0 + 300, config).await;
+    let agent = h.start_agent(h.config("")).await;
+    let (_, status) = agent.get("/v1/status").await;
+    assert_eq!(status["entitlement"]["state"], "entitled", "{status}");
+    assert_eq!(
+        status["entitlement"]["details"]["key_rotation"]["timestamp"],
+        H0 - 86_400,
+        "{status}"
+    );
+    let (_, metrics) = agent.get("/metrics").await;
+    let expected = format!(
+        "meterd_public_key_rotation_timestamp_seconds {}",
+        H0 - 86_400
+    );
+    assert!(
+        metrics.as_str().unwrap_or_default().contains(&expected),
+        "{metrics}"
+    );
+    agent.stop().await;
 }

@@ -1273,12 +1273,12 @@ fn faketime_spec(t: SystemTime, speed: u32) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "reliability suite: scripts/reliability.sh (needs libfaketime)"]
 async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
-    const SPEED: u32 = 360; // an hour passes in 10 s
+    const SPEED: u32 = 720; // an hour passes in 5 s
     let iterations = env_usize("METERD_RELIABILITY_KILLS", 20);
     let n_clients = env_usize("METERD_RELIABILITY_CLIENTS", 8);
     let preload = libfaketime();
-    // Start 40 s (fake) before an hour boundary: the first one is crossed almost at once.
-    let clock: SharedClock = ScaledClock::new(from_unix_seconds(H0 - 40), f64::from(SPEED));
+    // Start 2 min (fake) before an hour boundary: the first one is crossed almost at once.
+    let clock: SharedClock = ScaledClock::new(from_unix_seconds(H0 - 120), f64::from(SPEED));
     let s = BinSetup::new(clock.clone(), "").await;
     let spawn = |clock: &SharedClock| {
         let mut cmd = s.command();
@@ -1288,9 +1288,9 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
             .env("FAKETIME_NO_CACHE", "1");
         cmd.spawn().expect("spawn agent")
     };
+    let first_hour = hour_floor(unix_seconds(clock.now()));
     let mut child = spawn(&clock);
     wait_ready(&s.addr, &mut child).await;
-    let first_hour = hour_floor(unix_seconds(clock.now()));
 
     let oracle = Arc::new(Oracle::default());
     let stop = Arc::new(AtomicBool::new(false));
