@@ -390,6 +390,7 @@ async fn the_keyring_is_embedded_in_the_binary() {
     assert_ne!(text, without_files);
     std::fs::write(&s.config_path, without_files).expect("config");
     let out = agent_command(&s.config_path, empty.path())
+        .env("METERD_LOG_FORMAT", "json")
         .output()
         .await
         .expect("run");
@@ -399,4 +400,11 @@ async fn the_keyring_is_embedded_in_the_binary() {
         Some(65),
         "verification ran against the bundled key: {err}"
     );
+    // The container's log format: one JSON object per line, the failure at ERROR.
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["level"] == "ERROR"), "{err}");
 }
