@@ -1,11 +1,45 @@
 #!/usr/bin/env bash
-# The test command (README): installs what the tests need, then runs every test.
-#   Rust: unit, property and integration tests (emulator, entitlement, agent, real binary).
-#   Python: boto3, the AWS CLI and PyJWT against `meterd emulator` (in .venv).
-# Set METERD_CRASH_ITERATIONS for a longer kill -9 loop (default 20).
-set -euo pipefail
+# The test command (README): installs what the tests need, then runs every suite.
+#   rust        unit, property and integration tests (emulator, entitlement, agent, real binary)
+#   python      boto3, the AWS CLI and PyJWT against `meterd emulator` (.venv)
+#   notify      systemd READY=1 from the real binary on a NOTIFY_SOCKET
+#   api         schemathesis: generated requests against the live agent, checked against docs/openapi.yaml
+#   reliability the oracle suite, short mode: kill -9 across hours, faults, clock jumps, full disk (root)
+#   deploy      Helm, kubernetes-validate, ECS/botocore, cfn-lint, systemd-analyze, hadolint
+#   container   podman image build + sidecar test (needs root; skipped otherwise)
+#   docs        the deployment guides followed as written (after the container test's release build)
+# Every suite runs; the last line counts them. METERD_CRASH_ITERATIONS lengthens the kill loop.
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-cargo build --locked --bin meterd
-cargo test --locked --no-fail-fast
-scripts/python-tests.sh
+passed=0
+failed=0
+failures=()
+suite() {
+  local name="$1"; shift
+  echo "== $name: $*"
+  if "$@"; then
+    passed=$((passed + 1))
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+  fi
+}
+
+suite build cargo build --locked --bin meterd
+suite rust cargo test --locked --no-fail-fast
+suite python scripts/python-tests.sh
+suite notify python3 scripts/systemd-notify-test.py target/debug/meterd
+suite api scripts/schemathesis.sh
+suite deploy scripts/check-deploy.sh
+if [ "$(id -u)" -eq 0 ]; then
+  suite reliability scripts/reliability.sh
+  suite container scripts/container-test.sh
+  suite docs scripts/check-docs.sh
+else
+  echo "== reliability, container, docs: skipped (need root for tmpfs, podman and apt); run scripts/reliability.sh, scripts/container-test.sh and scripts/check-docs.sh as root"
+fi
+
+[ "${#failures[@]}" -eq 0 ] || echo "failed suites: ${failures[*]}"
+echo "suites: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -374,11 +374,18 @@ impl Api {
                 _,
                 "/v1/usage" | "/v1/usage/current" | "/v1/status" | "/healthz" | "/readyz"
                 | "/metrics",
-            ) => error_response(&Rejection::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method",
-                format!("{} is not allowed on {path}", req.method()),
-            )),
+            ) => {
+                let mut resp = error_response(&Rejection::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method",
+                    format!("{} is not allowed on {path}", req.method()),
+                ));
+                // RFC 9110: a 405 names the methods the resource supports.
+                let allow = if path == "/v1/usage" { "POST" } else { "GET" };
+                resp.headers_mut()
+                    .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+                resp
+            }
             _ => error_response(&Rejection::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -457,10 +464,17 @@ impl Api {
                 self.metrics
                     .events_duplicate
                     .inc_by(outcome.duplicates as u64);
-                Ok(json_response(
-                    StatusCode::OK,
-                    &json!({"accepted": outcome.accepted, "duplicates": outcome.duplicates}),
-                ))
+                // Written directly: this is the hot path, and a `json!` map costs allocations.
+                let body = format!(
+                    r#"{{"accepted":{},"duplicates":{}}}"#,
+                    outcome.accepted, outcome.duplicates
+                );
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                Ok(resp)
             }
             Err(e @ LedgerError::HourlyCapExceeded { .. }) => Err(Rejection::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -6,6 +6,10 @@
 //! back alone) and commits once: many requests share one fsync (group commit). Replies go out
 //! only after the commit returns, so an acknowledged count is on disk.
 //!
+//! Work that needs no database (canonical tag keys, summing the events of a request without
+//! an id) is done on the caller's thread before the command is queued, so the single writer
+//! thread spends its time on SQL and fsync only.
+//!
 //! # Tables
 //! - `meta(key, value)`: `schema_version`, `instance_id` (random, feeds the ClientToken),
 //!   `first_start` (epoch seconds; no MeterUsage timestamp precedes it), `product_code`.
@@ -19,8 +23,11 @@
 //!   `pending` → `sent` | `dead` (window passed) | `duplicate` (service refused as duplicate).
 //!
 //! # Recovery
-//! SQLite's WAL replay restores the last committed transaction. On open, `quick_check` must
-//! pass and the schema version must match; otherwise the agent refuses to start with a clear
+//! A new ledger is built as `ledger.sqlite3.new` (schema and meta rows in one transaction),
+//! fsynced and renamed into place, so `ledger.sqlite3` is whole or absent; a leftover `.new`
+//! from an interrupted first start holds nothing and is replaced. SQLite's WAL replay restores
+//! the last committed transaction. On open, `quick_check` must pass, the meta rows must be
+//! there and the schema version must match; otherwise the agent refuses to start with a clear
 //! error and never resets the file. Pending records and closed-but-unsealed hours are picked
 //! up by the normal seal and send loops. A lock file keeps a second process out.
 
@@ -29,7 +36,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
@@ -186,9 +193,57 @@ pub enum Delivery {
     Final { state: RecordState, error: String },
 }
 
+/// A request's events as the writer needs them, prepared on the caller's thread.
+#[derive(Debug)]
+struct Folded {
+    /// The request's distinct (dimension, canonical tag key) pairs.
+    keys: Vec<(String, String)>,
+    /// Per key: the sum of its events without an id, or `None` when it has none.
+    plain: Vec<Option<i64>>,
+    /// Events with an id, in request order: (id, key index, quantity).
+    with_id: Vec<(String, usize, i64)>,
+    events: usize,
+}
+
+impl Folded {
+    fn new(events: Vec<Event>) -> Self {
+        // Index the distinct (dimension, tags) first, borrowing, so a tag set repeated in a
+        // batch is serialized to its canonical key once.
+        let mut index: HashMap<(&str, &TagSet), usize> = HashMap::new();
+        let slots: Vec<usize> = events
+            .iter()
+            .map(|event| {
+                let next = index.len();
+                *index
+                    .entry((event.dimension.as_str(), &event.tags))
+                    .or_insert(next)
+            })
+            .collect();
+        let mut keys = vec![(String::new(), String::new()); index.len()];
+        for ((dimension, tags), i) in index {
+            keys[i] = (dimension.to_owned(), model::tagset_key(tags));
+        }
+        let mut plain: Vec<Option<i64>> = vec![None; keys.len()];
+        let mut with_id = Vec::new();
+        let count = events.len();
+        for (event, i) in events.into_iter().zip(slots) {
+            match event.id {
+                Some(id) => with_id.push((id, i, event.quantity)),
+                None => *plain[i].get_or_insert(0) += event.quantity,
+            }
+        }
+        Folded {
+            keys,
+            plain,
+            with_id,
+            events: count,
+        }
+    }
+}
+
 enum Command {
     Append {
-        events: Vec<Event>,
+        events: Folded,
         received_at: i64,
         reply: oneshot::Sender<Result<AppendOutcome, LedgerError>>,
     },
@@ -221,6 +276,8 @@ pub struct CommitStats {
     pub commits: AtomicU64,
     pub commands: AtomicU64,
     pub failures: AtomicU64,
+    /// Time spent in COMMIT (the fsync), summed over all commits.
+    pub commit_nanos: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -286,41 +343,46 @@ impl Ledger {
             path: path.display().to_string(),
             detail: e.to_string(),
         };
-        let existed = path.exists();
-        let writer = open_connection(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| corrupt(&e))?;
-        if existed {
-            let check: String = writer
+        if !path.exists() {
+            create_ledger(dir, &path, product_code, now)?;
+        }
+        // Validate on a read-only connection first: nothing is written to a damaged file.
+        let identity = {
+            let check = open_connection(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| corrupt(&e))?;
+            let verdict: String = check
                 .query_row("PRAGMA quick_check", [], |r| r.get(0))
                 .map_err(|e| corrupt(&e))?;
-            if check != "ok" {
-                return Err(corrupt(&check));
+            if verdict != "ok" {
+                return Err(corrupt(&verdict));
             }
-        }
+            read_identity(&check, product_code).map_err(|e| match e {
+                SchemaError::Sql(e) => corrupt(&e),
+                SchemaError::Version(v) => corrupt(&format!(
+                    "schema version {v}; this meterd reads version {SCHEMA_VERSION}"
+                )),
+                SchemaError::Missing(what) => corrupt(&format!("meta entry {what} is missing")),
+                SchemaError::Product(found) => LedgerError::ProductMismatch {
+                    path: path.display().to_string(),
+                    found,
+                    expected: product_code.to_owned(),
+                },
+            })?
+        };
+        let writer = open_connection(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| LedgerError::from_sqlite(&e))?;
         writer
             .pragma_update(None, "journal_mode", "WAL")
-            .map_err(|e| corrupt(&e))?;
+            .map_err(|e| LedgerError::from_sqlite(&e))?;
         writer
             .pragma_update(None, "synchronous", "FULL")
             .map_err(|e| LedgerError::from_sqlite(&e))?;
-        let identity = init_schema(&writer, product_code, now, existed).map_err(|e| match e {
-            SchemaError::Sql(e) if existed => corrupt(&e),
-            SchemaError::Sql(e) => LedgerError::from_sqlite(&e),
-            SchemaError::Version(v) => corrupt(&format!(
-                "schema version {v}; this meterd reads version {SCHEMA_VERSION}"
-            )),
-            SchemaError::Missing(what) => corrupt(&format!("meta entry {what} is missing")),
-            SchemaError::Product(found) => LedgerError::ProductMismatch {
-                path: path.display().to_string(),
-                found,
-                expected: product_code.to_owned(),
-            },
-        })?;
         let floor = load_floor(&writer).map_err(|e| corrupt(&e))?;
         let reader = open_connection(
             &path,
@@ -401,6 +463,7 @@ impl Ledger {
         events: Vec<Event>,
         received_at: i64,
     ) -> Result<AppendOutcome, LedgerError> {
+        let events = Folded::new(events);
         self.call(|reply| Command::Append {
             events,
             received_at,
@@ -604,63 +667,89 @@ impl From<rusqlite::Error> for SchemaError {
     }
 }
 
-fn init_schema(
-    c: &Connection,
-    product_code: &str,
-    now: i64,
-    existed: bool,
-) -> Result<LedgerIdentity, SchemaError> {
-    // The schema and its meta rows are created in one transaction, so a file without any
-    // table holds nothing: it is what a crash during the very first start leaves (SQLite
-    // creates the file, then writes its header, before the schema commits). Such a file is
-    // initialised, with a warning; a file with any table is never re-initialised.
-    let tables: i64 = c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))?;
-    if existed && tables == 0 {
-        tracing::warn!(
-            "the ledger file exists but holds no table (an interrupted first start); initialising it"
-        );
-    }
-    if tables == 0 {
-        c.execute_batch(
-            "BEGIN;
-             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-             CREATE TABLE usage (
-                 hour INTEGER NOT NULL, dimension TEXT NOT NULL, tags TEXT NOT NULL,
-                 quantity INTEGER NOT NULL CHECK (quantity >= 0),
-                 PRIMARY KEY (hour, dimension, tags)) WITHOUT ROWID;
-             CREATE TABLE event_ids (id TEXT PRIMARY KEY, accepted_at INTEGER NOT NULL) WITHOUT ROWID;
-             CREATE INDEX event_ids_by_age ON event_ids (accepted_at);
-             CREATE TABLE sealed_hours (hour INTEGER PRIMARY KEY, sealed_at INTEGER NOT NULL);
-             CREATE TABLE records (
-                 hour INTEGER NOT NULL, dimension TEXT NOT NULL,
-                 quantity INTEGER NOT NULL CHECK (quantity BETWEEN 0 AND 2147483647),
-                 allocations TEXT, timestamp INTEGER NOT NULL, client_token TEXT NOT NULL,
-                 state TEXT NOT NULL CHECK (state IN ('pending','sent','dead','duplicate')),
-                 attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
-                 metering_record_id TEXT, sealed_at INTEGER NOT NULL, sent_at INTEGER,
-                 updated_at INTEGER NOT NULL,
-                 PRIMARY KEY (hour, dimension)) WITHOUT ROWID;
-             CREATE INDEX records_pending ON records (state, hour);",
-        )?;
-        let instance_id = {
-            use rand::RngCore;
-            let mut bytes = [0u8; 16];
-            rand::rngs::OsRng.fill_bytes(&mut bytes);
-            hex::encode(bytes)
-        };
-        let inserted = (|| {
-            let mut insert = c.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
-            insert.execute(["schema_version", &SCHEMA_VERSION.to_string()])?;
-            insert.execute(["instance_id", &instance_id])?;
-            insert.execute(["first_start", &now.to_string()])?;
-            insert.execute(["product_code", product_code])?;
-            c.execute_batch("COMMIT")
-        })();
-        if let Err(e) = inserted {
-            let _ = c.execute_batch("ROLLBACK");
-            return Err(e.into());
+/// Creates a new ledger atomically: built beside the final path, then renamed into place.
+/// So `ledger.sqlite3` either does not exist or holds the whole schema and its meta rows, and
+/// a `ledger.sqlite3` without them can only be damage, which is refused, never re-initialised.
+fn create_ledger(dir: &Path, path: &Path, product_code: &str, now: i64) -> Result<(), LedgerError> {
+    let fresh = dir.join("ledger.sqlite3.new");
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        LedgerError::Unavailable(format!("cannot create the ledger ({what}): {e}"))
+    };
+    // Leftovers of a first start that was interrupted before the rename hold nothing.
+    for leftover in [fresh.clone(), dir.join("ledger.sqlite3.new-journal")] {
+        match std::fs::remove_file(&leftover) {
+            Ok(()) => {
+                tracing::warn!(file = %leftover.display(), "removed a ledger left half-created by an interrupted first start")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(unavailable("remove leftover", &e)),
         }
     }
+    {
+        let conn = open_connection(
+            &fresh,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
+        .map_err(|e| LedgerError::from_sqlite(&e))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| LedgerError::from_sqlite(&e))?;
+        create_schema(&conn, product_code, now).map_err(|e| LedgerError::from_sqlite(&e))?;
+    }
+    File::open(&fresh)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| unavailable("fsync", &e))?;
+    std::fs::rename(&fresh, path).map_err(|e| unavailable("rename", &e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| unavailable("fsync state dir", &e))?;
+    Ok(())
+}
+
+/// The tables and meta rows, in one transaction.
+fn create_schema(c: &Connection, product_code: &str, now: i64) -> rusqlite::Result<()> {
+    c.execute_batch(
+        "BEGIN;
+         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+         CREATE TABLE usage (
+             hour INTEGER NOT NULL, dimension TEXT NOT NULL, tags TEXT NOT NULL,
+             quantity INTEGER NOT NULL CHECK (quantity >= 0),
+             PRIMARY KEY (hour, dimension, tags)) WITHOUT ROWID;
+         CREATE TABLE event_ids (id TEXT PRIMARY KEY, accepted_at INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE INDEX event_ids_by_age ON event_ids (accepted_at);
+         CREATE TABLE sealed_hours (hour INTEGER PRIMARY KEY, sealed_at INTEGER NOT NULL);
+         CREATE TABLE records (
+             hour INTEGER NOT NULL, dimension TEXT NOT NULL,
+             quantity INTEGER NOT NULL CHECK (quantity BETWEEN 0 AND 2147483647),
+             allocations TEXT, timestamp INTEGER NOT NULL, client_token TEXT NOT NULL,
+             state TEXT NOT NULL CHECK (state IN ('pending','sent','dead','duplicate')),
+             attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT,
+             metering_record_id TEXT, sealed_at INTEGER NOT NULL, sent_at INTEGER,
+             updated_at INTEGER NOT NULL,
+             PRIMARY KEY (hour, dimension)) WITHOUT ROWID;
+         CREATE INDEX records_pending ON records (state, hour);",
+    )?;
+    let instance_id = {
+        use rand::RngCore;
+        let mut bytes = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        hex::encode(bytes)
+    };
+    let inserted = (|| {
+        let mut insert = c.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
+        insert.execute(["schema_version", &SCHEMA_VERSION.to_string()])?;
+        insert.execute(["instance_id", &instance_id])?;
+        insert.execute(["first_start", &now.to_string()])?;
+        insert.execute(["product_code", product_code])?;
+        c.execute_batch("COMMIT")
+    })();
+    if inserted.is_err() {
+        let _ = c.execute_batch("ROLLBACK");
+    }
+    inserted
+}
+
+/// The identity stored in `meta`; a ledger without it is corrupt.
+fn read_identity(c: &Connection, product_code: &str) -> Result<LedgerIdentity, SchemaError> {
     let get = |key: &'static str| -> Result<String, SchemaError> {
         c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?
@@ -694,8 +783,8 @@ struct Writer {
     conn: Connection,
     identity: LedgerIdentity,
     sealed_floor: Arc<AtomicI64>,
-    /// Cached totals per (hour, dimension), for the hourly cap.
-    totals: HashMap<(i64, String), i64>,
+    /// Cached totals per hour and dimension, for the hourly cap.
+    totals: HashMap<i64, HashMap<String, i64>>,
     stats: Arc<CommitStats>,
 }
 
@@ -743,6 +832,7 @@ impl Writer {
 
     fn apply_group(&mut self, group: Vec<Command>) {
         let n = group.len() as u64;
+        let mut took = Duration::ZERO;
         let floor_before = self.sealed_floor.load(Ordering::Acquire);
         let mut replies = Vec::with_capacity(group.len());
         let mut floor_after = floor_before;
@@ -796,15 +886,21 @@ impl Writer {
                     }
                 }
             }
-            tx.commit().map_err(|e| LedgerError::from_sqlite(&e))
+            let started = Instant::now();
+            let result = tx.commit().map_err(|e| LedgerError::from_sqlite(&e));
+            took = started.elapsed();
+            result
         })();
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .commit_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         self.stats.commands.fetch_add(n, Ordering::Relaxed);
         match &commit {
             Ok(()) => {
                 self.sealed_floor.store(floor_after, Ordering::Release);
                 // Counters of sealed hours are never capped again; keep the cache small.
-                self.totals.retain(|(hour, _), _| *hour >= floor_after);
+                self.totals.retain(|hour, _| *hour >= floor_after);
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -819,51 +915,95 @@ impl Writer {
     }
 }
 
+/// One request's savepoint, from cached statements (rusqlite's `savepoint()` formats and
+/// parses its SQL on every call). Dropped without [`RequestSavepoint::release`], it rolls the
+/// request back.
+struct RequestSavepoint<'c> {
+    conn: &'c Connection,
+    released: bool,
+}
+
+impl<'c> RequestSavepoint<'c> {
+    fn begin(conn: &'c Connection) -> rusqlite::Result<Self> {
+        conn.prepare_cached("SAVEPOINT meterd_request")?
+            .execute([])?;
+        Ok(Self {
+            conn,
+            released: false,
+        })
+    }
+
+    fn release(mut self) -> rusqlite::Result<()> {
+        self.released = true;
+        self.conn
+            .prepare_cached("RELEASE meterd_request")?
+            .execute([])
+            .map(|_| ())
+    }
+}
+
+impl Drop for RequestSavepoint<'_> {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let undone = self
+            .conn
+            .execute_batch("ROLLBACK TO meterd_request; RELEASE meterd_request");
+        if undone.is_err() {
+            // Roll back the whole group instead: its COMMIT then fails, so no request of the
+            // group is acknowledged and nothing of this one is kept.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
 fn append_in(
     tx: &mut rusqlite::Transaction<'_>,
-    totals: &mut HashMap<(i64, String), i64>,
+    totals: &mut HashMap<i64, HashMap<String, i64>>,
     floor: i64,
-    events: &[Event],
+    events: &Folded,
     received_at: i64,
 ) -> Result<AppendOutcome, LedgerError> {
     let hour = hour_floor(received_at).max(floor);
     let sql = |e: rusqlite::Error| LedgerError::from_sqlite(&e);
-    let sp = tx.savepoint().map_err(sql)?;
+    let sp = RequestSavepoint::begin(tx).map_err(sql)?;
     let mut duplicates = 0;
-    let mut sums: HashMap<(&str, String), i64> = HashMap::new();
-    {
-        let mut seen = sp
+    // Per key: what this request adds, or `None` when none of its events counts.
+    let mut sums = events.plain.clone();
+    if !events.with_id.is_empty() {
+        let mut seen = tx
             .prepare_cached("SELECT accepted_at FROM event_ids WHERE id = ?1")
             .map_err(sql)?;
-        let mut remember = sp
+        let mut remember = tx
             .prepare_cached("INSERT OR REPLACE INTO event_ids (id, accepted_at) VALUES (?1, ?2)")
             .map_err(sql)?;
-        for event in events {
-            if let Some(id) = &event.id {
-                let previous: Option<i64> =
-                    seen.query_row([id], |r| r.get(0)).optional().map_err(sql)?;
-                if previous.is_some_and(|at| at > received_at - EVENT_ID_RETENTION_SECS) {
-                    duplicates += 1;
-                    continue;
-                }
-                remember.execute(params![id, received_at]).map_err(sql)?;
+        for (id, key, quantity) in &events.with_id {
+            let previous: Option<i64> =
+                seen.query_row([id], |r| r.get(0)).optional().map_err(sql)?;
+            if previous.is_some_and(|at| at > received_at - EVENT_ID_RETENTION_SECS) {
+                duplicates += 1;
+                continue;
             }
-            *sums
-                .entry((event.dimension.as_str(), model::tagset_key(&event.tags)))
-                .or_default() += event.quantity;
+            remember.execute(params![id, received_at]).map_err(sql)?;
+            *sums[*key].get_or_insert(0) += quantity;
         }
     }
     // The hourly cap, per dimension.
-    let mut per_dimension: HashMap<&str, i64> = HashMap::new();
-    for ((dimension, _), q) in &sums {
-        *per_dimension.entry(dimension).or_default() += q;
+    let mut per_dimension: Vec<(&str, i64)> = Vec::new();
+    for ((dimension, _), q) in events.keys.iter().zip(&sums) {
+        let Some(q) = q else { continue };
+        match per_dimension.iter_mut().find(|(d, _)| d == dimension) {
+            Some((_, sum)) => *sum += q,
+            None => per_dimension.push((dimension, *q)),
+        }
     }
+    let cached = totals.get(&hour);
     let mut new_totals = Vec::with_capacity(per_dimension.len());
     for (dimension, adding) in per_dimension {
-        let key = (hour, dimension.to_owned());
-        let current = match totals.get(&key) {
+        let current = match cached.and_then(|c| c.get(dimension)) {
             Some(t) => *t,
-            None => sp
+            None => tx
                 .query_row(
                     "SELECT COALESCE(SUM(quantity), 0) FROM usage WHERE hour = ?1 AND dimension = ?2",
                     params![hour, dimension],
@@ -880,25 +1020,35 @@ fn append_in(
                 would_be,
             });
         }
-        new_totals.push((key, would_be));
+        new_totals.push((dimension, would_be));
     }
     {
-        let mut upsert = sp
+        let mut upsert = tx
             .prepare_cached(
                 "INSERT INTO usage (hour, dimension, tags, quantity) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (hour, dimension, tags) DO UPDATE SET quantity = quantity + excluded.quantity",
             )
             .map_err(sql)?;
-        for ((dimension, tags), quantity) in &sums {
-            upsert
-                .execute(params![hour, dimension, tags, quantity])
-                .map_err(sql)?;
+        for ((dimension, tags), quantity) in events.keys.iter().zip(&sums) {
+            if let Some(quantity) = quantity {
+                upsert
+                    .execute(params![hour, dimension, tags, quantity])
+                    .map_err(sql)?;
+            }
         }
     }
-    sp.commit().map_err(sql)?;
-    totals.extend(new_totals);
+    sp.release().map_err(sql)?;
+    let cache = totals.entry(hour).or_default();
+    for (dimension, total) in new_totals {
+        match cache.get_mut(dimension) {
+            Some(t) => *t = total,
+            None => {
+                cache.insert(dimension.to_owned(), total);
+            }
+        }
+    }
     Ok(AppendOutcome {
-        accepted: events.len() - duplicates,
+        accepted: events.events - duplicates,
         duplicates,
         hour,
     })
@@ -1127,6 +1277,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn folded_requests_count_ids_once_and_skip_keys_of_duplicates_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        let tagged = |dimension: &str, quantity, tenant: &str, id: Option<&str>| Event {
+            tags: [("tenant".to_owned(), tenant.to_owned())].into(),
+            ..event(dimension, quantity, id)
+        };
+        let out = ledger
+            .append(
+                vec![
+                    tagged("requests", 0, "t1", None),
+                    tagged("requests", 2, "t1", Some("e1")),
+                    tagged("requests", 3, "t1", Some("e1")),
+                    tagged("requests", 4, "t2", None),
+                    event("gigabytes", 1, Some("e2")),
+                ],
+                H,
+            )
+            .await
+            .expect("append");
+        assert_eq!((out.accepted, out.duplicates), (4, 1));
+        let again = ledger
+            .append(
+                vec![
+                    tagged("requests", 5, "t9", Some("e1")),
+                    event("gigabytes", 1, Some("e2")),
+                ],
+                H + 1,
+            )
+            .await
+            .expect("append");
+        assert_eq!((again.accepted, again.duplicates), (0, 2));
+        let rows = ledger.usage_of_hour(H).await.expect("usage");
+        let quantities: Vec<(String, Option<String>, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.dimension.clone(),
+                    r.tags.get("tenant").cloned(),
+                    r.quantity,
+                )
+            })
+            .collect();
+        assert_eq!(
+            quantities,
+            vec![
+                ("gigabytes".to_owned(), None, 1),
+                ("requests".to_owned(), Some("t1".to_owned()), 2),
+                ("requests".to_owned(), Some("t2".to_owned()), 4),
+            ],
+            "a key whose only events were duplicates gets no row"
+        );
+    }
+
+    #[tokio::test]
     async fn hourly_cap_rejects_the_whole_request_and_keeps_earlier_counts() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
@@ -1296,16 +1501,19 @@ mod tests {
     }
 
     #[test]
-    fn a_file_without_tables_is_initialised_and_a_half_schema_is_refused() {
-        // An interrupted first start: the file exists, SQLite's header may be written, no
-        // table committed. Nothing can be in it, so it is initialised.
+    fn an_empty_or_half_made_ledger_is_refused_and_a_half_created_one_is_replaced() {
+        // Creation is atomic (build, then rename), so an empty ledger.sqlite3 is damage.
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("ledger.sqlite3"), b"").expect("write");
-        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("a 0-byte ledger is new");
-        assert_eq!(ledger.identity().first_start, H);
-        drop(ledger);
-        // Tables without their meta rows cannot come from meterd (one transaction creates
-        // both): refused as corrupt, never re-initialised.
+        let err = Ledger::open(dir.path(), "prod-a", H).expect_err("empty is corrupt");
+        assert!(matches!(err, LedgerError::Corrupt { .. }), "{err}");
+        assert_eq!(
+            std::fs::read(dir.path().join("ledger.sqlite3"))
+                .expect("read")
+                .len(),
+            0
+        );
+        // Tables without their meta rows cannot come from meterd: refused, never re-made.
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ledger.sqlite3");
         Connection::open(&path)
@@ -1318,6 +1526,12 @@ mod tests {
         let err = Ledger::open(dir.path(), "prod-a", H).expect_err("corrupt");
         assert!(matches!(err, LedgerError::Corrupt { .. }), "{err}");
         assert_eq!(std::fs::read(&path).expect("read"), before);
+        // A first start interrupted before the rename leaves only the side file: start anew.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ledger.sqlite3.new"), b"half written").expect("write");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("fresh ledger");
+        assert_eq!(ledger.identity().first_start, H);
+        assert!(!dir.path().join("ledger.sqlite3.new").exists());
     }
 
     #[test]

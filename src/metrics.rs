@@ -1,7 +1,7 @@
 //! Prometheus metrics. Names follow `meterd_<noun>_<unit>_total`; labels stay low-cardinality
 //! (a reason or an error code, never a tag value or a customer).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -30,6 +30,7 @@ pub struct Metrics {
     pub ledger_errors: Family<Reason, Counter>,
     pub ledger_commits: Counter,
     pub ledger_commands: Counter,
+    pub ledger_commit_seconds: Counter<f64, AtomicU64>,
     pub records_sealed: Counter,
     pub records_sent: Counter,
     pub send_failures: Family<Code, Counter>,
@@ -57,6 +58,7 @@ impl Metrics {
             ledger_errors: Family::default(),
             ledger_commits: Counter::default(),
             ledger_commands: Counter::default(),
+            ledger_commit_seconds: Counter::default(),
             records_sealed: Counter::default(),
             records_sent: Counter::default(),
             send_failures: Family::default(),
@@ -97,6 +99,11 @@ impl Metrics {
             "meterd_ledger_commands",
             "Ledger commands applied (requests, seals, deliveries)",
             m.ledger_commands.clone(),
+        );
+        registry.register(
+            "meterd_ledger_commit_seconds",
+            "Time spent committing ledger transactions, fsync included",
+            m.ledger_commit_seconds.clone(),
         );
         registry.register(
             "meterd_records_sealed",
@@ -154,6 +161,10 @@ impl Metrics {
         self.ledger_commands
             .inner()
             .store(commits.commands.load(Ordering::Relaxed), Ordering::Relaxed);
+        let commit_seconds = commits.commit_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        self.ledger_commit_seconds
+            .inner()
+            .store(commit_seconds.to_bits(), Ordering::Relaxed);
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -195,7 +206,13 @@ mod tests {
         let m = Metrics::new();
         m.events_accepted.inc_by(3);
         m.reject("unknown_dimension");
-        let text = m.render(&CommitStats::default());
+        let stats = CommitStats::default();
+        stats.commit_nanos.store(1_500_000_000, Ordering::Relaxed);
+        let text = m.render(&stats);
+        assert!(
+            text.contains("meterd_ledger_commit_seconds_total 1.5"),
+            "{text}"
+        );
         assert!(text.contains("meterd_events_accepted_total 3"), "{text}");
         assert!(
             text.contains("meterd_requests_rejected_total{reason=\"unknown_dimension\"} 1"),
