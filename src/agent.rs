@@ -294,18 +294,14 @@ pub async fn run(
     tokio::select! {
         _ = ctx.shutdown.cancelled() => {
             tracing::info!("shutdown before entitlement was established; nothing is sealed or sent");
-            api.accepting.store(false, Ordering::Release);
-            http_stop.cancel();
-            while servers.join_next().await.is_some() {}
+            stop_intake(&api, &http_stop, &mut servers).await;
             return Ok(());
         }
         result = &mut admission => match result {
             Ok(check) => background_check = check,
             Err(e) => {
                 status.set_entitlement(EntitlementStatus { state: EntitlementState::Failed, details: serde_json::json!({"error": e.to_string()}) });
-                api.accepting.store(false, Ordering::Release);
-                http_stop.cancel();
-                while servers.join_next().await.is_some() {}
+                stop_intake(&api, &http_stop, &mut servers).await;
                 return Err(e.into());
             }
         }
@@ -354,9 +350,7 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + config.server.grace_period;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: refusing new requests and draining in-flight ones");
-    api.accepting.store(false, Ordering::Release);
-    http_stop.cancel();
-    while servers.join_next().await.is_some() {}
+    stop_intake(&api, &http_stop, &mut servers).await;
     workers_stop.cancel();
     while workers.join_next().await.is_some() {}
     if let Some(e) = fatal {
@@ -386,6 +380,13 @@ pub async fn run(
         Err(e) => tracing::error!(error = %e, "final delivery could not read the ledger"),
     }
     Ok(())
+}
+
+/// New requests get 503; in-flight ones finish (each listener drains within its timeout).
+async fn stop_intake(api: &Api, http_stop: &CancellationToken, servers: &mut JoinSet<()>) {
+    api.accepting.store(false, Ordering::Release);
+    http_stop.cancel();
+    while servers.join_next().await.is_some() {}
 }
 
 fn configured_platform(setting: PlatformSetting) -> Option<Platform> {
