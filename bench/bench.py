@@ -118,9 +118,9 @@ def metrics(addr):
     status, body = http("GET", f"http://{addr}/metrics")
     out = {}
     for line in body.decode().splitlines():
-        m = re.match(r"^(meterd_[a-z_]+_total) (\d+)$", line)
+        m = re.match(r"^(meterd_[a-z_]+_total) ([\d.e+-]+)$", line)
         if m:
-            out[m.group(1)] = int(m.group(2))
+            out[m.group(1)] = float(m.group(2))
     return out
 
 
@@ -177,6 +177,56 @@ def fsync_count(proc):
         if len(parts) > 2 and parts[2].startswith("syscalls:") and parts[0].isdigit():
             total += int(parts[0])
     return total if proc.returncode == 0 else None
+
+
+def cpu_seconds(pids):
+    """User + system CPU time of processes (all their threads), from /proc."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def nginx_pids(master):
+    """The nginx master and its workers."""
+    out = subprocess.run(["pgrep", "-P", str(master.pid)], capture_output=True, text=True).stdout
+    return [master.pid] + [int(p) for p in out.split()]
+
+
+class FsyncProbe:
+    """Overwrites 4 KiB and fsyncs it every 5 ms next to the ledger: the disk's own latency."""
+
+    def __init__(self, directory):
+        import threading
+        self.path = os.path.join(directory, "fsync-probe")
+        self.latencies = []
+        self.stop_flag = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
+        os.pwrite(fd, b"\0" * 4096, 0)
+        os.fsync(fd)
+        while not self.stop_flag:
+            t = time.perf_counter()
+            os.pwrite(fd, b"x" * 4096, 0)
+            os.fsync(fd)
+            self.latencies.append((time.perf_counter() - t) * 1000)
+            time.sleep(0.005)
+        os.close(fd)
+
+    def stop(self):
+        self.stop_flag = True
+        self.thread.join()
+        lat = sorted(self.latencies)
+        pick = lambda p: lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else float("nan")
+        return {"p50": pick(50), "p99": pick(99), "max": lat[-1] if lat else float("nan")}
 
 
 def median(xs):
@@ -305,37 +355,42 @@ def machine():
     }
 
 
-def bench_single(rig, nginx_addr, agent, addr, results):
+def bench_single(rig, nginx, nginx_addr, agent, addr, results):
     log(f"single events: wrk -c{CONNECTIONS} -d{SECONDS}s, {REPEATS}x nginx/meterd alternating")
     script = os.path.join(BENCH, "wrk/single.lua")
     runs = {"nginx": [], "meterd": []}
     durability = []
+    pids = nginx_pids(nginx)
     for i in range(REPEATS):
+        c0 = cpu_seconds(pids)
         runs["nginx"].append(wrk(f"http://{nginx_addr}/v1/usage", script))
+        runs["nginx"][-1]["cpu_us"] = (cpu_seconds(pids) - c0) / (runs["nginx"][-1]["rps"] * SECONDS) * 1e6
         before = metrics(addr)
         counter = fsync_counter(agent.pid, SECONDS)
+        c0 = cpu_seconds([agent.pid])
         t = time.monotonic()
         r = wrk(f"http://{addr}/v1/usage", script)
         elapsed = time.monotonic() - t
+        r["cpu_us"] = (cpu_seconds([agent.pid]) - c0) / (r["rps"] * SECONDS) * 1e6
         fsyncs = fsync_count(counter)
         after = metrics(addr)
         runs["meterd"].append(r)
         commits = after["meterd_ledger_commits_total"] - before["meterd_ledger_commits_total"]
         events = after["meterd_events_accepted_total"] - before["meterd_events_accepted_total"]
         requests = after["meterd_ledger_commands_total"] - before["meterd_ledger_commands_total"]
-        commit_ns = after.get("meterd_ledger_commit_nanoseconds_total", 0) - before.get(
-            "meterd_ledger_commit_nanoseconds_total", 0)
+        commit_s = after.get("meterd_ledger_commit_seconds_total", 0) - before.get(
+            "meterd_ledger_commit_seconds_total", 0)
         durability.append({
             "commits_per_s": commits / elapsed,
             "fsyncs_per_s": (fsyncs / SECONDS) if fsyncs is not None else None,
             "events_per_commit": events / commits if commits else float("nan"),
             "requests_per_commit": requests / commits if commits else float("nan"),
-            "commit_ms": (commit_ns / commits / 1e6) if commits and commit_ns else None,
+            "commit_ms": (commit_s / commits * 1e3) if commits and commit_s else None,
         })
         log(f"  run {i + 1}: nginx {runs['nginx'][-1]['rps']:.0f}/s, meterd {r['rps']:.0f}/s "
             f"(p99 {r['p99']:.2f} ms, non-2xx {r['non2xx']}, {durability[-1]['events_per_commit']:.1f} events/commit)")
     for name in runs:
-        results[f"single_{name}"] = {k: median([r[k] for r in runs[name]]) for k in ("rps", "p50", "p99")}
+        results[f"single_{name}"] = {k: median([r[k] for r in runs[name]]) for k in ("rps", "p50", "p99", "cpu_us")}
         results[f"single_{name}"]["non2xx"] = sum(r["non2xx"] for r in runs[name])
     results["single_runs"] = runs
     results["ratio"] = results["single_meterd"]["rps"] / results["single_nginx"]["rps"]
@@ -350,18 +405,25 @@ def bench_single(rig, nginx_addr, agent, addr, results):
     }
 
 
-def bench_half(nginx_addr, addr, results):
+def bench_half(work, nginx_addr, addr, results):
     rate = int(results["single_meterd"]["rps"] / 2)
     log(f"p99 at half of meterd's max: open-loop {rate}/s over {CONNECTIONS} connections, {REPEATS}x")
     body = os.path.join(BENCH, "wrk/single.json")
     runs = {"nginx": [], "meterd": []}
+    probes = []
     for _ in range(REPEATS):
+        # The disk's own fsync latency, probed while nginx runs (so it does not slow meterd).
+        probe = FsyncProbe(work)
         runs["nginx"].append(loadgen_rate(nginx_addr, body, rate))
+        probes.append(probe.stop())
         runs["meterd"].append(loadgen_rate(addr, body, rate))
         m = runs["meterd"][-1]
         log(f"  meterd p50 {m['p50_ms']:.2f} ms p99 {m['p99_ms']:.2f} ms at {m['rate']:.0f}/s "
             f"(errors {m['errors']:.0f}, non-2xx {m['non2xx']:.0f}); nginx p99 {runs['nginx'][-1]['p99_ms']:.2f} ms")
     results["half_rate"] = rate
+    results["disk_fsync"] = {k: median([p[k] for p in probes]) for k in ("p50", "p99", "max")}
+    log(f"  disk fsync probe: p50 {results['disk_fsync']['p50']:.2f} ms, p99 {results['disk_fsync']['p99']:.2f} ms, "
+        f"max {results['disk_fsync']['max']:.1f} ms")
     for name in runs:
         results[f"half_{name}"] = {k: median([r[k] for r in runs[name]])
                                    for k in ("rate", "p50_ms", "p99_ms", "p999_ms", "errors", "non2xx")}
@@ -490,12 +552,14 @@ def image_size(results):
     if subprocess.run(cmd + ["image", "exists", "docker.io/library/debian:bookworm-slim"]).returncode == 0:
         log("container image: podman build --target runtime-prebuilt (as scripts/container-test.sh)")
         b = subprocess.run(cmd + ["build", "--quiet", "--pull=never", "--format", "docker", "--network=host",
-                                  "--build-arg", f"METERD_PRODUCT_CODE={PRODUCT}", "--target", "runtime-prebuilt",
+                                  "--build-arg", f"METERD_PRODUCT_CODE={PRODUCT}",
+                                  "--target", "runtime-prebuilt",
                                   "-t", tag, "-f", "deploy/Dockerfile", "."],
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
         if b.returncode == 0:
             size = subprocess.run(cmd + ["image", "inspect", tag, "--format", "{{.Size}}"],
                                   capture_output=True, text=True).stdout.strip()
+            # .dockerignore admits only target/release/meterd into the build context.
             results["image"] = (int(size) / 1e6, "built now from target/release/meterd")
             return
         log("  image build failed: " + b.stderr.strip()[-300:])
@@ -519,12 +583,15 @@ def table(results):
         ("durable single-event throughput (wrk, 64 conns)",
          f"meterd {r['single_meterd']['rps']:,.0f}/s vs nginx 204 {r['single_nginx']['rps']:,.0f}/s = **{r['ratio'] * 100:.0f}%**",
          "≥ 60% of nginx", verdict(r["ratio"] >= TARGETS["ratio"])),
+        ("CPU per single-event request (user+sys, from /proc)",
+         f"meterd {r['single_meterd']['cpu_us']:.1f} µs, nginx {r['single_nginx']['cpu_us']:.1f} µs", "—", "—"),
         ("single-event latency at max (wrk, 64 conns)",
          f"meterd p50 {r['single_meterd']['p50']:.2f} ms, p99 {r['single_meterd']['p99']:.2f} ms; "
          f"nginx p50 {r['single_nginx']['p50']:.2f} ms, p99 {r['single_nginx']['p99']:.2f} ms", "—", "—"),
         (f"p99 at half of max ({r['half_rate']:,}/s open loop, 64 conns)",
          f"meterd p50 {r['half_meterd']['p50_ms']:.2f} ms, **p99 {r['half_meterd']['p99_ms']:.2f} ms** "
-         f"(p99.9 {r['half_meterd']['p999_ms']:.2f}); nginx p99 {r['half_nginx']['p99_ms']:.2f} ms",
+         f"(p99.9 {r['half_meterd']['p999_ms']:.2f}); nginx p99 {r['half_nginx']['p99_ms']:.2f} ms; "
+         f"disk fsync probe p50 {r['disk_fsync']['p50']:.2f} ms, p99 {r['disk_fsync']['p99']:.1f} ms, max {r['disk_fsync']['max']:.0f} ms",
          "≤ 5 ms", verdict(r["half_meterd"]["p99_ms"] <= TARGETS["p99_half"])),
         ("batch ingest (1,000-event batches, wrk 16 conns)",
          f"**{r['batch']['increments_per_s']:,.0f} increments/s** (p99 {r['batch']['p99']:.1f} ms per batch)",
@@ -582,8 +649,8 @@ def main():
         nginx, nginx_addr = start_nginx(work)
         bench_ready(rig, results)
         agent, addr = rig.start_agent("load")
-        bench_single(rig, nginx_addr, agent, addr, results)
-        bench_half(nginx_addr, addr, results)
+        bench_single(rig, nginx, nginx_addr, agent, addr, results)
+        bench_half(work, nginx_addr, addr, results)
         bench_batch(addr, results)
         stop(agent)
         stop(nginx)
