@@ -76,7 +76,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config = Config::from_toml_str(&format!(
         r#"
 product_code = "{product}"
-platform = "ecs"
+platform = "auto"
 [metering]
 dimensions = ["requests", "gigabytes"]
 tag_keys = ["tenant"]
@@ -111,7 +111,10 @@ max_backoff = "2s"
     .await;
     let shutdown = CancellationToken::new();
     let mut ctx = RunContext::new(clock.clone(), client, shutdown.clone());
-    ctx.env = Some(Arc::new(|_| None));
+    // Not on ECS, EKS or EC2: detection finds nothing, and IMDS is never probed.
+    ctx.env = Some(Arc::new(|name| {
+        (name == "AWS_EC2_METADATA_DISABLED").then(|| "true".to_owned())
+    }));
     let agent_task = tokio::spawn(agent::run(
         config,
         Some(Listeners {
