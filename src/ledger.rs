@@ -22,6 +22,10 @@
 //!   sealed and never changed afterwards except for its delivery state:
 //!   `pending` → `sent` | `dead` (window passed) | `duplicate` (service refused as duplicate).
 //!
+//! The writer never checkpoints (`wal_autocheckpoint = 0`): a separate thread and connection
+//! run a PASSIVE checkpoint every second, which never blocks the writer, so no request waits
+//! while the WAL is copied back into the database.
+//!
 //! # Recovery
 //! A new ledger is built as `ledger.sqlite3.new` (schema and meta rows in one transaction),
 //! fsynced and renamed into place, so `ledger.sqlite3` is whole or absent; a leftover `.new`
@@ -293,6 +297,8 @@ struct Inner {
     /// First hour not yet sealed (0 before the first seal).
     sealed_floor: Arc<AtomicI64>,
     commit_stats: Arc<CommitStats>,
+    /// Dropping it stops the checkpoint thread.
+    _checkpointer: std::sync::mpsc::Sender<()>,
     _lock: File,
 }
 
@@ -384,6 +390,12 @@ impl Ledger {
             .pragma_update(None, "synchronous", "FULL")
             .map_err(|e| LedgerError::from_sqlite(&e))?;
         let floor = load_floor(&writer).map_err(|e| corrupt(&e))?;
+        // Checkpoints run on their own connection and thread, so the writer (and every request
+        // waiting on its commit) never pays for copying the WAL back into the database.
+        writer
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| LedgerError::from_sqlite(&e))?;
+        let checkpointer = spawn_checkpointer(&path)?;
         let reader = open_connection(
             &path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -417,6 +429,7 @@ impl Ledger {
                 identity,
                 sealed_floor,
                 commit_stats,
+                _checkpointer: checkpointer,
                 _lock: lock,
             }),
         })
@@ -576,6 +589,37 @@ impl Ledger {
             .sum();
         Ok(stats)
     }
+}
+
+/// How often the checkpoint thread folds the WAL back into the database.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Starts the thread that checkpoints the WAL (PASSIVE: it never blocks the writer). It stops
+/// when the returned sender is dropped.
+fn spawn_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, LedgerError> {
+    let conn = open_connection(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| LedgerError::from_sqlite(&e))?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(|e| LedgerError::from_sqlite(&e))?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name("meterd-checkpoint".to_owned())
+        .spawn(move || {
+            let _entered = span.enter();
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(CHECKPOINT_INTERVAL)
+            {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                }
+            }
+        })
+        .map_err(|e| LedgerError::Unavailable(format!("cannot start checkpoint thread: {e}")))?;
+    Ok(stop)
 }
 
 /// Reads records straight from a ledger file, without the lock: for `meterd records`.
