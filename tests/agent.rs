@@ -18,7 +18,9 @@ use meterd::local_client::{self, Target};
 
 /// An hour boundary well clear of anything real: 2027-01-15T08:00:00Z.
 const H0: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
-const PRODUCT: &str = "prod-demo1234";
+mod support;
+
+use support::PRODUCT;
 const ACCESS_KEY: &str = "AKIATESTAGENT0000001";
 
 struct Agent {
@@ -61,34 +63,14 @@ impl Harness {
     }
 
     fn config(&self, extra: &str) -> Config {
-        let text = format!(
-            r#"
-product_code = "{PRODUCT}"
-platform = "ecs"
-[metering]
-dimensions = ["requests", "gigabytes"]
-tag_keys = ["tenant", "region"]
-[registration]
-public_key_files = [{key:?}]
-[server]
-listen = "127.0.0.1:0"
-grace_period = "10s"
-{extra}
-[state]
-dir = {state:?}
-[aws]
-region = "us-east-1"
-endpoint_url = "{endpoint}"
-[sending]
-seal_delay = "1s"
-initial_backoff = "5ms"
-max_backoff = "40ms"
-call_timeout = "5s"
-"#,
-            key = self.key_path.display().to_string(),
-            state = self.dir.path().join("state").display().to_string(),
-            endpoint = self.emulator.endpoint_url(),
-        );
+        let text = support::agent_toml(&support::AgentToml {
+            key: &self.key_path,
+            state: &self.dir.path().join("state"),
+            endpoint: &self.emulator.endpoint_url(),
+            listen: "127.0.0.1:0",
+            server_extra: extra,
+            sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"5s\"",
+        });
         Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
     }
 

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +16,8 @@ use tokio::process::{Child, Command};
 use meterd::clock::SystemClock;
 use meterd::emulator::{self, EmulatorConfig, EmulatorHandle};
 use meterd::local_client::{self, Target};
+
+mod support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_meterd");
 
@@ -49,32 +50,16 @@ async fn setup(extra_config: &str) -> Setup {
     let config_path = dir.path().join("meterd.toml");
     std::fs::write(
         &config_path,
-        format!(
-            r#"
-product_code = "prod-demo1234"
-platform = "ecs"
-[metering]
-dimensions = ["requests", "gigabytes"]
-tag_keys = ["tenant"]
-[registration]
-public_key_files = [{key:?}]
-[server]
-listen = "{addr}"
-grace_period = "10s"
-[state]
-dir = {state:?}
-[aws]
-region = "us-east-1"
-endpoint_url = "{endpoint}"
-[sending]
-initial_backoff = "20ms"
-max_backoff = "200ms"
-{extra_config}
-"#,
-            key = key.display().to_string(),
-            state = dir.path().join("state").display().to_string(),
-            endpoint = emulator.endpoint_url(),
-        ),
+        support::agent_toml(&support::AgentToml {
+            key: &key,
+            state: &dir.path().join("state"),
+            endpoint: &emulator.endpoint_url(),
+            listen: &addr,
+            server_extra: "",
+            sending: &format!(
+                "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\n{extra_config}"
+            ),
+        }),
     )
     .expect("config");
     Setup {
@@ -86,52 +71,7 @@ max_backoff = "200ms"
 }
 
 fn agent_command(config: &Path, cwd: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(config)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("AWS_ACCESS_KEY_ID", "AKIACRASHTEST0000001")
-        .env("AWS_SECRET_ACCESS_KEY", "secret")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("METERD_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
-
-async fn wait_ready(addr: &str, child: &mut Child) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use tokio::io::AsyncReadExt;
-                let _ = e.read_to_string(&mut err).await;
-            }
-            panic!("agent exited during start-up with {status}: {err}");
-        }
-        let ready = local_client::call(
-            &Target::Tcp(addr.to_owned()),
-            Method::GET,
-            "/readyz",
-            None,
-            None,
-            Duration::from_secs(1),
-        )
-        .await;
-        if matches!(ready, Ok((StatusCode::OK, _))) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agent never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::agent_command(BIN, config, cwd, "AKIACRASHTEST0000001")
 }
 
 fn sigterm(child: &Child) {
@@ -155,7 +95,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let mut child = agent_command(&s.config_path, s.dir.path())
         .spawn()
         .expect("spawn");
-    wait_ready(&s.addr, &mut child).await;
+    support::wait_ready(&s.addr, &mut child).await;
 
     // Oracle: acknowledged quantity per dimension. Clients retry an unacknowledged request
     // with the same id until it is acknowledged, as an application using ids would.
@@ -214,7 +154,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         child = agent_command(&s.config_path, s.dir.path())
             .spawn()
             .expect("respawn");
-        wait_ready(&s.addr, &mut child).await;
+        support::wait_ready(&s.addr, &mut child).await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -258,7 +198,7 @@ async fn sigterm_flushes_the_open_hour_and_a_second_process_is_refused() {
     let mut child = agent_command(&s.config_path, s.dir.path())
         .spawn()
         .expect("spawn");
-    wait_ready(&s.addr, &mut child).await;
+    support::wait_ready(&s.addr, &mut child).await;
 
     let second = agent_command(&s.config_path, s.dir.path())
         .output()

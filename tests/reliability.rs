@@ -47,10 +47,11 @@ use meterd::emulator::{
 use meterd::ledger::{RecordState, StoredRecord};
 use meterd::local_client::{self, Target};
 
+mod support;
+
 const BIN: &str = env!("CARGO_BIN_EXE_meterd");
 /// An hour boundary well clear of anything real: 2027-01-15T08:00:00Z.
 const H0: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
-const PRODUCT: &str = "prod-demo1234";
 const ACCESS_KEY: &str = "AKIARELIABILITY00001";
 const DIMENSIONS: [&str; 2] = ["requests", "gigabytes"];
 const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
@@ -369,34 +370,14 @@ impl World {
     }
 
     fn config(&self, state_dir: &Path, extra_server: &str) -> Config {
-        let text = format!(
-            r#"
-product_code = "{PRODUCT}"
-platform = "ecs"
-[metering]
-dimensions = ["requests", "gigabytes"]
-tag_keys = ["tenant"]
-[registration]
-public_key_files = [{key:?}]
-[server]
-listen = "127.0.0.1:0"
-grace_period = "10s"
-{extra_server}
-[state]
-dir = {state:?}
-[aws]
-region = "us-east-1"
-endpoint_url = "{endpoint}"
-[sending]
-seal_delay = "1s"
-initial_backoff = "5ms"
-max_backoff = "40ms"
-call_timeout = "2s"
-"#,
-            key = self.key_path.display().to_string(),
-            state = state_dir.display().to_string(),
-            endpoint = self.emulator.endpoint_url(),
-        );
+        let text = support::agent_toml(&support::AgentToml {
+            key: &self.key_path,
+            state: state_dir,
+            endpoint: &self.emulator.endpoint_url(),
+            listen: "127.0.0.1:0",
+            server_extra: extra_server,
+            sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"2s\"",
+        });
         Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -1125,33 +1106,15 @@ impl BinSetup {
         let config_path = dir.path().join("meterd.toml");
         std::fs::write(
             &config_path,
-            format!(
-                r#"
-product_code = "{PRODUCT}"
-platform = "ecs"
-[metering]
-dimensions = ["requests", "gigabytes"]
-tag_keys = ["tenant"]
-[registration]
-public_key_files = [{key:?}]
-[server]
-listen = "{addr}"
-grace_period = "10s"
-{extra_server}
-[state]
-dir = {state:?}
-[aws]
-region = "us-east-1"
-endpoint_url = "{endpoint}"
-[sending]
-initial_backoff = "20ms"
-max_backoff = "200ms"
-call_timeout = "5s"
-"#,
-                key = key.display().to_string(),
-                state = dir.path().join("state").display().to_string(),
-                endpoint = emulator.endpoint_url(),
-            ),
+            support::agent_toml(&support::AgentToml {
+                key: &key,
+                state: &dir.path().join("state"),
+                endpoint: &emulator.endpoint_url(),
+                listen: &addr,
+                server_extra: extra_server,
+                sending:
+                    "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\ncall_timeout = \"5s\"",
+            }),
         )
         .expect("config");
         Self {
@@ -1167,53 +1130,7 @@ call_timeout = "5s"
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&self.config_path)
-            .current_dir(self.dir.path())
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("TZ", "UTC")
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", "secret")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("METERD_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd
-    }
-}
-
-async fn wait_ready(addr: &str, child: &mut Child) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use tokio::io::AsyncReadExt;
-                let _ = e.read_to_string(&mut err).await;
-            }
-            panic!("agent exited during start-up with {status}: {err}");
-        }
-        let ready = local_client::call(
-            &Target::Tcp(addr.to_owned()),
-            Method::GET,
-            "/readyz",
-            None,
-            None,
-            Duration::from_secs(1),
-        )
-        .await;
-        if matches!(ready, Ok((StatusCode::OK, _))) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agent never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        support::agent_command(BIN, &self.config_path, self.dir.path(), ACCESS_KEY)
     }
 }
 
@@ -1290,7 +1207,7 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
     };
     let first_hour = hour_floor(unix_seconds(clock.now()));
     let mut child = spawn(&clock);
-    wait_ready(&s.addr, &mut child).await;
+    support::wait_ready(&s.addr, &mut child).await;
 
     let oracle = Arc::new(Oracle::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -1323,7 +1240,7 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
         child.start_kill().expect("SIGKILL");
         child.wait().await.expect("reaped");
         child = spawn(&clock);
-        wait_ready(&s.addr, &mut child).await;
+        support::wait_ready(&s.addr, &mut child).await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -1369,7 +1286,7 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
 async fn a_truncated_ledger_is_refused_with_exit_74_and_left_untouched() {
     let s = BinSetup::new(Arc::new(SystemClock), "").await;
     let mut child = s.command().spawn().expect("spawn");
-    wait_ready(&s.addr, &mut child).await;
+    support::wait_ready(&s.addr, &mut child).await;
     // Enough usage for a ledger of several pages.
     let oracle = Oracle::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
@@ -1433,7 +1350,7 @@ async fn a_truncated_ledger_is_refused_with_exit_74_and_left_untouched() {
     // Restored, it starts again and still holds everything.
     std::fs::write(&ledger, &intact).expect("restore");
     let mut child = s.command().spawn().expect("spawn");
-    wait_ready(&s.addr, &mut child).await;
+    support::wait_ready(&s.addr, &mut child).await;
     let (status, err) = sigterm_and_wait(child).await;
     assert!(status.success(), "{err}");
 }
@@ -1477,24 +1394,8 @@ async fn no_secret_appears_in_debug_logs() {
         .stdout(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
     let mut stdout = child.stdout.take();
+    support::wait_ready(&s.addr, &mut child).await;
     let target = Target::Tcp(s.addr.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = local_client::call(
-            &target,
-            Method::GET,
-            "/readyz",
-            None,
-            None,
-            Duration::from_secs(1),
-        )
-        .await;
-        if matches!(r, Ok((StatusCode::OK, _))) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let body =
         json!({"dimension": "requests", "quantity": 5, "tags": {"tenant": "t0"}, "id": "x1"})
             .to_string()
