@@ -282,6 +282,10 @@ pub struct CommitStats {
     pub failures: AtomicU64,
     /// Time spent in COMMIT (the fsync), summed over all commits.
     pub commit_nanos: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub checkpoint_failures: AtomicU64,
+    /// Pages in the WAL after the last commit (0 right after a complete checkpoint).
+    pub wal_pages: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -297,8 +301,6 @@ struct Inner {
     /// First hour not yet sealed (0 before the first seal).
     sealed_floor: Arc<AtomicI64>,
     commit_stats: Arc<CommitStats>,
-    /// Dropping it stops the checkpoint thread.
-    _checkpointer: std::sync::mpsc::Sender<()>,
     _lock: File,
 }
 
@@ -390,12 +392,12 @@ impl Ledger {
             .pragma_update(None, "synchronous", "FULL")
             .map_err(|e| LedgerError::from_sqlite(&e))?;
         let floor = load_floor(&writer).map_err(|e| corrupt(&e))?;
-        // Checkpoints run on their own connection and thread, so the writer (and every request
-        // waiting on its commit) never pays for copying the WAL back into the database.
+        // The writer checkpoints between groups, after the replies (see `checkpoint_if_due`);
+        // the hook replaces SQLite's own checkpoint inside COMMIT.
         writer
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(|e| LedgerError::from_sqlite(&e))?;
-        let checkpointer = spawn_checkpointer(&path)?;
+        writer.wal_hook(Some(note_wal_pages));
         let reader = open_connection(
             &path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -411,6 +413,8 @@ impl Ledger {
             sealed_floor: sealed_floor.clone(),
             totals: HashMap::new(),
             stats: commit_stats.clone(),
+            checkpoint_at_pages: CHECKPOINT_PAGES,
+            last_checkpoint: Instant::now(),
         };
         let span = tracing::Span::current();
         std::thread::Builder::new()
@@ -429,7 +433,6 @@ impl Ledger {
                 identity,
                 sealed_floor,
                 commit_stats,
-                _checkpointer: checkpointer,
                 _lock: lock,
             }),
         })
@@ -592,36 +595,6 @@ impl Ledger {
 }
 
 /// How often the checkpoint thread folds the WAL back into the database.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Starts the thread that checkpoints the WAL (PASSIVE: it never blocks the writer). It stops
-/// when the returned sender is dropped.
-fn spawn_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, LedgerError> {
-    let conn = open_connection(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| LedgerError::from_sqlite(&e))?;
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(|e| LedgerError::from_sqlite(&e))?;
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let span = tracing::Span::current();
-    std::thread::Builder::new()
-        .name("meterd-checkpoint".to_owned())
-        .spawn(move || {
-            let _entered = span.enter();
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(CHECKPOINT_INTERVAL)
-            {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
-                }
-            }
-        })
-        .map_err(|e| LedgerError::Unavailable(format!("cannot start checkpoint thread: {e}")))?;
-    Ok(stop)
-}
-
 /// Reads records straight from a ledger file, without the lock: for `meterd records`.
 pub fn read_records_at(dir: &Path, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
     let path = dir.join("ledger.sqlite3");
@@ -830,6 +803,25 @@ struct Writer {
     /// Cached totals per hour and dimension, for the hourly cap.
     totals: HashMap<i64, HashMap<String, i64>>,
     stats: Arc<CommitStats>,
+    /// WAL size (pages) at which the next checkpoint runs.
+    checkpoint_at_pages: i32,
+    last_checkpoint: Instant,
+}
+
+/// The writer checkpoints once the WAL holds this many pages (1 MiB at 4 KiB a page)...
+const CHECKPOINT_PAGES: i32 = 256;
+/// ...or once this long has passed since its last checkpoint and the WAL is not empty.
+const CHECKPOINT_MAX_AGE: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// Pages in the WAL after the writer's last commit, from SQLite's WAL hook (the hook is a
+    /// plain function, and the writer commits only on its own thread).
+    static WAL_PAGES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+fn note_wal_pages(_: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.set(pages);
+    Ok(())
 }
 
 /// A reply to send once the group's commit is known.
@@ -871,6 +863,61 @@ impl Writer {
                 }
             }
             self.apply_group(std::mem::take(&mut group));
+            self.checkpoint_if_due();
+            self.stats.wal_pages.store(
+                u64::try_from(WAL_PAGES.get()).unwrap_or(0),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Copies the WAL back into the database between groups, after their replies went out.
+    ///
+    /// SQLite restarts the WAL from its beginning only when a write transaction starts after a
+    /// checkpoint that copied every frame. A checkpoint on another connection never gets there
+    /// under steady load (frames keep arriving while it runs), so the WAL would grow without
+    /// bound and every commit would extend the file; here nothing commits in between.
+    fn checkpoint_if_due(&mut self) {
+        let pages = WAL_PAGES.get();
+        let due = pages >= self.checkpoint_at_pages
+            || (pages > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_MAX_AGE);
+        if !due {
+            return;
+        }
+        self.last_checkpoint = Instant::now();
+        let result = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            });
+        match result {
+            Ok((0, in_wal, copied)) if copied >= in_wal => {
+                self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                WAL_PAGES.set(0);
+                self.checkpoint_at_pages = CHECKPOINT_PAGES;
+            }
+            Ok((_, in_wal, copied)) => {
+                // Another connection holds the checkpoint, or a reader still needs older
+                // frames: try again once the WAL has grown further.
+                self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    in_wal,
+                    copied,
+                    "WAL checkpoint was partial: a reader is behind"
+                );
+                self.checkpoint_at_pages = pages.saturating_add(CHECKPOINT_PAGES);
+            }
+            Err(e) => {
+                self.stats
+                    .checkpoint_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, wal_pages = pages, "WAL checkpoint failed; commits stay durable in the WAL, retrying later");
+                self.checkpoint_at_pages = pages.saturating_add(CHECKPOINT_PAGES);
+            }
         }
     }
 
@@ -1285,6 +1332,98 @@ mod tests {
         assert_eq!(
             total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
             7
+        );
+    }
+
+    /// Events that each add a new, long tag set: every commit writes fresh pages.
+    fn fresh_rows(request: usize, count: usize) -> Vec<Event> {
+        (0..count)
+            .map(|i| Event {
+                dimension: "requests".into(),
+                tags: TagSet::from([(
+                    "tenant".to_owned(),
+                    format!("tenant-{request:05}-{i:03}-{}", "x".repeat(120)),
+                )]),
+                quantity: 1,
+                id: None,
+            })
+            .collect()
+    }
+
+    fn wal_bytes(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join("ledger.sqlite3-wal")).map_or(0, |m| m.len())
+    }
+
+    #[tokio::test]
+    async fn the_wal_stays_bounded_under_continuous_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        // 500 commits of 40 new rows: several MiB of pages in all, with no pause between them.
+        for request in 0..500 {
+            ledger
+                .append(fresh_rows(request, 40), H + 10)
+                .await
+                .expect("append");
+        }
+        let stats = ledger.commit_stats();
+        assert!(stats.checkpoints.load(Ordering::Relaxed) >= 1);
+        assert_eq!(stats.checkpoint_failures.load(Ordering::Relaxed), 0);
+        let db = std::fs::metadata(dir.path().join("ledger.sqlite3"))
+            .expect("db")
+            .len();
+        let wal = wal_bytes(dir.path());
+        assert!(db + wal > 4 << 20, "the test wrote only {} bytes", db + wal);
+        assert!(
+            wal < 2 << 20,
+            "the WAL grew to {wal} bytes; checkpoints should restart it at 1 MiB"
+        );
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            500 * 40
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reader_holding_old_frames_delays_the_wal_restart_without_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        ledger
+            .append(fresh_rows(0, 10), H + 10)
+            .await
+            .expect("append");
+        // A reader (say `sqlite3` on the file) keeps a snapshot open.
+        let reader = Connection::open(dir.path().join("ledger.sqlite3")).expect("reader");
+        reader.execute_batch("BEGIN").expect("begin");
+        let rows: i64 = reader
+            .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
+            .expect("read");
+        assert_eq!(rows, 10);
+        for request in 1..120 {
+            ledger
+                .append(fresh_rows(request, 40), H + 10)
+                .await
+                .expect("append while a reader is behind");
+        }
+        let stats = ledger.commit_stats();
+        let pinned = stats.wal_pages.load(Ordering::Relaxed);
+        assert!(pinned > CHECKPOINT_PAGES as u64, "WAL pages {pinned}");
+        assert_eq!(stats.checkpoint_failures.load(Ordering::Relaxed), 0);
+        reader.execute_batch("COMMIT").expect("end read");
+        drop(reader);
+        for request in 120..240 {
+            ledger
+                .append(fresh_rows(request, 40), H + 10)
+                .await
+                .expect("append");
+        }
+        let after = stats.wal_pages.load(Ordering::Relaxed);
+        assert!(
+            after < CHECKPOINT_PAGES as u64 * 2,
+            "the WAL did not restart once the reader left: {after} pages (was {pinned})"
+        );
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            10 + 239 * 40
         );
     }
 

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub ledger_commits: Counter,
     pub ledger_commands: Counter,
     pub ledger_commit_seconds: Counter<f64, AtomicU64>,
+    pub ledger_checkpoints: Counter,
+    pub ledger_checkpoint_failures: Counter,
+    pub ledger_wal_pages: Gauge,
     pub records_sealed: Counter,
     pub records_sent: Counter,
     pub send_failures: Family<Code, Counter>,
@@ -59,6 +62,9 @@ impl Metrics {
             ledger_commits: Counter::default(),
             ledger_commands: Counter::default(),
             ledger_commit_seconds: Counter::default(),
+            ledger_checkpoints: Counter::default(),
+            ledger_checkpoint_failures: Counter::default(),
+            ledger_wal_pages: Gauge::default(),
             records_sealed: Counter::default(),
             records_sent: Counter::default(),
             send_failures: Family::default(),
@@ -104,6 +110,21 @@ impl Metrics {
             "meterd_ledger_commit_seconds",
             "Time spent committing ledger transactions, fsync included",
             m.ledger_commit_seconds.clone(),
+        );
+        registry.register(
+            "meterd_ledger_checkpoints",
+            "WAL checkpoints run by the ledger writer",
+            m.ledger_checkpoints.clone(),
+        );
+        registry.register(
+            "meterd_ledger_checkpoint_failures",
+            "WAL checkpoints that failed (commits stay durable in the WAL; the WAL grows)",
+            m.ledger_checkpoint_failures.clone(),
+        );
+        registry.register(
+            "meterd_ledger_wal_pages",
+            "Pages in the ledger's write-ahead log after the last commit",
+            m.ledger_wal_pages.clone(),
         );
         registry.register(
             "meterd_records_sealed",
@@ -161,6 +182,16 @@ impl Metrics {
         self.ledger_commands
             .inner()
             .store(commits.commands.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.ledger_checkpoints.inner().store(
+            commits.checkpoints.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.ledger_checkpoint_failures.inner().store(
+            commits.checkpoint_failures.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.ledger_wal_pages
+            .set(i64::try_from(commits.wal_pages.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
         let commit_seconds = commits.commit_nanos.load(Ordering::Relaxed) as f64 / 1e9;
         self.ledger_commit_seconds
             .inner()
@@ -208,7 +239,11 @@ mod tests {
         m.reject("unknown_dimension");
         let stats = CommitStats::default();
         stats.commit_nanos.store(1_500_000_000, Ordering::Relaxed);
+        stats.checkpoints.store(4, Ordering::Relaxed);
+        stats.wal_pages.store(17, Ordering::Relaxed);
         let text = m.render(&stats);
+        assert!(text.contains("meterd_ledger_checkpoints_total 4"), "{text}");
+        assert!(text.contains("meterd_ledger_wal_pages 17"), "{text}");
         assert!(
             text.contains("meterd_ledger_commit_seconds_total 1.5"),
             "{text}"
