@@ -932,15 +932,26 @@ impl Writer {
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| LedgerError::from_sqlite(&e))?;
+            let mut increments = Increments::default();
             for command in group {
+                if !matches!(command, Command::Append { .. }) {
+                    // Sealing reads the counters: they must hold every earlier request.
+                    increments.write(&tx)?;
+                }
                 match command {
                     Command::Append {
                         events,
                         received_at,
                         reply,
                     } => {
-                        let result =
-                            append_in(&mut tx, &mut self.totals, floor_after, &events, received_at);
+                        let result = append_in(
+                            &mut tx,
+                            &mut self.totals,
+                            &mut increments,
+                            floor_after,
+                            events,
+                            received_at,
+                        );
                         replies.push(Reply::Append(reply, result));
                     }
                     Command::Seal {
@@ -977,6 +988,7 @@ impl Writer {
                     }
                 }
             }
+            increments.write(&tx)?;
             let started = Instant::now();
             let result = tx.commit().map_err(|e| LedgerError::from_sqlite(&e));
             took = started.elapsed();
@@ -1049,20 +1061,53 @@ impl Drop for RequestSavepoint<'_> {
     }
 }
 
+/// The group's counter increments, summed per (hour, dimension, tags) and written in one
+/// upsert each: many requests for the same counter cost one row update.
+#[derive(Default)]
+struct Increments(HashMap<(i64, String, String), i64>);
+
+impl Increments {
+    fn write(&mut self, tx: &rusqlite::Transaction<'_>) -> Result<(), LedgerError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let sql = |e: rusqlite::Error| LedgerError::from_sqlite(&e);
+        let mut upsert = tx
+            .prepare_cached(
+                "INSERT INTO usage (hour, dimension, tags, quantity) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (hour, dimension, tags) DO UPDATE SET quantity = quantity + excluded.quantity",
+            )
+            .map_err(sql)?;
+        for ((hour, dimension, tags), quantity) in self.0.drain() {
+            upsert
+                .execute(params![hour, dimension, tags, quantity])
+                .map_err(sql)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks one request (ids, hourly cap) and adds what counts to `increments`. A refused
+/// request changes nothing. Counters are written by [`Increments::write`] before the commit,
+/// and a failure there fails the whole group.
 fn append_in(
     tx: &mut rusqlite::Transaction<'_>,
     totals: &mut HashMap<i64, HashMap<String, i64>>,
+    increments: &mut Increments,
     floor: i64,
-    events: &Folded,
+    events: Folded,
     received_at: i64,
 ) -> Result<AppendOutcome, LedgerError> {
     let hour = hour_floor(received_at).max(floor);
     let sql = |e: rusqlite::Error| LedgerError::from_sqlite(&e);
-    let sp = RequestSavepoint::begin(tx).map_err(sql)?;
     let mut duplicates = 0;
     // Per key: what this request adds, or `None` when none of its events counts.
-    let mut sums = events.plain.clone();
-    if !events.with_id.is_empty() {
+    let mut sums = events.plain;
+    // Only ids are written before the request is known to count; their savepoint undoes them.
+    let savepoint = if events.with_id.is_empty() {
+        None
+    } else {
+        let sp = RequestSavepoint::begin(tx).map_err(sql)?;
         let mut seen = tx
             .prepare_cached("SELECT accepted_at FROM event_ids WHERE id = ?1")
             .map_err(sql)?;
@@ -1079,7 +1124,8 @@ fn append_in(
             remember.execute(params![id, received_at]).map_err(sql)?;
             *sums[*key].get_or_insert(0) += quantity;
         }
-    }
+        Some(sp)
+    };
     // The hourly cap, per dimension.
     let mut per_dimension: Vec<(&str, i64)> = Vec::new();
     for ((dimension, _), q) in events.keys.iter().zip(&sums) {
@@ -1092,6 +1138,8 @@ fn append_in(
     let cached = totals.get(&hour);
     let mut new_totals = Vec::with_capacity(per_dimension.len());
     for (dimension, adding) in per_dimension {
+        // A total missing from the cache has no unwritten increments: every request that
+        // counted towards it since the last commit failure cached it.
         let current = match cached.and_then(|c| c.get(dimension)) {
             Some(t) => *t,
             None => tx
@@ -1104,7 +1152,7 @@ fn append_in(
         };
         let would_be = current.saturating_add(adding);
         if would_be > MAX_QUANTITY {
-            // Dropping the savepoint rolls this request back.
+            // Dropping the savepoint rolls this request's ids back.
             return Err(LedgerError::HourlyCapExceeded {
                 dimension: dimension.to_owned(),
                 hour,
@@ -1113,22 +1161,9 @@ fn append_in(
         }
         new_totals.push((dimension, would_be));
     }
-    {
-        let mut upsert = tx
-            .prepare_cached(
-                "INSERT INTO usage (hour, dimension, tags, quantity) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (hour, dimension, tags) DO UPDATE SET quantity = quantity + excluded.quantity",
-            )
-            .map_err(sql)?;
-        for ((dimension, tags), quantity) in events.keys.iter().zip(&sums) {
-            if let Some(quantity) = quantity {
-                upsert
-                    .execute(params![hour, dimension, tags, quantity])
-                    .map_err(sql)?;
-            }
-        }
+    if let Some(sp) = savepoint {
+        sp.release().map_err(sql)?;
     }
-    sp.release().map_err(sql)?;
     let cache = totals.entry(hour).or_default();
     for (dimension, total) in new_totals {
         match cache.get_mut(dimension) {
@@ -1136,6 +1171,11 @@ fn append_in(
             None => {
                 cache.insert(dimension.to_owned(), total);
             }
+        }
+    }
+    for ((dimension, tags), quantity) in events.keys.into_iter().zip(sums) {
+        if let Some(quantity) = quantity {
+            *increments.0.entry((hour, dimension, tags)).or_insert(0) += quantity;
         }
     }
     Ok(AppendOutcome {
@@ -1550,6 +1590,99 @@ mod tests {
             .append(vec![event("requests", 1, None)], H)
             .await
             .expect("exactly at the cap");
+    }
+
+    async fn reopen(dir: &Path, now: i64) -> Ledger {
+        // The writer thread exits once the last handle is gone; wait for the lock to free.
+        loop {
+            match Ledger::open(dir, "prod-a", now) {
+                Ok(l) => break l,
+                Err(LedgerError::Locked(_)) => tokio::task::yield_now().await,
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn one_group_sums_requests_refuses_one_alone_and_seals_what_came_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = Ledger::open(dir.path(), "prod-a", H)
+            .expect("open")
+            .identity()
+            .clone();
+        let conn = open_connection(
+            &dir.path().join("ledger.sqlite3"),
+            OpenFlags::SQLITE_OPEN_READ_WRITE,
+        )
+        .expect("connection");
+        conn.pragma_update(None, "synchronous", "FULL")
+            .expect("pragma");
+        let mut writer = Writer {
+            conn,
+            identity,
+            sealed_floor: Arc::new(AtomicI64::new(0)),
+            totals: HashMap::new(),
+            stats: Arc::default(),
+            checkpoint_at_pages: CHECKPOINT_PAGES,
+            last_checkpoint: Instant::now(),
+        };
+        let mut appends = Vec::new();
+        let mut append = |events: Vec<Event>, received_at: i64| {
+            let (reply, answer) = oneshot::channel();
+            appends.push(answer);
+            Command::Append {
+                events: Folded::new(events),
+                received_at,
+                reply,
+            }
+        };
+        let group = vec![
+            append(vec![event("requests", 3, None)], H + 10),
+            append(vec![event("requests", 4, None)], H + 11),
+            append(vec![event("requests", MAX_QUANTITY, None)], H + 12),
+            append(vec![event("requests", 5, Some("d"))], H + 13),
+            append(vec![event("requests", 5, Some("d"))], H + 14),
+        ];
+        let after_seal = append(vec![event("requests", 1, None)], H + 20);
+        let (reply, mut sealed) = oneshot::channel();
+        let seal = Command::Seal {
+            end_exclusive: H + HOUR_SECS,
+            now: H + HOUR_SECS + 5,
+            policy: policy(),
+            reply,
+        };
+        writer.apply_group(group.into_iter().chain([seal, after_seal]).collect());
+        drop(writer);
+
+        let outcomes: Vec<_> = appends
+            .iter_mut()
+            .map(|a| a.try_recv().expect("answered"))
+            .collect();
+        let counted = |i: usize| outcomes[i].as_ref().map(|o| (o.accepted, o.hour)).ok();
+        assert_eq!(counted(0), Some((1, H)));
+        assert_eq!(counted(1), Some((1, H)));
+        assert!(
+            matches!(outcomes[2], Err(LedgerError::HourlyCapExceeded { .. })),
+            "{:?}",
+            outcomes[2]
+        );
+        assert_eq!(counted(3), Some((1, H)));
+        assert_eq!(outcomes[4].as_ref().map(|o| o.duplicates).ok(), Some(1));
+        assert_eq!(counted(5), Some((1, H + HOUR_SECS)), "after the seal");
+        assert_eq!(
+            sealed.try_recv().expect("sealed").expect("seal").hours,
+            vec![H]
+        );
+
+        let ledger = reopen(dir.path(), H + HOUR_SECS).await;
+        let records = ledger.pending_records().await.expect("records");
+        let requests = records
+            .iter()
+            .find(|r| r.dimension == "requests")
+            .expect("requests record");
+        assert_eq!((requests.hour, requests.quantity), (H, 3 + 4 + 5));
+        let next = ledger.usage_of_hour(H + HOUR_SECS).await.expect("usage");
+        assert_eq!(total(&next, "requests"), 1);
     }
 
     #[tokio::test]
