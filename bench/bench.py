@@ -670,7 +670,7 @@ def main():
     text = table(results)
     print(text)
     os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
-    out = os.path.join(BENCH, "results", datetime.date.today().isoformat() + ".md")
+    out = os.path.join(BENCH, "results", datetime.datetime.now().strftime("%Y-%m-%d-%H%M") + ".md")
     with open(out, "w") as f:
         f.write(text)
         f.write("\n<details><summary>raw results</summary>\n\n```json\n")
