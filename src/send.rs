@@ -76,7 +76,9 @@ impl Sender {
     pub async fn run(&self, wake: Arc<Notify>, stop: CancellationToken) {
         let mut attempt = 0u32;
         loop {
-            let delay = match self.pass().await {
+            // After a refusal of one record, a newly sealed hour is sent at once; after a
+            // throttle or an outage, the back-off holds for every record.
+            let (delay, new_seal_wakes) = match self.pass().await {
                 Ok(Pass::Done) => {
                     attempt = 0;
                     tokio::select! {
@@ -87,17 +89,18 @@ impl Sender {
                 Ok(Pass::RetrySoon) => {
                     let d = self.backoff.delay(attempt, &mut rand::thread_rng());
                     attempt = attempt.saturating_add(1);
-                    d
+                    (d, false)
                 }
-                Ok(Pass::RetryLate) => self.backoff.max(),
+                Ok(Pass::RetryLate) => (self.backoff.max(), true),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read or update pending records");
-                    self.backoff.max()
+                    (self.backoff.max(), false)
                 }
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+                _ = wake.notified(), if new_seal_wakes => {}
             }
         }
     }

@@ -891,6 +891,44 @@ async fn a_duplicate_refusal_is_an_error_in_status_and_not_retried_forever() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_does_not_hold_back_the_next_hour() {
+    let h = Harness::new(H0 + 300).await;
+    let mut config = h.config("");
+    // The service does not know this dimension: each of its records is refused, not throttled.
+    config.metering.dimensions.push("unlisted".into());
+    config.sending.max_backoff = Duration::from_secs(600);
+    let agent = h.start_agent(config).await;
+    agent.post(ev("requests", 5, None)).await;
+    h.advance_to(H0 + HOUR_SECS + 60);
+    wait_for("hour 0 billed and its refusal seen", || {
+        h.billed().contains_key(&(H0, "requests".to_owned()))
+            && meter_usage_errors(&h)
+                .iter()
+                .any(|e| e == "InvalidUsageDimensionException")
+    })
+    .await;
+    agent.post(ev("requests", 7, None)).await;
+    // The sender now waits out its longest back-off (10 minutes) for the refused record; the
+    // seal of hour 1 must still be sent right away.
+    h.advance_to(H0 + 2 * HOUR_SECS + 60);
+    wait_for("hour 1 billed", || {
+        h.billed()
+            .get(&(H0 + HOUR_SECS, "requests".to_owned()))
+            .is_some_and(|r| r.quantity == 7)
+    })
+    .await;
+    let (_, status) = agent.get("/v1/status").await;
+    assert!(
+        status["records"]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("InvalidUsageDimensionException"),
+        "{status}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_key_version_warns_in_status_and_metrics_but_runs() {
     let mut config = EmulatorConfig::demo();
     let expired_at = meterd::clock::from_unix_seconds(H0 - 86_400);
