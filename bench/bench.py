@@ -543,6 +543,9 @@ def seal_phases(log_path):
 
 
 def image_size(results):
+    if os.environ.get("BENCH_IMAGE") == "0":
+        results["image"] = (None, "skipped (BENCH_IMAGE=0)")
+        return
     podman = shutil.which("podman")
     if not podman:
         results["image"] = (None, "podman is not installed")
@@ -669,8 +672,9 @@ def main():
     results["machine"]["load_end"] = "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     text = table(results)
     print(text)
-    os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
-    out = os.path.join(BENCH, "results", datetime.datetime.now().strftime("%Y-%m-%d-%H%M") + ".md")
+    out = os.environ.get("BENCH_OUT") or os.path.join(
+        BENCH, "results", datetime.datetime.now().strftime("%Y-%m-%d-%H%M") + ".md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
         f.write("\n<details><summary>raw results</summary>\n\n```json\n")

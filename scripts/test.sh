@@ -8,6 +8,7 @@
 #   deploy      Helm, kubernetes-validate, ECS/botocore, cfn-lint, systemd-analyze, hadolint
 #   container   podman image build + sidecar test (needs root; skipped otherwise)
 #   docs        the deployment guides followed as written (after the container test's release build)
+#   bench       the benchmark harness end to end at its smallest size (every row produced; no targets)
 # Every suite runs; the last line counts them. METERD_CRASH_ITERATIONS lengthens the kill loop.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,8 +37,9 @@ if [ "$(id -u)" -eq 0 ]; then
   suite reliability scripts/reliability.sh
   suite container scripts/container-test.sh
   suite docs scripts/check-docs.sh
+  suite bench scripts/bench-smoke.sh
 else
-  echo "== reliability, container, docs: skipped (need root for tmpfs, podman and apt); run scripts/reliability.sh, scripts/container-test.sh and scripts/check-docs.sh as root"
+  echo "== reliability, container, docs, bench: skipped (need root for tmpfs, podman and apt); run scripts/reliability.sh, scripts/container-test.sh, scripts/check-docs.sh and scripts/bench-smoke.sh as root"
 fi
 
 [ "${#failures[@]}" -eq 0 ] || echo "failed suites: ${failures[*]}"
