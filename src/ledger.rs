@@ -594,7 +594,6 @@ impl Ledger {
     }
 }
 
-/// How often the checkpoint thread folds the WAL back into the database.
 /// Reads records straight from a ledger file, without the lock: for `meterd records`.
 pub fn read_records_at(dir: &Path, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
     let path = dir.join("ledger.sqlite3");
@@ -907,7 +906,7 @@ impl Writer {
                 tracing::debug!(
                     in_wal,
                     copied,
-                    "WAL checkpoint was partial: a reader is behind"
+                    "WAL checkpoint was partial: a reader is behind or another connection checkpoints"
                 );
                 self.checkpoint_at_pages = pages.saturating_add(CHECKPOINT_PAGES);
             }
