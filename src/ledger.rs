@@ -1359,14 +1359,7 @@ mod tests {
                 }
             );
         }
-        // The writer thread exits once the last handle is gone; wait for the lock to free.
-        let ledger = loop {
-            match Ledger::open(dir.path(), "prod-a", H + 20) {
-                Ok(l) => break l,
-                Err(LedgerError::Locked(_)) => tokio::task::yield_now().await,
-                Err(e) => panic!("reopen: {e}"),
-            }
-        };
+        let ledger = reopen(dir.path(), H + 20).await;
         assert_eq!(ledger.identity().first_start, H);
         assert_eq!(
             total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
