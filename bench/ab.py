@@ -152,10 +152,7 @@ def main():
         else:
             half(work, rig, specs, rate, seconds, repeats)
     finally:
-        for p in bench.PROCS:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        bench.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -57,14 +57,26 @@ def free_port():
 
 
 def start(cmd, env=None, out=None):
+    # A session of its own, so cleanup() also reaches what it forks (nginx's workers).
     p = subprocess.Popen(
         cmd,
         env=env,
         stdout=out or subprocess.DEVNULL,
         stderr=subprocess.STDOUT if out else subprocess.DEVNULL,
+        start_new_session=True,
     )
     PROCS.append(p)
     return p
+
+
+def cleanup():
+    """Kills every process started here, with everything it forked."""
+    for p in PROCS:
+        # Not yet reaped, so its process group id cannot have been reused.
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    PROCS.clear()
 
 
 def stop(p, timeout=60):
@@ -76,7 +88,7 @@ def stop(p, timeout=60):
     try:
         p.wait(timeout)
     except subprocess.TimeoutExpired:
-        p.kill()
+        os.killpg(p.pid, signal.SIGKILL)
         p.wait()
     return time.monotonic() - t
 
@@ -661,10 +673,7 @@ def main():
         bench_seal(rig, results)
         image_size(results)
     finally:
-        for p in PROCS:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        cleanup()
         if os.environ.get("BENCH_KEEP") != "1":
             shutil.rmtree(work, ignore_errors=True)
         else:
