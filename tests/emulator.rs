@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aws_sdk_marketplacemetering::operation::meter_usage::builders::MeterUsageFluentBuilder;
+use aws_sdk_marketplacemetering::operation::register_usage::builders::RegisterUsageFluentBuilder;
 use aws_sdk_marketplacemetering::primitives::DateTime;
 use aws_sdk_marketplacemetering::types::{
     Tag, UsageAllocation, UsageRecord, UsageRecordResultStatus,
@@ -91,6 +93,23 @@ fn alloc(quantity: i32, tags: &[(&str, &str)]) -> UsageAllocation {
         .expect("allocation")
 }
 
+/// MeterUsage of the test product for a dimension-hour; callers add the rest.
+fn meter_call(client: &Client, dimension: &str, timestamp: i64) -> MeterUsageFluentBuilder {
+    client
+        .meter_usage()
+        .product_code(PRODUCT)
+        .usage_dimension(dimension)
+        .timestamp(DateTime::from_secs(timestamp))
+}
+
+/// RegisterUsage of the test product at a public key version; callers add the rest.
+fn register_call(client: &Client, version: i32) -> RegisterUsageFluentBuilder {
+    client
+        .register_usage()
+        .product_code(PRODUCT)
+        .public_key_version(version)
+}
+
 async fn meter(
     client: &Client,
     dimension: &str,
@@ -98,11 +117,7 @@ async fn meter(
     quantity: i32,
     allocations: Option<Vec<UsageAllocation>>,
 ) -> Result<String, String> {
-    client
-        .meter_usage()
-        .product_code(PRODUCT)
-        .usage_dimension(dimension)
-        .timestamp(DateTime::from_secs(timestamp))
+    meter_call(client, dimension, timestamp)
         .usage_quantity(quantity)
         .set_usage_allocations(allocations)
         .send()
@@ -531,11 +546,7 @@ async fn meter_usage_product_dimension_region_entitlement_dry_run_and_client_tok
 
     // Signing for another region than the endpoint's.
     let west = env.client("AKIDTASK1", "secret", "us-west-2").await;
-    let e = west
-        .meter_usage()
-        .product_code(PRODUCT)
-        .usage_dimension("gigabytes")
-        .timestamp(DateTime::from_secs(T0))
+    let e = meter_call(&west, "gigabytes", T0)
         .send()
         .await
         .expect_err("wrong region");
@@ -773,12 +784,7 @@ async fn zero_usage_is_a_record_and_disabled_apis_answer_disabled_api_exception(
         .await
         .expect_err("disabled");
     assert_eq!(code(&e), "DisabledApiException");
-    c.register_usage()
-        .product_code(PRODUCT)
-        .public_key_version(1)
-        .send()
-        .await
-        .expect("enabled");
+    register_call(&c, 1).send().await.expect("enabled");
     assert!(env.emu.batch_records().is_empty());
 }
 
@@ -808,10 +814,7 @@ async fn register_usage_signs_a_ps256_jwt_with_the_nonce() {
     });
     let env = start(config).await;
     let c = env.default_client().await;
-    let out = c
-        .register_usage()
-        .product_code(PRODUCT)
-        .public_key_version(1)
+    let out = register_call(&c, 1)
         .nonce("nonce-123")
         .send()
         .await
@@ -829,10 +832,7 @@ async fn register_usage_signs_a_ps256_jwt_with_the_nonce() {
     );
 
     // An expired key version still signs, and says when it rotated.
-    let out = c
-        .register_usage()
-        .product_code(PRODUCT)
-        .public_key_version(2)
+    let out = register_call(&c, 2)
         .nonce("n2")
         .send()
         .await
@@ -849,10 +849,7 @@ async fn register_usage_signs_a_ps256_jwt_with_the_nonce() {
         2
     );
 
-    let e = c
-        .register_usage()
-        .product_code(PRODUCT)
-        .public_key_version(3)
+    let e = register_call(&c, 3)
         .send()
         .await
         .expect_err("unknown version");
@@ -866,10 +863,7 @@ async fn register_usage_signs_a_ps256_jwt_with_the_nonce() {
         .expect_err("unknown product");
     assert_eq!(code(&e), "InvalidProductCodeException");
     let west = env.client("AKIDTASK1", "secret", "eu-west-1").await;
-    let e = west
-        .register_usage()
-        .product_code(PRODUCT)
-        .public_key_version(1)
+    let e = register_call(&west, 1)
         .send()
         .await
         .expect_err("wrong region");
@@ -880,9 +874,7 @@ async fn register_usage_signs_a_ps256_jwt_with_the_nonce() {
 async fn register_usage_entitlement_errors_only_on_an_identitys_first_call() {
     let env = start(EmulatorConfig::demo()).await;
     let register = |c: Client| async move {
-        c.register_usage()
-            .product_code(PRODUCT)
-            .public_key_version(1)
+        register_call(&c, 1)
             .nonce("n")
             .send()
             .await
@@ -954,17 +946,9 @@ async fn entitlement_failure_can_be_configured_at_start() {
     config.products[0].entitlement = Entitlement::PlatformNotSupported;
     let env = start(config).await;
     let c = env.default_client().await;
-    let e = c
-        .register_usage()
-        .product_code(PRODUCT)
-        .public_key_version(1)
-        .send()
-        .await
-        .expect_err("first");
+    let e = register_call(&c, 1).send().await.expect_err("first");
     assert_eq!(code(&e), "PlatformNotSupportedException");
-    c.register_usage()
-        .product_code(PRODUCT)
-        .public_key_version(1)
+    register_call(&c, 1)
         .send()
         .await
         .expect("later calls succeed");
@@ -1307,9 +1291,7 @@ async fn sigv4_with_configured_credentials() {
     config.credentials = BTreeMap::from([("AKIDGOOD".to_owned(), "right-secret".to_owned())]);
     let env = start(config).await;
     let register = |c: Client| async move {
-        c.register_usage()
-            .product_code(PRODUCT)
-            .public_key_version(1)
+        register_call(&c, 1)
             .nonce("x")
             .send()
             .await
@@ -1514,11 +1496,7 @@ async fn sdk_sees_injected_faults_as_aws_errors() {
     ];
     for (rule, want_code, want_status) in cases {
         env.emu.set_faults(only(rule));
-        let e = c
-            .meter_usage()
-            .product_code(PRODUCT)
-            .usage_dimension("requests")
-            .timestamp(DateTime::from_secs(T0))
+        let e = meter_call(&c, "requests", T0)
             .send()
             .await
             .expect_err("faulted");
@@ -1531,12 +1509,7 @@ async fn sdk_sees_injected_faults_as_aws_errors() {
         assert!(f.is_retryable());
     }
     // Other operations are unaffected by a MeterUsage-only rule.
-    c.register_usage()
-        .product_code(PRODUCT)
-        .public_key_version(1)
-        .send()
-        .await
-        .expect("unaffected");
+    register_call(&c, 1).send().await.expect("unaffected");
     assert!(env.emu.records().is_empty());
 }
 
@@ -1555,11 +1528,7 @@ async fn down_for_follows_the_emulator_clock_and_admin_api_sets_faults() {
         admin_get(&env, "/_emulator/faults").await["operations"]["MeterUsage"]["down_for"],
         "1m"
     );
-    let e = c
-        .meter_usage()
-        .product_code(PRODUCT)
-        .usage_dimension("requests")
-        .timestamp(DateTime::from_secs(T0))
+    let e = meter_call(&c, "requests", T0)
         .send()
         .await
         .expect_err("down");
@@ -1568,9 +1537,7 @@ async fn down_for_follows_the_emulator_clock_and_admin_api_sets_faults() {
         (f.code.as_deref(), f.status),
         (Some("ServiceUnavailable"), Some(503))
     );
-    c.register_usage()
-        .product_code(PRODUCT)
-        .public_key_version(1)
+    register_call(&c, 1)
         .send()
         .await
         .expect("other operations are up");
