@@ -1,15 +1,12 @@
 //! The agent driven in-process against the emulator, with a manual clock shared by both.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
-use meterd::agent::{self, AgentError, Handles, Listeners, RunContext};
 use meterd::aws::{build_client, AwsSettings};
 use meterd::clock::{ManualClock, HOUR_SECS};
 use meterd::config::Config;
@@ -23,12 +20,7 @@ mod support;
 use support::PRODUCT;
 const ACCESS_KEY: &str = "AKIATESTAGENT0000001";
 
-struct Agent {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), AgentError>>,
-    handles: Handles,
-}
+type Agent = support::InProcessAgent;
 
 struct Harness {
     clock: Arc<ManualClock>,
@@ -82,43 +74,14 @@ impl Harness {
 
     /// Starts the agent without waiting for it to become ready.
     async fn spawn_agent(&self, config: Config) -> Agent {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let client = build_client(&AwsSettings {
-            region: Some("us-east-1".into()),
-            endpoint_url: Some(self.emulator.endpoint_url()),
-            static_credentials: Some((ACCESS_KEY.into(), "secret".into())),
-            operation_timeout: Some(Duration::from_secs(5)),
-        })
-        .await;
-        let shutdown = CancellationToken::new();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut ctx = RunContext::new(self.clock.clone(), client, shutdown.clone());
-        ctx.env = Some(Arc::new(|_| None));
-        ctx.on_started = Some(Box::new(move |h| {
-            let _ = tx.send(h);
-        }));
-        let unix = match config.server.unix_socket.as_str() {
-            "" => None,
-            path => Some(agent::bind_unix(std::path::Path::new(path)).expect("bind unix socket")),
-        };
-        let task = tokio::spawn(agent::run(
+        Agent::spawn(
             config,
-            Some(Listeners {
-                tcp: Some(listener),
-                unix,
-            }),
-            ctx,
-        ));
-        let handles = rx.await.expect("agent started");
-        Agent {
-            addr,
-            shutdown,
-            task,
-            handles,
-        }
+            self.clock.clone(),
+            &self.emulator.endpoint_url(),
+            ACCESS_KEY,
+            Duration::from_secs(5),
+        )
+        .await
     }
 
     /// MeterUsage records the emulator accepted, by (hour, dimension).
@@ -139,65 +102,9 @@ impl Harness {
     }
 }
 
-impl Agent {
-    async fn post(&self, body: Value) -> (StatusCode, Value) {
-        self.post_raw(body.to_string().into_bytes()).await
-    }
-
-    async fn post_raw(&self, body: Vec<u8>) -> (StatusCode, Value) {
-        let (status, bytes) = local_client::call(
-            &Target::Tcp(self.addr.to_string()),
-            Method::POST,
-            "/v1/usage",
-            Some(body),
-            None,
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("request");
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let (status, bytes) = local_client::call(
-            &Target::Tcp(self.addr.to_string()),
-            Method::GET,
-            path,
-            None,
-            None,
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("request");
-        (
-            status,
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
-        )
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task
-            .await
-            .expect("agent task")
-            .expect("agent exits cleanly");
-    }
-}
-
 /// Polls a condition on real time (the agent works concurrently); fails after 20 s.
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    support::wait_until(what, Duration::from_secs(20), cond).await
 }
 
 fn ev(dimension: &str, quantity: i64, tenant: Option<&str>) -> Value {

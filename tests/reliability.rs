@@ -21,7 +21,6 @@
 //! `METERD_RELIABILITY_CLIENTS` (concurrent clients in the kill loop, default 8).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,10 +31,7 @@ use http::{Method, StatusCode};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
 
-use meterd::agent::{self, AgentError, Handles, Listeners, RunContext};
-use meterd::aws::{build_client, AwsSettings};
 use meterd::clock::{
     from_unix_seconds, hour_floor, unix_seconds, Clock, ManualClock, ScaledClock, SharedClock,
     SystemClock, HOUR_SECS,
@@ -386,91 +382,28 @@ impl World {
     }
 
     async fn start_agent(&self, config: Config, clock: SharedClock) -> Agent {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let client = build_client(&AwsSettings {
-            region: Some("us-east-1".into()),
-            endpoint_url: Some(self.emulator.endpoint_url()),
-            static_credentials: Some((ACCESS_KEY.into(), "secret".into())),
-            operation_timeout: Some(Duration::from_secs(2)),
-        })
-        .await;
-        let shutdown = CancellationToken::new();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut ctx = RunContext::new(clock, client, shutdown.clone());
-        ctx.env = Some(Arc::new(|_| None));
-        ctx.on_started = Some(Box::new(move |h| {
-            let _ = tx.send(h);
-        }));
-        let task = tokio::spawn(agent::run(
+        let agent = Agent::spawn(
             config,
-            Some(Listeners {
-                tcp: Some(listener),
-                unix: None,
-            }),
-            ctx,
-        ));
-        let handles = rx.await.expect("agent started");
-        let agent = Agent {
-            addr,
-            shutdown,
-            task,
-            handles,
-        };
+            clock,
+            &self.emulator.endpoint_url(),
+            ACCESS_KEY,
+            Duration::from_secs(2),
+        )
+        .await;
         wait_for("agent ready", || agent.handles.status.is_ready()).await;
         agent
     }
 }
 
-struct Agent {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), AgentError>>,
-    handles: Handles,
+type Agent = support::InProcessAgent;
+
+/// Ledger waits of the oracle suite.
+trait SettleExt {
+    async fn settled(&self);
+    async fn sealed_through(&self, end: i64);
 }
 
-impl Agent {
-    fn target(&self) -> Target {
-        Target::Tcp(self.addr.to_string())
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let (status, bytes) = local_client::call(
-            &self.target(),
-            Method::GET,
-            path,
-            None,
-            None,
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("request");
-        (
-            status,
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
-        )
-    }
-
-    async fn post(&self, body: &[u8]) -> (StatusCode, Value) {
-        let (status, bytes) = local_client::call(
-            &self.target(),
-            Method::POST,
-            "/v1/usage",
-            Some(body.to_vec()),
-            None,
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("request");
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
-
+impl SettleExt for Agent {
     /// Waits until nothing is pending in the ledger.
     async fn settled(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -492,34 +425,11 @@ impl Agent {
         let ledger = self.handles.ledger.clone();
         wait_for("hours sealed", || ledger.sealed_floor() >= end).await;
     }
-
-    async fn records(&self) -> Vec<StoredRecord> {
-        self.handles
-            .ledger
-            .recent_records(10_000)
-            .await
-            .expect("records")
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task
-            .await
-            .expect("agent task")
-            .expect("agent exits cleanly");
-    }
 }
 
 /// Polls a condition on real time (the agent works concurrently); fails after 60 s.
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+async fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    support::wait_until(what, Duration::from_secs(60), cond).await
 }
 
 /// Sends `n` acknowledged batches from one client with its own ids.
@@ -895,7 +805,7 @@ async fn sixty_four_clients_with_retried_ids_count_each_id_once() {
                 // Each request is sent once or twice (a client retry after a lost answer).
                 let sends = if rng.gen_bool(0.5) { 2 } else { 1 };
                 for _ in 0..sends {
-                    let (status, reply) = agent.post(&body).await;
+                    let (status, reply) = agent.post_raw(body.clone()).await;
                     assert_eq!(status, StatusCode::OK, "{reply}");
                     replays.fetch_add(reply["duplicates"].as_u64().unwrap_or(0), Ordering::Relaxed);
                     let mut counted = counted.lock().expect("counted");
@@ -1011,7 +921,7 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
     let mut held: Vec<(Vec<u8>, Totals)> = Vec::new();
     for i in 0..2000 {
         let (body, totals) = random_batch(&mut rng, &format!("full-{i}"), 50);
-        let (status, reply) = agent.post(&body).await;
+        let (status, reply) = agent.post_raw(body.clone()).await;
         if status == StatusCode::OK {
             oracle.ack(&totals, 0);
             continue;
@@ -1031,7 +941,7 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
         "{error}"
     );
     // Still refused while full, and the agent says so.
-    let (status, _) = agent.post(&held[0].0).await;
+    let (status, _) = agent.post_raw(held[0].0.clone()).await;
     assert_ne!(status, StatusCode::OK, "a write succeeded on a full disk");
     let (_, status_doc) = agent.get("/v1/status").await;
     assert_eq!(status_doc["ledger"]["writable"], false, "{status_doc}");

@@ -1,13 +1,22 @@
 //! Harness shared by the integration test binaries (each uses a part of it).
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
+use serde_json::Value;
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
+use meterd::agent::{self, AgentError, Handles, Listeners, RunContext};
+use meterd::aws::{build_client, AwsSettings};
+use meterd::clock::SharedClock;
+use meterd::config::Config;
+use meterd::ledger::StoredRecord;
 use meterd::local_client::{self, Target};
 
 /// The emulator's demo product, which every harness meters.
@@ -108,5 +117,125 @@ pub async fn wait_ready(addr: &str, child: &mut Child) {
             "agent never became ready"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls `cond` on real time (the agent works concurrently); fails after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The agent run in-process (`agent::run`) on a loopback listener, against an emulator.
+pub struct InProcessAgent {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), AgentError>>,
+    pub handles: Handles,
+}
+
+impl InProcessAgent {
+    /// Starts the agent with static credentials `access_key` and returns once it runs (it may
+    /// not be ready yet). Binds the Unix socket when the configuration names one.
+    pub async fn spawn(
+        config: Config,
+        clock: SharedClock,
+        endpoint: &str,
+        access_key: &str,
+        call_timeout: Duration,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = build_client(&AwsSettings {
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(endpoint.to_owned()),
+            static_credentials: Some((access_key.into(), "secret".into())),
+            operation_timeout: Some(call_timeout),
+        })
+        .await;
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut ctx = RunContext::new(clock, client, shutdown.clone());
+        ctx.env = Some(Arc::new(|_| None));
+        ctx.on_started = Some(Box::new(move |h| {
+            let _ = tx.send(h);
+        }));
+        let unix = match config.server.unix_socket.as_str() {
+            "" => None,
+            path => Some(agent::bind_unix(Path::new(path)).expect("bind unix socket")),
+        };
+        let task = tokio::spawn(agent::run(
+            config,
+            Some(Listeners {
+                tcp: Some(listener),
+                unix,
+            }),
+            ctx,
+        ));
+        let handles = rx.await.expect("agent started");
+        Self {
+            addr,
+            shutdown,
+            task,
+            handles,
+        }
+    }
+
+    pub fn target(&self) -> Target {
+        Target::Tcp(self.addr.to_string())
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> (StatusCode, Value) {
+        let (status, bytes) = local_client::call(
+            &self.target(),
+            method,
+            path,
+            body,
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("request");
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, value)
+    }
+
+    /// GET `path`: the JSON answer, or the text as a JSON string.
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, body: Value) -> (StatusCode, Value) {
+        self.post_raw(body.to_string().into_bytes()).await
+    }
+
+    /// POST /v1/usage with these bytes: the JSON answer, or the text as a JSON string.
+    pub async fn post_raw(&self, body: Vec<u8>) -> (StatusCode, Value) {
+        self.call(Method::POST, "/v1/usage", Some(body)).await
+    }
+
+    pub async fn records(&self) -> Vec<StoredRecord> {
+        self.handles
+            .ledger
+            .recent_records(10_000)
+            .await
+            .expect("records")
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("agent task")
+            .expect("agent exits cleanly");
     }
 }
