@@ -4,7 +4,7 @@
 //! `METERD_CRASH_ITERATIONS` sets the number of kills (default 20; the long mode uses 200).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,60 +14,17 @@ use rand::Rng;
 use tokio::process::{Child, Command};
 
 use meterd::clock::SystemClock;
-use meterd::emulator::{self, EmulatorConfig, EmulatorHandle};
 use meterd::local_client::{self, Target};
 
 mod support;
 
+use support::BinaryRig;
+
 const BIN: &str = env!("CARGO_BIN_EXE_meterd");
 
-struct Setup {
-    emulator: EmulatorHandle,
-    dir: tempfile::TempDir,
-    config_path: PathBuf,
-    addr: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-async fn setup(extra_config: &str) -> Setup {
-    let emulator = emulator::start(
-        EmulatorConfig::demo(),
-        Arc::new(SystemClock),
-        "127.0.0.1:0".parse().expect("addr"),
-    )
-    .await
-    .expect("emulator");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let key = dir.path().join("emulator-v1.pem");
-    std::fs::write(&key, emulator.public_key_pem(1).expect("key")).expect("key file");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let config_path = dir.path().join("meterd.toml");
-    std::fs::write(
-        &config_path,
-        support::agent_toml(&support::AgentToml {
-            key: &key,
-            state: &dir.path().join("state"),
-            endpoint: &emulator.endpoint_url(),
-            listen: &addr,
-            server_extra: "",
-            sending: &format!(
-                "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\n{extra_config}"
-            ),
-        }),
-    )
-    .expect("config");
-    Setup {
-        emulator,
-        dir,
-        config_path,
-        addr,
-    }
+async fn setup() -> BinaryRig {
+    let sending = "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\n";
+    BinaryRig::new(Arc::new(SystemClock), "", sending).await
 }
 
 fn agent_command(config: &Path, cwd: &Path) -> Command {
@@ -91,7 +48,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let s = setup("").await;
+    let s = setup().await;
     let mut child = agent_command(&s.config_path, s.dir.path())
         .spawn()
         .expect("spawn");
@@ -194,7 +151,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_the_open_hour_and_a_second_process_is_refused() {
-    let s = setup("").await;
+    let s = setup().await;
     let mut child = agent_command(&s.config_path, s.dir.path())
         .spawn()
         .expect("spawn");
@@ -318,7 +275,7 @@ async fn the_keyring_is_embedded_in_the_binary() {
     let listing = String::from_utf8_lossy(&keys.stdout);
     assert!(listing.contains("bundled"), "{listing}");
 
-    let s = setup("").await;
+    let s = setup().await;
     let text = std::fs::read_to_string(&s.config_path).expect("config");
     let without_files = text.replace(
         &format!(

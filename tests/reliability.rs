@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime};
 use http::{Method, StatusCode};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use meterd::clock::{
     from_unix_seconds, hour_floor, unix_seconds, Clock, ManualClock, ScaledClock, SharedClock,
@@ -44,6 +44,8 @@ use meterd::ledger::{RecordState, StoredRecord};
 use meterd::local_client::{self, Target};
 
 mod support;
+
+use support::BinaryRig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_meterd");
 /// An hour boundary well clear of anything real: 2027-01-15T08:00:00Z.
@@ -986,62 +988,9 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
 // ---------------------------------------------------------------------------------------------
 // The real binary
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-struct BinSetup {
-    emulator: EmulatorHandle,
-    dir: tempfile::TempDir,
-    config_path: PathBuf,
-    addr: String,
-}
-
-impl BinSetup {
-    async fn new(clock: SharedClock, extra_server: &str) -> Self {
-        let emulator = emulator::start(
-            EmulatorConfig::demo(),
-            clock,
-            "127.0.0.1:0".parse().expect("addr"),
-        )
-        .await
-        .expect("emulator");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key = dir.path().join("emulator-v1.pem");
-        std::fs::write(&key, emulator.public_key_pem(1).expect("key")).expect("key file");
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config_path = dir.path().join("meterd.toml");
-        std::fs::write(
-            &config_path,
-            support::agent_toml(&support::AgentToml {
-                key: &key,
-                state: &dir.path().join("state"),
-                endpoint: &emulator.endpoint_url(),
-                listen: &addr,
-                server_extra: extra_server,
-                sending:
-                    "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\ncall_timeout = \"5s\"",
-            }),
-        )
-        .expect("config");
-        Self {
-            emulator,
-            dir,
-            config_path,
-            addr,
-        }
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn command(&self) -> Command {
-        support::agent_command(BIN, &self.config_path, self.dir.path(), ACCESS_KEY)
-    }
+async fn bin_rig(clock: SharedClock, server_extra: &str) -> BinaryRig {
+    let sending = "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\ncall_timeout = \"5s\"";
+    BinaryRig::new(clock, server_extra, sending).await
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -1106,9 +1055,9 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
     let preload = libfaketime();
     // Start 2 min (fake) before an hour boundary: the first one is crossed almost at once.
     let clock: SharedClock = ScaledClock::new(from_unix_seconds(H0 - 120), f64::from(SPEED));
-    let s = BinSetup::new(clock.clone(), "").await;
+    let s = bin_rig(clock.clone(), "").await;
     let spawn = |clock: &SharedClock| {
-        let mut cmd = s.command();
+        let mut cmd = s.command(BIN, ACCESS_KEY);
         cmd.env("LD_PRELOAD", &preload)
             .env("FAKETIME", faketime_spec(clock.now(), SPEED))
             .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
@@ -1194,8 +1143,8 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "reliability suite: scripts/reliability.sh"]
 async fn a_truncated_ledger_is_refused_with_exit_74_and_left_untouched() {
-    let s = BinSetup::new(Arc::new(SystemClock), "").await;
-    let mut child = s.command().spawn().expect("spawn");
+    let s = bin_rig(Arc::new(SystemClock), "").await;
+    let mut child = s.command(BIN, ACCESS_KEY).spawn().expect("spawn");
     support::wait_ready(&s.addr, &mut child).await;
     // Enough usage for a ledger of several pages.
     let oracle = Oracle::default();
@@ -1237,7 +1186,7 @@ async fn a_truncated_ledger_is_refused_with_exit_74_and_left_untouched() {
         for suffix in ["-wal", "-shm"] {
             let _ = std::fs::remove_file(s.state_dir().join(format!("ledger.sqlite3{suffix}")));
         }
-        let out = s.command().output().await.expect("run");
+        let out = s.command(BIN, ACCESS_KEY).output().await.expect("run");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -1259,7 +1208,7 @@ async fn a_truncated_ledger_is_refused_with_exit_74_and_left_untouched() {
     }
     // Restored, it starts again and still holds everything.
     std::fs::write(&ledger, &intact).expect("restore");
-    let mut child = s.command().spawn().expect("spawn");
+    let mut child = s.command(BIN, ACCESS_KEY).spawn().expect("spawn");
     support::wait_ready(&s.addr, &mut child).await;
     let (status, err) = sigterm_and_wait(child).await;
     assert!(status.success(), "{err}");
@@ -1293,12 +1242,12 @@ async fn no_secret_appears_in_debug_logs() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
     let emulator_clock: SharedClock = Arc::new(SystemClock);
-    let s = BinSetup::new(
+    let s = bin_rig(
         emulator_clock,
         &format!("auth_token_file = {:?}", token_file.display().to_string()),
     )
     .await;
-    let mut cmd = s.command();
+    let mut cmd = s.command(BIN, ACCESS_KEY);
     cmd.env("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
         .env("METERD_LOG", "debug")
         .stdout(Stdio::piped());

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use meterd::agent::{self, AgentError, Handles, Listeners, RunContext};
 use meterd::aws::{build_client, AwsSettings};
 use meterd::clock::SharedClock;
 use meterd::config::Config;
+use meterd::emulator::{self, EmulatorConfig, EmulatorHandle};
 use meterd::ledger::StoredRecord;
 use meterd::local_client::{self, Target};
 
@@ -237,5 +238,65 @@ impl InProcessAgent {
             .await
             .expect("agent task")
             .expect("agent exits cleanly");
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// For the real binary: an emulator in this process (so it outlives every kill of the agent)
+/// and an agent configuration file listening on a free loopback port.
+pub struct BinaryRig {
+    pub emulator: EmulatorHandle,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub addr: String,
+}
+
+impl BinaryRig {
+    pub async fn new(clock: SharedClock, server_extra: &str, sending: &str) -> Self {
+        let emulator = emulator::start(
+            EmulatorConfig::demo(),
+            clock,
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await
+        .expect("emulator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("emulator-v1.pem");
+        std::fs::write(&key, emulator.public_key_pem(1).expect("key")).expect("key file");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config_path = dir.path().join("meterd.toml");
+        std::fs::write(
+            &config_path,
+            agent_toml(&AgentToml {
+                key: &key,
+                state: &dir.path().join("state"),
+                endpoint: &emulator.endpoint_url(),
+                listen: &addr,
+                server_extra,
+                sending,
+            }),
+        )
+        .expect("config");
+        Self {
+            emulator,
+            dir,
+            config_path,
+            addr,
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// `meterd run` on this rig's configuration, from its directory.
+    pub fn command(&self, bin: &str, access_key: &str) -> Command {
+        agent_command(bin, &self.config_path, self.dir.path(), access_key)
     }
 }
