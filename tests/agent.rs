@@ -36,16 +36,8 @@ impl Harness {
 
     async fn with_emulator(start: i64, emulator_config: EmulatorConfig) -> Self {
         let clock = ManualClock::at_unix(start);
-        let emulator = emulator::start(
-            emulator_config,
-            clock.clone(),
-            "127.0.0.1:0".parse().expect("addr"),
-        )
-        .await
-        .expect("emulator starts");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key_path = dir.path().join("emulator-v1.pem");
-        std::fs::write(&key_path, emulator.public_key_pem(1).expect("key v1")).expect("write key");
+        let (emulator, dir, key_path) =
+            support::emulator_and_key(emulator_config, clock.clone()).await;
         Self {
             clock,
             emulator,

@@ -350,16 +350,8 @@ struct World {
 
 impl World {
     async fn new(emulator_clock: SharedClock) -> Self {
-        let emulator = emulator::start(
-            EmulatorConfig::demo(),
-            emulator_clock,
-            "127.0.0.1:0".parse().expect("addr"),
-        )
-        .await
-        .expect("emulator starts");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key_path = dir.path().join("emulator-v1.pem");
-        std::fs::write(&key_path, emulator.public_key_pem(1).expect("key v1")).expect("key");
+        let (emulator, dir, key_path) =
+            support::emulator_and_key(EmulatorConfig::demo(), emulator_clock).await;
         Self {
             emulator,
             dir,

@@ -241,6 +241,21 @@ impl InProcessAgent {
     }
 }
 
+/// An emulator on a loopback port, and a temporary directory holding its public key (version 1)
+/// at the returned path, for an agent to trust.
+pub async fn emulator_and_key(
+    config: EmulatorConfig,
+    clock: SharedClock,
+) -> (EmulatorHandle, tempfile::TempDir, PathBuf) {
+    let emulator = emulator::start(config, clock, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("emulator starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("emulator-v1.pem");
+    std::fs::write(&key, emulator.public_key_pem(1).expect("key v1")).expect("key file");
+    (emulator, dir, key)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -259,16 +274,7 @@ pub struct BinaryRig {
 
 impl BinaryRig {
     pub async fn new(clock: SharedClock, server_extra: &str, sending: &str) -> Self {
-        let emulator = emulator::start(
-            EmulatorConfig::demo(),
-            clock,
-            "127.0.0.1:0".parse().expect("addr"),
-        )
-        .await
-        .expect("emulator");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key = dir.path().join("emulator-v1.pem");
-        std::fs::write(&key, emulator.public_key_pem(1).expect("key")).expect("key file");
+        let (emulator, dir, key) = emulator_and_key(EmulatorConfig::demo(), clock).await;
         let addr = format!("127.0.0.1:{}", free_port());
         let config_path = dir.path().join("meterd.toml");
         std::fs::write(
