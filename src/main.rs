@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::{Method, StatusCode};
 use tokio_util::sync::CancellationToken;
@@ -282,31 +283,58 @@ async fn report(
     if let Some(id) = id {
         event["id"] = serde_json::Value::String(id);
     }
-    let token = auth_token(&config);
-    match local_client::call(
-        &Target::from_config(&config),
-        Method::POST,
-        "/v1/usage",
-        Some(event.to_string().into_bytes()),
-        token.as_deref(),
-        Duration::from_secs(30),
-    )
-    .await
-    {
-        Ok((StatusCode::OK, body)) => {
+    let request = AgentRequest {
+        command: "meterd report",
+        method: Method::POST,
+        path: "/v1/usage",
+        body: Some(event.to_string().into_bytes()),
+        token: auth_token(&config),
+        timeout: Duration::from_secs(30),
+    };
+    match ask_agent(&config, request).await {
+        Ok(body) => {
             println!("{}", String::from_utf8_lossy(&body));
             ExitCode::SUCCESS
         }
+        Err(code) => code,
+    }
+}
+
+/// One request of a `meterd` subcommand to the running agent.
+struct AgentRequest {
+    command: &'static str,
+    method: Method,
+    path: &'static str,
+    body: Option<Vec<u8>>,
+    token: Option<String>,
+    timeout: Duration,
+}
+
+/// The body of the agent's 200, or the exit code after saying on stderr what went wrong.
+async fn ask_agent(config: &Config, r: AgentRequest) -> Result<Bytes, ExitCode> {
+    let target = Target::from_config(config);
+    match local_client::call(
+        &target,
+        r.method,
+        r.path,
+        r.body,
+        r.token.as_deref(),
+        r.timeout,
+    )
+    .await
+    {
+        Ok((StatusCode::OK, body)) => Ok(body),
         Ok((status, body)) => {
             eprintln!(
-                "meterd report: {status}: {}",
+                "{}: {status}: {}",
+                r.command,
                 String::from_utf8_lossy(&body)
             );
-            ExitCode::FAILURE
+            Err(ExitCode::FAILURE)
         }
         Err(e) => {
-            eprintln!("meterd report: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("{}: cannot reach the agent: {e:#}", r.command);
+            Err(ExitCode::FAILURE)
         }
     }
 }
@@ -316,35 +344,23 @@ async fn status(config_path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let token = auth_token(&config);
-    match local_client::call(
-        &Target::from_config(&config),
-        Method::GET,
-        "/v1/status",
-        None,
-        token.as_deref(),
-        Duration::from_secs(10),
-    )
-    .await
-    {
-        Ok((StatusCode::OK, body)) => {
+    let request = AgentRequest {
+        command: "meterd status",
+        method: Method::GET,
+        path: "/v1/status",
+        body: None,
+        token: auth_token(&config),
+        timeout: Duration::from_secs(10),
+    };
+    match ask_agent(&config, request).await {
+        Ok(body) => {
             match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
                 Err(_) => println!("{}", String::from_utf8_lossy(&body)),
             }
             ExitCode::SUCCESS
         }
-        Ok((status, body)) => {
-            eprintln!(
-                "meterd status: {status}: {}",
-                String::from_utf8_lossy(&body)
-            );
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("meterd status: cannot reach the agent: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(code) => code,
     }
 }
 
@@ -353,25 +369,17 @@ async fn health(config_path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match local_client::call(
-        &Target::from_config(&config),
-        Method::GET,
-        "/readyz",
-        None,
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    {
-        Ok((StatusCode::OK, _)) => ExitCode::SUCCESS,
-        Ok((status, body)) => {
-            eprintln!("not ready ({status}): {}", String::from_utf8_lossy(&body));
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("not ready: {e:#}");
-            ExitCode::FAILURE
-        }
+    let request = AgentRequest {
+        command: "meterd health: not ready",
+        method: Method::GET,
+        path: "/readyz",
+        body: None,
+        token: None,
+        timeout: Duration::from_secs(5),
+    };
+    match ask_agent(&config, request).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(code) => code,
     }
 }
 
