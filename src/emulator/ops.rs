@@ -707,18 +707,9 @@ fn customer_identifier(record: &UsageRecordInput) -> Option<&str> {
 
 /// A UUID-shaped (version 4) id from the seeded generator.
 fn new_id(rng: &mut StdRng) -> String {
-    let mut b: [u8; 16] = rng.gen();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    uuid::Builder::from_random_bytes(rng.gen())
+        .into_uuid()
+        .to_string()
 }
 
 #[cfg(test)]
