@@ -188,7 +188,10 @@ pub async fn run(
     let platform = platform_info.platform;
 
     let metrics = Arc::new(Metrics::new());
-    let status = Arc::new(StatusBoard::new(platform.as_str().to_owned()));
+    let status = Arc::new(StatusBoard::new(
+        platform.as_str().to_owned(),
+        ledger.writable_flag(),
+    ));
     let auth_token = match config.server.auth_token_file.as_str() {
         "" => None,
         path => Some(
@@ -324,6 +327,11 @@ pub async fn run(
         )
         .instrument(tracing::info_span!("seal")),
     );
+    workers.spawn(watch_writable(
+        ledger.clone(),
+        clock.clone(),
+        workers_stop.clone(),
+    ));
     {
         let sender = sender.clone();
         let (wake, stop) = (wake.clone(), workers_stop.clone());
@@ -538,6 +546,25 @@ async fn seal_loop(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = clock.sleep_until(next_check) => {}
+        }
+    }
+}
+
+/// How often a ledger that refused a write is tried again with a small write.
+const WRITABLE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Readiness follows the ledger's last write. A sidecar that is not ready gets no traffic, so
+/// after a failed write the ledger is tried with a small write of its own until one succeeds.
+async fn watch_writable(ledger: Ledger, clock: SharedClock, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = clock.sleep_until(clock.now() + WRITABLE_CHECK_INTERVAL) => {}
+        }
+        if !ledger.writable() {
+            if let Err(e) = ledger.check_writable(unix_seconds(clock.now())).await {
+                tracing::warn!(error = %e, "the ledger still refuses writes");
+            }
         }
     }
 }

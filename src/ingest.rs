@@ -459,7 +459,6 @@ impl Api {
         let received_at = unix_seconds(self.clock.now());
         match self.ledger.append(events, received_at).await {
             Ok(outcome) => {
-                self.status.set_ledger_writable(true);
                 self.metrics.events_accepted.inc_by(outcome.accepted as u64);
                 self.metrics
                     .events_duplicate
@@ -486,7 +485,6 @@ impl Api {
                     LedgerError::Full(_) => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
                     _ => (StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable"),
                 };
-                self.status.set_ledger_writable(false);
                 self.metrics.ledger_error(reason);
                 tracing::error!(error = %e, "usage not recorded: the ledger refused the write");
                 Err(Rejection::new(

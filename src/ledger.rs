@@ -22,9 +22,9 @@
 //!   sealed and never changed afterwards except for its delivery state:
 //!   `pending` → `sent` | `dead` (window passed) | `duplicate` (service refused as duplicate).
 //!
-//! The writer never checkpoints (`wal_autocheckpoint = 0`): a separate thread and connection
-//! run a PASSIVE checkpoint every second, which never blocks the writer, so no request waits
-//! while the WAL is copied back into the database.
+//! SQLite's own checkpoint inside COMMIT is off (`wal_autocheckpoint = 0`); the writer
+//! checkpoints between groups, after their answers went out, so the WAL restarts at its
+//! beginning instead of growing (`Writer::checkpoint_if_due`).
 //!
 //! # Recovery
 //! A new ledger is built as `ledger.sqlite3.new` (schema and meta rows in one transaction),
@@ -38,7 +38,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -264,6 +264,11 @@ enum Command {
         now: i64,
         reply: oneshot::Sender<Result<(), LedgerError>>,
     },
+    /// A small write, to learn whether the ledger takes writes again.
+    CheckWritable {
+        now: i64,
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
 }
 
 /// Facts fixed when the ledger was created.
@@ -301,6 +306,8 @@ struct Inner {
     /// First hour not yet sealed (0 before the first seal).
     sealed_floor: Arc<AtomicI64>,
     commit_stats: Arc<CommitStats>,
+    /// Whether the writer's last commit succeeded.
+    writable: Arc<AtomicBool>,
     _lock: File,
 }
 
@@ -406,6 +413,7 @@ impl Ledger {
 
         let sealed_floor = Arc::new(AtomicI64::new(floor));
         let commit_stats = Arc::new(CommitStats::default());
+        let writable = Arc::new(AtomicBool::new(true));
         let (queue, commands) = mpsc::channel(QUEUE_DEPTH);
         let writer_state = Writer {
             conn: writer,
@@ -415,6 +423,7 @@ impl Ledger {
             stats: commit_stats.clone(),
             checkpoint_at_pages: CHECKPOINT_PAGES,
             last_checkpoint: Instant::now(),
+            writable: writable.clone(),
         };
         let span = tracing::Span::current();
         std::thread::Builder::new()
@@ -433,6 +442,7 @@ impl Ledger {
                 identity,
                 sealed_floor,
                 commit_stats,
+                writable,
                 _lock: lock,
             }),
         })
@@ -502,6 +512,24 @@ impl Ledger {
             reply,
         })
         .await
+    }
+
+    /// Whether the last commit succeeded: false after a failed write (say, a full disk) until
+    /// a write succeeds again.
+    pub fn writable(&self) -> bool {
+        self.inner.writable.load(Ordering::Acquire)
+    }
+
+    /// Shares [`Ledger::writable`] with whoever reports it.
+    pub fn writable_flag(&self) -> Arc<AtomicBool> {
+        self.inner.writable.clone()
+    }
+
+    /// Makes a small write (a timestamp in `meta`), so a ledger that refused writes is seen to
+    /// take them again without waiting for usage to arrive.
+    pub async fn check_writable(&self, now: i64) -> Result<(), LedgerError> {
+        self.call(|reply| Command::CheckWritable { now, reply })
+            .await
     }
 
     pub async fn record_delivery(
@@ -805,6 +833,7 @@ struct Writer {
     /// WAL size (pages) at which the next checkpoint runs.
     checkpoint_at_pages: i32,
     last_checkpoint: Instant,
+    writable: Arc<AtomicBool>,
 }
 
 /// The writer checkpoints once the WAL holds this many pages (1 MiB at 4 KiB a page)...
@@ -933,7 +962,7 @@ impl Writer {
                 .map_err(|e| LedgerError::from_sqlite(&e))?;
             let mut increments = Increments::default();
             for command in group {
-                if !matches!(command, Command::Append { .. }) {
+                if matches!(command, Command::Seal { .. }) {
                     // Sealing reads the counters: they must hold every earlier request.
                     increments.write(&tx)?;
                 }
@@ -985,6 +1014,16 @@ impl Writer {
                             .map_err(|e| LedgerError::from_sqlite(&e));
                         replies.push(Reply::Deliver(reply, result));
                     }
+                    Command::CheckWritable { now, reply } => {
+                        let result = tx
+                            .execute(
+                                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_write_check', ?1)",
+                                [now.to_string()],
+                            )
+                            .map(|_| ())
+                            .map_err(|e| LedgerError::from_sqlite(&e));
+                        replies.push(Reply::Deliver(reply, result));
+                    }
                 }
             }
             increments.write(&tx)?;
@@ -998,6 +1037,7 @@ impl Writer {
             .commit_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         self.stats.commands.fetch_add(n, Ordering::Relaxed);
+        self.writable.store(commit.is_ok(), Ordering::Release);
         match &commit {
             Ok(()) => {
                 self.sealed_floor.store(floor_after, Ordering::Release);
@@ -1617,6 +1657,7 @@ mod tests {
             stats: Arc::default(),
             checkpoint_at_pages: CHECKPOINT_PAGES,
             last_checkpoint: Instant::now(),
+            writable: Arc::new(AtomicBool::new(true)),
         };
         let mut appends = Vec::new();
         let mut append = |events: Vec<Event>, received_at: i64| {

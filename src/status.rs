@@ -1,7 +1,7 @@
 //! Live state shared by the API, the sender and the start-up sequence.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
@@ -40,11 +40,12 @@ pub struct StatusBoard {
     entitlement: RwLock<EntitlementStatus>,
     sender: RwLock<SenderStatus>,
     ready: AtomicBool,
-    ledger_writable: AtomicBool,
+    /// The ledger's own flag ([`crate::ledger::Ledger::writable_flag`]).
+    ledger_writable: Arc<AtomicBool>,
 }
 
 impl StatusBoard {
-    pub fn new(platform: String) -> Self {
+    pub fn new(platform: String, ledger_writable: Arc<AtomicBool>) -> Self {
         Self {
             platform,
             entitlement: RwLock::new(EntitlementStatus {
@@ -53,7 +54,7 @@ impl StatusBoard {
             }),
             sender: RwLock::new(SenderStatus::default()),
             ready: AtomicBool::new(false),
-            ledger_writable: AtomicBool::new(true),
+            ledger_writable,
         }
     }
 
@@ -84,10 +85,6 @@ impl StatusBoard {
 
     pub fn update_sender(&self, f: impl FnOnce(&mut SenderStatus)) {
         f(&mut self.sender.write().unwrap_or_else(|e| e.into_inner()));
-    }
-
-    pub fn set_ledger_writable(&self, writable: bool) {
-        self.ledger_writable.store(writable, Ordering::Release);
     }
 
     pub fn ledger_writable(&self) -> bool {

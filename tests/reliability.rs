@@ -968,6 +968,42 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
     }
     wait_for("ready again", || agent.handles.status.is_ready()).await;
     send_batches(&agent, &oracle, &mut rng, "after", 5).await;
+
+    // Full again with nothing else to write (no seal due, nothing to deliver): readiness comes
+    // back by itself once space returns. A NotReady sidecar gets no traffic, so it must not
+    // wait for a request to succeed.
+    agent.settled().await;
+    let filler = fill(&fs.path);
+    let mut refused = None;
+    for i in 0..2000 {
+        let (body, totals) = random_batch(&mut rng, &format!("full-again-{i}"), 50);
+        if agent.post_raw(body.clone()).await.0 == StatusCode::OK {
+            oracle.ack(&totals, 0);
+        } else {
+            refused = Some((body, totals));
+            break;
+        }
+    }
+    let (body, totals) = refused.expect("the full disk was never noticed");
+    assert_eq!(
+        agent.get("/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    std::fs::remove_file(&filler).expect("free space");
+    clock.advance(Duration::from_secs(10));
+    wait_for("ready again before any request", || {
+        agent.handles.status.is_ready()
+    })
+    .await;
+    post_until_acked(
+        &agent.target(),
+        None,
+        &body,
+        &totals,
+        &oracle,
+        Duration::from_secs(30),
+    )
+    .await;
     clock.set(from_unix_seconds(H0 + 2 * HOUR_SECS + 30));
     wait_for("both hours billed", || world.emulator.records().len() >= 4).await;
     agent.settled().await;
