@@ -214,6 +214,7 @@ pub async fn run(
         status: status.clone(),
         accepting: true.into(),
         auth_token,
+        listen_ip: config.listen_addr().map(|a| a.ip()),
     });
 
     let http_stop = CancellationToken::new();

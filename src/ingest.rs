@@ -264,6 +264,8 @@ pub struct Api {
     /// Cleared at shutdown: new requests then get 503.
     pub accepting: AtomicBool,
     pub auth_token: Option<Vec<u8>>,
+    /// `server.listen`'s address, parsed once: a Host naming it is accepted too.
+    pub listen_ip: Option<IpAddr>,
 }
 
 type Body = Full<Bytes>;
@@ -316,7 +318,7 @@ impl Api {
                 .headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok());
-            if !host_allowed(host, self.config.listen_addr().map(|a| a.ip())) {
+            if !host_allowed(host, self.listen_ip) {
                 self.metrics.reject("host");
                 return error_response(&Rejection::new(
                     StatusCode::FORBIDDEN,
