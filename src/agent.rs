@@ -192,19 +192,13 @@ pub async fn run(
         platform.as_str().to_owned(),
         ledger.writable_flag(),
     ));
-    let auth_token = match config.server.auth_token_file.as_str() {
-        "" => None,
-        path => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| AgentError::Listen {
-                    what: path.to_owned(),
-                    detail: format!("cannot read the auth token: {e}"),
-                })?
-                .trim()
-                .as_bytes()
-                .to_vec(),
-        ),
-    };
+    let auth_token = config
+        .auth_token()
+        .map_err(|e| AgentError::Listen {
+            what: config.server.auth_token_file.clone(),
+            detail: format!("cannot read the auth token: {e}"),
+        })?
+        .map(String::into_bytes);
     let api = Arc::new(Api {
         config: config.clone(),
         vocabulary: Vocabulary::from_config(&config),

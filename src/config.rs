@@ -334,8 +334,12 @@ impl Config {
         self.server.listen.parse().ok()
     }
 
-    pub fn ledger_path(&self) -> PathBuf {
-        self.state.dir.join("ledger.sqlite3")
+    /// The bearer token from `server.auth_token_file`, trimmed; `None` when none is set.
+    pub fn auth_token(&self) -> std::io::Result<Option<String>> {
+        match self.server.auth_token_file.as_str() {
+            "" => Ok(None),
+            path => std::fs::read_to_string(path).map(|t| Some(t.trim().to_owned())),
+        }
     }
 }
 

@@ -52,6 +52,8 @@ use crate::seal::{self, Allocation, UsageRow};
 
 const SCHEMA_VERSION: i64 = 1;
 /// Idempotency keys are remembered this long.
+/// The ledger's file name in the state directory.
+pub const LEDGER_FILE: &str = "ledger.sqlite3";
 pub const EVENT_ID_RETENTION_SECS: i64 = 7 * HOUR_SECS;
 /// The service accepts timestamps at most this old.
 pub const REPORT_WINDOW_SECS: i64 = 6 * HOUR_SECS;
@@ -353,7 +355,7 @@ impl Ledger {
             }
         }
 
-        let path = dir.join("ledger.sqlite3");
+        let path = dir.join(LEDGER_FILE);
         let corrupt = |e: &dyn std::fmt::Display| LedgerError::Corrupt {
             path: path.display().to_string(),
             detail: e.to_string(),
@@ -624,7 +626,7 @@ impl Ledger {
 
 /// Reads records straight from a ledger file, without the lock: for `meterd records`.
 pub fn read_records_at(dir: &Path, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
-    let path = dir.join("ledger.sqlite3");
+    let path = dir.join(LEDGER_FILE);
     if !path.exists() {
         return Err(LedgerError::Unavailable(format!(
             "no ledger at {}",

@@ -252,13 +252,15 @@ async fn watch_signals(shutdown: CancellationToken, grace: Duration) {
     std::process::exit(1);
 }
 
-fn auth_token(config: &Config) -> Option<String> {
-    match config.server.auth_token_file.as_str() {
-        "" => None,
-        path => std::fs::read_to_string(path)
-            .ok()
-            .map(|t| t.trim().to_owned()),
-    }
+/// The agent's bearer token for a subcommand, or the exit code after saying why it is unreadable.
+fn auth_token(command: &str, config: &Config) -> Result<Option<String>, ExitCode> {
+    config.auth_token().map_err(|e| {
+        eprintln!(
+            "{command}: cannot read server.auth_token_file {:?}: {e}",
+            config.server.auth_token_file
+        );
+        ExitCode::FAILURE
+    })
 }
 
 async fn report(
@@ -283,12 +285,16 @@ async fn report(
     if let Some(id) = id {
         event["id"] = serde_json::Value::String(id);
     }
+    let token = match auth_token("meterd report", &config) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let request = AgentRequest {
         command: "meterd report",
         method: Method::POST,
         path: "/v1/usage",
         body: Some(event.to_string().into_bytes()),
-        token: auth_token(&config),
+        token,
         timeout: Duration::from_secs(30),
     };
     match ask_agent(&config, request).await {
@@ -344,12 +350,16 @@ async fn status(config_path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let token = match auth_token("meterd status", &config) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let request = AgentRequest {
         command: "meterd status",
         method: Method::GET,
         path: "/v1/status",
         body: None,
-        token: auth_token(&config),
+        token,
         timeout: Duration::from_secs(10),
     };
     match ask_agent(&config, request).await {
