@@ -318,11 +318,11 @@ impl Config {
             problems.push("state.dir must be set".to_owned());
         }
         let s = &self.sending;
-        if s.initial_backoff.is_zero() || s.initial_backoff > s.max_backoff {
-            problems.push(
-                "sending.initial_backoff must be above zero and at most sending.max_backoff"
-                    .to_owned(),
-            );
+        // The sender's own rules, so a schedule it would refuse is reported here, not replaced.
+        if let Err(e) = crate::backoff::Backoff::try_new(s.initial_backoff, s.max_backoff) {
+            problems.push(format!(
+                "sending.initial_backoff / sending.max_backoff: {e} (initial above zero, at most max, max at most 1h)"
+            ));
         }
         if s.seal_delay > Duration::from_secs(600) {
             problems.push("sending.seal_delay must be at most 10m".to_owned());
@@ -387,6 +387,25 @@ listen = "nowhere"
 "#;
         let err = Config::from_toml_str(text).expect_err("invalid");
         assert_eq!(err.problems.len(), 5, "{err}");
+    }
+
+    #[test]
+    fn a_back_off_the_sender_would_refuse_is_a_config_error() {
+        for (sending, named) in [
+            ("max_backoff = \"2h\"", "longer than the 1 h"),
+            ("initial_backoff = \"0s\"", "greater than zero"),
+            (
+                "initial_backoff = \"10m\"\nmax_backoff = \"1m\"",
+                "longer than its cap",
+            ),
+        ] {
+            let err = Config::from_toml_str(&format!("{MINIMAL}[sending]\n{sending}\n"))
+                .expect_err(sending);
+            assert!(err.to_string().contains(named), "{sending}: {err}");
+        }
+        let ok = Config::from_toml_str(&format!("{MINIMAL}[sending]\nmax_backoff = \"1h\"\n"))
+            .expect("1h is allowed");
+        assert_eq!(ok.sending.max_backoff, Duration::from_secs(3600));
     }
 
     #[test]

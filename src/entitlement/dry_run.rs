@@ -89,27 +89,8 @@ pub struct DryRunPassed {
     pub elapsed: Duration,
 }
 
-/// Checks MeterUsage permissions with the default policy; see the module docs.
-pub async fn dry_run_check(
-    client: &aws_sdk_marketplacemetering::Client,
-    product_code: &str,
-    dimension: &str,
-    mode: DryRunMode,
-    clock: &SharedClock,
-) -> Result<DryRunPassed, EntitlementError> {
-    dry_run_check_with(
-        client,
-        product_code,
-        dimension,
-        mode,
-        clock,
-        &DryRunPolicy::default(),
-        &|_| {},
-    )
-    .await
-}
-
-/// [`dry_run_check`] with explicit timings, calling `observer` before each wait.
+/// Checks MeterUsage permissions under `policy` (see the module docs), calling `observer`
+/// before each wait.
 pub async fn dry_run_check_with(
     client: &aws_sdk_marketplacemetering::Client,
     product_code: &str,

@@ -6,7 +6,7 @@
 //! - [`verify()`]: the RegisterUsage JWT check (PS256 only; trusted key of the asked version;
 //!   product code, nonce and version equal what was sent).
 //! - [`register()`]: RegisterUsage at start-up with retries inside a start-up budget.
-//! - [`dry_run_check()`]: MeterUsage `DryRun=true`, with the container and AMI failure policies.
+//! - [`dry_run_check_with()`]: MeterUsage `DryRun=true`, with the container and AMI failure policies.
 //! - [`doctor()`]: the `meterd doctor` report.
 //! - [`Backoff`]: exponential back-off with jitter, used by the retry loops here.
 //!
@@ -40,7 +40,7 @@ use crate::aws::CallFailure;
 
 pub use crate::backoff::{Backoff, BackoffError};
 pub use doctor::{doctor, CheckStatus, DoctorCheck, DoctorInputs, DoctorReport};
-pub use dry_run::{dry_run_check, dry_run_check_with, DryRunMode, DryRunPassed, DryRunPolicy};
+pub use dry_run::{dry_run_check_with, DryRunMode, DryRunPassed, DryRunPolicy};
 pub use keyring::{KeyEntry, Keyring, KeyringError, KeysReport};
 pub use nonce::{new_nonce, NONCE_BYTES};
 pub use register::{
@@ -392,9 +392,8 @@ mod tests {
             EXIT_CONFIGURATION,
         ];
         assert!(!codes.contains(&64));
-        let mut sorted = codes.to_vec();
-        sorted.dedup();
-        assert_eq!(sorted.len(), codes.len());
+        let distinct: std::collections::BTreeSet<_> = codes.iter().collect();
+        assert_eq!(distinct.len(), codes.len());
     }
 
     #[test]
