@@ -22,11 +22,12 @@ use crate::config::{Config, PlatformSetting};
 use crate::entitlement::{
     self, Backoff, DryRunMode, DryRunPolicy, EntitlementError, Keyring, RegistrationSettings,
 };
-use crate::ingest::{self, Api, Via, Vocabulary};
+use crate::ingest::{Api, Via, Vocabulary};
 use crate::ledger::{Ledger, LedgerError, SealPolicy};
 use crate::metrics::Metrics;
 use crate::platform::{self, Platform};
 use crate::send::Sender;
+use crate::serve::{serve, ConnectionLimits, ServeSettings};
 use crate::status::{EntitlementState, EntitlementStatus, StatusBoard};
 
 /// The ledger could not be opened or used (`EX_IOERR`).
@@ -44,6 +45,8 @@ pub enum AgentError {
     Listen { what: String, detail: String },
     #[error("cannot load the keyring: {0}")]
     Keyring(#[from] crate::entitlement::KeyringError),
+    #[error("{0}")]
+    Config(String),
 }
 
 impl AgentError {
@@ -52,7 +55,7 @@ impl AgentError {
             AgentError::Ledger(_) => EXIT_LEDGER,
             AgentError::Entitlement(e) => e.exit_code(),
             AgentError::Listen { .. } => EXIT_LISTEN,
-            AgentError::Keyring(_) => crate::config::EXIT_BAD_CONFIG,
+            AgentError::Keyring(_) | AgentError::Config(_) => crate::config::EXIT_BAD_CONFIG,
         }
     }
 }
@@ -61,7 +64,7 @@ impl AgentError {
 #[derive(Debug, Default)]
 pub struct Listeners {
     pub tcp: Option<TcpListener>,
-    pub unix: Option<UnixListener>,
+    pub unix: Option<UnixSocket>,
 }
 
 impl Listeners {
@@ -80,31 +83,122 @@ impl Listeners {
                 );
         }
         if !config.server.unix_socket.is_empty() {
-            listeners.unix = Some(bind_unix(&PathBuf::from(&config.server.unix_socket))?);
+            listeners.unix = Some(UnixSocket::bind(&PathBuf::from(
+                &config.server.unix_socket,
+            ))?);
         }
         Ok(listeners)
     }
 }
 
-/// Binds the local API's Unix socket with mode 0660, replacing a stale socket file.
-pub fn bind_unix(path: &std::path::Path) -> Result<UnixListener, AgentError> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let err = |detail: String| AgentError::Listen {
-        what: path.display().to_string(),
-        detail,
-    };
-    // A socket left by a previous run is replaced; any other file is not touched.
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path).map_err(|e| err(e.to_string()))?;
-        } else {
-            return Err(err("a file that is not a socket is in the way".to_owned()));
+/// The local API's Unix socket. Dropping it removes the socket file, if it is still ours.
+#[derive(Debug)]
+pub struct UnixSocket {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+    /// The socket file's inode, so a socket another process bound since is left alone.
+    inode: u64,
+}
+
+impl UnixSocket {
+    /// Binds with mode 0660. A socket file already there is replaced only when nothing answers
+    /// on it (left by a process that died); a live one belongs to another agent and is refused.
+    pub fn bind(path: &std::path::Path) -> Result<Self, AgentError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+        let err = |detail: String| AgentError::Listen {
+            what: path.display().to_string(),
+            detail,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(err("a file that is not a socket is in the way".to_owned()));
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(err(
+                        "another process is serving on this socket (is another meterd running with the same server.unix_socket?)"
+                            .to_owned(),
+                    ))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path).map_err(|e| err(e.to_string()))?;
+                }
+                Err(e) => return Err(err(format!("cannot tell whether the socket is in use: {e}"))),
+            }
+        }
+        let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| err(e.to_string()))?;
+        let inode = std::fs::symlink_metadata(path)
+            .map_err(|e| err(e.to_string()))?
+            .ino();
+        Ok(Self {
+            listener: Some(listener),
+            path: path.to_owned(),
+            inode,
+        })
+    }
+
+    fn take_listener(&mut self) -> Option<UnixListener> {
+        self.listener.take()
+    }
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not remove the socket");
+            }
         }
     }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| err(e.to_string()))?;
-    Ok(listener)
+}
+
+/// Everything the agent builds from its configuration alone. It is built before anything is
+/// created or served, so a configuration that cannot run fails first; `check-config` builds
+/// the same.
+pub struct Prepared {
+    pub keyring: Keyring,
+    pub backoff: Backoff,
+    pub seal_policy: SealPolicy,
+    pub auth_token: Option<Vec<u8>>,
+}
+
+impl Prepared {
+    pub fn build(config: &Config) -> Result<Self, AgentError> {
+        entitlement::check_product_code(&config.product_code).map_err(|reason| {
+            EntitlementError::ProductCodeNotAllowed {
+                product_code: config.product_code.clone(),
+                reason,
+            }
+        })?;
+        let keyring = Keyring::load(
+            &config.registration.public_key_files,
+            config.registration.public_key_version,
+        )?;
+        let backoff = Backoff::try_new(config.sending.initial_backoff, config.sending.max_backoff)
+            .map_err(|e| AgentError::Config(format!("sending back-off: {e}")))?;
+        let auth_token = config
+            .auth_token()
+            .map_err(|e| {
+                AgentError::Config(format!(
+                    "cannot read server.auth_token_file {}: {e}",
+                    config.server.auth_token_file
+                ))
+            })?
+            .map(String::into_bytes);
+        Ok(Self {
+            keyring,
+            backoff,
+            seal_policy: SealPolicy {
+                dimensions: config.metering.dimensions.clone(),
+                report_zero: config.metering.report_zero,
+                max_allocations: config.metering.max_allocations,
+            },
+            auth_token,
+        })
+    }
 }
 
 pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -114,12 +208,10 @@ pub struct RunContext {
     pub clock: SharedClock,
     pub client: Client,
     pub shutdown: CancellationToken,
-    /// Trusted keys; `None` loads the bundled keyring plus `registration.public_key_files`.
-    pub keyring: Option<Keyring>,
     /// Environment for platform detection; `None` reads the process environment.
     pub env: Option<EnvFn>,
-    /// Overrides the DryRun timings (tests use short back-offs).
-    pub dry_run_policy: Option<DryRunPolicy>,
+    /// How long a request body may take to arrive.
+    pub body_read_timeout: Duration,
     /// Called once the API is serving, with live handles; for tests and the demo.
     pub on_started: Option<Box<dyn FnOnce(Handles) + Send>>,
 }
@@ -130,9 +222,8 @@ impl RunContext {
             clock,
             client,
             shutdown,
-            keyring: None,
             env: None,
-            dry_run_policy: None,
+            body_read_timeout: crate::serve::BODY_READ_TIMEOUT,
             on_started: None,
         }
     }
@@ -154,6 +245,7 @@ pub async fn run(
     listeners: Option<Listeners>,
     ctx: RunContext,
 ) -> Result<(), AgentError> {
+    let prepared = Prepared::build(&config)?;
     let config = Arc::new(config);
     let clock = ctx.clock.clone();
     let ledger = Ledger::open(
@@ -166,7 +258,7 @@ pub async fn run(
         first_start = %rfc3339(ledger.identity().first_start),
         "ledger open"
     );
-    let listeners = match listeners {
+    let mut listeners = match listeners {
         Some(l) => l,
         None => Listeners::bind(&config).await?,
     };
@@ -192,13 +284,12 @@ pub async fn run(
         platform.as_str().to_owned(),
         ledger.writable_flag(),
     ));
-    let auth_token = config
-        .auth_token()
-        .map_err(|e| AgentError::Listen {
-            what: config.server.auth_token_file.clone(),
-            detail: format!("cannot read the auth token: {e}"),
-        })?
-        .map(String::into_bytes);
+    let Prepared {
+        keyring,
+        backoff,
+        seal_policy: policy,
+        auth_token,
+    } = prepared;
     let api = Arc::new(Api {
         config: config.clone(),
         vocabulary: Vocabulary::from_config(&config),
@@ -209,37 +300,48 @@ pub async fn run(
         accepting: true.into(),
         auth_token,
         listen_ip: config.listen_addr().map(|a| a.ip()),
+        body_read_timeout: ctx.body_read_timeout,
     });
 
     let http_stop = CancellationToken::new();
-    let drain = (config.server.grace_period / 3).max(Duration::from_secs(1));
+    let settings = ServeSettings {
+        drain_timeout: (config.server.grace_period / 3).max(Duration::from_secs(1)),
+        ..ServeSettings::default()
+    };
+    // One bound for both listeners, plus slots kept for health probes.
+    let limits = ConnectionLimits::new(config.server.max_connections, crate::serve::PROBE_SLOTS);
+    let handler = |via: Via| {
+        let api = api.clone();
+        move |req, slot| {
+            let api = api.clone();
+            async move { Ok::<_, std::convert::Infallible>(api.handle(req, via, slot).await) }
+        }
+    };
     let mut servers = JoinSet::new();
-    if let Some(tcp) = listeners.tcp {
+    if let Some(tcp) = listeners.tcp.take() {
         if let Ok(addr) = tcp.local_addr() {
             tracing::info!(%addr, "serving the local API");
         }
         servers.spawn(
-            ingest::serve(
-                api.clone(),
+            serve(
                 tcp,
-                Via::Tcp,
-                config.server.max_connections,
+                limits.clone(),
+                settings,
                 http_stop.clone(),
-                drain,
+                handler(Via::Tcp),
             )
             .instrument(tracing::info_span!("http", via = "tcp")),
         );
     }
-    if let Some(unix) = listeners.unix {
+    if let Some(unix) = listeners.unix.as_mut().and_then(UnixSocket::take_listener) {
         tracing::info!(path = %config.server.unix_socket, "serving the local API");
         servers.spawn(
-            ingest::serve(
-                api.clone(),
+            serve(
                 unix,
-                Via::Unix,
-                config.server.max_connections,
+                limits.clone(),
+                settings,
                 http_stop.clone(),
-                drain,
+                handler(Via::Unix),
             )
             .instrument(tracing::info_span!("http", via = "unix")),
         );
@@ -259,31 +361,17 @@ pub async fn run(
         metrics.clone(),
         status.clone(),
         config.product_code.clone(),
-        Backoff::try_new(config.sending.initial_backoff, config.sending.max_backoff)
-            .unwrap_or_default(),
+        backoff,
     ));
-    let policy = SealPolicy {
-        dimensions: config.metering.dimensions.clone(),
-        report_zero: config.metering.report_zero,
-        max_allocations: config.metering.max_allocations,
-    };
 
     // Entitlement decides whether metering starts at all.
-    let keyring = match ctx.keyring {
-        Some(k) => k,
-        None => Keyring::load(
-            &config.registration.public_key_files,
-            config.registration.public_key_version,
-        )
-        .map_err(AgentError::Keyring)?,
-    };
     let admission = establish_entitlement(
         &config,
         platform,
         &ctx.client,
         &keyring,
         &clock,
-        ctx.dry_run_policy.clone().unwrap_or_default(),
+        DryRunPolicy::default(),
         &status,
         &metrics,
     );
@@ -414,12 +502,6 @@ async fn establish_entitlement(
     status: &Arc<StatusBoard>,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<tokio::task::JoinHandle<Result<(), EntitlementError>>>, EntitlementError> {
-    entitlement::check_product_code(&config.product_code).map_err(|reason| {
-        EntitlementError::ProductCodeNotAllowed {
-            product_code: config.product_code.clone(),
-            reason,
-        }
-    })?;
     if config.registration.enabled && platform.allows_register_usage() {
         let mut settings = RegistrationSettings::new(
             config.product_code.clone(),
@@ -591,10 +673,8 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
 /// `meterd doctor`: prints the report; true when no check failed.
 pub async fn doctor(config: &Config) -> anyhow::Result<bool> {
     let client = crate::aws::build_client(&crate::aws::AwsSettings {
-        region: Some(config.aws.region.clone()),
-        endpoint_url: Some(config.aws.endpoint_url.clone()),
-        static_credentials: None,
         operation_timeout: Some(Duration::from_secs(10)),
+        ..crate::aws::AwsSettings::from_config(config)
     })
     .await;
     let keyring = Keyring::load(

@@ -23,6 +23,18 @@ pub struct AwsSettings {
     pub operation_timeout: Option<Duration>,
 }
 
+impl AwsSettings {
+    /// The agent's settings: `[aws]`, the SDK's credential chain, `sending.call_timeout`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            region: Some(config.aws.region.clone()),
+            endpoint_url: Some(config.aws.endpoint_url.clone()),
+            static_credentials: None,
+            operation_timeout: Some(config.sending.call_timeout),
+        }
+    }
+}
+
 /// Builds a client with SDK retries disabled.
 pub async fn build_client(settings: &AwsSettings) -> Client {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -97,13 +109,19 @@ impl CallFailure {
     }
 
     /// Throttling, server faults and transport failures are worth retrying; everything else
-    /// is an answer that will not change by asking again.
+    /// is an answer that will not change by asking again. The status decides first: any 5xx
+    /// (or 429) is transient whatever its code, so an unlisted server fault is not permanent.
     pub fn is_retryable(&self) -> bool {
+        if self.status.is_some_and(|s| s >= 500 || s == 429) {
+            return true;
+        }
         match self.code.as_deref() {
             None => true,
             Some(code) => matches!(
                 code,
                 "ThrottlingException"
+                    | "Throttling"
+                    | "TooManyRequestsException"
                     | "InternalServiceErrorException"
                     | "ServiceUnavailableException"
                     | "InternalFailure"
@@ -111,6 +129,58 @@ impl CallFailure {
                     | "RequestTimeout"
                     | "RequestTimeoutException"
             ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: Option<&str>, status: Option<u16>) -> CallFailure {
+        CallFailure {
+            code: code.map(str::to_owned),
+            message: "m".to_owned(),
+            status,
+        }
+    }
+
+    #[test]
+    fn retryable_follows_the_status_then_the_code() {
+        let table: &[(Option<&str>, Option<u16>, bool)] = &[
+            // Transport failures and timeouts: no answer at all.
+            (None, None, true),
+            (None, Some(502), true),
+            // Any 5xx, listed code or not.
+            (Some("InternalServiceErrorException"), Some(500), true),
+            (Some("SomeNewServerFault"), Some(500), true),
+            (Some("SomeNewServerFault"), Some(503), true),
+            (Some("InvalidProductCodeException"), Some(500), true),
+            (None, Some(504), true),
+            // Throttling, by code or by status.
+            (Some("ThrottlingException"), Some(400), true),
+            (Some("Throttling"), Some(400), true),
+            (Some("TooManyRequestsException"), Some(429), true),
+            (Some("Unlisted"), Some(429), true),
+            // Answers that do not change by asking again.
+            (Some("InvalidProductCodeException"), Some(400), false),
+            (Some("InvalidUsageDimensionException"), Some(400), false),
+            (Some("CustomerNotEntitledException"), Some(400), false),
+            (Some("AccessDeniedException"), Some(403), false),
+            (Some("UnrecognizedClientException"), Some(403), false),
+            (Some("InvalidSignatureException"), Some(400), false),
+            (Some("ValidationException"), Some(400), false),
+            (Some("DuplicateRequestException"), Some(400), false),
+            (Some("TimestampOutOfBoundsException"), Some(400), false),
+            (Some("SomeNewClientError"), Some(400), false),
+            (Some("SomeNewClientError"), Some(404), false),
+        ];
+        for &(code, status, retryable) in table {
+            assert_eq!(
+                failure(code, status).is_retryable(),
+                retryable,
+                "code {code:?} status {status:?}"
+            );
         }
     }
 }

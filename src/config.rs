@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{self, MAX_ALLOCATIONS_CEILING, MAX_DIMENSIONS, MAX_TAG_KEYS};
+use crate::serve::MAX_CONNECTIONS_CEILING;
 
 /// Exit code for a configuration the agent cannot run with (`EX_USAGE`).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -90,9 +91,14 @@ pub struct ServerConfig {
     /// Time allowed after SIGTERM to drain, seal the open hour and send it.
     #[serde(default = "default_grace", with = "humantime_serde")]
     pub grace_period: Duration,
-    /// Concurrent connections; further connections wait in the kernel backlog.
+    /// Concurrent connections across both listeners; further connections wait in the kernel
+    /// backlog.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Serve a non-loopback `listen` address with no `auth_token_file`: any client on the
+    /// network can then post usage. Off unless set explicitly.
+    #[serde(default)]
+    pub insecure_allow_unauthenticated_network: bool,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +109,7 @@ impl Default for ServerConfig {
             auth_token_file: String::new(),
             grace_period: default_grace(),
             max_connections: default_max_connections(),
+            insecure_allow_unauthenticated_network: false,
         }
     }
 }
@@ -299,20 +306,54 @@ impl Config {
             ));
         }
         if !self.server.auth_token_file.is_empty() {
-            match std::fs::read_to_string(&self.server.auth_token_file) {
-                Ok(t) if t.trim().is_empty() => problems.push(format!(
-                    "server.auth_token_file {} is empty",
-                    self.server.auth_token_file
-                )),
-                Ok(_) => {}
-                Err(e) => problems.push(format!(
+            if let Err(e) = self.auth_token() {
+                problems.push(format!(
                     "server.auth_token_file {}: {e}",
                     self.server.auth_token_file
-                )),
+                ));
             }
         }
-        if self.server.max_connections == 0 {
-            problems.push("server.max_connections must be at least 1".to_owned());
+        if let Some(addr) = self.listen_addr() {
+            if !addr.ip().is_loopback()
+                && self.server.auth_token_file.is_empty()
+                && !self.server.insecure_allow_unauthenticated_network
+            {
+                problems.push(format!(
+                    "server.listen {addr} is reachable from the network but server.auth_token_file is not set, so anyone who can reach it could post usage; set auth_token_file, listen on loopback, or set server.insecure_allow_unauthenticated_network = true"
+                ));
+            }
+        }
+        if !(1..=MAX_CONNECTIONS_CEILING).contains(&self.server.max_connections) {
+            problems.push(format!(
+                "server.max_connections must be 1 to {MAX_CONNECTIONS_CEILING}, got {}",
+                self.server.max_connections
+            ));
+        }
+        check_duration(
+            &mut problems,
+            "server.grace_period",
+            self.server.grace_period,
+            Duration::from_secs(1),
+            MAX_GRACE_PERIOD,
+        );
+        check_duration(
+            &mut problems,
+            "registration.startup_budget",
+            self.registration.startup_budget,
+            Duration::ZERO,
+            MAX_STARTUP_BUDGET,
+        );
+        check_duration(
+            &mut problems,
+            "sending.call_timeout",
+            self.sending.call_timeout,
+            Duration::from_secs(1),
+            MAX_CALL_TIMEOUT,
+        );
+        if !self.aws.endpoint_url.is_empty() {
+            if let Err(e) = check_endpoint_url(&self.aws.endpoint_url) {
+                problems.push(format!("aws.endpoint_url {:?}: {e}", self.aws.endpoint_url));
+            }
         }
         if self.state.dir.as_os_str().is_empty() {
             problems.push("state.dir must be set".to_owned());
@@ -334,13 +375,71 @@ impl Config {
         self.server.listen.parse().ok()
     }
 
-    /// The bearer token from `server.auth_token_file`, trimmed; `None` when none is set.
+    /// The bearer token from `server.auth_token_file`, trimmed; `None` when none is set. The
+    /// file must be a regular file of at most [`MAX_TOKEN_FILE_BYTES`] with a token in it.
     pub fn auth_token(&self) -> std::io::Result<Option<String>> {
-        match self.server.auth_token_file.as_str() {
-            "" => Ok(None),
-            path => std::fs::read_to_string(path).map(|t| Some(t.trim().to_owned())),
+        use std::io::{Error, ErrorKind, Read};
+        let path = match self.server.auth_token_file.as_str() {
+            "" => return Ok(None),
+            path => path,
+        };
+        // Checked before opening: opening a FIFO would block.
+        if !std::fs::metadata(path)?.is_file() {
+            return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+        }
+        let file = std::fs::File::open(path)?;
+        let mut text = String::new();
+        file.take(MAX_TOKEN_FILE_BYTES + 1)
+            .read_to_string(&mut text)?;
+        if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                format!("larger than {MAX_TOKEN_FILE_BYTES} bytes"),
+            ));
+        }
+        match text.trim() {
+            "" => Err(Error::new(ErrorKind::InvalidData, "the file is empty")),
+            token => Ok(Some(token.to_owned())),
         }
     }
+}
+
+/// The largest auth token file read.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+/// Bounds of durations, so that no configured value can overflow a clock.
+pub const MAX_GRACE_PERIOD: Duration = Duration::from_secs(3600);
+pub const MAX_STARTUP_BUDGET: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn check_duration(
+    problems: &mut Vec<String>,
+    key: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) {
+    if value < min || value > max {
+        problems.push(format!(
+            "{key} must be {} to {}, got {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max),
+            humantime::format_duration(value)
+        ));
+    }
+}
+
+/// An endpoint is an `http` or `https` URL with a host.
+fn check_endpoint_url(url: &str) -> Result<(), String> {
+    match url.split_once("://") {
+        Some(("http" | "https", _)) => {}
+        Some((other, _)) => return Err(format!("the scheme must be http or https, not {other}")),
+        None => return Err("not a URL with a scheme, such as https://".to_owned()),
+    }
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("the URL names no host".to_owned());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -406,6 +505,122 @@ listen = "nowhere"
         let ok = Config::from_toml_str(&format!("{MINIMAL}[sending]\nmax_backoff = \"1h\"\n"))
             .expect("1h is allowed");
         assert_eq!(ok.sending.max_backoff, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn every_number_duration_and_url_is_bounded() {
+        let cases = [
+            (
+                "[server]\nmax_connections = 2305843009213693952",
+                "server.max_connections must be 1 to 65536",
+            ),
+            (
+                "[server]\nmax_connections = 0",
+                "server.max_connections must be 1 to 65536",
+            ),
+            (
+                "[registration]\nstartup_budget = \"500000000000years\"",
+                "registration.startup_budget must be 0s to 1day",
+            ),
+            (
+                "[server]\ngrace_period = \"500000000000years\"",
+                "server.grace_period must be 1s to 1h",
+            ),
+            (
+                "[server]\ngrace_period = \"0s\"",
+                "server.grace_period must be 1s to 1h",
+            ),
+            (
+                "[sending]\ncall_timeout = \"0s\"",
+                "sending.call_timeout must be 1s to 5m",
+            ),
+            (
+                "[sending]\ncall_timeout = \"1h\"",
+                "sending.call_timeout must be 1s to 5m",
+            ),
+            (
+                "[aws]\nendpoint_url = \"file:///etc/passwd\"",
+                "scheme must be http or https, not file",
+            ),
+            (
+                "[aws]\nendpoint_url = \"::::not a url\"",
+                "aws.endpoint_url \"::::not a url\": not a URL with a scheme",
+            ),
+            (
+                "[aws]\nendpoint_url = \"localhost:4566\"",
+                "aws.endpoint_url",
+            ),
+            ("[aws]\nendpoint_url = \"http://\"", "aws.endpoint_url"),
+        ];
+        for (section, named) in cases {
+            let err = Config::from_toml_str(&format!("{MINIMAL}{section}\n")).expect_err(section);
+            assert!(err.to_string().contains(named), "{section}: {err}");
+        }
+        for ok in [
+            "[aws]\nendpoint_url = \"http://127.0.0.1:4566\"",
+            "[aws]\nendpoint_url = \"https://metering.marketplace.us-east-1.amazonaws.com\"",
+            "[server]\nmax_connections = 65536\ngrace_period = \"1h\"",
+            "[registration]\nstartup_budget = \"0s\"",
+        ] {
+            Config::from_toml_str(&format!("{MINIMAL}{ok}\n")).expect(ok);
+        }
+        // All at once.
+        let err = Config::from_toml_str(&format!(
+            "{MINIMAL}[server]\nmax_connections = 0\ngrace_period = \"0s\"\n[sending]\ncall_timeout = \"0s\"\n[aws]\nendpoint_url = \"file:///x\"\n"
+        ))
+        .expect_err("four problems");
+        assert_eq!(err.problems.len(), 4, "{err}");
+    }
+
+    #[test]
+    fn a_network_listen_needs_a_token_or_an_explicit_opt_in() {
+        let open = format!("{MINIMAL}[server]\nlisten = \"0.0.0.0:8377\"\n");
+        let err = Config::from_toml_str(&open).expect_err("no token on the network");
+        assert!(
+            err.to_string()
+                .contains("insecure_allow_unauthenticated_network"),
+            "{err}"
+        );
+        let err = Config::from_toml_str(&format!("{MINIMAL}[server]\nlisten = \"[::]:8377\"\n"))
+            .expect_err("no token on the network");
+        assert!(
+            err.to_string().contains("reachable from the network"),
+            "{err}"
+        );
+        Config::from_toml_str(&format!(
+            "{open}insecure_allow_unauthenticated_network = true\n"
+        ))
+        .expect("explicit opt-in");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").expect("write");
+        let with_token = format!(
+            "{open}auth_token_file = {:?}\n",
+            token.display().to_string()
+        );
+        let c = Config::from_toml_str(&with_token).expect("a token makes it safe");
+        assert_eq!(c.auth_token().expect("readable").as_deref(), Some("s3cret"));
+        Config::from_toml_str(&format!("{MINIMAL}[server]\nlisten = \"127.0.0.2:8377\"\n"))
+            .expect("any loopback address is fine");
+    }
+
+    #[test]
+    fn the_token_file_is_capped_and_must_be_a_regular_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big");
+        std::fs::write(&big, "x".repeat(MAX_TOKEN_FILE_BYTES as usize + 1)).expect("write");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "  \n").expect("write");
+        for (path, named) in [
+            (big.display().to_string(), "larger than 4096 bytes"),
+            (empty.display().to_string(), "empty"),
+            ("/dev/zero".to_owned(), "not a regular file"),
+            (dir.path().display().to_string(), "not a regular file"),
+        ] {
+            let text = format!("{MINIMAL}[server]\nauth_token_file = {path:?}\n");
+            let err = Config::from_toml_str(&text).expect_err(&path);
+            assert!(err.to_string().contains(named), "{path}: {err}");
+        }
     }
 
     #[test]

@@ -31,4 +31,5 @@ pub mod model;
 pub mod platform;
 pub mod seal;
 pub mod send;
+pub mod serve;
 pub mod status;

@@ -163,15 +163,22 @@ fn main() -> ExitCode {
             Command::Status(c) => status(&c.config).await,
             Command::Health(c) => health(&c.config).await,
             Command::CheckConfig(c) => match load_config(&c.config) {
-                Ok(config) => {
-                    println!(
-                        "{}: valid (product {}, {} dimensions)",
-                        c.config.display(),
-                        config.product_code,
-                        config.metering.dimensions.len()
-                    );
-                    ExitCode::SUCCESS
-                }
+                // The same build step `run` takes before it creates or serves anything.
+                Ok(config) => match agent::Prepared::build(&config) {
+                    Err(e) => {
+                        eprintln!("meterd: {}: {e}", c.config.display());
+                        exit(e.exit_code())
+                    }
+                    Ok(_) => {
+                        println!(
+                            "{}: valid (product {}, {} dimensions)",
+                            c.config.display(),
+                            config.product_code,
+                            config.metering.dimensions.len()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                },
                 Err(code) => code,
             },
             Command::Records {
@@ -208,13 +215,7 @@ async fn run(config_path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let client = build_client(&AwsSettings {
-        region: Some(config.aws.region.clone()),
-        endpoint_url: Some(config.aws.endpoint_url.clone()),
-        static_credentials: None,
-        operation_timeout: Some(config.sending.call_timeout),
-    })
-    .await;
+    let client = build_client(&AwsSettings::from_config(&config)).await;
     let shutdown = CancellationToken::new();
     let grace = config.server.grace_period;
     tokio::spawn(watch_signals(shutdown.clone(), grace));

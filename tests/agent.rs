@@ -526,6 +526,152 @@ async fn local_api_guards_host_token_and_socket_mode() {
     agent.stop().await;
 }
 
+/// Reads one HTTP answer's status line from a stream, within 5 s.
+async fn status_of(stream: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_cannot_hold_the_api_and_probes_are_always_answered() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::new(H0 + 300).await;
+    let agent = Agent::spawn_with(
+        h.config("max_connections = 2"),
+        h.clock.clone(),
+        &h.emulator.endpoint_url(),
+        ACCESS_KEY,
+        Duration::from_secs(5),
+        |ctx| ctx.body_read_timeout = Duration::from_millis(500),
+    )
+    .await;
+    wait_for("agent ready", || agent.handles.status.is_ready()).await;
+    // Two clients take both slots: headers sent, then the body stalls.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(agent.addr)
+            .await
+            .expect("connect");
+        s.write_all(b"POST /v1/usage HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"dim")
+            .await
+            .expect("write");
+        stalled.push(s);
+    }
+    // Probes are still answered, on a slot kept for them; anything else there is told to wait.
+    let mut probe = tokio::net::TcpStream::connect(agent.addr)
+        .await
+        .expect("connect");
+    probe
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(
+        status_of(&mut probe).await,
+        200,
+        "readyz while every slot is held"
+    );
+    let mut busy = tokio::net::TcpStream::connect(agent.addr)
+        .await
+        .expect("connect");
+    busy.write_all(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    assert_eq!(
+        status_of(&mut busy).await,
+        503,
+        "a non-probe request on a probe slot"
+    );
+    // The stalled bodies get 408 and free their slots; nothing of them was recorded.
+    for s in &mut stalled {
+        assert_eq!(status_of(s).await, 408);
+    }
+    let (status, body) = agent.post(ev("requests", 4, None)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, current) = agent.get("/v1/usage/current").await;
+    assert_eq!(current["usage"][0]["quantity"], 4, "{current}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_is_parsed_strictly() {
+    let h = Harness::new(H0 + 300).await;
+    let agent = h.start_agent(h.config("")).await;
+    let cases = [
+        // Two Host headers: RFC 9112 wants 400.
+        (
+            "GET /v1/status HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n",
+            400,
+        ),
+        ("GET /v1/status HTTP/1.1\r\nHost: [::1]evil.com\r\n", 403),
+        ("GET /v1/status HTTP/1.1\r\nHost: [::1].evil.com\r\n", 403),
+        // An absolute-form target's authority is the one that counts.
+        (
+            "GET http://evil.example/v1/status HTTP/1.1\r\nHost: localhost\r\n",
+            403,
+        ),
+        (
+            "GET http://localhost/v1/status HTTP/1.1\r\nHost: localhost\r\n",
+            200,
+        ),
+        ("GET /v1/status HTTP/1.1\r\nHost: localhost\r\n", 200),
+    ];
+    for (head, want) in cases {
+        let mut stream = tokio::net::TcpStream::connect(agent.addr)
+            .await
+            .expect("connect");
+        let (status, text) =
+            raw_exchange(&mut stream, &format!("{head}Connection: close\r\n\r\n")).await;
+        assert_eq!(status, want, "{head:?}: {text}");
+    }
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_cannot_take_over_a_live_socket_and_a_clean_exit_removes_it() {
+    let h = Harness::new(H0 + 300).await;
+    let socket = h.dir.path().join("meterd.sock");
+    let agent = h
+        .start_agent(h.config(&format!("unix_socket = {:?}", socket.display().to_string())))
+        .await;
+    let err = meterd::agent::UnixSocket::bind(&socket).expect_err("the socket is live");
+    assert_eq!(err.exit_code(), 71, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&socket.display().to_string()) && text.contains("another process"),
+        "{text}"
+    );
+    // The first agent still answers on its socket.
+    let unix = Target::Unix(socket.display().to_string());
+    let (status, _) = local_client::call(
+        &unix,
+        Method::GET,
+        "/readyz",
+        None,
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the first agent still answers");
+    assert_eq!(status, StatusCode::OK);
+    agent.stop().await;
+    assert!(!socket.exists(), "a clean exit removes the socket");
+    // A socket left by a process that died (nothing listening) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
+    assert!(socket.exists());
+    let again = meterd::agent::UnixSocket::bind(&socket).expect("a stale socket is replaced");
+    drop(again);
+    assert!(!socket.exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_ids_count_once_under_concurrent_retries() {
     let h = Harness::new(H0 + 300).await;

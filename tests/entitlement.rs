@@ -329,19 +329,35 @@ async fn ami_dry_run_fails_closed_no_sooner_than_two_hours() {
 
 #[test]
 fn the_keyring_is_embedded_in_the_binary() {
-    // Nothing is read from disk: the bundled keys come from the build.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let before = std::env::current_dir().expect("cwd");
-    std::env::set_current_dir(dir.path()).expect("chdir");
-    let ring = Keyring::bundled();
-    std::env::set_current_dir(before).expect("chdir back");
-    let ring = ring.expect("bundled keys parse");
+    // The bundled keys are compiled in: this test binary itself holds keys/v1.pem's body, and
+    // the bundled entry is the same key as the file.
+    let pem = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/keys/v1.pem"))
+        .expect("keys/v1.pem");
+    let body_line = pem
+        .lines()
+        .find(|l| l.len() >= 60 && !l.starts_with("-----"))
+        .expect("a base64 line");
+    let exe = std::fs::read(std::env::current_exe().expect("exe")).expect("read own binary");
+    assert!(
+        exe.windows(body_line.len())
+            .any(|w| w == body_line.as_bytes()),
+        "keys/v1.pem is not inside the binary"
+    );
+    let ring = Keyring::bundled().expect("bundled keys parse");
     let v1 = ring
         .entries()
         .iter()
         .find(|e| e.source == "bundled:v1.pem")
         .expect("keys/v1.pem is embedded");
     assert_eq!((v1.version, v1.bits), (1, 3072));
+    let mut from_file = Keyring::empty();
+    from_file
+        .add_file(
+            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/keys/v1.pem")),
+            1,
+        )
+        .expect("file parses");
+    assert_eq!(from_file.entries()[0].fingerprint, v1.fingerprint);
     let report = ring.report().render();
     assert!(report.contains(&v1.fingerprint), "{report}");
 }

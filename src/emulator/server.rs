@@ -1,20 +1,18 @@
 //! HTTP: the AWS JSON 1.1 protocol on `POST /` and the admin API under `/_emulator/`.
 //!
-//! Bounds: at most [`MAX_CONNECTIONS`] connections (further ones wait in the accept queue)
+//! Bounds: at most [`MAX_CONNECTIONS`] connections ([`crate::serve`]: header and body timeouts,
+//! accept back-off; further connections wait in the accept queue)
 //! and request bodies smaller than 1 MiB (larger ones are answered `ValidationException`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -25,6 +23,7 @@ use super::model::{self, Operation};
 use super::ops::{CallRecord, Outcome, Service};
 use super::sigv4::{self, SignedRequest};
 use crate::clock::{unix_millis, SharedClock};
+use crate::serve::{read_body, BodyError, ConnectionLimits, ServeSettings, BODY_READ_TIMEOUT};
 
 pub const MAX_CONNECTIONS: usize = 256;
 /// BatchMeterUsage requests "must be less than 1 MB"; the emulator applies it to all.
@@ -51,44 +50,18 @@ pub(crate) struct DropConnection;
 
 type HttpResponse = Response<Full<Bytes>>;
 
+/// Serves the emulator with the one serve loop ([`crate::serve`]) until `shared.cancel`.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = shared.cancel.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shared.cancel.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let shared = shared.clone();
-        let svc = service_fn(move |req| handle(shared.clone(), req));
-        let conn =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(
-            async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended");
-                }
-                drop(permit);
-            }
-            .instrument(tracing::debug_span!("emulator_connection", %peer)),
-        );
-    }
-    drop(listener);
-    graceful.shutdown().await;
+    let stop = shared.cancel.clone();
+    let limits = ConnectionLimits::new(MAX_CONNECTIONS, 0);
+    crate::serve::serve(
+        listener,
+        limits,
+        ServeSettings::default(),
+        stop,
+        move |req, _slot| handle(shared.clone(), req),
+    )
+    .await;
 }
 
 fn json_response(status: u16, body: String) -> HttpResponse {
@@ -150,15 +123,18 @@ async fn protocol(shared: &Shared, req: Request<Incoming>) -> Result<HttpRespons
     };
     let span = tracing::info_span!("emulator_call", operation = %call.operation, identity = call.identity.as_deref().unwrap_or("-"));
     let result = async {
-        let body = match Limited::new(body, MAX_BODY_BYTES - 1).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return Ok(Err(ApiError::new(
-                    "ValidationException",
-                    format!("The request must be smaller than {MAX_BODY_BYTES} bytes."),
-                )))
-            }
-        };
+        let body =
+            match read_body(&parts.headers, body, MAX_BODY_BYTES - 1, BODY_READ_TIMEOUT).await {
+                Ok(b) => b,
+                // A body that does not arrive frees its connection without an answer.
+                Err(BodyError::Timeout(_)) => return Err(DropConnection),
+                Err(_) => {
+                    return Ok(Err(ApiError::new(
+                        "ValidationException",
+                        format!("The request must be smaller than {MAX_BODY_BYTES} bytes."),
+                    )))
+                }
+            };
         let Some(op) = op else {
             return Ok(Err(ApiError::new(
                 "UnknownOperationException",
@@ -291,12 +267,17 @@ struct EntitlementChange {
     entitlement: Entitlement,
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(body: Incoming) -> Result<T, HttpResponse> {
-    let bytes = Limited::new(body, MAX_BODY_BYTES)
-        .collect()
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, HttpResponse> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(&parts.headers, body, MAX_BODY_BYTES, BODY_READ_TIMEOUT)
         .await
-        .map_err(|_| admin_error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))?
-        .to_bytes();
+        .map_err(|e| match e {
+            BodyError::TooLarge { .. } => admin_error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            BodyError::Timeout(_) => admin_error(StatusCode::REQUEST_TIMEOUT, e.to_string()),
+            BodyError::Read(_) => admin_error(StatusCode::BAD_REQUEST, e.to_string()),
+        })?;
     serde_json::from_slice(&bytes).map_err(|e| admin_error(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
@@ -325,7 +306,7 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> HttpResponse {
             admin_json(StatusCode::OK, shared.faults().profile())
         }
         (Method::POST, "/_emulator/faults") => {
-            let profile: FaultProfile = match read_json(req.into_body()).await {
+            let profile: FaultProfile = match read_json(req).await {
                 Ok(p) => p,
                 Err(r) => return r,
             };
@@ -338,7 +319,7 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> HttpResponse {
             admin_json(StatusCode::OK, &profile)
         }
         (Method::POST, "/_emulator/entitlement") => {
-            let change: EntitlementChange = match read_json(req.into_body()).await {
+            let change: EntitlementChange = match read_json(req).await {
                 Ok(c) => c,
                 Err(r) => return r,
             };
@@ -348,7 +329,7 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> HttpResponse {
             }
         }
         (Method::POST, "/_emulator/registration-tokens") => {
-            let token: RegistrationTokenConfig = match read_json(req.into_body()).await {
+            let token: RegistrationTokenConfig = match read_json(req).await {
                 Ok(t) => t,
                 Err(r) => return r,
             };

@@ -151,6 +151,18 @@ impl InProcessAgent {
         access_key: &str,
         call_timeout: Duration,
     ) -> Self {
+        Self::spawn_with(config, clock, endpoint, access_key, call_timeout, |_| {}).await
+    }
+
+    /// [`Self::spawn`], with a last say over the run context.
+    pub async fn spawn_with(
+        config: Config,
+        clock: SharedClock,
+        endpoint: &str,
+        access_key: &str,
+        call_timeout: Duration,
+        customize: impl FnOnce(&mut RunContext),
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -169,9 +181,10 @@ impl InProcessAgent {
         ctx.on_started = Some(Box::new(move |h| {
             let _ = tx.send(h);
         }));
+        customize(&mut ctx);
         let unix = match config.server.unix_socket.as_str() {
             "" => None,
-            path => Some(agent::bind_unix(Path::new(path)).expect("bind unix socket")),
+            path => Some(agent::UnixSocket::bind(Path::new(path)).expect("bind unix socket")),
         };
         let task = tokio::spawn(agent::run(
             config,
