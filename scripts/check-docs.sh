@@ -49,6 +49,16 @@ run_sh_blocks() { # doc
   timeout 600 bash -x "$script"
 }
 
+# Runnable blocks bind only ports they picked free: a fixed port reaches whatever else holds it.
+no_fixed_ports() { # doc
+  local body="$WORK/$(basename "$1").ports"
+  extract "$1" sh "$body"
+  if grep -nE '(127\.0\.0\.1|localhost|\[::1\]):[0-9]+' "$body" | grep -vE ':0([^0-9]|$)'; then
+    echo "$1: a runnable block names a fixed loopback port (pick a free one, or port 0)"
+    return 1
+  fi
+}
+
 syntax_console_blocks() { # doc
   local script="$WORK/$(basename "$1").console"
   extract "$1" console "$script"
@@ -78,6 +88,7 @@ cargo build --release --locked --quiet || { echo "docs checks: cargo build --rel
 for doc in docs/deploy-container.md docs/deploy-eks.md docs/deploy-ecs.md docs/deploy-ec2.md; do
   check "$doc: files and links exist" paths_exist "$doc"
   check "$doc: console blocks parse" syntax_console_blocks "$doc"
+  check "$doc: sh blocks pick free ports" no_fixed_ports "$doc"
   check "$doc: sh blocks run" run_sh_blocks "$doc"
 done
 
