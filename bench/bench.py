@@ -273,7 +273,7 @@ class Rig:
         path = os.path.join(self.work, name, "meterd.toml")
         with open(path, "w") as f:
             f.write(
-                f'product_code = "{PRODUCT}"\nplatform = "ecs"\n'
+                f'product_code = "{PRODUCT}"\npricing = "hourly+custom"\nplatform = "ecs"\n'
                 f"[metering]\ndimensions = {json.dumps(DIMENSIONS)}\n"
                 f'tag_keys = ["tenant"]\nmax_allocations = 500\n'
                 f"[registration]\npublic_key_files = [{json.dumps(self.key)}]\n"

@@ -39,6 +39,7 @@ token="schemathesis-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 printf '%s\n' "$token" >"$work/token"
 cat >"$work/meterd.toml" <<TOML
 product_code = "prod-demo1234"
+pricing = "hourly+custom"
 platform = "ecs"
 [metering]
 dimensions = ["requests", "gigabytes"]

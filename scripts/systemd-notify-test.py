@@ -65,13 +65,13 @@ def main() -> int:
 
         (tmp / "meterd.toml").write_text(f"""
 product_code = "prod-demo1234"
+pricing = "hourly+custom"
 platform = "ecs"
 
 [metering]
 dimensions = ["requests", "gigabytes"]
 
 [registration]
-enabled = true
 public_key_version = 1
 public_key_files = ["{tmp / 'emulator.pem'}"]
 

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::clock::{from_unix_seconds, hour_floor, rfc3339, unix_seconds, SharedClock, HOUR_SECS};
-use crate::config::{Config, PlatformSetting};
+use crate::config::{Config, PlatformSetting, Pricing};
 use crate::entitlement::{
     self, Backoff, DryRunMode, DryRunPolicy, EntitlementError, Keyring, RegistrationSettings,
 };
@@ -398,29 +398,33 @@ pub async fn run(
     let workers_stop = CancellationToken::new();
     let wake = Arc::new(Notify::new());
     let mut workers = JoinSet::new();
-    workers.spawn(
-        seal_loop(
+    let meters = config.pricing.meters();
+    if meters {
+        workers.spawn(
+            seal_loop(
+                ledger.clone(),
+                clock.clone(),
+                policy.clone(),
+                config.sending.seal_delay,
+                wake.clone(),
+                metrics.clone(),
+                workers_stop.clone(),
+            )
+            .instrument(tracing::info_span!("seal")),
+        );
+        workers.spawn(watch_writable(
             ledger.clone(),
             clock.clone(),
-            policy.clone(),
-            config.sending.seal_delay,
-            wake.clone(),
-            metrics.clone(),
             workers_stop.clone(),
-        )
-        .instrument(tracing::info_span!("seal")),
-    );
-    workers.spawn(watch_writable(
-        ledger.clone(),
-        clock.clone(),
-        workers_stop.clone(),
-    ));
-    {
-        let sender = sender.clone();
-        let (wake, stop) = (wake.clone(), workers_stop.clone());
-        workers.spawn(
-            async move { sender.run(wake, stop).await }.instrument(tracing::info_span!("sender")),
-        );
+        ));
+        {
+            let sender = sender.clone();
+            let (wake, stop) = (wake.clone(), workers_stop.clone());
+            workers.spawn(
+                async move { sender.run(wake, stop).await }
+                    .instrument(tracing::info_span!("sender")),
+            );
+        }
     }
 
     let fatal = async {
@@ -446,6 +450,10 @@ pub async fn run(
     while workers.join_next().await.is_some() {}
     if let Some(e) = fatal {
         return Err(e.into());
+    }
+    if !meters {
+        tracing::info!("pricing = \"hourly\": nothing to seal or send; exiting");
+        return Ok(());
     }
 
     let now = unix_seconds(clock.now());
@@ -489,7 +497,39 @@ fn configured_platform(setting: PlatformSetting) -> Option<Platform> {
     }
 }
 
-/// RegisterUsage (containers) or the MeterUsage DryRun (EC2/AMI, or registration disabled).
+/// The start-up check of a pricing model on a platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// RegisterUsage, with the PS256 token verified.
+    Register,
+    /// The MeterUsage DryRun: fatal on any error but throttling (containers), or the AMI's
+    /// background check that never fails closed within 2 hours.
+    DryRun(DryRunMode),
+}
+
+/// README's pricing table: `hourly` and `hourly+custom` register on containers; `custom` and
+/// everything on EC2 meters, with the DryRun as its check; `hourly` on EC2 has nothing to do.
+fn entitlement_route(pricing: Pricing, platform: Platform) -> Result<Route, EntitlementError> {
+    if platform == Platform::Ec2 {
+        if !pricing.meters() {
+            return Err(EntitlementError::PricingNotOnPlatform {
+                pricing: pricing.as_str(),
+                platform: "EC2",
+                reason: "RegisterUsage does not work on EC2, and AWS meters an AMI's hourly price itself; set platform to ecs or eks if this is a container",
+            });
+        }
+        return Ok(Route::DryRun(DryRunMode::Ami));
+    }
+    if pricing.registers() {
+        Ok(Route::Register)
+    } else {
+        Ok(Route::DryRun(DryRunMode::Container))
+    }
+}
+
+/// The start-up check the pricing model needs on this platform (README: pricing models):
+/// RegisterUsage for `hourly` and `hourly+custom` containers, the MeterUsage DryRun for
+/// `custom` containers, and on EC2 the AMI's DryRun, which never fails closed within 2 hours.
 /// Returns a background task when an AMI product starts before its check has passed.
 #[allow(clippy::too_many_arguments)]
 async fn establish_entitlement(
@@ -502,37 +542,35 @@ async fn establish_entitlement(
     status: &Arc<StatusBoard>,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<tokio::task::JoinHandle<Result<(), EntitlementError>>>, EntitlementError> {
-    if config.registration.enabled && platform.allows_register_usage() {
-        let mut settings = RegistrationSettings::new(
-            config.product_code.clone(),
-            config.registration.public_key_version,
-            platform,
-        );
-        settings.startup_budget = config.registration.startup_budget;
-        let entitlement = entitlement::register(client, &settings, keyring, clock).await?;
-        metrics.entitled.set(1);
-        if let Some(rotation) = &entitlement.key_rotation {
-            metrics
-                .public_key_rotation_timestamp_seconds
-                .set(rotation.timestamp);
+    let mode = match entitlement_route(config.pricing, platform)? {
+        Route::Register => {
+            let mut settings = RegistrationSettings::new(
+                config.product_code.clone(),
+                config.registration.public_key_version,
+                platform,
+            );
+            settings.startup_budget = config.registration.startup_budget;
+            let entitlement = entitlement::register(client, &settings, keyring, clock).await?;
+            metrics.entitled.set(1);
+            if let Some(rotation) = &entitlement.key_rotation {
+                metrics
+                    .public_key_rotation_timestamp_seconds
+                    .set(rotation.timestamp);
+            }
+            status.set_entitlement(EntitlementStatus {
+                state: EntitlementState::Entitled,
+                details: serde_json::to_value(&entitlement).unwrap_or_default(),
+            });
+            return Ok(None);
         }
-        status.set_entitlement(EntitlementStatus {
-            state: EntitlementState::Entitled,
-            details: serde_json::to_value(&entitlement).unwrap_or_default(),
-        });
-        return Ok(None);
-    }
+        Route::DryRun(mode) => mode,
+    };
     let dimension = config
         .metering
         .dimensions
         .first()
         .cloned()
         .unwrap_or_default();
-    let mode = if platform == Platform::Ec2 {
-        DryRunMode::Ami
-    } else {
-        DryRunMode::Container
-    };
     let mut policy = dry_run_policy;
     policy.container_budget = config.registration.startup_budget;
     if mode == DryRunMode::Container {
@@ -690,7 +728,7 @@ pub async fn doctor(config: &Config) -> anyhow::Result<bool> {
         region: region.as_deref(),
         endpoint: Some(config.aws.endpoint_url.as_str()).filter(|e| !e.is_empty()),
         public_key_version: config.registration.public_key_version,
-        registration_enabled: config.registration.enabled,
+        pricing: config.pricing,
         configured_platform: configured_platform(config.platform),
         keyring: &keyring,
         client: &client,
@@ -701,4 +739,37 @@ pub async fn doctor(config: &Config) -> anyhow::Result<bool> {
     .await;
     print!("{report}");
     Ok(report.is_healthy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pricing_route_table() {
+        use Platform::*;
+        use Pricing::*;
+        let table = [
+            (Hourly, Ecs, Some(Route::Register)),
+            (Hourly, Eks, Some(Route::Register)),
+            (Hourly, Unknown, Some(Route::Register)),
+            (Hourly, Ec2, None),
+            (Custom, Ecs, Some(Route::DryRun(DryRunMode::Container))),
+            (Custom, Eks, Some(Route::DryRun(DryRunMode::Container))),
+            (Custom, Ec2, Some(Route::DryRun(DryRunMode::Ami))),
+            (HourlyCustom, Ecs, Some(Route::Register)),
+            (HourlyCustom, Eks, Some(Route::Register)),
+            (HourlyCustom, Ec2, Some(Route::DryRun(DryRunMode::Ami))),
+        ];
+        for (pricing, platform, want) in table {
+            match (entitlement_route(pricing, platform), want) {
+                (Ok(route), Some(want)) => assert_eq!(route, want, "{pricing} on {platform}"),
+                (Err(e), None) => {
+                    assert_eq!(e.exit_code(), crate::entitlement::EXIT_CONFIGURATION, "{e}");
+                    assert!(e.to_string().contains("cannot run on EC2"), "{e}");
+                }
+                (got, want) => panic!("{pricing} on {platform}: {got:?}, want {want:?}"),
+            }
+        }
+    }
 }

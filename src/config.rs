@@ -23,12 +23,68 @@ pub enum PlatformSetting {
     Ec2,
 }
 
+/// How the product is priced, which decides the calls meterd makes (README: pricing models).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Pricing {
+    /// Per task or pod hour: RegisterUsage at start-up; AWS meters the hours itself.
+    #[serde(rename = "hourly")]
+    Hourly,
+    /// Custom dimensions: MeterUsage every hour; its DryRun is the start-up check.
+    #[serde(rename = "custom")]
+    Custom,
+    /// Both: RegisterUsage at start-up, then MeterUsage every hour.
+    #[serde(rename = "hourly+custom")]
+    HourlyCustom,
+}
+
+impl Pricing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pricing::Hourly => "hourly",
+            Pricing::Custom => "custom",
+            Pricing::HourlyCustom => "hourly+custom",
+        }
+    }
+
+    /// Whether containers call RegisterUsage at start-up.
+    pub fn registers(self) -> bool {
+        matches!(self, Pricing::Hourly | Pricing::HourlyCustom)
+    }
+
+    /// Whether there are custom dimensions to meter every hour.
+    pub fn meters(self) -> bool {
+        matches!(self, Pricing::Custom | Pricing::HourlyCustom)
+    }
+}
+
+impl std::fmt::Display for Pricing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Pricing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hourly" => Ok(Pricing::Hourly),
+            "custom" => Ok(Pricing::Custom),
+            "hourly+custom" => Ok(Pricing::HourlyCustom),
+            other => Err(format!(
+                "unknown pricing {other:?}; expected \"hourly\", \"custom\" or \"hourly+custom\""
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub product_code: String,
+    pub pricing: Pricing,
     #[serde(default)]
     pub platform: PlatformSetting,
+    #[serde(default)]
     pub metering: MeteringConfig,
     #[serde(default)]
     pub registration: RegistrationConfig,
@@ -45,6 +101,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeteringConfig {
+    #[serde(default)]
     pub dimensions: Vec<String>,
     #[serde(default)]
     pub tag_keys: Vec<String>,
@@ -54,11 +111,23 @@ pub struct MeteringConfig {
     pub max_allocations: usize,
 }
 
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        Self {
+            dimensions: Vec::new(),
+            tag_keys: Vec::new(),
+            report_zero: true,
+            max_allocations: default_max_allocations(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistrationConfig {
-    #[serde(default = "yes")]
-    pub enabled: bool,
+    /// Replaced by `pricing`; read only to say what to write instead.
+    #[serde(default, skip_serializing)]
+    pub enabled: Option<bool>,
     #[serde(default = "one")]
     pub public_key_version: u32,
     #[serde(default)]
@@ -71,7 +140,7 @@ pub struct RegistrationConfig {
 impl Default for RegistrationConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: None,
             public_key_version: 1,
             public_key_files: Vec::new(),
             startup_budget: default_startup_budget(),
@@ -246,10 +315,33 @@ impl Config {
         if let Err(e) = model::check_product_code(&self.product_code) {
             problems.push(e);
         }
-        let m = &self.metering;
-        if m.dimensions.is_empty() || m.dimensions.len() > MAX_DIMENSIONS {
+        if let Some(enabled) = self.registration.enabled {
             problems.push(format!(
-                "metering.dimensions must list 1 to {MAX_DIMENSIONS} dimensions, got {}",
+                "registration.enabled is replaced by the top-level pricing key: remove it and set {}",
+                if enabled {
+                    "pricing = \"hourly+custom\" (RegisterUsage at start-up, then MeterUsage every hour) or pricing = \"hourly\" (RegisterUsage only)"
+                } else {
+                    "pricing = \"custom\" (MeterUsage only, its DryRun checks entitlement at start-up)"
+                }
+            ));
+        }
+        let m = &self.metering;
+        if !self.pricing.meters() {
+            if !m.dimensions.is_empty() {
+                problems.push(format!(
+                    "pricing = \"hourly\" has no custom dimensions (AWS meters the task hours itself), but metering.dimensions lists {}; remove them, or set pricing = \"hourly+custom\"",
+                    m.dimensions.len()
+                ));
+            }
+            if self.platform == PlatformSetting::Ec2 {
+                problems.push(
+                    "pricing = \"hourly\" cannot run on platform = \"ec2\": RegisterUsage does not work on EC2, and AWS meters an AMI's hourly price itself, so an AMI product with hourly pricing only needs no meterd".to_owned(),
+                );
+            }
+        } else if m.dimensions.is_empty() || m.dimensions.len() > MAX_DIMENSIONS {
+            problems.push(format!(
+                "pricing = \"{}\" needs metering.dimensions to list 1 to {MAX_DIMENSIONS} custom dimensions, got {}",
+                self.pricing,
                 m.dimensions.len()
             ));
         }
@@ -448,6 +540,7 @@ mod tests {
 
     const MINIMAL: &str = r#"
 product_code = "prod-1234abcd"
+pricing = "custom"
 [metering]
 dimensions = ["requests", "gigabytes"]
 "#;
@@ -459,7 +552,7 @@ dimensions = ["requests", "gigabytes"]
         assert_eq!(c.metering.max_allocations, 500);
         assert_eq!(c.server.listen, "127.0.0.1:8377");
         assert_eq!(c.server.grace_period, Duration::from_secs(25));
-        assert!(c.registration.enabled);
+        assert_eq!(c.pricing, Pricing::Custom);
     }
 
     #[test]
@@ -477,6 +570,7 @@ dimensions = ["requests", "gigabytes"]
     fn every_problem_is_reported_at_once() {
         let text = r#"
 product_code = "bad code!"
+pricing = "custom"
 [metering]
 dimensions = []
 tag_keys = ["a","b","c","d","e","f"]
@@ -620,6 +714,63 @@ listen = "nowhere"
             let text = format!("{MINIMAL}[server]\nauth_token_file = {path:?}\n");
             let err = Config::from_toml_str(&text).expect_err(&path);
             assert!(err.to_string().contains(named), "{path}: {err}");
+        }
+    }
+
+    #[test]
+    fn pricing_decides_the_dimensions_and_the_platforms() {
+        let hourly = "product_code = \"prod-1234abcd\"\npricing = \"hourly\"\n";
+        let c = Config::from_toml_str(hourly).expect("hourly needs no [metering]");
+        assert!(c.metering.dimensions.is_empty());
+        assert!(c.pricing.registers() && !c.pricing.meters());
+        Config::from_toml_str(&format!("{hourly}[metering]\ndimensions = []\n"))
+            .expect("an empty list is the same");
+        let err = Config::from_toml_str(&format!("{hourly}[metering]\ndimensions = [\"pods\"]\n"))
+            .expect_err("hourly with dimensions");
+        assert!(
+            err.to_string().contains("has no custom dimensions"),
+            "{err}"
+        );
+        let err = Config::from_toml_str(&format!("{hourly}platform = \"ec2\"\n"))
+            .expect_err("hourly on EC2");
+        assert!(
+            err.to_string().contains("cannot run on platform = \"ec2\""),
+            "{err}"
+        );
+        for pricing in ["custom", "hourly+custom"] {
+            let text = format!("product_code = \"prod-1234abcd\"\npricing = \"{pricing}\"\n");
+            let err = Config::from_toml_str(&text).expect_err("no dimensions");
+            assert!(
+                err.to_string()
+                    .contains("needs metering.dimensions to list 1 to 24"),
+                "{err}"
+            );
+            let c = Config::from_toml_str(&format!("{text}[metering]\ndimensions = [\"users\"]\n"))
+                .expect("valid");
+            assert!(c.pricing.meters());
+        }
+        let err =
+            Config::from_toml_str("product_code = \"prod-1234abcd\"\n").expect_err("no pricing");
+        assert!(err.to_string().contains("pricing"), "{err}");
+        let err = Config::from_toml_str("product_code = \"prod-1234abcd\"\npricing = \"flat\"\n")
+            .expect_err("unknown pricing");
+        assert!(err.to_string().contains("hourly+custom"), "{err}");
+    }
+
+    #[test]
+    fn registration_enabled_says_what_to_write_instead() {
+        for (enabled, instead) in [
+            ("true", "pricing = \"hourly+custom\""),
+            ("false", "pricing = \"custom\""),
+        ] {
+            let err =
+                Config::from_toml_str(&format!("{MINIMAL}[registration]\nenabled = {enabled}\n"))
+                    .expect_err("enabled is gone");
+            let text = err.to_string();
+            assert!(
+                text.contains("registration.enabled is replaced") && text.contains(instead),
+                "{text}"
+            );
         }
     }
 

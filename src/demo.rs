@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, Listeners, RunContext};
 use crate::aws::{build_client, AwsSettings};
 use crate::clock::{hour_floor, rfc3339, unix_seconds, ScaledClock, SharedClock, HOUR_SECS};
-use crate::config::Config;
+use crate::config::{Config, Pricing};
 use crate::emulator::{self, EmulatorConfig};
 use crate::local_client::{self, Target};
 
@@ -37,6 +37,10 @@ pub struct DemoArgs {
     /// Do not generate load; post usage yourself with the printed curl command.
     #[arg(long)]
     pub no_load: bool,
+    /// The pricing model to show: hourly (RegisterUsage only), custom (MeterUsage, its DryRun
+    /// at start-up) or hourly+custom (both).
+    #[arg(long, default_value = "hourly+custom")]
+    pub pricing: Pricing,
 }
 
 const DEMO_ACCESS_KEY: &str = "AKIAMETERDDEMO000001";
@@ -76,10 +80,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config = Config::from_toml_str(&format!(
         r#"
 product_code = "{product}"
+pricing = "{pricing}"
 platform = "auto"
-[metering]
-dimensions = ["requests", "gigabytes"]
-tag_keys = ["tenant"]
+{metering}
 [registration]
 public_key_files = [{key:?}]
 [server]
@@ -96,6 +99,12 @@ initial_backoff = "100ms"
 max_backoff = "2s"
 "#,
         product = emulator::config::DEMO_PRODUCT_CODE,
+        pricing = args.pricing,
+        metering = if args.pricing.meters() {
+            "[metering]\ndimensions = [\"requests\", \"gigabytes\"]\ntag_keys = [\"tenant\"]"
+        } else {
+            ""
+        },
         key = key_path.display().to_string(),
         state = work.path().join("state").display().to_string(),
         endpoint = emulator.endpoint_url(),
@@ -133,18 +142,26 @@ max_backoff = "2s"
         3600.0 / args.time_scale,
         args.hours
     );
-    println!("meterd demo: post usage yourself with:");
-    println!("  curl -s -H 'Content-Type: application/json' -d '{{\"dimension\":\"requests\",\"quantity\":5,\"tags\":{{\"tenant\":\"acme\"}}}}' http://{agent_addr}/v1/usage");
+    if args.pricing.meters() {
+        println!("meterd demo: post usage yourself with:");
+        println!("  curl -s -H 'Content-Type: application/json' -d '{{\"dimension\":\"requests\",\"quantity\":5,\"tags\":{{\"tenant\":\"acme\"}}}}' http://{agent_addr}/v1/usage");
+    }
 
     let target = Target::Tcp(agent_addr.to_string());
     wait_ready(&target, &agent_task).await?;
     println!(
-        "meterd demo: agent registered with RegisterUsage (PS256 token verified) and is ready"
+        "meterd demo: pricing = \"{}\": {}",
+        args.pricing,
+        match args.pricing {
+            Pricing::Hourly => "agent registered with RegisterUsage (PS256 token verified) and is ready; AWS meters the task hours itself, so no usage is posted and no MeterUsage is sent",
+            Pricing::Custom => "agent passed the MeterUsage DryRun (the entitlement check for custom pricing) and is ready",
+            Pricing::HourlyCustom => "agent registered with RegisterUsage (PS256 token verified) and is ready",
+        }
     );
 
     let acknowledged = Arc::new(AtomicI64::new(0));
     let load_stop = CancellationToken::new();
-    let load = (!args.no_load).then(|| {
+    let load = (!args.no_load && args.pricing.meters()).then(|| {
         tokio::spawn(generate_load(
             target.clone(),
             acknowledged.clone(),
@@ -177,6 +194,14 @@ max_backoff = "2s"
         .map_err(|e| anyhow::anyhow!("agent: {e}"))?;
     print_new_records(&emulator, shown);
 
+    let calls = emulator.calls();
+    let count = |op: &str| calls.iter().filter(|c| c.operation == op).count();
+    println!(
+        "meterd demo: calls the emulator saw: RegisterUsage {}, MeterUsage {} (records {})",
+        count("RegisterUsage"),
+        count("MeterUsage"),
+        emulator.records().len()
+    );
     let billed: i64 = emulator.records().iter().map(|r| r.quantity).sum();
     let acked = acknowledged.load(Ordering::Relaxed);
     println!("meterd demo: acknowledged {acked} units; the emulator billed {billed} units across {} records", emulator.records().len());

@@ -507,6 +507,13 @@ impl Api {
     }
 
     async fn ingest(&self, req: Request<Incoming>) -> Result<Response<Body>, Rejection> {
+        if !self.config.pricing.meters() {
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "no_custom_dimensions",
+                "this product is priced per task or pod hour (pricing = \"hourly\"): it has no custom dimensions, so meterd takes no usage; AWS meters the hours itself",
+            ));
+        }
         if !self.accepting.load(Ordering::Acquire) {
             return Err(Rejection::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -624,6 +631,7 @@ impl Api {
             StatusCode::OK,
             &json!({
                 "product_code": self.config.product_code,
+                "pricing": self.config.pricing,
                 "platform": self.status.platform,
                 "ready": self.status.is_ready(),
                 "entitlement": self.status.entitlement(),

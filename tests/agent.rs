@@ -857,13 +857,13 @@ async fn an_ami_product_keeps_taking_usage_while_its_dry_run_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_container_without_registration_exits_when_the_dry_run_is_refused() {
+async fn a_custom_priced_container_exits_when_the_dry_run_is_refused() {
     let h = Harness::new(H0 + 300).await;
     h.emulator
         .set_entitlement(PRODUCT, emulator::Entitlement::NotEntitled)
         .expect("set entitlement");
     let mut config = h.config("");
-    config.registration.enabled = false;
+    config.pricing = meterd::config::Pricing::Custom;
     let (exit, ever_ready) = fatal_start(&h, config).await;
     assert_eq!(exit, 77);
     assert!(!ever_ready);
@@ -1000,4 +1000,120 @@ async fn an_expired_key_version_warns_in_status_and_metrics_but_runs() {
         "{metrics}"
     );
     agent.stop().await;
+}
+
+/// The calls the emulator saw, by kind: RegisterUsage, MeterUsage DryRuns, real MeterUsage,
+/// and anything else.
+fn call_counts(h: &Harness) -> (usize, usize, usize, usize) {
+    let (mut register, mut dry_run, mut meter, mut other) = (0, 0, 0, 0);
+    for c in h.emulator.calls() {
+        match (c.operation.as_str(), &c.outcome) {
+            ("RegisterUsage", _) => register += 1,
+            ("MeterUsage", emulator::Outcome::Error { error_type, .. })
+                if error_type == "DryRunOperation" =>
+            {
+                dry_run += 1
+            }
+            ("MeterUsage", _) => meter += 1,
+            _ => other += 1,
+        }
+    }
+    (register, dry_run, meter, other)
+}
+
+/// Each pricing model, on each platform where it is valid, makes exactly the calls AWS
+/// documents: `hourly` RegisterUsage only; `custom` the DryRun, then MeterUsage; `hourly+custom`
+/// RegisterUsage, then MeterUsage; on EC2 (AMI) no RegisterUsage, the DryRun and MeterUsage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pricing_model_makes_exactly_the_documented_calls() {
+    use meterd::config::{PlatformSetting, Pricing};
+    let cases = [
+        (Pricing::Hourly, PlatformSetting::Ecs),
+        (Pricing::Hourly, PlatformSetting::Eks),
+        (Pricing::Custom, PlatformSetting::Ecs),
+        (Pricing::Custom, PlatformSetting::Eks),
+        (Pricing::Custom, PlatformSetting::Ec2),
+        (Pricing::HourlyCustom, PlatformSetting::Ecs),
+        (Pricing::HourlyCustom, PlatformSetting::Eks),
+        (Pricing::HourlyCustom, PlatformSetting::Ec2),
+    ];
+    for (pricing, platform) in cases {
+        let what = format!("{pricing} on {platform:?}");
+        let h = Harness::new(H0 + 300).await;
+        let mut config = h.config("");
+        config.pricing = pricing;
+        config.platform = platform;
+        if !pricing.meters() {
+            config.metering.dimensions.clear();
+        }
+        let ec2 = platform == PlatformSetting::Ec2;
+        let agent = h.start_agent(config).await;
+        // Containers are ready only after their check; an AMI is ready at once and checks in
+        // the background.
+        let (register, dry_run, _, _) = call_counts(&h);
+        if !ec2 {
+            assert_eq!(
+                (register, dry_run),
+                (
+                    usize::from(pricing.registers()),
+                    usize::from(pricing == Pricing::Custom)
+                ),
+                "{what}: the check before ready"
+            );
+        }
+        let (status, body) = agent.post(ev("requests", 3, None)).await;
+        if pricing.meters() {
+            assert_eq!(status, StatusCode::OK, "{what}: {body}");
+        } else {
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {body}");
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("no custom dimensions"),
+                "{what}: {body}"
+            );
+        }
+        if ec2 {
+            wait_for("the AMI's DryRun", || {
+                agent.handles.status.entitlement().state
+                    == meterd::status::EntitlementState::PermissionsVerified
+            })
+            .await;
+        }
+        h.advance_to(H0 + HOUR_SECS + 60);
+        if pricing.meters() {
+            wait_for("the first hour billed", || h.emulator.records().len() == 2).await;
+        }
+        agent.stop().await;
+        let (register, dry_run, meter, other) = call_counts(&h);
+        let expected = (
+            usize::from(pricing.registers() && !ec2),
+            usize::from(pricing.meters() && (ec2 || pricing == Pricing::Custom)),
+            // Two dimensions, the closed hour and the open hour flushed at stop.
+            if pricing.meters() { 4 } else { 0 },
+            0,
+        );
+        assert_eq!((register, dry_run, meter, other), expected, "{what}");
+        if pricing.meters() {
+            let billed = h.billed();
+            assert_eq!(billed[&(H0, "requests".to_owned())].quantity, 3, "{what}");
+        }
+    }
+}
+
+/// `hourly` pricing that is not entitled exits 77 and never turns ready, like any container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hourly_product_that_is_not_entitled_exits_77() {
+    let h = Harness::new(H0 + 300).await;
+    h.emulator
+        .set_entitlement(PRODUCT, emulator::Entitlement::NotEntitled)
+        .expect("set entitlement");
+    let mut config = h.config("");
+    config.pricing = meterd::config::Pricing::Hourly;
+    config.metering.dimensions.clear();
+    let (exit, ever_ready) = fatal_start(&h, config).await;
+    assert_eq!(exit, 77);
+    assert!(!ever_ready);
+    assert_eq!(call_counts(&h), (1, 0, 0, 0));
 }

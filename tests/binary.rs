@@ -228,7 +228,7 @@ fn a_bad_config_exits_64_naming_every_problem() {
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        "product_code = \"x y\"\n[metering]\ndimensions = []\nreport_zro = true\n",
+        "product_code = \"x y\"\npricing = \"custom\"\n[metering]\ndimensions = []\nreport_zro = true\n",
     )
     .expect("write");
     let out = std::process::Command::new(BIN)
@@ -240,7 +240,7 @@ fn a_bad_config_exits_64_naming_every_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("report_zro"));
     std::fs::write(
         &path,
-        "product_code = \"x y\"\n[metering]\ndimensions = []\n",
+        "product_code = \"x y\"\npricing = \"custom\"\n[metering]\ndimensions = []\n",
     )
     .expect("write");
     let out = std::process::Command::new(BIN)

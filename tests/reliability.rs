@@ -1249,7 +1249,7 @@ async fn a_truncated_ledger_is_refused_with_exit_74_and_left_untouched() {
 #[ignore = "reliability suite: scripts/reliability.sh"]
 fn the_local_api_listens_on_loopback_by_default() {
     let config = Config::from_toml_str(
-        "product_code = \"prod-demo1234\"\n[metering]\ndimensions = [\"requests\"]\n",
+        "product_code = \"prod-demo1234\"\npricing = \"custom\"\n[metering]\ndimensions = [\"requests\"]\n",
     )
     .expect("minimal config");
     let addr = config.listen_addr().expect("a TCP listener by default");

@@ -17,6 +17,8 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 
+use crate::config::Pricing;
+
 use super::dry_run::DRY_RUN_SUCCESS_CODE;
 use super::keyring::Keyring;
 use super::{check_product_code, classify_fatal, Operation};
@@ -41,8 +43,8 @@ pub struct DoctorInputs<'a> {
     /// The endpoint override, if any; otherwise the regional AWS endpoint is shown.
     pub endpoint: Option<&'a str>,
     pub public_key_version: u32,
-    /// Whether RegisterUsage is enabled in the configuration.
-    pub registration_enabled: bool,
+    /// The configured pricing model, which decides the route checked.
+    pub pricing: Pricing,
     pub configured_platform: Option<Platform>,
     pub keyring: &'a Keyring,
     pub client: &'a aws_sdk_marketplacemetering::Client,
@@ -183,14 +185,7 @@ pub async fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
             None,
         ));
     }
-    if inputs.registration_enabled && info.platform == Platform::Ec2 {
-        checks.push(check(
-            "registration",
-            CheckStatus::Fail,
-            "RegisterUsage is enabled, but AWS does not support it on EC2".to_owned(),
-            Some("set registration.enabled = false and meter custom dimensions with MeterUsage"),
-        ));
-    }
+    checks.push(pricing_route(inputs.pricing, info.platform));
     let warnings = info.credential_warnings();
     if warnings.is_empty() {
         checks.push(check(
@@ -256,7 +251,7 @@ pub async fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
     if keys.is_empty() {
         checks.push(check(
             "keyring",
-            if inputs.registration_enabled {
+            if inputs.pricing.registers() && info.platform != Platform::Ec2 {
                 CheckStatus::Fail
             } else {
                 CheckStatus::Warn
@@ -283,11 +278,18 @@ pub async fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
 
     // DryRun, and the endpoint's Date from its response.
     let mut server_date = None;
-    match inputs.dimension {
+    match inputs.dimension.filter(|_| inputs.pricing.meters()) {
         None => checks.push(check(
             "dryrun",
             CheckStatus::Skip,
-            "no dimension configured".to_owned(),
+            if inputs.pricing.meters() {
+                "no dimension configured".to_owned()
+            } else {
+                format!(
+                    "pricing = \"{}\" meters no custom dimension",
+                    inputs.pricing
+                )
+            },
             None,
         )),
         Some(dimension) => {
@@ -451,6 +453,39 @@ async fn plain_http_date(endpoint: &str) -> Option<String> {
         .flatten()
 }
 
+/// The calls the pricing model makes on this platform, and whether it can run there.
+fn pricing_route(pricing: Pricing, platform: Platform) -> DoctorCheck {
+    let ec2 = platform == Platform::Ec2;
+    let (status, detail, fix) = match (pricing, ec2) {
+        (Pricing::Hourly, true) => (
+            CheckStatus::Fail,
+            "hourly on EC2: RegisterUsage does not work on EC2 and there is nothing to meter",
+            Some("AWS meters an AMI's hourly price itself; for custom dimensions set pricing = \"custom\""),
+        ),
+        (Pricing::Hourly, false) => (
+            CheckStatus::Ok,
+            "hourly: RegisterUsage at start-up (the agent calls it; doctor does not register), no MeterUsage",
+            None,
+        ),
+        (Pricing::Custom, false) => (
+            CheckStatus::Ok,
+            "custom: the MeterUsage DryRun at start-up (any error but throttling stops the task), then MeterUsage every hour",
+            None,
+        ),
+        (Pricing::Custom | Pricing::HourlyCustom, true) => (
+            CheckStatus::Ok,
+            "custom on EC2 (AMI rules): MeterUsage every hour, its DryRun retried in the background, never failing closed within 2 hours",
+            None,
+        ),
+        (Pricing::HourlyCustom, false) => (
+            CheckStatus::Ok,
+            "hourly+custom: RegisterUsage at start-up, then MeterUsage every hour",
+            None,
+        ),
+    };
+    check("pricing", status, detail.to_owned(), fix)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,7 +501,7 @@ mod tests {
         env: &(dyn Fn(&str) -> Option<String> + Send + Sync),
         local: i64,
         keyring: &Keyring,
-        registration_enabled: bool,
+        pricing: Pricing,
     ) -> DoctorReport {
         let client = stub.client().await;
         let clock: SharedClock = ManualClock::at_unix(local);
@@ -477,7 +512,7 @@ mod tests {
             region: Some("us-east-2"),
             endpoint: Some(&url),
             public_key_version: 1,
-            registration_enabled,
+            pricing,
             configured_platform: None,
             keyring,
             client: &client,
@@ -507,7 +542,14 @@ mod tests {
             ("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/token"),
             ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/meterd"),
         ]);
-        let report = run(&stub, &env, STUB_DATE - 2, &test_keyring(1), true).await;
+        let report = run(
+            &stub,
+            &env,
+            STUB_DATE - 2,
+            &test_keyring(1),
+            Pricing::HourlyCustom,
+        )
+        .await;
         assert!(report.is_healthy(), "{report}");
         assert_eq!(report.platform, Platform::Eks);
         assert_eq!(report.clock_skew_seconds, Some(2));
@@ -527,7 +569,14 @@ mod tests {
     async fn each_problem_comes_with_its_fix() {
         let stub = Stub::start(error_reply(400, "AccessDeniedException")).await;
         let env = env_of(&[("KUBERNETES_SERVICE_HOST", "10.0.0.1")]);
-        let report = run(&stub, &env, STUB_DATE + 600, &test_keyring(2), true).await;
+        let report = run(
+            &stub,
+            &env,
+            STUB_DATE + 600,
+            &test_keyring(2),
+            Pricing::HourlyCustom,
+        )
+        .await;
         assert!(!report.is_healthy());
         let creds = report.check("credentials").expect("credentials check");
         assert_eq!(creds.status, CheckStatus::Warn);
@@ -560,7 +609,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ec2_with_registration_enabled_is_a_problem() {
+    async fn hourly_pricing_on_ec2_is_a_problem() {
         let stub = Stub::start(error_reply(400, "DryRunOperation")).await;
         let client = stub.client().await;
         let clock: SharedClock = ManualClock::at_unix(STUB_DATE);
@@ -573,7 +622,7 @@ mod tests {
             region: Some("us-east-2"),
             endpoint: Some(&url),
             public_key_version: 1,
-            registration_enabled: true,
+            pricing: Pricing::Hourly,
             configured_platform: Some(Platform::Ec2),
             keyring: &ring,
             client: &client,
@@ -582,13 +631,41 @@ mod tests {
             imds: dead_imds().await,
         })
         .await;
-        let reg = report.check("registration").expect("registration check");
-        assert_eq!(reg.status, CheckStatus::Fail);
+        let route = report.check("pricing").expect("pricing check");
+        assert_eq!(route.status, CheckStatus::Fail);
+        assert!(route.detail.contains("hourly on EC2"), "{}", route.detail);
         assert_eq!(
             report.check("dryrun").map(|c| c.status),
             Some(CheckStatus::Skip)
         );
         // Skew still measured with a plain GET on the http:// endpoint.
         assert_eq!(report.clock_skew_seconds, Some(0));
+    }
+
+    #[test]
+    fn every_pricing_route_is_described_and_only_hourly_on_ec2_fails() {
+        for pricing in [Pricing::Hourly, Pricing::Custom, Pricing::HourlyCustom] {
+            for platform in [Platform::Ecs, Platform::Eks, Platform::Ec2] {
+                let c = pricing_route(pricing, platform);
+                let fails = pricing == Pricing::Hourly && platform == Platform::Ec2;
+                assert_eq!(
+                    c.status == CheckStatus::Fail,
+                    fails,
+                    "{pricing} on {platform}"
+                );
+                assert_eq!(
+                    c.detail.contains("RegisterUsage at start-up"),
+                    pricing.registers() && platform != Platform::Ec2,
+                    "{pricing} on {platform}: {}",
+                    c.detail
+                );
+                assert_eq!(
+                    c.detail.contains("MeterUsage every hour"),
+                    pricing.meters(),
+                    "{pricing} on {platform}: {}",
+                    c.detail
+                );
+            }
+        }
     }
 }

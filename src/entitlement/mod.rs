@@ -98,9 +98,16 @@ pub enum EntitlementError {
     #[error(
         "AWS does not support RegisterUsage on this platform ({detail}); fix: run the product \
          on Amazon ECS, Amazon EKS or AWS Fargate, or, for an AMI or EC2 product, set \
-         registration.enabled = false and use custom metering"
+         pricing = \"custom\" and use custom metering"
     )]
     PlatformNotSupported { detail: String },
+
+    #[error("pricing = \"{pricing}\" cannot run on {platform}: {reason}")]
+    PricingNotOnPlatform {
+        pricing: &'static str,
+        platform: &'static str,
+        reason: &'static str,
+    },
 
     #[error(
         "product code {product_code:?} is not valid for this call (InvalidProductCodeException: \
@@ -211,6 +218,7 @@ impl EntitlementError {
             EntitlementError::NotEntitled { .. } => EXIT_NOT_ENTITLED,
             EntitlementError::Verification(_) => EXIT_VERIFICATION_FAILED,
             EntitlementError::PlatformNotSupported { .. }
+            | EntitlementError::PricingNotOnPlatform { .. }
             | EntitlementError::InvalidProductCode { .. }
             | EntitlementError::InvalidRegion { .. }
             | EntitlementError::InvalidPublicKeyVersion { .. }

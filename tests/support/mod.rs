@@ -41,6 +41,7 @@ pub fn agent_toml(t: &AgentToml<'_>) -> String {
     format!(
         r#"
 product_code = "{PRODUCT}"
+pricing = "hourly+custom"
 platform = "ecs"
 [metering]
 dimensions = ["requests", "gigabytes"]
