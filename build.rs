@@ -13,6 +13,10 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=keys");
     println!("cargo:rerun-if-env-changed=METERD_PRODUCT_CODE");
+    println!("cargo:rerun-if-env-changed=METERD_PRICING");
+    println!("cargo:rerun-if-env-changed=METERD_PLATFORM");
+    println!("cargo:rerun-if-env-changed=METERD_ENDPOINT_URL");
+    check_baked_settings();
 
     let manifest_dir = env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let keys_dir = Path::new(&manifest_dir).join("keys");
@@ -52,6 +56,40 @@ fn main() {
     out.push_str("];\n");
     let out_dir = env::var("OUT_DIR").expect("cargo sets OUT_DIR");
     fs::write(Path::new(&out_dir).join("bundled_keys.rs"), out).expect("writing bundled_keys.rs");
+}
+
+/// A build that bakes the product code bakes the pricing and the platform family too, so a
+/// locked build never leaves entitlement to the buyer's configuration
+/// (src/entitlement/baked.rs).
+fn check_baked_settings() {
+    let var = |name: &str| env::var(name).ok().filter(|v| !v.is_empty());
+    let pricing = var("METERD_PRICING");
+    let platform = var("METERD_PLATFORM");
+    if let Some(p) = &pricing {
+        assert!(
+            matches!(p.as_str(), "hourly" | "custom" | "hourly+custom"),
+            "METERD_PRICING={p:?}: expected hourly, custom or hourly+custom"
+        );
+    }
+    if let Some(p) = &platform {
+        assert!(
+            matches!(p.as_str(), "container" | "ami"),
+            "METERD_PLATFORM={p:?}: expected container or ami"
+        );
+    }
+    if var("METERD_PRODUCT_CODE").is_some() {
+        assert!(
+            pricing.is_some() && platform.is_some(),
+            "METERD_PRODUCT_CODE is set: also set METERD_PRICING (hourly, custom or \
+             hourly+custom) and METERD_PLATFORM (container or ami), so the built binary fixes \
+             its entitlement route"
+        );
+        assert!(
+            !(platform.as_deref() == Some("ami") && pricing.as_deref() == Some("hourly")),
+            "METERD_PRICING=hourly with METERD_PLATFORM=ami: AWS meters an AMI's hourly price \
+             itself; an AMI build meters custom dimensions (custom or hourly+custom)"
+        );
+    }
 }
 
 /// `v12.pem` and `v12-name.pem` give 12; anything else gives `None`.

@@ -3,6 +3,8 @@
 #   rust        unit, property and integration tests (emulator, entitlement, agent, real binary)
 #   python      boto3, the AWS CLI and PyJWT against `meterd emulator` (.venv)
 #   notify      systemd READY=1 from the real binary on a NOTIFY_SOCKET
+#   baked       a locked-down build (product code, pricing, platform baked in) refuses every
+#               entitlement bypass with exit 78; the unbaked build still allows them
 #   api         schemathesis: generated requests against the live agent, checked against docs/openapi.yaml
 #   reliability the oracle suite, short mode: kill -9 across hours, faults, clock jumps, full disk (root)
 #   deploy      Helm, kubernetes-validate, ECS/botocore, cfn-lint, systemd-analyze, hadolint
@@ -31,6 +33,7 @@ suite build cargo build --locked --bin meterd
 suite rust cargo test --locked --no-fail-fast
 suite python scripts/python-tests.sh
 suite notify python3 scripts/systemd-notify-test.py target/debug/meterd
+suite baked python3 scripts/baked_test.py target/debug/meterd
 suite api scripts/schemathesis.sh
 suite deploy scripts/check-deploy.sh
 if [ "$(id -u)" -eq 0 ]; then

@@ -173,6 +173,10 @@ impl Prepared {
                 reason,
             }
         })?;
+        let locked = entitlement::baked::BAKED.refusals(config);
+        if !locked.is_empty() {
+            return Err(EntitlementError::Locked(locked).into());
+        }
         let keyring = Keyring::load(
             &config.registration.public_key_files,
             config.registration.public_key_version,
@@ -267,13 +271,14 @@ pub async fn run(
         .env
         .clone()
         .unwrap_or_else(|| Arc::new(platform::process_env));
-    let configured_platform = configured_platform(config.platform);
-    let platform_info = platform::detect(
-        configured_platform,
-        &*env,
-        &platform::ImdsSettings::from_env(&*env),
-    )
-    .await;
+    // A locked build's platform family overrides configuration and detection.
+    let baked = entitlement::baked::BAKED;
+    let configured_platform = baked
+        .forced_platform()
+        .or(configured_platform(config.platform));
+    let mut imds = platform::ImdsSettings::from_env(&*env);
+    imds.disabled |= !baked.may_probe_imds();
+    let platform_info = platform::detect(configured_platform, &*env, &imds).await;
     for warning in platform_info.credential_warnings() {
         tracing::warn!(problem = %warning.problem, fix = %warning.fix, "credentials");
     }

@@ -25,10 +25,16 @@ pub struct AwsSettings {
 
 impl AwsSettings {
     /// The agent's settings: `[aws]`, the SDK's credential chain, `sending.call_timeout`.
+    /// A locked test build without `aws.endpoint_url` talks to its baked endpoint.
     pub fn from_config(config: &crate::config::Config) -> Self {
+        let baked = crate::entitlement::baked::BAKED.baked_endpoint();
+        let endpoint = match config.aws.endpoint_url.as_str() {
+            "" => baked.unwrap_or_default().to_owned(),
+            configured => configured.to_owned(),
+        };
         Self {
             region: Some(config.aws.region.clone()),
-            endpoint_url: Some(config.aws.endpoint_url.clone()),
+            endpoint_url: Some(endpoint),
             static_credentials: None,
             operation_timeout: Some(config.sending.call_timeout),
         }

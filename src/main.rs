@@ -140,6 +140,17 @@ fn exit(code: i32) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
+    if meterd::entitlement::baked::BAKED.is_locked() {
+        // A locked build talks only to AWS: the SDK ignores endpoint URLs from the environment
+        // and the shared config files (aws.endpoint_url is checked by the build step). Set
+        // here, before any thread exists.
+        for var in meterd::entitlement::baked::ENDPOINT_ENV_VARS {
+            if std::env::var_os(var).is_some() {
+                tracing::warn!(variable = var, "ignored: a locked build sends only to AWS");
+            }
+        }
+        std::env::set_var("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

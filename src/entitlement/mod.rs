@@ -24,6 +24,7 @@
 //! | 77 | [`EXIT_NOT_ENTITLED`] | `CustomerNotEntitledException`: the customer is not subscribed |
 //! | 78 | [`EXIT_CONFIGURATION`] | deployment configuration: platform, region, product code, key version, keyring, credentials or IAM permissions |
 
+pub mod baked;
 pub mod doctor;
 pub mod dry_run;
 pub mod keyring;
@@ -101,6 +102,9 @@ pub enum EntitlementError {
          pricing = \"custom\" and use custom metering"
     )]
     PlatformNotSupported { detail: String },
+
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Locked(Vec<baked::LockedSetting>),
 
     #[error("pricing = \"{pricing}\" cannot run on {platform}: {reason}")]
     PricingNotOnPlatform {
@@ -219,6 +223,7 @@ impl EntitlementError {
             EntitlementError::Verification(_) => EXIT_VERIFICATION_FAILED,
             EntitlementError::PlatformNotSupported { .. }
             | EntitlementError::PricingNotOnPlatform { .. }
+            | EntitlementError::Locked(_)
             | EntitlementError::InvalidProductCode { .. }
             | EntitlementError::InvalidRegion { .. }
             | EntitlementError::InvalidPublicKeyVersion { .. }
