@@ -86,6 +86,68 @@ impl Backoff {
     }
 }
 
+/// How [`retry`] ended without success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryError<E> {
+    /// The operation failed in a way another attempt will not change.
+    Permanent(E),
+    /// Transient failures until the attempts or the deadline ran out; the last one.
+    Exhausted { attempts: u32, last: E },
+}
+
+impl<E> RetryError<E> {
+    pub fn into_inner(self) -> E {
+        match self {
+            RetryError::Permanent(e) | RetryError::Exhausted { last: e, .. } => e,
+        }
+    }
+}
+
+/// Calls `op` until it succeeds, fails permanently (`is_transient` false), makes
+/// `max_attempts` attempts, or would start its next attempt after `deadline`. Between
+/// attempts it waits the jittered back-off on the injected clock, so tests move time instead
+/// of waiting, and tells `on_retry` (attempt number, failure, next attempt's time) first.
+pub async fn retry<T, E, F, Fut>(
+    clock: &crate::clock::SharedClock,
+    backoff: &Backoff,
+    max_attempts: Option<u32>,
+    deadline: Option<std::time::SystemTime>,
+    is_transient: impl Fn(&E) -> bool,
+    mut on_retry: impl FnMut(u32, &E, std::time::SystemTime),
+    mut op: F,
+) -> Result<T, RetryError<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        attempt = attempt.saturating_add(1);
+        let failure = match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if !is_transient(&e) => return Err(RetryError::Permanent(e)),
+            Err(e) => e,
+        };
+        let next = clock
+            .now()
+            .checked_add(backoff.delay(attempt - 1, &mut rand::thread_rng()));
+        let out_of_attempts = max_attempts.is_some_and(|m| attempt >= m);
+        let past_deadline = match (next, deadline) {
+            (Some(next), Some(deadline)) => next > deadline,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        let Some(next) = next.filter(|_| !out_of_attempts && !past_deadline) else {
+            return Err(RetryError::Exhausted {
+                attempts: attempt,
+                last: failure,
+            });
+        };
+        on_retry(attempt, &failure, next);
+        clock.sleep_until(next).await;
+    }
+}
+
 impl Default for Backoff {
     fn default() -> Self {
         Self::startup_default()

@@ -25,6 +25,7 @@ pub mod emulator;
 pub mod entitlement;
 pub mod ingest;
 pub mod ledger;
+pub mod listing;
 pub mod local_client;
 pub mod metrics;
 pub mod model;

@@ -101,6 +101,18 @@ enum Command {
     },
     /// Check platform, credentials, region, endpoint, clock skew, permissions and keys.
     Doctor(ConfigArg),
+    /// The pre-listing test: the DryRun for every dimension, and with --send one record per
+    /// dimension for the last closed hour, with the MeteringRecordIds for seller operations.
+    ListingCheck {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Send the records (without it, only the DryRuns run).
+        #[arg(long)]
+        send: bool,
+        /// The quantity of each record sent.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..))]
+        quantity: i32,
+    },
     /// Serve the Metering Service emulator.
     Emulator(meterd::emulator::EmulatorArgs),
     /// Run the real agent against the embedded emulator, with one hour passing per minute.
@@ -199,6 +211,11 @@ fn main() -> ExitCode {
             } => records(&config.config, limit, json),
             Command::Keys { config } => keys(config.as_deref()),
             Command::Doctor(c) => doctor(&c.config).await,
+            Command::ListingCheck {
+                config,
+                send,
+                quantity,
+            } => listing_check(&config.config, send, quantity).await,
             Command::Emulator(args) => match meterd::emulator::run_cli(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -467,6 +484,30 @@ fn keys(config_path: Option<&Path>) -> ExitCode {
             eprintln!("meterd keys: {e}");
             exit(EXIT_BAD_CONFIG)
         }
+    }
+}
+
+async fn listing_check(config_path: &Path, send: bool, quantity: i32) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let client = build_client(&AwsSettings::from_config(&config)).await;
+    let clock: meterd::clock::SharedClock = Arc::new(SystemClock);
+    let report = meterd::listing::listing_check(
+        &config,
+        &client,
+        &clock,
+        &meterd::platform::process_env,
+        send,
+        quantity,
+    )
+    .await;
+    print!("{}", report.render());
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

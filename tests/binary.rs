@@ -400,3 +400,62 @@ async fn the_keyring_is_embedded_in_the_binary() {
         .collect();
     assert!(lines.iter().any(|l| l["level"] == "ERROR"), "{err}");
 }
+
+/// The pre-listing test: `listing-check` runs the DryRun for every dimension; with `--send` it
+/// sends exactly one record per dimension for the last closed hour and prints their ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_check_sends_one_record_per_dimension_and_prints_the_ids() {
+    let s = setup().await;
+    let run = |send: bool| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["listing-check", "--config"])
+            .arg(&s.config_path)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("AWS_ACCESS_KEY_ID", "AKIALISTINGCHECK0001")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        if send {
+            cmd.arg("--send");
+        }
+        cmd.output().expect("listing-check")
+    };
+    let dry = run(false);
+    let text = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(
+        dry.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert_eq!(text.matches("dry run ok").count(), 2, "{text}");
+    assert!(s.emulator.records().is_empty(), "no record without --send");
+
+    let sent = run(true);
+    let text = String::from_utf8_lossy(&sent.stdout).into_owned();
+    assert!(
+        sent.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let records = s.emulator.records();
+    let mut dims: Vec<&str> = records.iter().map(|r| r.dimension.as_str()).collect();
+    dims.sort_unstable();
+    assert_eq!(dims, ["gigabytes", "requests"], "one record per dimension");
+    let now = meterd::clock::unix_seconds(std::time::SystemTime::now());
+    let last_closed = meterd::clock::hour_floor(now) - 3600;
+    for r in &records {
+        assert_eq!(r.hour, last_closed, "the last closed hour");
+        assert!(
+            text.contains(&format!("{}: {}", r.dimension, r.metering_record_id)),
+            "{text}"
+        );
+    }
+    assert!(text.contains("sent from region us-east-1"), "{text}");
+    let dry_runs = s
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.operation == "MeterUsage")
+        .count();
+    assert_eq!(dry_runs, 6, "two DryRuns per run and two records");
+}

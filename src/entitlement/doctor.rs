@@ -19,10 +19,8 @@ use serde::Serialize;
 
 use crate::config::Pricing;
 
-use super::dry_run::DRY_RUN_SUCCESS_CODE;
 use super::keyring::Keyring;
 use super::{check_product_code, classify_fatal, Operation};
-use crate::aws::CallFailure;
 use crate::clock::SharedClock;
 use crate::platform::{detect, DetectedBy, Env, ImdsSettings, Platform};
 
@@ -293,8 +291,13 @@ pub async fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
             None,
         )),
         Some(dimension) => {
-            let (result, date) =
-                dry_run_probe(inputs.client, inputs.product_code, dimension, inputs.clock).await;
+            let (result, date) = super::dry_run::dry_run_call(
+                inputs.client,
+                inputs.product_code,
+                dimension,
+                inputs.clock.now(),
+            )
+            .await;
             server_date = date;
             match result {
                 Ok(()) => checks.push(check(
@@ -383,38 +386,6 @@ fn skew_seconds(http_date: &str, local: SystemTime) -> Option<i64> {
 }
 
 /// One DryRun attempt; also returns the response's `Date` header.
-async fn dry_run_probe(
-    client: &aws_sdk_marketplacemetering::Client,
-    product_code: &str,
-    dimension: &str,
-    clock: &SharedClock,
-) -> (Result<(), CallFailure>, Option<String>) {
-    let sent = client
-        .meter_usage()
-        .product_code(product_code)
-        .usage_dimension(dimension)
-        .usage_quantity(0)
-        .timestamp(DateTime::from(clock.now()))
-        .dry_run(true)
-        .send()
-        .await;
-    match sent {
-        Ok(_) => (Ok(()), None),
-        Err(e) => {
-            let date = e
-                .raw_response()
-                .and_then(|r| r.headers().get("date"))
-                .map(str::to_owned);
-            let failure = CallFailure::from_sdk(&e);
-            if failure.code_is(DRY_RUN_SUCCESS_CODE) {
-                (Ok(()), date)
-            } else {
-                (Err(failure), date)
-            }
-        }
-    }
-}
-
 /// `GET /` on a plain-HTTP endpoint, for its `Date` header.
 async fn plain_http_date(endpoint: &str) -> Option<String> {
     let uri: http::Uri = endpoint.parse().ok()?;

@@ -236,6 +236,18 @@ async fn dry_run_once(
     dimension: &str,
     now: SystemTime,
 ) -> Result<(), CallFailure> {
+    dry_run_call(client, product_code, dimension, now).await.0
+}
+
+/// One MeterUsage DryRun: `Ok` when the service answers `DryRunOperation` (or, leniently,
+/// success), with the response's `Date` header when one came back. The start-up check,
+/// `doctor` and `listing-check` all make it here.
+pub(crate) async fn dry_run_call(
+    client: &aws_sdk_marketplacemetering::Client,
+    product_code: &str,
+    dimension: &str,
+    now: SystemTime,
+) -> (Result<(), CallFailure>, Option<String>) {
     let sent = client
         .meter_usage()
         .product_code(product_code)
@@ -248,14 +260,18 @@ async fn dry_run_once(
     match sent {
         Ok(_) => {
             warn!("MeterUsage DryRun answered success instead of DryRunOperation; treating it as passed");
-            Ok(())
+            (Ok(()), None)
         }
         Err(e) => {
+            let date = e
+                .raw_response()
+                .and_then(|r| r.headers().get("date"))
+                .map(str::to_owned);
             let failure = CallFailure::from_sdk(&e);
             if failure.code_is(DRY_RUN_SUCCESS_CODE) {
-                Ok(())
+                (Ok(()), date)
             } else {
-                Err(failure)
+                (Err(failure), date)
             }
         }
     }
