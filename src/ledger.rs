@@ -327,6 +327,8 @@ struct Inner {
     commit_stats: Arc<CommitStats>,
     /// Whether the writer's last commit succeeded.
     writable: Arc<AtomicBool>,
+    /// Closed when the writer thread ends, after it released the lock.
+    writer_ended: tokio::sync::watch::Receiver<()>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -436,6 +438,7 @@ impl Ledger {
             writable: writable.clone(),
         };
         let span = tracing::Span::current();
+        let (ended, writer_ended) = tokio::sync::watch::channel(());
         std::thread::Builder::new()
             .name("meterd-ledger".to_owned())
             .spawn(move || {
@@ -445,6 +448,7 @@ impl Ledger {
                 let lock = private;
                 writer_state.run(commands);
                 drop(lock);
+                drop(ended);
             })
             .map_err(|e| LedgerError::Unavailable(format!("cannot start writer thread: {e}")))?;
 
@@ -457,12 +461,22 @@ impl Ledger {
                 sealed_floor,
                 commit_stats,
                 writable,
+                writer_ended,
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Drops this handle and waits until the writer thread has ended and released the lock,
+    /// which happens once every handle is gone: for an in-process restart on the same state
+    /// directory (a process that exits releases the lock anyway).
+    pub async fn closed(self) {
+        let mut ended = self.inner.writer_ended.clone();
+        drop(self);
+        while ended.changed().await.is_ok() {}
     }
 
     pub fn identity(&self) -> &LedgerIdentity {
