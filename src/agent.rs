@@ -39,6 +39,10 @@ pub const EXIT_LISTEN: i32 = 71;
 pub enum AgentError {
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// Shutdown could not seal the open hour: its usage is in the ledger, unbilled until an
+    /// agent starts on it again, so the exit is not a success.
+    #[error("the final flush could not seal the open hour: {0}; its usage stays in the ledger and is sealed and sent at the next start on this state directory")]
+    FinalSeal(LedgerError),
     #[error(transparent)]
     Entitlement(#[from] EntitlementError),
     #[error("cannot listen on {what}: {detail}")]
@@ -52,7 +56,7 @@ pub enum AgentError {
 impl AgentError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            AgentError::Ledger(_) => EXIT_LEDGER,
+            AgentError::Ledger(_) | AgentError::FinalSeal(_) => EXIT_LEDGER,
             AgentError::Entitlement(e) => e.exit_code(),
             AgentError::Listen { .. } => EXIT_LISTEN,
             AgentError::Keyring(_) | AgentError::Config(_) => crate::config::EXIT_BAD_CONFIG,
@@ -463,27 +467,34 @@ pub async fn run(
 
     let now = unix_seconds(clock.now());
     let open_hour = ledger.open_hour(now);
-    match ledger
+    // Records sealed earlier are still sent when the open hour cannot be sealed; the failure
+    // is the run's result (logged once, by whoever handles it).
+    let unsealed = match ledger
         .seal_through(open_hour + HOUR_SECS, now, policy)
         .await
     {
         Ok(outcome) => {
             report_seal(&outcome, &metrics);
             tracing::info!(hour = %rfc3339(open_hour), "sealed the open hour for the final flush");
+            None
         }
-        Err(e) => {
-            tracing::error!(error = %e, "could not seal the open hour; its usage stays in the ledger for the next start")
-        }
-    }
+        Err(e) => Some(e),
+    };
     let budget = deadline
         .saturating_duration_since(tokio::time::Instant::now())
         .saturating_sub(Duration::from_millis(500));
     match sender.drain(budget).await {
-        Ok(crate::send::Pass::Done) => tracing::info!("all records delivered; exiting"),
+        Ok(crate::send::Pass::Done) if unsealed.is_none() => {
+            tracing::info!("all records delivered; exiting")
+        }
+        Ok(crate::send::Pass::Done) => tracing::info!("all sealed records delivered"),
         Ok(_) => tracing::warn!("records still undelivered at the end of the grace period; they stay in the ledger and are sent on the next start"),
         Err(e) => tracing::error!(error = %e, "final delivery could not read the ledger"),
     }
-    Ok(())
+    match unsealed {
+        Some(e) => Err(AgentError::FinalSeal(e)),
+        None => Ok(()),
+    }
 }
 
 /// New requests get 503; in-flight ones finish (each listener drains within its timeout).

@@ -33,10 +33,21 @@
 //! the last committed transaction. On open, `quick_check` must pass, the meta rows must be
 //! there and the schema version must match; otherwise the agent refuses to start with a clear
 //! error and never resets the file. Pending records and closed-but-unsealed hours are picked
-//! up by the normal seal and send loops. A lock file keeps a second process out.
+//! up by the normal seal and send loops.
+//!
+//! # Files, ownership and the lock
+//! The ledger is `state.dir/private/ledger.sqlite3`, in a directory of mode 0700 that the agent
+//! creates and must own; files are created 0600 and never through a symbolic link, and a file
+//! or directory of another uid is refused. The lock is `flock` on that directory, taken at open
+//! and owned by the writer thread, which releases it when it ends, after closing the write
+//! connection. A ledger of the old layout (`state.dir/ledger.sqlite3`) is moved into the private
+//! directory at the first start. The details, and why, are in [`files`].
+
+mod files;
+
+pub use files::{ledger_path, PRIVATE_DIR};
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,9 +62,11 @@ use crate::model::{self, TagSet, MAX_QUANTITY};
 use crate::seal::{self, Allocation, UsageRow};
 
 const SCHEMA_VERSION: i64 = 1;
-/// Idempotency keys are remembered this long.
-/// The ledger's file name in the state directory.
+/// The ledger's file name in the private directory (see [`ledger_path`]).
 pub const LEDGER_FILE: &str = "ledger.sqlite3";
+/// A new ledger is built under this name beside the final one, then renamed.
+const NEW_LEDGER_FILE: &str = "ledger.sqlite3.new";
+/// Idempotency keys are remembered this long.
 pub const EVENT_ID_RETENTION_SECS: i64 = 7 * HOUR_SECS;
 /// The service accepts timestamps at most this old.
 pub const REPORT_WINDOW_SECS: i64 = 6 * HOUR_SECS;
@@ -76,6 +89,8 @@ pub enum LedgerError {
     Corrupt { path: String, detail: String },
     #[error("another meterd process holds {0}; run one agent per state directory")]
     Locked(String),
+    #[error("refusing the ledger's files: {0}")]
+    Unsafe(String),
     #[error("the ledger at {path} belongs to product {found}, not {expected}; use a separate state directory per product")]
     ProductMismatch {
         path: String,
@@ -301,8 +316,10 @@ pub struct Ledger {
 }
 
 struct Inner {
-    queue: mpsc::Sender<Command>,
+    /// Declared (so dropped) before `queue`: the writer thread, which ends once the queue is
+    /// closed and then releases the lock, never outlives the read connection.
     reader: Mutex<Connection>,
+    queue: mpsc::Sender<Command>,
     path: PathBuf,
     identity: LedgerIdentity,
     /// First hour not yet sealed (0 before the first seal).
@@ -310,7 +327,8 @@ struct Inner {
     commit_stats: Arc<CommitStats>,
     /// Whether the writer's last commit succeeded.
     writable: Arc<AtomicBool>,
-    _lock: File,
+    /// Closed when the writer thread ends, after it released the lock.
+    writer_ended: tokio::sync::watch::Receiver<()>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -328,48 +346,39 @@ fn open_connection(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection
 }
 
 impl Ledger {
-    /// Opens (or creates) the ledger in `dir`, taking the per-directory lock.
+    /// Opens (or creates) the ledger of the state directory `dir`, taking the agent's lock on
+    /// its private directory (see [`files`]).
     pub fn open(dir: &Path, product_code: &str, now: i64) -> Result<Ledger, LedgerError> {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            LedgerError::Unavailable(format!("cannot create state dir {}: {e}", dir.display()))
-        })?;
-        let lock_path = dir.join("meterd.lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| {
-                LedgerError::Unavailable(format!("cannot open {}: {e}", lock_path.display()))
-            })?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(LedgerError::Locked(lock_path.display().to_string()))
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(LedgerError::Unavailable(format!(
-                    "cannot lock {}: {e}",
-                    lock_path.display()
-                )))
-            }
-        }
-
-        let path = dir.join(LEDGER_FILE);
+        let private = files::PrivateDir::open_locked(dir)?;
+        let path = private.path().join(LEDGER_FILE);
         let corrupt = |e: &dyn std::fmt::Display| LedgerError::Corrupt {
             path: path.display().to_string(),
             detail: e.to_string(),
         };
-        if !path.exists() {
-            create_ledger(dir, &path, product_code, now)?;
-        }
+        private.inspect_side_files(LEDGER_FILE)?;
+        let file = match private.inspect(LEDGER_FILE)? {
+            Some(id) => id,
+            None => {
+                create_ledger(&private, product_code, now)?;
+                private.inspect(LEDGER_FILE)?.ok_or_else(|| {
+                    LedgerError::Unavailable(format!("{} vanished after creation", path.display()))
+                })?
+            }
+        };
+        // SQLite opens by path: each connection's descriptor must be on the file just checked.
+        let open_checked = |flags: OpenFlags| -> Result<rusqlite::Result<Connection>, LedgerError> {
+            let before = files::descriptors_on(file)?;
+            let conn = open_connection(&path, flags);
+            if conn.is_ok() {
+                files::expect_opened(&path, file, before)?;
+            }
+            Ok(conn)
+        };
         // Validate on a read-only connection first: nothing is written to a damaged file.
         let identity = {
-            let check = open_connection(
-                &path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(|e| corrupt(&e))?;
+            let check =
+                open_checked(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?
+                    .map_err(|e| corrupt(&e))?;
             let verdict: String = check
                 .query_row("PRAGMA quick_check", [], |r| r.get(0))
                 .map_err(|e| corrupt(&e))?;
@@ -389,11 +398,9 @@ impl Ledger {
                 },
             })?
         };
-        let writer = open_connection(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| LedgerError::from_sqlite(&e))?;
+        let writer =
+            open_checked(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?
+                .map_err(|e| LedgerError::from_sqlite(&e))?;
         writer
             .pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| LedgerError::from_sqlite(&e))?;
@@ -407,11 +414,14 @@ impl Ledger {
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(|e| LedgerError::from_sqlite(&e))?;
         writer.wal_hook(Some(note_wal_pages));
-        let reader = open_connection(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| LedgerError::from_sqlite(&e))?;
+        let reader =
+            open_checked(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?
+                .map_err(|e| LedgerError::from_sqlite(&e))?;
+        // A first read opens the reader's WAL; both connections' side files must be ours.
+        reader
+            .query_row("SELECT COUNT(*) FROM meta", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| LedgerError::from_sqlite(&e))?;
+        private.expect_side_files_open(2)?;
 
         let sealed_floor = Arc::new(AtomicI64::new(floor));
         let commit_stats = Arc::new(CommitStats::default());
@@ -428,11 +438,17 @@ impl Ledger {
             writable: writable.clone(),
         };
         let span = tracing::Span::current();
+        let (ended, writer_ended) = tokio::sync::watch::channel(());
         std::thread::Builder::new()
             .name("meterd-ledger".to_owned())
             .spawn(move || {
                 let _entered = span.enter();
-                writer_state.run(commands)
+                // The thread owns the lock: released when it ends, after the write connection
+                // (consumed by `run`) is closed, and never while it still writes.
+                let lock = private;
+                writer_state.run(commands);
+                drop(lock);
+                drop(ended);
             })
             .map_err(|e| LedgerError::Unavailable(format!("cannot start writer thread: {e}")))?;
 
@@ -445,13 +461,22 @@ impl Ledger {
                 sealed_floor,
                 commit_stats,
                 writable,
-                _lock: lock,
+                writer_ended,
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Drops this handle and waits until the writer thread has ended and released the lock,
+    /// which happens once every handle is gone: for an in-process restart on the same state
+    /// directory (a process that exits releases the lock anyway).
+    pub async fn closed(self) {
+        let mut ended = self.inner.writer_ended.clone();
+        drop(self);
+        while ended.changed().await.is_ok() {}
     }
 
     pub fn identity(&self) -> &LedgerIdentity {
@@ -624,17 +649,22 @@ impl Ledger {
     }
 }
 
-/// Reads records straight from a ledger file, without the lock: for `meterd records`.
+/// Reads records straight from the ledger of the state directory `dir`, without the lock: for
+/// `meterd records`. It finds the ledger where the agent keeps it (or where an agent of the old
+/// layout left it), follows no link to it, creates nothing and may run as another user.
 pub fn read_records_at(dir: &Path, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
-    let path = dir.join(LEDGER_FILE);
-    if !path.exists() {
+    let at = files::PrivateDir::open_for_reading(dir)?;
+    let path = at.path().join(LEDGER_FILE);
+    let Some(file) = at.inspect(LEDGER_FILE)? else {
         return Err(LedgerError::Unavailable(format!(
             "no ledger at {}",
-            path.display()
+            ledger_path(dir).display()
         )));
-    }
+    };
+    let before = files::descriptors_on(file)?;
     let conn = open_connection(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| LedgerError::from_sqlite(&e))?;
+    files::expect_opened(&path, file, before)?;
     query_records(&conn, "ORDER BY hour DESC, dimension LIMIT ?1", [limit])
         .map_err(|e| LedgerError::from_sqlite(&e))
 }
@@ -716,39 +746,34 @@ impl From<rusqlite::Error> for SchemaError {
 /// Creates a new ledger atomically: built beside the final path, then renamed into place.
 /// So `ledger.sqlite3` either does not exist or holds the whole schema and its meta rows, and
 /// a `ledger.sqlite3` without them can only be damage, which is refused, never re-initialised.
-fn create_ledger(dir: &Path, path: &Path, product_code: &str, now: i64) -> Result<(), LedgerError> {
-    let fresh = dir.join("ledger.sqlite3.new");
+fn create_ledger(dir: &files::PrivateDir, product_code: &str, now: i64) -> Result<(), LedgerError> {
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
         LedgerError::Unavailable(format!("cannot create the ledger ({what}): {e}"))
     };
     // Leftovers of a first start that was interrupted before the rename hold nothing.
-    for leftover in [fresh.clone(), dir.join("ledger.sqlite3.new-journal")] {
-        match std::fs::remove_file(&leftover) {
-            Ok(()) => {
-                tracing::warn!(file = %leftover.display(), "removed a ledger left half-created by an interrupted first start")
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(unavailable("remove leftover", &e)),
+    for leftover in [NEW_LEDGER_FILE, "ledger.sqlite3.new-journal"] {
+        if dir.remove(leftover)? {
+            tracing::warn!(file = %dir.path().join(leftover).display(), "removed a ledger left half-created by an interrupted first start");
         }
     }
+    let fresh = dir.path().join(NEW_LEDGER_FILE);
+    // Created here (0600, no link followed); SQLite then opens the empty file as a new database.
+    let (file, id) = dir.create(NEW_LEDGER_FILE)?;
     {
-        let conn = open_connection(
-            &fresh,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
-        )
-        .map_err(|e| LedgerError::from_sqlite(&e))?;
+        let before = files::descriptors_on(id)?;
+        let conn = open_connection(&fresh, OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(|e| LedgerError::from_sqlite(&e))?;
+        files::expect_opened(&fresh, id, before)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(|e| LedgerError::from_sqlite(&e))?;
         create_schema(&conn, product_code, now).map_err(|e| LedgerError::from_sqlite(&e))?;
     }
-    File::open(&fresh)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| unavailable("fsync", &e))?;
-    std::fs::rename(&fresh, path).map_err(|e| unavailable("rename", &e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| unavailable("fsync state dir", &e))?;
-    Ok(())
+    // Closed only after SQLite's connection: closing a descriptor drops the POSIX locks that
+    // this process holds on the file.
+    file.sync_all().map_err(|e| unavailable("fsync", &e))?;
+    drop(file);
+    dir.rename(NEW_LEDGER_FILE, LEDGER_FILE)?;
+    dir.sync()
 }
 
 /// The tables and meta rows, in one transaction.
@@ -1373,6 +1398,19 @@ mod tests {
         }
     }
 
+    /// `name` in the private directory of the state dir `dir`, which is created (0700) if missing.
+    fn in_private(dir: &Path, name: &str) -> PathBuf {
+        use std::os::unix::fs::DirBuilderExt;
+        let private = dir.join(PRIVATE_DIR);
+        if !private.exists() {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&private)
+                .expect("private dir");
+        }
+        private.join(name)
+    }
+
     fn total(rows: &[UsageRow], dimension: &str) -> i64 {
         rows.iter()
             .filter(|r| r.dimension == dimension)
@@ -1425,7 +1463,7 @@ mod tests {
     }
 
     fn wal_bytes(dir: &Path) -> u64 {
-        std::fs::metadata(dir.join("ledger.sqlite3-wal")).map_or(0, |m| m.len())
+        std::fs::metadata(in_private(dir, "ledger.sqlite3-wal")).map_or(0, |m| m.len())
     }
 
     #[tokio::test]
@@ -1442,7 +1480,7 @@ mod tests {
         let stats = ledger.commit_stats();
         assert!(stats.checkpoints.load(Ordering::Relaxed) >= 1);
         assert_eq!(stats.checkpoint_failures.load(Ordering::Relaxed), 0);
-        let db = std::fs::metadata(dir.path().join("ledger.sqlite3"))
+        let db = std::fs::metadata(ledger_path(dir.path()))
             .expect("db")
             .len();
         let wal = wal_bytes(dir.path());
@@ -1466,7 +1504,7 @@ mod tests {
             .await
             .expect("append");
         // A reader (say `sqlite3` on the file) keeps a snapshot open.
-        let reader = Connection::open(dir.path().join("ledger.sqlite3")).expect("reader");
+        let reader = Connection::open(ledger_path(dir.path())).expect("reader");
         reader.execute_batch("BEGIN").expect("begin");
         let rows: i64 = reader
             .query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
@@ -1644,11 +1682,8 @@ mod tests {
             .expect("open")
             .identity()
             .clone();
-        let conn = open_connection(
-            &dir.path().join("ledger.sqlite3"),
-            OpenFlags::SQLITE_OPEN_READ_WRITE,
-        )
-        .expect("connection");
+        let conn = open_connection(&ledger_path(dir.path()), OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .expect("connection");
         conn.pragma_update(None, "synchronous", "FULL")
             .expect("pragma");
         let mut writer = Writer {
@@ -1839,7 +1874,7 @@ mod tests {
     #[test]
     fn a_corrupt_ledger_is_refused_and_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ledger.sqlite3");
+        let path = in_private(dir.path(), LEDGER_FILE);
         std::fs::write(
             &path,
             b"this is not a database, it is a sentence of garbage bytes....",
@@ -1855,18 +1890,18 @@ mod tests {
     fn an_empty_or_half_made_ledger_is_refused_and_a_half_created_one_is_replaced() {
         // Creation is atomic (build, then rename), so an empty ledger.sqlite3 is damage.
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("ledger.sqlite3"), b"").expect("write");
+        std::fs::write(in_private(dir.path(), LEDGER_FILE), b"").expect("write");
         let err = Ledger::open(dir.path(), "prod-a", H).expect_err("empty is corrupt");
         assert!(matches!(err, LedgerError::Corrupt { .. }), "{err}");
         assert_eq!(
-            std::fs::read(dir.path().join("ledger.sqlite3"))
+            std::fs::read(in_private(dir.path(), LEDGER_FILE))
                 .expect("read")
                 .len(),
             0
         );
         // Tables without their meta rows cannot come from meterd: refused, never re-made.
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ledger.sqlite3");
+        let path = in_private(dir.path(), LEDGER_FILE);
         Connection::open(&path)
             .and_then(|c| {
                 c.pragma_update(None, "journal_mode", "WAL")?;
@@ -1879,10 +1914,10 @@ mod tests {
         assert_eq!(std::fs::read(&path).expect("read"), before);
         // A first start interrupted before the rename leaves only the side file: start anew.
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("ledger.sqlite3.new"), b"half written").expect("write");
+        std::fs::write(in_private(dir.path(), NEW_LEDGER_FILE), b"half written").expect("write");
         let ledger = Ledger::open(dir.path(), "prod-a", H).expect("fresh ledger");
         assert_eq!(ledger.identity().first_start, H);
-        assert!(!dir.path().join("ledger.sqlite3.new").exists());
+        assert!(!in_private(dir.path(), NEW_LEDGER_FILE).exists());
     }
 
     #[test]
@@ -1892,5 +1927,351 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         let err = Ledger::open(dir.path(), "prod-b", H).expect_err("mismatch");
         assert!(matches!(err, LedgerError::ProductMismatch { .. }), "{err}");
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn euid() -> u32 {
+        rustix::process::geteuid().as_raw()
+    }
+
+    /// Waits until no writer thread holds the lock of the state dir `dir`.
+    fn wait_unlocked(dir: &Path) {
+        let private = std::fs::File::open(dir.join(PRIVATE_DIR)).expect("private dir");
+        while private.try_lock().is_err() {
+            std::thread::yield_now();
+        }
+    }
+
+    fn refused(result: Result<Ledger, LedgerError>, what: &str) -> String {
+        match result {
+            Err(LedgerError::Unsafe(why)) => why,
+            Err(e) => panic!("{what}: refused for another reason: {e}"),
+            Ok(_) => panic!("{what}: opened"),
+        }
+    }
+
+    #[test]
+    fn a_deleted_lock_file_does_not_admit_a_second_agent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        // The lock file of the layout before the private directory: nothing depends on it.
+        let _ = std::fs::remove_file(dir.path().join("meterd.lock"));
+        let err = Ledger::open(dir.path(), "prod-a", H).expect_err("still locked");
+        assert!(matches!(err, LedgerError::Locked(_)), "{err}");
+        // A second path to the same directory meets the same lock.
+        let other = tempfile::tempdir().expect("tempdir");
+        let alias = other.path().join("state");
+        std::os::unix::fs::symlink(dir.path(), &alias).expect("symlink");
+        let err = Ledger::open(&alias, "prod-a", H).expect_err("same directory");
+        assert!(matches!(err, LedgerError::Locked(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_ledger_linked_to_another_agents_ledger_is_refused() {
+        let live = tempfile::tempdir().expect("tempdir");
+        let agent = Ledger::open(live.path(), "prod-a", H).expect("open");
+        let target = ledger_path(live.path());
+        let link = |at: &Path| std::os::unix::fs::symlink(&target, at).expect("symlink");
+
+        let other = tempfile::tempdir().expect("tempdir");
+        link(&in_private(other.path(), LEDGER_FILE));
+        let why = refused(Ledger::open(other.path(), "prod-a", H), "symlinked ledger");
+        assert!(why.contains("symbolic link"), "{why}");
+
+        // In the old place, where a ledger of the old layout would be moved from.
+        let other = tempfile::tempdir().expect("tempdir");
+        link(&other.path().join(LEDGER_FILE));
+        let why = refused(
+            Ledger::open(other.path(), "prod-a", H),
+            "old-layout symlink",
+        );
+        assert!(why.contains("symbolic link"), "{why}");
+
+        let other = tempfile::tempdir().expect("tempdir");
+        std::fs::hard_link(&target, in_private(other.path(), LEDGER_FILE)).expect("hard link");
+        let why = refused(Ledger::open(other.path(), "prod-a", H), "hard link");
+        assert!(why.contains("hard links"), "{why}");
+        std::fs::remove_file(in_private(other.path(), LEDGER_FILE)).expect("unlink");
+
+        let other = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(
+            live.path().join(PRIVATE_DIR),
+            other.path().join(PRIVATE_DIR),
+        )
+        .expect("symlink");
+        let why = refused(Ledger::open(other.path(), "prod-a", H), "symlinked dir");
+        assert!(why.contains("symbolic link"), "{why}");
+
+        // The live agent never noticed.
+        agent
+            .append(vec![event("requests", 1, None)], H)
+            .await
+            .expect("the live agent still writes");
+        assert!(std::fs::symlink_metadata(&target)
+            .expect("ledger")
+            .is_file());
+    }
+
+    #[test]
+    fn planted_links_create_nothing_outside_the_state_dir() {
+        let outside = tempfile::tempdir().expect("tempdir");
+        let target = outside.path().join("created-through-a-link");
+        for (planted, opens) in [
+            ("meterd.lock", true),
+            ("private", false),
+            ("private/ledger.sqlite3", false),
+            ("private/ledger.sqlite3-wal", false),
+            ("private/ledger.sqlite3-shm", false),
+            ("private/ledger.sqlite3-journal", false),
+            // A leftover name of an interrupted first start is removed, never followed.
+            ("private/ledger.sqlite3.new", true),
+            ("private/ledger.sqlite3.new-journal", true),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            if planted.starts_with("private/") {
+                in_private(dir.path(), "");
+            }
+            std::os::unix::fs::symlink(&target, dir.path().join(planted)).expect("symlink");
+            let result = Ledger::open(dir.path(), "prod-a", H);
+            if opens {
+                result.unwrap_or_else(|e| panic!("{planted}: {e}"));
+            } else {
+                refused(result, planted);
+            }
+            assert!(
+                std::fs::read_dir(outside.path())
+                    .expect("outside")
+                    .next()
+                    .is_none(),
+                "a link at {planted} made meterd create a file outside the state dir"
+            );
+        }
+    }
+
+    #[test]
+    fn files_of_another_uid_are_refused_with_the_ledger_exit_code() {
+        use std::os::unix::fs::chown;
+        if euid() != 0 {
+            println!("skipped: files_of_another_uid_are_refused needs root to chown to uid 65534");
+            return;
+        }
+        let nobody = Some(65534);
+        let make = || {
+            let dir = tempfile::tempdir().expect("tempdir");
+            drop(Ledger::open(dir.path(), "prod-a", H).expect("open"));
+            wait_unlocked(dir.path());
+            dir
+        };
+        let dir = make();
+        chown(dir.path().join(PRIVATE_DIR), nobody, None).expect("chown");
+        let why = refused(Ledger::open(dir.path(), "prod-a", H), "foreign dir");
+        assert!(why.contains("uid 65534"), "{why}");
+
+        let dir = make();
+        chown(ledger_path(dir.path()), nobody, None).expect("chown");
+        let result = Ledger::open(dir.path(), "prod-a", H);
+        let err = result.as_ref().err().cloned().expect("refused");
+        assert!(refused(result, "foreign ledger").contains("uid 65534"));
+        assert_eq!(
+            crate::agent::AgentError::from(err).exit_code(),
+            crate::agent::EXIT_LEDGER
+        );
+
+        // Another user's WAL beside our ledger would be replayed into it.
+        let dir = make();
+        let wal = in_private(dir.path(), "ledger.sqlite3-wal");
+        std::fs::write(&wal, b"").expect("wal");
+        chown(&wal, nobody, None).expect("chown");
+        refused(Ledger::open(dir.path(), "prod-a", H), "foreign WAL");
+
+        // A ledger of the old layout that another user put there is not moved in.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = dir.path().join(LEDGER_FILE);
+        std::fs::write(&old, b"").expect("old ledger");
+        chown(&old, nobody, None).expect("chown");
+        refused(Ledger::open(dir.path(), "prod-a", H), "foreign old ledger");
+        assert!(old.exists() && !ledger_path(dir.path()).exists());
+    }
+
+    #[tokio::test]
+    async fn a_world_writable_state_dir_works_through_a_private_dir_of_mode_0700() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A Kubernetes emptyDir.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open in a 0777 state dir");
+        assert_eq!(ledger.path(), ledger_path(dir.path()));
+        ledger
+            .append(vec![event("requests", 1, None)], H)
+            .await
+            .expect("append");
+        let private = dir.path().join(PRIVATE_DIR);
+        assert_eq!(mode(&private), 0o700);
+        for name in [LEDGER_FILE, "ledger.sqlite3-wal", "ledger.sqlite3-shm"] {
+            let path = private.join(name);
+            assert_eq!(mode(&path), 0o600, "{name}");
+            assert_eq!(
+                std::fs::metadata(&path).expect("meta").uid(),
+                euid(),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            1,
+            "only the private directory is created in state.dir"
+        );
+        // kubelet's fsGroup adds group write on every mount: narrowed at the next start.
+        drop(ledger);
+        wait_unlocked(dir.path());
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o2770)).expect("chmod");
+        std::fs::set_permissions(
+            private.join(LEDGER_FILE),
+            std::fs::Permissions::from_mode(0o660),
+        )
+        .expect("chmod");
+        let ledger = reopen(dir.path(), H).await;
+        assert_eq!(mode(&private) & 0o777, 0o700);
+        assert_eq!(mode(&private.join(LEDGER_FILE)), 0o600);
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            1
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lock_is_released_when_the_writer_thread_ends_and_not_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        // Another connection holds the write lock: the writer thread waits in its next group.
+        let blocker = Connection::open(ledger_path(dir.path())).expect("connection");
+        blocker
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("write lock");
+        {
+            let mut append = Box::pin(ledger.append(vec![event("requests", 1, None)], H));
+            tokio::select! {
+                biased;
+                _ = &mut append => panic!("answered while the write lock is taken"),
+                _ = std::future::ready(()) => {}
+            }
+        }
+        // No handle is left, but the queued request is still being written.
+        drop(ledger);
+        let err = Ledger::open(dir.path(), "prod-a", H).expect_err("the writer still runs");
+        assert!(matches!(err, LedgerError::Locked(_)), "{err}");
+        blocker.execute_batch("ROLLBACK").expect("release");
+        drop(blocker);
+        // The writer thread commits the request, ends, and releases the lock.
+        let ledger = reopen(dir.path(), H).await;
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            1
+        );
+    }
+
+    /// A ledger with 7 requests in hour H, in the old layout's place in `dir`.
+    async fn old_layout_ledger(dir: &Path) -> LedgerIdentity {
+        let build = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(build.path(), "prod-a", H).expect("open");
+        ledger
+            .append(vec![event("requests", 7, None)], H)
+            .await
+            .expect("append");
+        let identity = ledger.identity().clone();
+        drop(ledger);
+        wait_unlocked(build.path());
+        for suffix in ["", "-wal", "-shm"] {
+            let from = in_private(build.path(), &format!("{LEDGER_FILE}{suffix}"));
+            if from.exists() {
+                std::fs::rename(from, dir.join(format!("{LEDGER_FILE}{suffix}"))).expect("move");
+            }
+        }
+        identity
+    }
+
+    #[tokio::test]
+    async fn a_ledger_of_the_old_layout_is_moved_into_the_private_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = old_layout_ledger(dir.path()).await;
+        let old = dir.path().join(LEDGER_FILE);
+
+        // An older meterd still running on it holds the old lock file: a second agent.
+        let old_lock = std::fs::File::create(dir.path().join("meterd.lock")).expect("lock");
+        old_lock.try_lock().expect("lock");
+        let err = Ledger::open(dir.path(), "prod-a", H).expect_err("old agent runs");
+        assert!(
+            matches!(err, LedgerError::Locked(ref p) if p.ends_with("meterd.lock")),
+            "{err}"
+        );
+        drop(old_lock);
+        wait_unlocked(dir.path());
+        assert!(old.exists(), "nothing moved while the old agent ran");
+
+        // A planted link for the old lock file is refused, and nothing is created through it.
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::remove_file(dir.path().join("meterd.lock")).expect("unlink");
+        std::os::unix::fs::symlink(outside.path().join("x"), dir.path().join("meterd.lock"))
+            .expect("symlink");
+        refused(Ledger::open(dir.path(), "prod-a", H), "linked old lock");
+        wait_unlocked(dir.path());
+        assert!(std::fs::read_dir(outside.path())
+            .expect("dir")
+            .next()
+            .is_none());
+        std::fs::remove_file(dir.path().join("meterd.lock")).expect("unlink");
+
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("moved and opened");
+        assert_eq!(ledger.identity().instance_id, identity.instance_id);
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            7
+        );
+        assert!(!old.exists());
+        assert_eq!(mode(&ledger_path(dir.path())), 0o600);
+        assert_eq!(read_records_at(dir.path(), 10).expect("records").len(), 0);
+
+        // A ledger in both places: refused, both left where they are.
+        drop(ledger);
+        wait_unlocked(dir.path());
+        std::fs::write(&old, b"another ledger").expect("old");
+        let why = refused(Ledger::open(dir.path(), "prod-a", H), "two ledgers");
+        assert!(why.contains("another one is at"), "{why}");
+        assert_eq!(std::fs::read(&old).expect("old"), b"another ledger");
+        assert!(ledger_path(dir.path()).exists());
+    }
+
+    #[tokio::test]
+    async fn records_are_read_where_the_agent_keeps_them_and_never_through_a_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        old_layout_ledger(dir.path()).await;
+        // Not moved yet (no agent of this version ran): read in the old place.
+        assert!(read_records_at(dir.path(), 10)
+            .expect("old layout")
+            .is_empty());
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        ledger
+            .seal_through(H + HOUR_SECS, H + HOUR_SECS, policy())
+            .await
+            .expect("seal");
+        assert_eq!(read_records_at(dir.path(), 10).expect("records").len(), 2);
+
+        let other = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(
+            ledger_path(dir.path()),
+            in_private(other.path(), LEDGER_FILE),
+        )
+        .expect("symlink");
+        let err = read_records_at(other.path(), 10).expect_err("a link");
+        assert!(matches!(err, LedgerError::Unsafe(_)), "{err}");
     }
 }

@@ -222,6 +222,130 @@ async fn sigterm_flushes_the_open_hour_and_a_second_process_is_refused() {
     }
 }
 
+/// A copy of the rig's configuration with its own state dir and a free port.
+fn config_with_state(s: &BinaryRig, state: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    let state_line = format!("dir = {:?}", s.state_dir().display().to_string());
+    assert!(text.contains(&state_line), "{text}");
+    let text = text
+        .replace(
+            &state_line,
+            &format!("dir = {:?}", state.display().to_string()),
+        )
+        .replace(&s.addr, &format!("127.0.0.1:{}", support::free_port()));
+    let path = state.with_extension("toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+async fn refused_with_74(config: &Path, cwd: &Path, what: &str, says: &str) {
+    let out = agent_command(config, cwd).output().await.expect("agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{what}: {stderr}");
+    assert!(stderr.contains(says), "{what}: {stderr}");
+}
+
+/// The lock is on the ledger's private directory, and the ledger is opened only where it is:
+/// neither deleting a lock file nor linking a ledger lets a second agent in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_second_agent_by_a_deleted_lock_file_a_linked_ledger_or_another_users_files() {
+    let s = setup().await;
+    let mut child = agent_command(&s.config_path, s.dir.path())
+        .spawn()
+        .expect("spawn");
+    support::wait_ready(&s.addr, &mut child).await;
+
+    // The layout before the private directory locked this file.
+    let _ = std::fs::remove_file(s.state_dir().join("meterd.lock"));
+    refused_with_74(
+        &s.config_path,
+        s.dir.path(),
+        "lock file deleted",
+        "another meterd process holds",
+    )
+    .await;
+
+    let live = meterd::ledger::ledger_path(&s.state_dir());
+    assert!(live.is_file(), "{}", live.display());
+    let linked = s.dir.path().join("linked");
+    std::fs::create_dir_all(linked.join(meterd::ledger::PRIVATE_DIR)).expect("private dir");
+    std::os::unix::fs::symlink(&live, meterd::ledger::ledger_path(&linked)).expect("symlink");
+    std::os::unix::fs::symlink(&live, linked.join("ledger.sqlite3")).expect("symlink");
+    refused_with_74(
+        &config_with_state(&s, &linked),
+        s.dir.path(),
+        "ledger linked to a live agent's",
+        "symbolic link",
+    )
+    .await;
+
+    if rustix::process::geteuid().is_root() {
+        let foreign = s.dir.path().join("foreign");
+        std::fs::create_dir_all(foreign.join(meterd::ledger::PRIVATE_DIR)).expect("private dir");
+        std::os::unix::fs::chown(foreign.join(meterd::ledger::PRIVATE_DIR), Some(65534), None)
+            .expect("chown");
+        refused_with_74(
+            &config_with_state(&s, &foreign),
+            s.dir.path(),
+            "private dir of another uid",
+            "belongs to uid 65534",
+        )
+        .await;
+    } else {
+        println!("skipped the other-uid case: it needs root to chown to uid 65534");
+    }
+
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exit in grace")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+}
+
+/// Usage the final flush cannot seal is not billed by this run: the exit says so (74), not 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_flush_that_cannot_seal_the_open_hour_exits_74() {
+    let s = setup().await;
+    let mut child = agent_command(&s.config_path, s.dir.path())
+        .spawn()
+        .expect("spawn");
+    support::wait_ready(&s.addr, &mut child).await;
+    let body = serde_json::json!({"events": [{"dimension": "requests", "quantity": 5}]});
+    let (status, _) = local_client::call(
+        &Target::Tcp(s.addr.clone()),
+        Method::POST,
+        "/v1/usage",
+        Some(body.to_string().into_bytes()),
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("post");
+    assert_eq!(status, StatusCode::OK);
+    // The open hour's counter now exceeds what one record can hold: sealing it fails.
+    let ledger =
+        rusqlite::Connection::open(meterd::ledger::ledger_path(&s.state_dir())).expect("ledger");
+    let changed = ledger
+        .execute(
+            "UPDATE usage SET quantity = quantity + 2147483647 WHERE dimension = 'requests'",
+            [],
+        )
+        .expect("update");
+    assert_eq!(changed, 1);
+    drop(ledger);
+
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("exit in grace")
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(stderr.contains("could not seal the open hour"), "{stderr}");
+    assert!(!stderr.contains("all records delivered"), "{stderr}");
+}
+
 #[test]
 fn a_bad_config_exits_64_naming_every_problem() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1191,7 +1191,7 @@ async fn a_truncated_ledger_is_refused_with_exit_74_and_left_untouched() {
     }
     let (status, err) = sigterm_and_wait(child).await;
     assert!(status.success(), "{err}");
-    let ledger = s.state_dir().join("ledger.sqlite3");
+    let ledger = meterd::ledger::ledger_path(&s.state_dir());
     // Fold the WAL into the main file, so that the file alone is the whole ledger.
     {
         let conn = rusqlite::Connection::open(&ledger).expect("open the ledger");
@@ -1212,7 +1212,9 @@ async fn a_truncated_ledger_is_refused_with_exit_74_and_left_untouched() {
     ] {
         std::fs::write(&ledger, &intact[..cut]).expect("truncate");
         for suffix in ["-wal", "-shm"] {
-            let _ = std::fs::remove_file(s.state_dir().join(format!("ledger.sqlite3{suffix}")));
+            let mut side = ledger.clone().into_os_string();
+            side.push(suffix);
+            let _ = std::fs::remove_file(side);
         }
         let out = s.command(BIN, ACCESS_KEY).output().await.expect("run");
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -252,6 +252,8 @@ impl InProcessAgent {
             .await
             .expect("agent task")
             .expect("agent exits cleanly");
+        // The ledger's lock goes with its writer thread: wait for it, so a restart can take it.
+        self.handles.ledger.closed().await;
     }
 }
 
