@@ -10,7 +10,8 @@
 //! - [`entitlement`]: RegisterUsage at start-up and PS256 verification against the keyring.
 //! - [`agent`]: wires the above together under one root `run` and a cancellation token.
 //!
-//! Beside the agent: [`emulator`], a faithful Metering Service for tests and sellers;
+//! Beside the agent: `emulator` (cargo feature `emulator`, on by default, off in the production
+//! image), a faithful Metering Service for tests and sellers;
 //! [`clock`], wall-clock time as a dependency; [`aws`], the SDK client and error classes.
 
 #![forbid(unsafe_code)]
@@ -20,7 +21,9 @@ pub mod aws;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "emulator")]
 pub mod demo;
+#[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod entitlement;
 pub mod ingest;

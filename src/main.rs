@@ -114,9 +114,25 @@ enum Command {
         quantity: i32,
     },
     /// Serve the Metering Service emulator.
+    #[cfg(feature = "emulator")]
     Emulator(meterd::emulator::EmulatorArgs),
     /// Run the real agent against the embedded emulator, with one hour passing per minute.
+    #[cfg(feature = "emulator")]
     Demo(meterd::demo::DemoArgs),
+    /// Not in this build: the emulator (cargo feature `emulator`).
+    #[cfg(not(feature = "emulator"))]
+    Emulator(NotBuilt),
+    /// Not in this build: the demo needs the emulator (cargo feature `emulator`).
+    #[cfg(not(feature = "emulator"))]
+    Demo(NotBuilt),
+}
+
+/// Whatever arguments a command this build leaves out was given.
+#[cfg(not(feature = "emulator"))]
+#[derive(clap::Args, Debug)]
+struct NotBuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _args: Vec<String>,
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {
@@ -216,6 +232,7 @@ fn main() -> ExitCode {
                 send,
                 quantity,
             } => listing_check(&config.config, send, quantity).await,
+            #[cfg(feature = "emulator")]
             Command::Emulator(args) => match meterd::emulator::run_cli(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -227,6 +244,7 @@ fn main() -> ExitCode {
                     }
                 }
             },
+            #[cfg(feature = "emulator")]
             Command::Demo(args) => match meterd::demo::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -234,6 +252,14 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            #[cfg(not(feature = "emulator"))]
+            Command::Emulator(_) | Command::Demo(_) => {
+                eprintln!(
+                    "meterd: this binary was built without the emulator (cargo feature `emulator`), as the production image is; \
+                     run the emulator and the demo from a development build (cargo run -- emulator)"
+                );
+                exit(EXIT_BAD_CONFIG)
+            }
         }
     })
 }

@@ -1,4 +1,5 @@
 //! The agent driven in-process against the emulator, with a manual clock shared by both.
+#![cfg(feature = "emulator")]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -2,6 +2,7 @@
 //!
 //! The emulator runs in this test process (so it outlives every kill); the agent is a child.
 //! `METERD_CRASH_ITERATIONS` sets the number of kills (default 20; the long mode uses 200).
+#![cfg(feature = "emulator")]
 
 use std::collections::HashMap;
 use std::path::Path;

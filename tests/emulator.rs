@@ -1,5 +1,6 @@
 //! The Metering Service emulator, driven by the real Rust SDK (and raw HTTP where the SDK
 //! cannot send a malformed request). Time moves only through a `ManualClock`.
+#![cfg(feature = "emulator")]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
 //! Entitlement at start-up against the in-process emulator, on loopback, with a ManualClock
 //! shared by the agent side and the emulator.
+#![cfg(feature = "emulator")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -19,6 +19,7 @@
 //! Knobs (the script sets them): `METERD_RELIABILITY_KILLS` (kill -9 iterations, default 20),
 //! `METERD_RELIABILITY_HOURS` (simulated hours of the fault run, default 8),
 //! `METERD_RELIABILITY_CLIENTS` (concurrent clients in the kill loop, default 8).
+#![cfg(feature = "emulator")]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
