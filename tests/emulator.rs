@@ -1366,6 +1366,39 @@ async fn without_credentials_any_well_formed_signature_is_accepted_but_one_is_re
     );
 }
 
+#[tokio::test]
+async fn a_non_ascii_amz_date_answers_incomplete_signature_and_the_emulator_lives_on() {
+    let mut config = EmulatorConfig::demo();
+    config.credentials = BTreeMap::from([("AKIDGOOD".to_owned(), "right-secret".to_owned())]);
+    let env = start(config).await;
+    let body = json!({"ProductCode": PRODUCT, "PublicKeyVersion": 1}).to_string();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", env.emu.addr().to_string().parse().expect("host"));
+    headers.insert(
+        "x-amz-target",
+        "AWSMPMeteringService.RegisterUsage"
+            .parse()
+            .expect("target"),
+    );
+    Signer {
+        access_key_id: "AKIDGOOD",
+        secret: "right-secret",
+        region: "us-east-1",
+    }
+    .sign(&mut headers, "POST", "/", body.as_bytes(), env.clock.now());
+    headers.insert(
+        "x-amz-date",
+        http::HeaderValue::from_bytes(b"202\xc3\xa9010T120000Z").expect("obs-text"),
+    );
+    let answer = http(env.emu.addr(), "POST", "/", headers, body.into_bytes()).await;
+    assert_eq!(
+        error_type(&answer),
+        (400, "IncompleteSignatureException".to_owned())
+    );
+    let c = env.client("AKIDGOOD", "right-secret", "us-east-1").await;
+    register_call(&c, 1).send().await.expect("still serving");
+}
+
 // ---------------------------------------------------------------- Faults
 
 /// Sends `n` MeterUsage calls, each as its own task (identity), for distinct records.
