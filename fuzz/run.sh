@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Fuzz meterd's outside-input parsers with cargo-fuzz (libFuzzer).
-#   fuzz/run.sh [SECONDS]   runs each target for SECONDS (default 600), one after the other,
-#                           then merges what was found into the committed corpus.
+#   fuzz/run.sh [SECONDS [TARGET...]]   runs each target (default: all) for SECONDS (default
+#                           600), one after the other, then merges what was found into the
+#                           committed corpus.
 # Needs `cargo install cargo-fuzz`; the toolchain is stable, so RUSTC_BOOTSTRAP=1 unlocks the
 # nightly flags (-Zsanitizer=address) that cargo-fuzz passes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS_PER_TARGET="${1:-600}"
+shift || true
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(ingest_parse jwt_verify emulator_request)
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-for target in ingest_parse jwt_verify; do
+for target in "${TARGETS[@]}"; do
   scratch="fuzz/target/scratch-corpus/$target"
   mkdir -p "$scratch" "fuzz/corpus/$target"
   echo "== $target: ${SECONDS_PER_TARGET}s"

@@ -1367,6 +1367,103 @@ async fn without_credentials_any_well_formed_signature_is_accepted_but_one_is_re
     );
 }
 
+#[tokio::test]
+async fn a_non_ascii_amz_date_answers_incomplete_signature_and_the_emulator_lives_on() {
+    let mut config = EmulatorConfig::demo();
+    config.credentials = BTreeMap::from([("AKIDGOOD".to_owned(), "right-secret".to_owned())]);
+    let env = start(config).await;
+    let body = json!({"ProductCode": PRODUCT, "PublicKeyVersion": 1}).to_string();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", env.emu.addr().to_string().parse().expect("host"));
+    headers.insert(
+        "x-amz-target",
+        "AWSMPMeteringService.RegisterUsage"
+            .parse()
+            .expect("target"),
+    );
+    Signer {
+        access_key_id: "AKIDGOOD",
+        secret: "right-secret",
+        region: "us-east-1",
+    }
+    .sign(&mut headers, "POST", "/", body.as_bytes(), env.clock.now());
+    headers.insert(
+        "x-amz-date",
+        http::HeaderValue::from_bytes(b"202\xc3\xa9010T120000Z").expect("obs-text"),
+    );
+    let answer = http(env.emu.addr(), "POST", "/", headers, body.into_bytes()).await;
+    assert_eq!(
+        error_type(&answer),
+        (400, "IncompleteSignatureException".to_owned())
+    );
+    let c = env.client("AKIDGOOD", "right-secret", "us-east-1").await;
+    register_call(&c, 1).send().await.expect("still serving");
+}
+
+#[test]
+fn offline_calls_take_the_served_path() {
+    let clock = ManualClock::at_unix(T0);
+    let emu = emulator::Offline::new(EmulatorConfig::demo(), clock.clone()).expect("builds");
+    let body = json!({
+        "ProductCode": PRODUCT, "Timestamp": T0, "UsageDimension": "requests", "UsageQuantity": 3
+    })
+    .to_string();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", "emulator".parse().expect("host"));
+    headers.insert(
+        "x-amz-target",
+        "AWSMPMeteringService.MeterUsage".parse().expect("target"),
+    );
+    Signer {
+        access_key_id: "AKIDTASK1",
+        secret: "any",
+        region: "us-east-1",
+    }
+    .sign(&mut headers, "POST", "/", body.as_bytes(), clock.now());
+    let list: Vec<(&[u8], &[u8])> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()))
+        .collect();
+    let answer = emu
+        .call(b"POST", b"/", &list, body.as_bytes())
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(emu.records().len(), 1);
+
+    // A latency is recorded, not waited for; the admin API answers too.
+    let faults = br#"{"all": {"latency": "1h"}}"#;
+    let answer = emu
+        .call(b"POST", b"/_emulator/faults", &[], faults)
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(answer.status, 200);
+    let again = emu
+        .call(b"POST", b"/", &list, body.as_bytes())
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(again.status, 200, "the same record again");
+    let calls = emu
+        .call(b"GET", b"/_emulator/calls", &[], b"")
+        .expect("valid HTTP")
+        .expect("answered");
+    let calls: Value = serde_json::from_slice(&calls.body).expect("json");
+    assert_eq!(calls[1]["added_latency_ms"], 3_600_000, "{calls}");
+
+    let date: &[u8] = b"202\xc3\xa9010T120000Z";
+    let mut odd = list.clone();
+    odd.retain(|(k, _)| *k != b"x-amz-date");
+    odd.push((b"x-amz-date", date));
+    let answer = emu
+        .call(b"POST", b"/", &odd, body.as_bytes())
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(answer.status, 400);
+    assert!(emu
+        .call(b"POST", b"/", &[(b"bad name", b"x")], b"")
+        .is_err());
+}
+
 // ---------------------------------------------------------------- Faults
 
 /// Sends `n` MeterUsage calls, each as its own task (identity), for distinct records.
@@ -1565,6 +1662,45 @@ async fn down_for_follows_the_emulator_clock_and_admin_api_sets_faults() {
     )
     .await;
     assert_eq!(status, 400, "unknown fields are rejected");
+}
+
+#[tokio::test]
+async fn fault_durations_past_the_bound_are_400s_naming_the_field() {
+    let env = start(EmulatorConfig::demo()).await;
+    for (body, field) in [
+        (
+            json!({"all": {"down_for": "500000000000years"}}),
+            "faults.all.down_for: at most 7days",
+        ),
+        (
+            json!({"operations": {"MeterUsage": {"latency": "500000000000years"}}}),
+            "faults.operations.MeterUsage.latency: at most 7days",
+        ),
+    ] {
+        let (status, answer) = admin_post(&env, "/_emulator/faults", body.clone()).await;
+        assert_eq!(status, 400, "{answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with(field), "{error}");
+        let profile: FaultProfile = serde_json::from_value(body).expect("a profile");
+        let err = env.emu.try_set_faults(profile).expect_err("the same check");
+        assert_eq!(err.problems.join("; "), error);
+    }
+    assert_eq!(
+        admin_get(&env, "/_emulator/faults").await,
+        json!({"all": serde_json::to_value(FaultRule::default()).expect("json"), "operations": {}}),
+        "a refused profile changes nothing"
+    );
+    let c = env.default_client().await;
+    assert!(meter(&c, "requests", T0, 1, None).await.is_ok());
+}
+
+#[tokio::test]
+#[should_panic(expected = "faults.all.latency: at most 7days")]
+async fn set_faults_refuses_an_invalid_profile_loudly() {
+    let env = start(EmulatorConfig::demo()).await;
+    let mut profile = FaultProfile::default();
+    profile.all.latency = Some(Duration::from_secs(8 * 24 * 3600));
+    env.emu.set_faults(profile);
 }
 
 #[tokio::test]

@@ -10,6 +10,9 @@ use anyhow::Context;
 use super::config::{ConfigError, EmulatorConfig};
 use crate::clock::{ScaledClock, SharedClock, SystemClock};
 
+/// The fastest `--time-scale`: an hour a second.
+pub const MAX_TIME_SCALE: f64 = 3600.0;
+
 /// Flags of `meterd emulator`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
@@ -41,7 +44,7 @@ pub struct EmulatorArgs {
     pub credentials: Vec<String>,
 
     /// For demos only: run the emulator clock this many times faster than real time
-    /// (60 makes an hour pass in a minute). Never use it for billing tests.
+    /// (60 makes an hour pass in a minute; 1 to 3600). Never use it for billing tests.
     #[arg(long, value_name = "FACTOR")]
     pub time_scale: Option<f64>,
 
@@ -94,9 +97,10 @@ impl EmulatorArgs {
             }
         }
         if let Some(scale) = self.time_scale {
-            if !(scale.is_finite() && scale > 0.0) {
+            // Bounded as `meterd demo` bounds it: a scaled clock multiplies real time by it.
+            if !(scale.is_finite() && (1.0..=MAX_TIME_SCALE).contains(&scale)) {
                 problems.push(format!(
-                    "--time-scale must be a positive number, got {scale}"
+                    "--time-scale must be between 1 and {MAX_TIME_SCALE}, got {scale}"
                 ));
             }
         }
@@ -217,5 +221,19 @@ mod tests {
         let err = cli.args.load_config().expect_err("invalid");
         let err = err.downcast::<ConfigError>().expect("ConfigError");
         assert_eq!(err.problems.len(), 2);
+    }
+
+    #[test]
+    fn time_scale_is_bounded() {
+        for (scale, ok) in [
+            ("1", true),
+            ("3600", true),
+            ("1e300", false),
+            ("0.5", false),
+        ] {
+            let cli = Cli::try_parse_from(["emulator", &format!("--time-scale={scale}")])
+                .expect("parses");
+            assert_eq!(cli.args.load_config().is_ok(), ok, "--time-scale={scale}");
+        }
     }
 }

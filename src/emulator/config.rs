@@ -17,6 +17,10 @@ use super::model::{Operation, MODEL_MAX_ALLOCATIONS};
 pub const DEMO_SIGNING_KEY_PEM: &str = include_str!("demo-signing-key.pem");
 pub const DEMO_PRODUCT_CODE: &str = "prod-demo1234";
 
+/// The longest `timestamp_future_skew`, `timestamp_max_age` or `signature_max_skew`: a year
+/// keeps every usage Timestamp the emulator accepts within what its hour arithmetic holds.
+pub const MAX_TIME_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// The emulator's whole configuration. See `docs/emulator.md` for an annotated example.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -252,6 +256,19 @@ impl EmulatorConfig {
         if self.timestamp_max_age.is_zero() {
             problems.push("timestamp_max_age must be positive".to_owned());
         }
+        for (name, window) in [
+            ("timestamp_future_skew", Some(self.timestamp_future_skew)),
+            ("timestamp_max_age", Some(self.timestamp_max_age)),
+            ("signature_max_skew", self.signature_max_skew),
+        ] {
+            if let Some(d) = window.filter(|d| *d > MAX_TIME_WINDOW) {
+                problems.push(format!(
+                    "{name}: at most {}, got {}",
+                    humantime::format_duration(MAX_TIME_WINDOW),
+                    humantime::format_duration(d)
+                ));
+            }
+        }
         for (key, secret) in &self.credentials {
             if key.is_empty() || key.contains(['/', ' ', ',', '=']) {
                 problems.push(format!("credential access key id {key:?} is malformed"));
@@ -453,5 +470,36 @@ mod tests {
         );
         assert_eq!(config.faults.all.latency, Some(Duration::from_millis(250)));
         assert_eq!(config.disabled_operations, vec![Operation::BatchMeterUsage]);
+    }
+
+    #[test]
+    fn durations_are_bounded_with_the_field_named() {
+        let text = r#"
+            timestamp_future_skew = "500000000000years"
+            timestamp_max_age = "367days"
+            signature_max_skew = "366days"
+            [faults.all]
+            down_for = "500000000000years"
+            [faults.operations.MeterUsage]
+            latency = "8days"
+        "#;
+        let err = EmulatorConfig::from_toml_str(text).expect_err("too long");
+        let err = err.downcast::<ConfigError>().expect("a ConfigError");
+        let fields: Vec<&str> = err
+            .problems
+            .iter()
+            .filter_map(|p| p.split(':').next())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "timestamp_future_skew",
+                "timestamp_max_age",
+                "faults.all.down_for",
+                "faults.operations.MeterUsage.latency"
+            ],
+            "{:#?}",
+            err.problems
+        );
     }
 }

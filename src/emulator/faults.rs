@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::config::ConfigError;
 use super::model::Operation;
 
 /// Faults for every operation (`all`), optionally replaced per operation.
@@ -52,6 +53,10 @@ pub struct FaultRule {
     pub down_for: Option<Duration>,
 }
 
+/// The longest `latency` or `down_for` a rule may have. Longer ones are configuration
+/// errors, so no fault time can overflow a clock.
+pub const MAX_FAULT_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 impl FaultRule {
     fn problems(&self, scope: &str) -> Vec<String> {
         let mut problems = Vec::new();
@@ -63,15 +68,24 @@ impl FaultRule {
         ] {
             if !(0.0..=1.0).contains(&rate) {
                 problems.push(format!(
-                    "faults {scope}: {name} must be within 0..=1, got {rate}"
+                    "faults.{scope}.{name}: must be within 0..=1, got {rate}"
                 ));
             }
         }
         let sum = self.throttle_rate + self.error_rate + self.drop_rate;
         if sum > 1.0 + 1e-9 {
             problems.push(format!(
-                "faults {scope}: throttle_rate + error_rate + drop_rate must not exceed 1, got {sum}"
+                "faults.{scope}: throttle_rate + error_rate + drop_rate must not exceed 1, got {sum}"
             ));
+        }
+        for (name, duration) in [("latency", self.latency), ("down_for", self.down_for)] {
+            if let Some(d) = duration.filter(|d| *d > MAX_FAULT_DURATION) {
+                problems.push(format!(
+                    "faults.{scope}.{name}: at most {}, got {}",
+                    humantime::format_duration(MAX_FAULT_DURATION),
+                    humantime::format_duration(d)
+                ));
+            }
         }
         problems
     }
@@ -82,12 +96,24 @@ impl FaultProfile {
         self.operations.get(&op).unwrap_or(&self.all)
     }
 
+    /// Every problem, each naming its field (`faults.all.down_for: at most 7days, got ...`).
     pub fn problems(&self) -> Vec<String> {
         let mut problems = self.all.problems("all");
         for (op, rule) in &self.operations {
-            problems.extend(rule.problems(op.name()));
+            problems.extend(rule.problems(&format!("operations.{}", op.name())));
         }
         problems
+    }
+
+    /// The one check a profile passes before it is applied, from the configuration file,
+    /// the admin API or [`super::EmulatorHandle::try_set_faults`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
     }
 }
 
@@ -114,43 +140,50 @@ pub struct Decision {
 
 pub(crate) struct FaultInjector {
     profile: FaultProfile,
-    down_until: BTreeMap<Operation, SystemTime>,
+    /// Per operation, the end of its downtime; `None` is past the clock's range: for ever.
+    down_until: BTreeMap<Operation, Option<SystemTime>>,
     rng: StdRng,
 }
 
 impl FaultInjector {
-    pub fn new(profile: FaultProfile, seed: u64, now: SystemTime) -> Self {
+    pub fn new(profile: FaultProfile, seed: u64, now: SystemTime) -> Result<Self, ConfigError> {
         let mut injector = Self {
             profile: FaultProfile::default(),
             down_until: BTreeMap::new(),
             rng: StdRng::seed_from_u64(seed),
         };
-        injector.set(profile, now);
-        injector
+        injector.set(profile, now)?;
+        Ok(injector)
     }
 
     pub fn profile(&self) -> &FaultProfile {
         &self.profile
     }
 
-    pub fn set(&mut self, profile: FaultProfile, now: SystemTime) {
+    /// Validates `profile` and applies it from `now`; an invalid one changes nothing.
+    pub fn set(&mut self, profile: FaultProfile, now: SystemTime) -> Result<(), ConfigError> {
+        profile.validate()?;
         if let Some(seed) = profile.seed {
             self.rng = StdRng::seed_from_u64(seed);
         }
         self.down_until.clear();
         for op in Operation::ALL {
             if let Some(down_for) = profile.rule(op).down_for {
-                self.down_until.insert(op, now + down_for);
+                self.down_until.insert(op, now.checked_add(down_for));
             }
         }
         self.profile = profile;
+        Ok(())
     }
 
     pub fn decide(&mut self, op: Operation, now: SystemTime) -> Decision {
         let rule = self.profile.rule(op);
         let latency = rule.latency.filter(|d| !d.is_zero());
         let draw: f64 = self.rng.gen();
-        let down = self.down_until.get(&op).is_some_and(|until| now < *until);
+        let down = self
+            .down_until
+            .get(&op)
+            .is_some_and(|until| until.is_none_or(|until| now < until));
         let fault = if down {
             Some(InjectedFault::Down)
         } else if draw < rule.drop_rate {
@@ -198,7 +231,8 @@ mod tests {
             ..FaultRule::default()
         };
         let run = |seed| {
-            let mut f = FaultInjector::new(profile(rule.clone()), seed, at(0));
+            let mut f =
+                FaultInjector::new(profile(rule.clone()), seed, at(0)).expect("valid profile");
             (0..200)
                 .map(|_| f.decide(Operation::MeterUsage, at(0)).fault)
                 .collect::<Vec<_>>()
@@ -214,7 +248,7 @@ mod tests {
             error_rate: 0.25,
             ..FaultRule::default()
         };
-        let mut f = FaultInjector::new(profile(rule), 1, at(0));
+        let mut f = FaultInjector::new(profile(rule), 1, at(0)).expect("valid profile");
         let n = 4000;
         let (mut throttled, mut errors) = (0, 0);
         for _ in 0..n {
@@ -240,7 +274,7 @@ mod tests {
                 ..FaultRule::default()
             },
         );
-        let mut f = FaultInjector::new(p, 0, at(100));
+        let mut f = FaultInjector::new(p, 0, at(100)).expect("valid profile");
         assert_eq!(
             f.decide(Operation::MeterUsage, at(129)).fault,
             Some(InjectedFault::Down)
@@ -258,5 +292,76 @@ mod tests {
             ..FaultRule::default()
         });
         assert_eq!(p.problems().len(), 2, "{:?}", p.problems());
+    }
+
+    #[test]
+    fn fault_durations_are_bounded_and_named() {
+        let mut p = profile(FaultRule {
+            latency: Some(MAX_FAULT_DURATION),
+            down_for: Some(MAX_FAULT_DURATION),
+            ..FaultRule::default()
+        });
+        p.validate().expect("the bound itself is allowed");
+        p.all.down_for = Some(Duration::from_secs(500_000_000_000 * 365 * 86400));
+        p.operations.insert(
+            Operation::MeterUsage,
+            FaultRule {
+                latency: MAX_FAULT_DURATION.checked_add(Duration::from_secs(1)),
+                ..FaultRule::default()
+            },
+        );
+        let problems = p.validate().expect_err("too long").problems;
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("faults.all.down_for: at most 7days"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("faults.operations.MeterUsage.latency: at most 7days"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_profile_changes_nothing() {
+        let mut f = FaultInjector::new(FaultProfile::default(), 0, at(0)).expect("valid");
+        let huge = profile(FaultRule {
+            down_for: Some(Duration::MAX),
+            ..FaultRule::default()
+        });
+        assert!(f.set(huge.clone(), at(0)).is_err());
+        assert_eq!(f.profile(), &FaultProfile::default());
+        assert_eq!(f.decide(Operation::MeterUsage, at(0)).fault, None);
+        assert!(FaultInjector::new(huge, 0, at(0)).is_err());
+    }
+
+    /// The latest time `SystemTime` can hold.
+    fn end_of_time() -> SystemTime {
+        let (mut t, mut step) = (UNIX_EPOCH, Duration::MAX);
+        while !step.is_zero() {
+            match t.checked_add(step) {
+                Some(later) => t = later,
+                None => step /= 2,
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn a_downtime_past_the_end_of_the_clock_lasts_for_ever() {
+        // An hour before the clock's end, even a bounded down_for overflows: no panic, down
+        // for ever.
+        let start = end_of_time()
+            .checked_sub(Duration::from_secs(3600))
+            .expect("an hour before the end");
+        let rule = FaultRule {
+            down_for: Some(MAX_FAULT_DURATION),
+            ..FaultRule::default()
+        };
+        let mut f = FaultInjector::new(profile(rule), 0, start).expect("valid");
+        assert_eq!(
+            f.decide(Operation::MeterUsage, end_of_time()).fault,
+            Some(InjectedFault::Down)
+        );
     }
 }

@@ -45,6 +45,19 @@ pub struct EmulatorHandle {
     task: Option<JoinHandle<()>>,
 }
 
+/// Validates `config` and loads or generates the signing keys: everything but the socket.
+fn build(config: EmulatorConfig, clock: SharedClock) -> anyhow::Result<server::Shared> {
+    config.validate()?;
+    let keyring = jwt::Keyring::from_config(&config.keys, config.seed)?;
+    let faults = faults::FaultInjector::new(config.faults.clone(), config.seed, clock.now())?;
+    Ok(server::Shared {
+        service: ops::Service::new(config, keyring),
+        faults: Mutex::new(faults),
+        clock,
+        cancel: CancellationToken::new(),
+    })
+}
+
 /// Validates `config`, loads or generates the signing keys, binds `listen` and serves.
 pub async fn start(
     config: EmulatorConfig,
@@ -52,23 +65,14 @@ pub async fn start(
     listen: SocketAddr,
 ) -> anyhow::Result<EmulatorHandle> {
     config.validate()?;
-    let keys = config.keys.clone();
-    let seed = config.seed;
-    let keyring = tokio::task::spawn_blocking(move || jwt::Keyring::from_config(&keys, seed))
+    let shared = tokio::task::spawn_blocking(move || build(config, clock))
         .await
         .context("loading signing keys")??;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the emulator to {listen}"))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let now = clock.now();
-    let faults = faults::FaultInjector::new(config.faults.clone(), config.seed, now);
-    let shared = Arc::new(server::Shared {
-        service: ops::Service::new(config, keyring),
-        faults: Mutex::new(faults),
-        clock,
-        cancel: CancellationToken::new(),
-    });
+    let shared = Arc::new(shared);
     let task = tokio::spawn(server::serve(listener, shared.clone()));
     tracing::info!(%addr, "metering emulator listening");
     Ok(EmulatorHandle {
@@ -76,6 +80,80 @@ pub async fn start(
         shared,
         task: Some(task),
     })
+}
+
+/// The emulator without a socket: one request in, its answer out, synchronously. It runs
+/// the path a served request takes once its body is read (the admin API; the protocol's
+/// target, SigV4, fault decisions, JSON, the model's checks and the operations), except that
+/// an injected latency is recorded and not waited for. For fuzzing and in-process checks.
+pub struct Offline {
+    shared: server::Shared,
+}
+
+/// What [`Offline::call`] answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: bytes::Bytes,
+}
+
+/// A request that HTTP/1 parsing refuses before the emulator sees it (hyper answers 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid HTTP request: {0}")]
+pub struct NotHttp(pub String);
+
+impl Offline {
+    /// Validates `config` and loads or generates its keys, as [`start`] does.
+    pub fn new(config: EmulatorConfig, clock: SharedClock) -> anyhow::Result<Self> {
+        Ok(Self {
+            shared: build(config, clock)?,
+        })
+    }
+
+    /// Answers one request; `Ok(None)` when fault injection drops the connection.
+    pub fn call(
+        &self,
+        method: &[u8],
+        target: &[u8],
+        headers: &[(&[u8], &[u8])],
+        body: &[u8],
+    ) -> Result<Option<OfflineAnswer>, NotHttp> {
+        let bad = |e: &dyn std::fmt::Display| NotHttp(e.to_string());
+        let mut request = http::Request::builder()
+            .method(http::Method::from_bytes(method).map_err(|e| bad(&e))?)
+            .uri(http::Uri::try_from(target).map_err(|e| bad(&e))?)
+            .body(())
+            .map_err(|e| bad(&e))?;
+        for (name, value) in headers {
+            request.headers_mut().append(
+                http::HeaderName::from_bytes(name).map_err(|e| bad(&e))?,
+                http::HeaderValue::from_bytes(value).map_err(|e| bad(&e))?,
+            );
+        }
+        let (parts, ()) = request.into_parts();
+        let body =
+            (body.len() <= server::MAX_BODY_BYTES).then(|| bytes::Bytes::copy_from_slice(body));
+        let Ok(response) = server::answer_now(&self.shared, server::ReadRequest { parts, body })
+        else {
+            return Ok(None);
+        };
+        let (parts, body) = response.into_parts();
+        Ok(Some(OfflineAnswer {
+            status: parts.status.as_u16(),
+            content_type: parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: server::body_bytes(body),
+        }))
+    }
+
+    /// Accepted MeterUsage records, in arrival order.
+    pub fn records(&self) -> Vec<StoredMeterRecord> {
+        self.shared.service.meter_records()
+    }
 }
 
 impl EmulatorHandle {
@@ -116,22 +194,21 @@ impl EmulatorHandle {
         self.shared.service.calls()
     }
 
-    /// Replaces the fault profile, as `POST /_emulator/faults` does. Invalid rates are
-    /// rejected with the list of problems.
+    /// Replaces the fault profile through the same validation as `POST /_emulator/faults`
+    /// (rates, durations at most [`faults::MAX_FAULT_DURATION`]); an invalid profile
+    /// changes nothing and its problems are returned.
     pub fn try_set_faults(&self, profile: FaultProfile) -> Result<(), ConfigError> {
-        let problems = profile.problems();
-        if !problems.is_empty() {
-            return Err(ConfigError { problems });
-        }
-        let now = self.shared.clock.now();
-        self.shared.faults().set(profile, now);
-        Ok(())
+        self.shared.set_faults(profile)
     }
 
-    /// Replaces the fault profile; an invalid profile is logged and ignored.
+    /// [`Self::try_set_faults`] for tests, whose profiles are literals.
+    ///
+    /// # Panics
+    ///
+    /// On an invalid profile, naming its problems: a test's mistake, not to be ignored.
     pub fn set_faults(&self, profile: FaultProfile) {
         if let Err(e) = self.try_set_faults(profile) {
-            tracing::warn!(error = %e, "fault profile rejected");
+            panic!("{e}");
         }
     }
 

@@ -4,11 +4,13 @@
 //! accept back-off; further connections wait in the accept queue)
 //! and request bodies smaller than 1 MiB (larger ones are answered `ValidationException`).
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -16,9 +18,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::config::{Entitlement, RegistrationTokenConfig};
+use super::config::{ConfigError, Entitlement, RegistrationTokenConfig};
 use super::error::ApiError;
-use super::faults::{FaultInjector, FaultProfile, InjectedFault};
+use super::faults::{Decision, FaultInjector, FaultProfile, InjectedFault};
 use super::model::{self, Operation};
 use super::ops::{CallRecord, Outcome, Service};
 use super::sigv4::{self, SignedRequest};
@@ -40,6 +42,13 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn faults(&self) -> MutexGuard<'_, FaultInjector> {
         self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Validates a fault profile and applies it from the emulator clock's now: the one path
+    /// for the admin API and [`super::EmulatorHandle::try_set_faults`].
+    pub fn set_faults(&self, profile: FaultProfile) -> Result<(), ConfigError> {
+        let now = self.clock.now();
+        self.faults().set(profile, now)
     }
 }
 
@@ -83,39 +92,221 @@ fn request_id() -> String {
         .to_string()
 }
 
+/// A request as read off a connection.
+pub(crate) struct ReadRequest {
+    pub parts: http::request::Parts,
+    /// `None` when the body was longer than [`MAX_BODY_BYTES`].
+    pub body: Option<Bytes>,
+}
+
+/// Whether the protocol waits out an injected latency on the emulator clock (`Clock`) or
+/// only records it (`Skip`, for [`answer_now`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Latency {
+    Clock,
+    Skip,
+}
+
 async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<HttpResponse, DropConnection> {
-    if req.uri().path().starts_with("/_emulator/") {
-        return Ok(admin(&shared, req).await);
+    let (parts, body) = req.into_parts();
+    let body = match read_body(&parts.headers, body, MAX_BODY_BYTES, BODY_READ_TIMEOUT).await {
+        Ok(b) => Some(b),
+        // A body that does not arrive frees its connection without an answer.
+        Err(BodyError::Timeout(_)) => return Err(DropConnection),
+        Err(_) => None,
+    };
+    answer(&shared, ReadRequest { parts, body }, Latency::Clock).await
+}
+
+/// Everything after the body is read: the admin API, or the protocol from the
+/// `X-Amz-Target` to the answer. With [`Latency::Skip`] it never waits on anything.
+pub(crate) async fn answer(
+    shared: &Shared,
+    req: ReadRequest,
+    latency: Latency,
+) -> Result<HttpResponse, DropConnection> {
+    if req.parts.uri.path().starts_with("/_emulator/") {
+        return Ok(admin(shared, &req));
     }
-    protocol(&shared, req).await
+    protocol(shared, req, latency).await
+}
+
+/// [`answer`] without waiting, synchronously: the protocol and admin paths exactly as
+/// served, with an injected latency recorded but not waited for.
+pub(crate) fn answer_now(
+    shared: &Shared,
+    req: ReadRequest,
+) -> Result<HttpResponse, DropConnection> {
+    let future = std::pin::pin!(answer(shared, req, Latency::Skip));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.poll(&mut cx) {
+        std::task::Poll::Ready(answered) => answered,
+        // Nothing on this path awaits without `Latency::Clock`.
+        std::task::Poll::Pending => Ok(error_response(&ApiError::internal())),
+    }
+}
+
+/// A response's bytes; a `Full` body is ready at once.
+pub(crate) fn body_bytes(body: Full<Bytes>) -> Bytes {
+    let future = std::pin::pin!(body.collect());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.poll(&mut cx) {
+        std::task::Poll::Ready(Ok(collected)) => collected.to_bytes(),
+        std::task::Poll::Ready(Err(never)) => match never {},
+        std::task::Poll::Pending => Bytes::new(),
+    }
 }
 
 /// The access key id named in an Authorization header, unverified; for the call log.
 fn claimed_identity(headers: &http::HeaderMap) -> Option<String> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let start = value.find("Credential=")? + "Credential=".len();
-    let key = value[start..].split('/').next()?;
+    let (_, rest) = value.split_once("Credential=")?;
+    let key = rest.split('/').next()?;
     Some(key.to_owned())
 }
 
-async fn protocol(shared: &Shared, req: Request<Incoming>) -> Result<HttpResponse, DropConnection> {
+/// The operation's checks before any latency: body size, operation, SigV4, disabled
+/// operations, then the fault decision (which is recorded in `call`).
+fn admit(
+    shared: &Shared,
+    req: &ReadRequest,
+    op: Option<Operation>,
+    target: &str,
+    now: SystemTime,
+    call: &mut CallRecord,
+) -> Result<(Operation, sigv4::Caller, Decision), ApiError> {
+    let Some(body) = req.body.as_ref().filter(|b| b.len() < MAX_BODY_BYTES) else {
+        return Err(ApiError::new(
+            "ValidationException",
+            format!("The request must be smaller than {MAX_BODY_BYTES} bytes."),
+        ));
+    };
+    let Some(op) = op else {
+        return Err(ApiError::new(
+            "UnknownOperationException",
+            format!("Unknown operation: {target:?}"),
+        ));
+    };
+    let signed = SignedRequest {
+        method: req.parts.method.as_str(),
+        path: req.parts.uri.path(),
+        query: req.parts.uri.query(),
+        headers: &req.parts.headers,
+        body,
+    };
+    let caller = sigv4::verify(
+        &signed,
+        &shared.service.config.credentials,
+        now,
+        shared.service.config.signature_max_skew,
+    )?;
+    if shared.service.config.disabled_operations.contains(&op) {
+        return Err(ApiError::new(
+            "DisabledApiException",
+            "The API is disabled in the Region.",
+        ));
+    }
+    let decision = shared.faults().decide(op, now);
+    if let Some(latency) = decision.latency {
+        call.added_latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+    }
+    call.fault = decision.fault;
+    Ok((op, caller, decision))
+}
+
+/// The operation after any latency: the injected fault, the JSON body, the operation.
+fn dispatch(
+    shared: &Shared,
+    body: &[u8],
+    op: Operation,
+    caller: &sigv4::Caller,
+    fault: Option<InjectedFault>,
+    call: &mut CallRecord,
+) -> Result<Result<Value, ApiError>, DropConnection> {
+    match fault {
+        Some(InjectedFault::Down) => return Ok(Err(ApiError::unavailable())),
+        Some(InjectedFault::Throttled) => return Ok(Err(ApiError::throttling())),
+        Some(InjectedFault::ServerError) => return Ok(Err(ApiError::internal())),
+        Some(InjectedFault::Dropped) => return Err(DropConnection),
+        Some(InjectedFault::Unprocessed { .. }) | None => {}
+    }
+    let value: Value = if body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(Err(ApiError::serialization(format!(
+                    "Malformed JSON body: {e}"
+                ))))
+            }
+        }
+    };
     let now = shared.clock.now();
-    let (parts, body) = req.into_parts();
-    let target = parts
+    let service = &shared.service;
+    let answer = match op {
+        Operation::RegisterUsage => model::parse_register_usage(&value)
+            .and_then(|input| service.register_usage(&input, caller, now)),
+        Operation::MeterUsage => model::parse_meter_usage(&value)
+            .and_then(|input| service.meter_usage(&input, caller, now)),
+        Operation::BatchMeterUsage => model::parse_batch_meter_usage(&value).and_then(|input| {
+            let unprocessed: Vec<bool> = {
+                let mut faults = shared.faults();
+                input
+                    .usage_records
+                    .iter()
+                    .map(|_| faults.unprocessed(op))
+                    .collect()
+            };
+            let left = unprocessed.iter().filter(|u| **u).count();
+            if left > 0 {
+                call.fault = Some(InjectedFault::Unprocessed { records: left });
+            }
+            service.batch_meter_usage(&input, caller, now, &unprocessed)
+        }),
+        Operation::ResolveCustomer => model::parse_resolve_customer(&value)
+            .and_then(|input| service.resolve_customer(&input, now)),
+    };
+    Ok(answer)
+}
+
+/// Waits `latency` of emulator-clock time, or until shutdown. A deadline past the clock's
+/// range waits for shutdown alone.
+async fn wait_latency(shared: &Shared, latency: Duration) {
+    let deadline = shared.clock.now().checked_add(latency);
+    tokio::select! {
+        _ = async {
+            match deadline {
+                Some(deadline) => shared.clock.sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        } => {}
+        _ = shared.cancel.cancelled() => {}
+    }
+}
+
+async fn protocol(
+    shared: &Shared,
+    req: ReadRequest,
+    latency: Latency,
+) -> Result<HttpResponse, DropConnection> {
+    let now = shared.clock.now();
+    let target = req
+        .parts
         .headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let op = Operation::from_target(&target).filter(|_| parts.method == Method::POST);
+    let op = Operation::from_target(&target).filter(|_| req.parts.method == Method::POST);
     let mut call = CallRecord {
         operation: op
             .map(|o| o.name().to_owned())
             .unwrap_or_else(|| target.clone()),
-        identity: claimed_identity(&parts.headers),
+        identity: claimed_identity(&req.parts.headers),
         time_ms: unix_millis(now),
         outcome: Outcome::Ok,
         fault: None,
@@ -123,102 +314,15 @@ async fn protocol(shared: &Shared, req: Request<Incoming>) -> Result<HttpRespons
     };
     let span = tracing::info_span!("emulator_call", operation = %call.operation, identity = call.identity.as_deref().unwrap_or("-"));
     let result = async {
-        let body =
-            match read_body(&parts.headers, body, MAX_BODY_BYTES - 1, BODY_READ_TIMEOUT).await {
-                Ok(b) => b,
-                // A body that does not arrive frees its connection without an answer.
-                Err(BodyError::Timeout(_)) => return Err(DropConnection),
-                Err(_) => {
-                    return Ok(Err(ApiError::new(
-                        "ValidationException",
-                        format!("The request must be smaller than {MAX_BODY_BYTES} bytes."),
-                    )))
-                }
-            };
-        let Some(op) = op else {
-            return Ok(Err(ApiError::new(
-                "UnknownOperationException",
-                format!("Unknown operation: {target:?}"),
-            )));
-        };
-        let signed = SignedRequest {
-            method: parts.method.as_str(),
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            headers: &parts.headers,
-            body: &body,
-        };
-        let caller = match sigv4::verify(
-            &signed,
-            &shared.service.config.credentials,
-            now,
-            shared.service.config.signature_max_skew,
-        ) {
-            Ok(c) => c,
+        let (op, caller, decision) = match admit(shared, &req, op, &target, now, &mut call) {
+            Ok(admitted) => admitted,
             Err(e) => return Ok(Err(e)),
         };
-        if shared.service.config.disabled_operations.contains(&op) {
-            return Ok(Err(ApiError::new(
-                "DisabledApiException",
-                "The API is disabled in the Region.",
-            )));
+        if let (Some(d), Latency::Clock) = (decision.latency, latency) {
+            wait_latency(shared, d).await;
         }
-        let decision = shared.faults().decide(op, now);
-        if let Some(latency) = decision.latency {
-            call.added_latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
-            tokio::select! {
-                _ = shared.clock.sleep(latency) => {}
-                _ = shared.cancel.cancelled() => {}
-            }
-        }
-        call.fault = decision.fault;
-        match decision.fault {
-            Some(InjectedFault::Down) => return Ok(Err(ApiError::unavailable())),
-            Some(InjectedFault::Throttled) => return Ok(Err(ApiError::throttling())),
-            Some(InjectedFault::ServerError) => return Ok(Err(ApiError::internal())),
-            Some(InjectedFault::Dropped) => return Err(DropConnection),
-            Some(InjectedFault::Unprocessed { .. }) | None => {}
-        }
-        let value: Value = if body.is_empty() {
-            json!({})
-        } else {
-            match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(e) => {
-                    return Ok(Err(ApiError::serialization(format!(
-                        "Malformed JSON body: {e}"
-                    ))))
-                }
-            }
-        };
-        let now = shared.clock.now();
-        let service = &shared.service;
-        let answer = match op {
-            Operation::RegisterUsage => model::parse_register_usage(&value)
-                .and_then(|input| service.register_usage(&input, &caller, now)),
-            Operation::MeterUsage => model::parse_meter_usage(&value)
-                .and_then(|input| service.meter_usage(&input, &caller, now)),
-            Operation::BatchMeterUsage => {
-                model::parse_batch_meter_usage(&value).and_then(|input| {
-                    let unprocessed: Vec<bool> = {
-                        let mut faults = shared.faults();
-                        input
-                            .usage_records
-                            .iter()
-                            .map(|_| faults.unprocessed(op))
-                            .collect()
-                    };
-                    let left = unprocessed.iter().filter(|u| **u).count();
-                    if left > 0 {
-                        call.fault = Some(InjectedFault::Unprocessed { records: left });
-                    }
-                    service.batch_meter_usage(&input, &caller, now, &unprocessed)
-                })
-            }
-            Operation::ResolveCustomer => model::parse_resolve_customer(&value)
-                .and_then(|input| service.resolve_customer(&input, now)),
-        };
-        Ok(answer)
+        let body = req.body.as_deref().unwrap_or_default();
+        dispatch(shared, body, op, &caller, decision.fault, &mut call)
     }
     .instrument(span.clone())
     .await;
@@ -267,30 +371,32 @@ struct EntitlementChange {
     entitlement: Entitlement,
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(
-    req: Request<Incoming>,
-) -> Result<T, HttpResponse> {
-    let (parts, body) = req.into_parts();
-    let bytes = read_body(&parts.headers, body, MAX_BODY_BYTES, BODY_READ_TIMEOUT)
-        .await
-        .map_err(|e| match e {
-            BodyError::TooLarge { .. } => admin_error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-            BodyError::Timeout(_) => admin_error(StatusCode::REQUEST_TIMEOUT, e.to_string()),
-            BodyError::Read(_) => admin_error(StatusCode::BAD_REQUEST, e.to_string()),
-        })?;
-    serde_json::from_slice(&bytes).map_err(|e| admin_error(StatusCode::BAD_REQUEST, e.to_string()))
+/// A JSON body, or the admin API's 413 or 400 answer.
+fn read_json<T: serde::de::DeserializeOwned>(body: Option<&[u8]>) -> Result<T, Box<HttpResponse>> {
+    let bytes = body.ok_or_else(|| admin_error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"))?;
+    serde_json::from_slice(bytes)
+        .map_err(|e| Box::new(admin_error(StatusCode::BAD_REQUEST, e.to_string())))
 }
 
-async fn admin(shared: &Shared, req: Request<Incoming>) -> HttpResponse {
-    let method = req.method().clone();
-    let path = req.uri().path().trim_end_matches('/').to_owned();
+/// RFC 3339 with milliseconds, or `None` outside its range (before 1970, after 9999).
+fn rfc3339_millis(t: SystemTime) -> Option<String> {
+    use std::fmt::Write;
+    let mut text = String::new();
+    write!(text, "{}", humantime::format_rfc3339_millis(t)).ok()?;
+    Some(text)
+}
+
+fn admin(shared: &Shared, req: &ReadRequest) -> HttpResponse {
+    let method = req.parts.method.clone();
+    let path = req.parts.uri.path().trim_end_matches('/');
+    let body = req.body.as_deref();
     let service = &shared.service;
-    match (method, path.as_str()) {
+    match (method, path) {
         (Method::GET, "/_emulator/health") => admin_json(
             StatusCode::OK,
             &json!({
                 "status": "ok",
-                "time": humantime::format_rfc3339_millis(shared.clock.now()).to_string(),
+                "time": rfc3339_millis(shared.clock.now()),
                 "region": service.config.region,
             }),
         ),
@@ -306,22 +412,22 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> HttpResponse {
             admin_json(StatusCode::OK, shared.faults().profile())
         }
         (Method::POST, "/_emulator/faults") => {
-            let profile: FaultProfile = match read_json(req).await {
+            let profile: FaultProfile = match read_json(body) {
                 Ok(p) => p,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
-            let problems = profile.problems();
-            if !problems.is_empty() {
-                return admin_error(StatusCode::BAD_REQUEST, problems.join("; "));
+            match shared.set_faults(profile.clone()) {
+                Ok(()) => {
+                    tracing::info!(?profile, "fault profile set");
+                    admin_json(StatusCode::OK, &profile)
+                }
+                Err(e) => admin_error(StatusCode::BAD_REQUEST, e.problems.join("; ")),
             }
-            tracing::info!(?profile, "fault profile set");
-            shared.faults().set(profile.clone(), shared.clock.now());
-            admin_json(StatusCode::OK, &profile)
         }
         (Method::POST, "/_emulator/entitlement") => {
-            let change: EntitlementChange = match read_json(req).await {
+            let change: EntitlementChange = match read_json(body) {
                 Ok(c) => c,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             match service.set_entitlement(&change.product_code, change.entitlement) {
                 Ok(()) => admin_json(StatusCode::OK, &json!({"product_code": change.product_code, "entitlement": change.entitlement})),
@@ -329,9 +435,9 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> HttpResponse {
             }
         }
         (Method::POST, "/_emulator/registration-tokens") => {
-            let token: RegistrationTokenConfig = match read_json(req).await {
+            let token: RegistrationTokenConfig = match read_json(body) {
                 Ok(t) => t,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             match service.add_registration_token(token.clone()) {
                 Ok(()) => admin_json(StatusCode::CREATED, &token),

@@ -161,37 +161,49 @@ fn canonical_query(query: Option<&str>) -> String {
         .join("&")
 }
 
-fn canonical_header_value(headers: &HeaderMap, name: &str) -> Option<String> {
-    let values: Vec<String> = headers
-        .get_all(name)
-        .iter()
-        .map(|v| {
+/// A header's values as SigV4 canonicalises them (trimmed, inner whitespace collapsed, joined
+/// with commas); `None` when absent. A value with a byte outside ASCII is `Err` with its
+/// lossy text: SDKs sign only ASCII header values, and no check here slices non-ASCII text.
+fn canonical_header_value(headers: &HeaderMap, name: &str) -> Option<Result<String, String>> {
+    let mut values = Vec::new();
+    let mut ascii = true;
+    for v in headers.get_all(name) {
+        ascii &= v.as_bytes().is_ascii();
+        values.push(
             String::from_utf8_lossy(v.as_bytes())
                 .split_whitespace()
                 .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
+                .join(" "),
+        );
+    }
     if values.is_empty() {
         None
+    } else if ascii {
+        Some(Ok(values.join(",")))
     } else {
-        Some(values.join(","))
+        Some(Err(values.join(",")))
     }
 }
 
-/// Parses `YYYYMMDD'T'HHMMSS'Z'`.
+/// Parses `YYYYMMDD'T'HHMMSS'Z'`; anything else, non-ASCII text included, is `None`.
 fn parse_amz_date(s: &str) -> Option<SystemTime> {
-    if s.len() != 16 || s.as_bytes()[8] != b'T' || !s.ends_with('Z') {
+    let b = s.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        b.get(range.clone())
+            .filter(|d| d.iter().all(u8::is_ascii_digit))
+            .and_then(|_| s.get(range))
+    };
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
         return None;
     }
     let rfc = format!(
         "{}-{}-{}T{}:{}:{}Z",
-        &s[0..4],
-        &s[4..6],
-        &s[6..8],
-        &s[9..11],
-        &s[11..13],
-        &s[13..15]
+        digits(0..4)?,
+        digits(4..6)?,
+        digits(6..8)?,
+        digits(9..11)?,
+        digits(11..13)?,
+        digits(13..15)?
     );
     humantime::parse_rfc3339(&rfc).ok()
 }
@@ -254,18 +266,21 @@ pub fn verify(
                 "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header. Authorization={header}"
             ))
         })?;
-    let signed_at = parse_amz_date(&amz_date).ok_or_else(|| {
+    let bad_date = |shown: &str| {
         incomplete(format!(
-            "Date must be in ISO-8601 'basic format'. Got '{amz_date}'."
+            "Date must be in ISO-8601 'basic format'. Got '{shown}'."
         ))
-    })?;
-    if !amz_date.starts_with(&auth.date) {
+    };
+    let amz_date = amz_date.map_err(|lossy| bad_date(&lossy))?;
+    let signed_at = parse_amz_date(&amz_date).ok_or_else(|| bad_date(&amz_date))?;
+    // A parsed date is 16 ASCII characters, so its first 8 are its YYYYMMDD.
+    let day = amz_date.get(..8).unwrap_or(&amz_date);
+    if auth.date != day {
         return Err(ApiError::new(
             "InvalidSignatureException",
             format!(
-                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{}' != '{}', from '{amz_date}'.",
+                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{}' != '{day}', from '{amz_date}'.",
                 auth.date,
-                &amz_date[..8.min(amz_date.len())]
             ),
         ));
     }
@@ -315,7 +330,8 @@ fn signature(
 ) -> Option<String> {
     let mut canonical_headers = String::new();
     for name in &auth.signed_headers {
-        let value = canonical_header_value(req.headers, name)?;
+        // A missing or non-ASCII signed header cannot match what an SDK signed.
+        let value = canonical_header_value(req.headers, name)?.ok()?;
         canonical_headers.push_str(&format!("{name}:{value}\n"));
     }
     let canonical_request = format!(
@@ -550,5 +566,61 @@ mod tests {
     #[test]
     fn canonical_query_sorts_and_encodes() {
         assert_eq!(canonical_query(Some("b=2&a=x%20y&c")), "a=x%20y&b=2&c=");
+    }
+
+    #[test]
+    fn a_non_ascii_date_is_an_incomplete_signature_not_a_panic() {
+        // 16 bytes with 'T' at index 8 and 'Z' last, but a two-byte character at 3..5: byte
+        // slicing of its text used to panic.
+        let date = http::HeaderValue::from_bytes(b"202\xc3\xa9010T120000Z").expect("obs-text");
+        for credentials in [BTreeMap::new(), creds()] {
+            let mut h = signed("s3cret");
+            h.insert("x-amz-date", date.clone());
+            let req = SignedRequest {
+                method: "POST",
+                path: "/",
+                query: None,
+                headers: &h,
+                body: b"{}",
+            };
+            let err = verify(&req, &credentials, SystemTime::UNIX_EPOCH, None).expect_err("bad");
+            assert_eq!(err.error_type, "IncompleteSignatureException", "{err}");
+            assert!(err.message.contains("ISO-8601 'basic format'"), "{err}");
+        }
+        for odd in [
+            "2024010\u{e9}T12000Z",
+            "20240101T1200\u{e9}",
+            "2024-101T120000Z",
+            "",
+        ] {
+            assert_eq!(parse_amz_date(odd), None, "{odd:?}");
+        }
+        assert!(parse_amz_date("20240101T120000Z").is_some());
+    }
+
+    #[test]
+    fn a_non_ascii_signed_header_fails_the_signature() {
+        let mut h = signed("s3cret");
+        h.insert(
+            "x-amz-target",
+            http::HeaderValue::from_bytes(b"AWSMPMeteringService.\xff").expect("obs-text"),
+        );
+        assert_eq!(
+            check(&h, b"{}").expect_err("bad").error_type,
+            "InvalidSignatureException"
+        );
+    }
+
+    #[test]
+    fn the_credential_date_must_be_the_whole_day() {
+        let mut h = signed("s3cret");
+        let value = h["authorization"]
+            .to_str()
+            .expect("ascii")
+            .replace("/20231114/", "/2023/");
+        h.insert("authorization", value.parse().expect("valid"));
+        let err = check(&h, b"{}").expect_err("bad");
+        assert_eq!(err.error_type, "InvalidSignatureException");
+        assert!(err.message.contains("'2023' != '20231114'"), "{err}");
     }
 }
