@@ -84,18 +84,15 @@ class HelmRender(unittest.TestCase):
                 self.assertNotEqual(c["name"], "meterd", "meterd must not be a regular container")
 
     def test_probes(self):
+        # meterd listens only inside the pod, so the kubelet probes it with exec.
         for objs, _ in self.each():
             sc = self.sidecar(objs)
-            self.assertEqual(sc["startupProbe"]["httpGet"]["path"], "/readyz")
-            self.assertEqual(sc["readinessProbe"]["httpGet"]["path"], "/readyz")
-            self.assertEqual(sc["livenessProbe"]["httpGet"]["path"], "/healthz")
-            port = self.config(objs)["server"]["listen"].rsplit(":", 1)[1]
-            ports = {p["name"]: p["containerPort"] for p in sc["ports"]}
+            self.assertEqual(sc["startupProbe"]["exec"]["command"], ["meterd", "health"])
+            self.assertEqual(sc["readinessProbe"]["exec"]["command"], ["meterd", "health"])
+            self.assertEqual(sc["livenessProbe"]["exec"]["command"], ["meterd", "status"])
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-                get = sc[kind]["httpGet"]
-                self.assertEqual(str(ports[get["port"]]), port)
-                hosts = [h["value"] for h in get.get("httpHeaders", []) if h["name"].lower() == "host"]
-                self.assertEqual(hosts, ["localhost"], "meterd answers only loopback Host names")
+                self.assertNotIn("httpGet", sc[kind])
+            self.assertNotIn("ports", sc, "nothing outside the pod connects to meterd")
 
     def test_irsa(self):
         for objs, values in self.each():
@@ -153,11 +150,46 @@ class HelmRender(unittest.TestCase):
                 self.assertIn("emptyDir", vols["meterd-state"])
 
     def test_app_reaches_meterd(self):
-        for objs, _ in self.each():
-            port = self.config(objs)["server"]["listen"].rsplit(":", 1)[1]
-            for c in self.pod(objs)["containers"]:
+        for objs, values in self.each():
+            m = values["meterd"]
+            server = self.config(objs)["server"]
+            pod = self.pod(objs)
+            vols = {v["name"]: v for v in pod["volumes"]}
+            sidecar_mounts = {x["mountPath"]: x["name"] for x in self.sidecar(objs)["volumeMounts"]}
+            secret = m["auth"]["existingSecret"]
+            for c in pod["containers"]:
                 env = {e["name"]: e for e in c.get("env", [])}
-                self.assertEqual(env["METERD_URL"]["value"], f"http://127.0.0.1:{port}")
+                if m["transport"] == "tcp":
+                    self.assertRegex(server["listen"], r"^127\.0\.0\.1:\d+$", "TCP stays on loopback")
+                    self.assertEqual(server["unix_socket"], "")
+                    self.assertEqual(env["METERD_URL"]["value"], f"http://{server['listen']}")
+                    self.assertTrue(secret, "TCP needs a token")
+                else:
+                    sock = server["unix_socket"]
+                    self.assertEqual(server["listen"], "", "no TCP listener with the Unix socket")
+                    self.assertEqual(env["METERD_SOCKET"]["value"], sock)
+                    sock_dir = sock.rsplit("/", 1)[0]
+                    # The socket's directory: one emptyDir, mounted by meterd and the app.
+                    name = sidecar_mounts[sock_dir]
+                    self.assertIn("emptyDir", vols[name])
+                    app_mounts = {x["mountPath"]: x["name"] for x in c.get("volumeMounts", [])}
+                    self.assertEqual(app_mounts.get(sock_dir), name, f"{c['name']} must mount {sock_dir}")
+                    # Mode 0660: the app reaches it through the group the pod's fsGroup gives.
+                    self.assertTrue(pod["securityContext"].get("fsGroup"), "the socket's group is the fsGroup")
+                if secret:
+                    ref = env["METERD_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+                    self.assertEqual((ref["name"], ref["key"]), (secret, "token"))
+                    self.assertEqual(vols["meterd-token"]["secret"]["secretName"], secret)
+                    token_dir = next(p for p, n in sidecar_mounts.items() if n == "meterd-token")
+                    self.assertEqual(server["auth_token_file"], f"{token_dir}/token")
+                else:
+                    self.assertNotIn("METERD_AUTH_TOKEN", env)
+                    self.assertEqual(server["auth_token_file"], "")
+
+    def test_no_generated_secret(self):
+        # The chart never makes a token (that needed lookup and randAlphaNum): it is the user's.
+        for objs, _ in self.each():
+            self.assertEqual([n for (k, n) in objs if k == "Secret"], [])
 
 
 # ---------------------------------------------------------------- ecs
@@ -314,7 +346,7 @@ def main() -> int:
     group = sys.argv[1]
     if group == "helm-config":
         cm = only(load_render(pathlib.Path(sys.argv[2])), "ConfigMap")
-        print(cm["data"]["meterd.toml"].replace("/var/run/meterd/token", sys.argv[3]), end="")
+        print(cm["data"]["meterd.toml"].replace("/var/run/secrets/meterd/token", sys.argv[3]), end="")
         return 0
     cases = {"helm": HelmRender, "ecs": EcsTaskDefinition, "systemd": SystemdUnit}[group]
     if group == "helm":
