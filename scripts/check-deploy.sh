@@ -4,7 +4,7 @@
 #   EKS add-on rules: no lookup, random, hooks, .Capabilities, .Release.Service; deterministic
 #   botocore RegisterTaskDefinition shape + cfn-lint + property tests          (ecs-task-def/)
 #   systemd-analyze verify + property tests                                     (deploy/systemd/)
-#   hadolint                                                                    (deploy/Dockerfile)
+#   hadolint + arch-dependent paths for amd64 and arm64                         (deploy/Dockerfile)
 # Tools are installed by scripts/deploy-tools.sh (.venv-deploy, .cache/deploy-tools).
 set -uo pipefail
 
@@ -176,6 +176,8 @@ check "meterd check-config on the image, systemd and rendered Helm configs" conf
 
 # ---- container ----
 check "hadolint deploy/Dockerfile" "$HADOLINT" deploy/Dockerfile
+check "deploy/Dockerfile and mkrootfs.sh: TARGETARCH-derived paths for amd64 and arm64" \
+  "$PYTHON" scripts/deploy_tests.py dockerfile
 
 echo
 if ((failed)); then
