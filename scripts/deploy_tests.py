@@ -240,9 +240,20 @@ class EcsTaskDefinition(unittest.TestCase):
     def test_cfn_task_definition_shape(self):
         tmpl = cfn_template()
         params = {k: v.get("Default") for k, v in tmpl["Parameters"].items()}
-        params.update(MeterdImage="meterd:test", AppImage="app:test")
         props = tmpl["Resources"]["TaskDefinition"]["Properties"]
-        self.assertEqual(validate_register(cfn_to_api(props, params)), "")
+        for arch in tmpl["Parameters"]["CpuArchitecture"]["AllowedValues"]:
+            with self.subTest(arch=arch):
+                params.update(MeterdImage="meterd:test", AppImage="app:test", CpuArchitecture=arch)
+                api = cfn_to_api(props, params)
+                self.assertEqual(validate_register(api), "")
+                self.assertEqual(api["runtimePlatform"]["cpuArchitecture"], arch)
+
+    def test_cpu_architecture(self):
+        # One image for both (a manifest list): the architecture is the task's choice.
+        param = cfn_template()["Parameters"]["CpuArchitecture"]
+        self.assertEqual(sorted(param["AllowedValues"]), ["ARM64", "X86_64"])
+        self.assertIn(ecs_taskdef()["runtimePlatform"]["cpuArchitecture"], param["AllowedValues"])
+        self.assertEqual(ecs_taskdef()["runtimePlatform"]["cpuArchitecture"], param["Default"])
 
     def check_sidecar_shape(self, td: dict, grace: int):
         self.assertEqual(td["networkMode"], "awsvpc")
