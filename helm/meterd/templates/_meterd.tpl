@@ -177,10 +177,10 @@ data:
      with transport tcp), and the bearer token when there is one. */}}
 {{- define "meterd.appEnv" -}}
 {{- $m := .Values.meterd -}}
-{{- if eq $m.transport "tcp" }}
+{{- if eq $m.transport "tcp" -}}
 - name: METERD_URL
   value: "http://127.0.0.1:{{ int $m.port }}"
-{{- else }}
+{{- else -}}
 - name: METERD_SOCKET
   value: {{ include "meterd.socketPath" . | quote }}
 {{- end }}
