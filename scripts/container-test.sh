@@ -104,6 +104,25 @@ check_image_files() { # tag, arch
   "$PYTHON" scripts/deploy_tests.py image "$tar" "$sbom" "$2" \
     || fail "image files ($2): os-release, package entries, libraries, cargo auditable, SBOM"
   log "image files ($2): every file accounted for; SBOM $sbom"
+  # The check itself: the same files plus one library no package owns must fail it.
+  if [[ "$2" == amd64 ]]; then
+    "$PYTHON" - "$tar" "$tar.stray" <<'PY'
+import io, sys, tarfile
+with tarfile.open(sys.argv[1]) as src, tarfile.open(sys.argv[2], "w") as dst:
+    for m in src:
+        dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    data = b"\x7fELF stray"
+    info = tarfile.TarInfo("usr/lib/libstray.so.1")
+    info.size = len(data)
+    dst.addfile(info, io.BytesIO(data))
+PY
+    if "$PYTHON" scripts/deploy_tests.py image "$tar.stray" "$sbom" "$2" >"$tar.stray.log" 2>&1; then
+      fail "the image check passed an image with a file no package owns"
+    fi
+    grep -q 'usr/lib/libstray.so.1' "$tar.stray.log" || { cat "$tar.stray.log" >&2; fail "stray file not named"; }
+    log "image files: a stray library is caught"
+    rm -f "$tar.stray" "$tar.stray.log"
+  fi
   rm -f "$tar"
 }
 
@@ -135,6 +154,20 @@ if [[ -x "$arm_bin" ]]; then
   arm_size=$("${PODMAN[@]}" image inspect "$IMAGE-arm64" --format '{{.Size}}')
   log "image size (arm64): $arm_size bytes"
   check_image_files "$IMAGE-arm64" arm64
+  if command -v qemu-aarch64-static >/dev/null; then
+    # No binfmt here to run arm64 containers; qemu-user runs the binary against the image's
+    # own loader and libraries instead (-L: the exported image as the root).
+    arm_root="$(mktemp -d)"
+    c=$("${PODMAN[@]}" create "$IMAGE-arm64" 2>/dev/null)
+    "${PODMAN[@]}" export "$c" | tar -C "$arm_root" -x
+    "${PODMAN[@]}" rm "$c" >/dev/null 2>&1
+    qemu-aarch64-static -L "$arm_root" "$arm_root/usr/local/bin/meterd" check-config \
+      --config "$arm_root/etc/meterd/meterd.toml" >&2 || fail "arm64 meterd under qemu-user"
+    rm -rf "$arm_root"
+    log "arm64: meterd check-config ran under qemu-aarch64-static with the image's libraries"
+  else
+    log "arm64: not run (qemu-user-static not installed)"
+  fi
 else
   log "arm64: skipped ($arm_bin missing; ARM64=1 cross-builds it)"
 fi

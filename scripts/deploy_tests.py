@@ -403,6 +403,7 @@ class ImageFiles(unittest.TestCase):
         for path, e in self.fs.entries.items():
             if e.kind == "file" and e.data[:4] == b"\x7fELF":
                 elves[path] = self.sbom_mod.parse_elf(e.data)
+        self.assertEqual([p for p, elf in elves.items() if elf is None], [], "ELF files that are not 64-bit LE")
         machines = {self.sbom_mod.ELF_MACHINES.get(elf.machine) for elf in elves.values()}
         self.assertEqual(machines, {self.arch}, "every ELF file is built for the image's architecture")
         for path in elves:

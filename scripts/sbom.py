@@ -121,6 +121,11 @@ def dpkg_packages(fs: ImageFS) -> dict[str, dict]:
             for line in md5.data.decode().splitlines():
                 digest, _, file = line.partition("  ")
                 sums[file.strip()] = digest
+        # Conffiles (" /etc/debian_version <md5>" lines) have no md5sums line, as in dpkg.
+        for line in fields.get("Conffiles", "").splitlines():
+            if line.strip():
+                file, _, digest = line.strip().partition(" ")
+                sums[file.lstrip("/")] = digest.split()[0]
         out[posixpath.basename(path)] = {"fields": fields, "md5sums": sums, "has_md5sums": md5 is not None}
     return out
 
@@ -147,7 +152,7 @@ class Elf:
 
 def parse_elf(data: bytes) -> Elf | None:
     """64-bit little-endian ELF (amd64, arm64): sections, DT_NEEDED and the interpreter."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return None
     machine = struct.unpack_from("<H", data, 0x12)[0]
     shoff = struct.unpack_from("<Q", data, 0x28)[0]

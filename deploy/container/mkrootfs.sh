@@ -8,8 +8,9 @@
 # (its binary, /etc/meterd/meterd.toml, /etc/passwd, /etc/group, /etc/nsswitch.conf) and the
 # CA bundle that ca-certificates generates. Each package gets a status entry and the md5sums
 # of the files shipped from it, in the distroless layout scanners read:
-#   /var/lib/dpkg/status.d/<package>          the package's control stanza
-#   /var/lib/dpkg/status.d/<package>.md5sums  md5sums of its files in the image
+#   /var/lib/dpkg/status.d/<package>          the package's control stanza (and Conffiles,
+#                                             as dpkg's status has them, for shipped conffiles)
+#   /var/lib/dpkg/status.d/<package>.md5sums  md5sums of its other files in the image
 # scripts/deploy_tests.py (group image) checks that every file is accounted for.
 set -eu
 set -f # the package patterns below are case patterns, not globs of the working directory
@@ -36,7 +37,7 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ca
 # package  files to ship (shell patterns, relative to the package root)
 packages="
 base-files usr/lib/os-release etc/os-release etc/debian_version usr/share/doc/base-files/copyright
-libc6 */$ma/libc.so.6 */$ma/libm.so.6 */$ma/libpthread.so.0 */$ma/libdl.so.2 */$ma/librt.so.1 */$ma/ld-linux-*.so.* lib*/ld-linux-*.so.* usr/share/doc/libc6/copyright
+libc6 */$ma/libc.so.6 */$ma/libm.so.6 */$ma/ld-linux-*.so.* lib*/ld-linux-*.so.* usr/share/doc/libc6/copyright
 libgcc-s1 */$ma/libgcc_s.so.1 usr/share/doc/libgcc-s1
 gcc-12-base usr/share/doc/gcc-12-base/copyright
 ca-certificates usr/share/doc/ca-certificates/copyright
@@ -69,12 +70,19 @@ echo "$packages" | while read -r pkg patterns; do
           cp -a "$work/$pkg/data/$path" "$out/$path"
           awk -v p="$path" '$2 == p' "$work/$pkg/control/md5sums" \
             >>"$out/var/lib/dpkg/status.d/$pkg.md5sums"
+          # Conffiles have no md5sums line; dpkg's status lists them with their md5.
+          if grep -qxF "/$path" "$work/$pkg/control/conffiles" 2>/dev/null; then
+            echo " /$path $(md5sum <"$out/$path" | cut -d' ' -f1)" >>"$work/$pkg/conffiles.shipped"
+          fi
           ;;
       esac
     done
     if [ "$found" = 0 ]; then echo "mkrootfs: $pkg has no file matching $pattern" >&2; exit 1; fi
   done
   sort -u -k2 -o "$out/var/lib/dpkg/status.d/$pkg.md5sums" "$out/var/lib/dpkg/status.d/$pkg.md5sums"
+  if [ -s "$work/$pkg/conffiles.shipped" ]; then
+    { echo "Conffiles:"; sort -u "$work/$pkg/conffiles.shipped"; } >>"$out/var/lib/dpkg/status.d/$pkg"
+  fi
 done
 rm -rf "$work"
 
