@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Validates every deploy artifact with the tool its users run. Idempotent; CI runs it.
 #   helm lint/template + kubernetes-validate (1.29 and later) + property tests  (helm/meterd)
+#   EKS add-on rules: no lookup, random, hooks, .Capabilities, .Release.Service; deterministic
 #   botocore RegisterTaskDefinition shape + cfn-lint + property tests          (ecs-task-def/)
 #   systemd-analyze verify + property tests                                     (deploy/systemd/)
-#   hadolint                                                                    (deploy/Dockerfile)
+#   hadolint + arch-dependent paths for amd64 and arm64                         (deploy/Dockerfile)
 # Tools are installed by scripts/deploy-tools.sh (.venv-deploy, .cache/deploy-tools).
 set -uo pipefail
 
@@ -66,11 +67,14 @@ check "helm lint --strict (defaults)" "$HELM" lint --strict "$CHART"
 check "helm lint --strict (ci/example-values.yaml)" "$HELM" lint --strict "$CHART" -f "$CHART/ci/example-values.yaml"
 check "helm template (defaults)" render defaults
 check "helm template (ci/example-values.yaml)" render example -f "$CHART/ci/example-values.yaml"
-for r in defaults example; do
+check "helm lint --strict (ci/tcp-values.yaml)" "$HELM" lint --strict "$CHART" -f "$CHART/ci/tcp-values.yaml"
+check "helm template (ci/tcp-values.yaml)" render tcp -f "$CHART/ci/tcp-values.yaml"
+for r in defaults example tcp; do
   check "kubernetes-validate --strict ${K8S_VERSIONS[0]}..${K8S_VERSIONS[-1]} ($r)" kv_all "$WORK/$r"
 done
-check "helm property tests (sidecar, IRSA, probes, security context)" \
-  "$PYTHON" scripts/deploy_tests.py helm "$WORK/defaults" "$WORK/example:$CHART/ci/example-values.yaml"
+check "helm property tests (sidecar, socket or loopback TCP, IRSA, probes, security context)" \
+  "$PYTHON" scripts/deploy_tests.py helm "$WORK/defaults" "$WORK/example:$CHART/ci/example-values.yaml" \
+  "$WORK/tcp:$CHART/ci/tcp-values.yaml"
 notes() {
   "$HELM" install analytics "$CHART" -n seller --dry-run=client -f "$CHART/ci/example-values.yaml" |
     grep -q 'meterd runs as a native sidecar of analytics-meterd'
@@ -82,6 +86,34 @@ check "helm refuses terminationGracePeriodSeconds <= grace period" \
   must_fail "must exceed" "$HELM" template x "$CHART" --set terminationGracePeriodSeconds=25
 check "helm schema rejects unknown meterd values" \
   must_fail "additional properties" "$HELM" template x "$CHART" --set meterd.dimension=requests
+check "helm refuses transport tcp without auth.existingSecret" \
+  must_fail "needs meterd.auth.existingSecret" "$HELM" template x "$CHART" --set meterd.transport=tcp
+check "helm refuses the Unix socket without the pod's fsGroup" \
+  must_fail "needs podSecurityContext.fsGroup" "$HELM" template x "$CHART" --set podSecurityContext.fsGroup=null
+
+# EKS add-on rules, on the raw templates and on two renders of each values file.
+addon() { "$PYTHON" scripts/helm_addon_check.py --helm "$HELM" "$@"; }
+check "EKS add-on rules; helm template byte-identical across two renders (helm/meterd)" \
+  addon "$CHART" -f "$CHART/ci/example-values.yaml" -f "$CHART/ci/tcp-values.yaml"
+# The check itself: a copy of the chart with one forbidden line must fail it.
+addon_rejects() { # pattern, template line
+  local dir="$WORK/addon-bad"
+  rm -rf "$dir"; cp -r "$CHART" "$dir"
+  printf '%s\n' "$2" >"$dir/templates/bad.yaml"
+  must_fail "$1" addon "$dir"
+}
+check "EKS add-on check fails on a template that uses lookup" \
+  addon_rejects "function lookup" '{{- $s := lookup "v1" "Secret" .Release.Namespace "x" }}'
+addon_rejects_each() {
+  local bad
+  for bad in "randAlphaNum|token: {{ randAlphaNum 8 }}" "uuidv4|id: {{ uuidv4 }}" "now|at: {{ now }}" \
+             "Release.Service|by: {{ .Release.Service }}" "Release.Revision|r: {{ .Release.Revision }}" \
+             "Capabilities|k: {{ .Capabilities.KubeVersion }}" \
+             "helm.sh/hook|  annotations: {helm.sh/hook: pre-install}"; do
+    addon_rejects "${bad%%|*}" "${bad#*|}" || { echo "not rejected: ${bad#*|}"; return 1; }
+  done
+}
+check "EKS add-on check fails on randAlphaNum, uuidv4, now, .Release.*, .Capabilities, hooks" addon_rejects_each
 
 seller_chart() { # docs/deploy-eks.md step 7: the named templates inside another chart
   local dir="$WORK/seller"
@@ -91,7 +123,9 @@ seller_chart() { # docs/deploy-eks.md step 7: the named templates inside another
   "$HELM" lint --strict "$dir/chart" &&
     "$HELM" template seller "$dir/chart" --output-dir "$dir/out" >/dev/null &&
     kv_all "$dir/out" &&
-    grep -q 'restartPolicy: Always' "$dir/out/seller-app/templates/deployment.yaml"
+    grep -q 'restartPolicy: Always' "$dir/out/seller-app/templates/deployment.yaml" &&
+    grep -q 'METERD_SOCKET' "$dir/out/seller-app/templates/deployment.yaml" &&
+    addon "$dir/chart"
 }
 check "meterd.sidecar in a seller's own chart (scripts/fixtures/seller-chart)" seller_chart
 
@@ -130,7 +164,7 @@ configs_valid() {
   echo "token-for-check" >"$dir/token"
   sed 's/@PRODUCT_CODE@/prod-1234abcd/' deploy/container/meterd.toml >"$dir/container.toml"
   cp deploy/systemd/meterd.toml "$dir/systemd.toml"
-  for r in defaults example seller/out; do
+  for r in defaults example tcp seller/out; do
     "$PYTHON" scripts/deploy_tests.py helm-config "$WORK/$r" "$dir/token" >"$dir/helm-${r%%/*}.toml" || return 1
   done
   for f in "$dir"/*.toml; do
@@ -142,6 +176,8 @@ check "meterd check-config on the image, systemd and rendered Helm configs" conf
 
 # ---- container ----
 check "hadolint deploy/Dockerfile" "$HADOLINT" deploy/Dockerfile
+check "deploy/Dockerfile and mkrootfs.sh: TARGETARCH-derived paths for amd64 and arm64" \
+  "$PYTHON" scripts/deploy_tests.py dockerfile
 
 echo
 if ((failed)); then

@@ -83,7 +83,10 @@ sys.exit(1 if bad else 0)
 PY
 }
 
-cargo build --release --locked --quiet || { echo "docs checks: cargo build --release failed"; exit 1; }
+# The same build as scripts/container-test.sh's (cargo auditable), so one does not undo the other.
+build=(cargo build)
+if cargo auditable --version >/dev/null 2>&1; then build=(cargo auditable build); fi
+"${build[@]}" --release --locked --quiet || { echo "docs checks: ${build[*]} --release failed"; exit 1; }
 
 for doc in docs/deploy-container.md docs/deploy-eks.md docs/deploy-ecs.md docs/deploy-ec2.md; do
   check "$doc: files and links exist" paths_exist "$doc"

@@ -2,13 +2,22 @@
 # Real container test: builds deploy/Dockerfile with podman and runs meterd as a sidecar.
 #
 #   1. base image debian:bookworm-slim made locally with debootstrap + podman import (cached);
-#   2. cargo build --release on the host, image built with --target runtime-prebuilt;
-#   3. emulator container (network: loopback only), meterd sidecar joined to its network
-#      namespace, a third container posting usage with `meterd report`;
-#   4. SIGTERM to the sidecar; the emulator must hold the MeterUsage records.
+#      the Dockerfile's rootfs stage takes the runtime's Debian packages and their dpkg
+#      metadata from it (distroless layout: /var/lib/dpkg/status.d);
+#   2. cargo auditable build --release on the host, image built with --target runtime-prebuilt;
+#      the image's files are exported and checked (os-release, every file owned by a package
+#      entry or meterd's own, libraries, the .dep-v0 section), its SBOM written
+#      (target/meterd-image.cdx.json) and checked, its size printed;
+#   3. the same for linux/arm64 when target/aarch64-unknown-linux-gnu/release/meterd exists
+#      (ARM64=1 cross-builds it first): built and checked, not run (no emulation here);
+#   4. emulator container (network: loopback only), meterd sidecar joined to its network
+#      namespace, containers posting usage with `meterd report` over the sidecar's Unix socket
+#      (mode 0660: a container with the socket's group gets in, one without is refused) and
+#      over TCP;
+#   5. SIGTERM to the sidecar; the emulator must hold the MeterUsage records.
 #
 # Env: METERD_IMAGE (default localhost/meterd:test), KEEP=1 keeps containers for debugging,
-#      SKIP_CARGO_BUILD=1 uses target/release/meterd as it is.
+#      SKIP_CARGO_BUILD=1 uses target/release/meterd as it is, ARM64=1 cross-builds arm64.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +28,8 @@ BASE_IMAGE="docker.io/library/debian:bookworm-slim"
 SUITE_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 PODMAN=(podman --runtime runc --cgroup-manager=cgroupfs)
 LIMITS=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+CARGO_AUDITABLE_VERSION=0.7.7
+ARM64_TARGET=aarch64-unknown-linux-gnu
 EMU_PORT=18377
 AGENT_ADDR=127.0.0.1:8377
 MAX_IMAGE_BYTES=$((40 * 1000 * 1000))
@@ -43,6 +54,11 @@ if ((${#missing[@]})); then
     "${missing[@]}" uidmap fuse-overlayfs >/dev/null
 fi
 
+if ! cargo auditable --version >/dev/null 2>&1; then
+  log "cargo install cargo-auditable@$CARGO_AUDITABLE_VERSION"
+  cargo install --locked --quiet "cargo-auditable@$CARGO_AUDITABLE_VERSION"
+fi
+
 eval "$("$ROOT/scripts/deploy-tools.sh")"
 log "hadolint deploy/Dockerfile"
 "$HADOLINT" deploy/Dockerfile || fail "hadolint"
@@ -63,43 +79,98 @@ fi
 
 # ---- 2. binary and image ----
 if [[ "${SKIP_CARGO_BUILD:-}" != 1 ]]; then
-  log "cargo build --release --locked"
-  cargo build --release --locked --quiet
+  log "cargo auditable build --release --locked"
+  cargo auditable build --release --locked --quiet
 fi
 [[ -x target/release/meterd ]] || fail "target/release/meterd missing"
 
-log "podman build --target runtime-prebuilt -t $IMAGE"
-"${PODMAN[@]}" build --pull=never --format docker --network=host "${LIMITS[@]}" \
-  --build-arg METERD_PRODUCT_CODE=prod-demo1234 \
-  --build-arg METERD_REVISION="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-  --target runtime-prebuilt -t "$IMAGE" -f deploy/Dockerfile . >"$ROOT/target/container-test-build.log" 2>&1 \
-  || { tail -30 "$ROOT/target/container-test-build.log"; fail "podman build (log: target/container-test-build.log)"; }
+build_image() { # tag, arch, binary, log
+  # podman 4.3 cannot resolve `FROM --platform=$BUILDPLATFORM` against a local image when
+  # --platform names another architecture, so arm64 gets TARGETARCH as a build argument
+  # (the rootfs stage runs natively either way; buildx sets the image's platform itself).
+  "${PODMAN[@]}" build --pull=never --format docker --network=host "${LIMITS[@]}" \
+    --build-arg TARGETARCH="$2" --build-arg METERD_BINARY="$3" \
+    --build-arg METERD_PRODUCT_CODE=prod-demo1234 \
+    --build-arg METERD_REVISION="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --target runtime-prebuilt -t "$1" -f deploy/Dockerfile . >"$4" 2>&1 \
+    || { tail -30 "$4"; fail "podman build $2 (log: $4)"; }
+}
+check_image_files() { # tag, arch
+  local tar="$ROOT/target/meterd-image-$2.tar" sbom="$ROOT/target/meterd-image-$2.cdx.json" c
+  c=$("${PODMAN[@]}" create "$1" 2>/dev/null)
+  "${PODMAN[@]}" export "$c" >"$tar"
+  "${PODMAN[@]}" rm "$c" >/dev/null 2>&1
+  "$PYTHON" scripts/sbom.py "$tar" -o "$sbom" || fail "sbom $2"
+  "$PYTHON" scripts/deploy_tests.py image "$tar" "$sbom" "$2" \
+    || fail "image files ($2): os-release, package entries, libraries, cargo auditable, SBOM"
+  log "image files ($2): every file accounted for; SBOM $sbom"
+  # The check itself: the same files plus one library no package owns must fail it.
+  if [[ "$2" == amd64 ]]; then
+    "$PYTHON" - "$tar" "$tar.stray" <<'PY'
+import io, sys, tarfile
+with tarfile.open(sys.argv[1]) as src, tarfile.open(sys.argv[2], "w") as dst:
+    for m in src:
+        dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    data = b"\x7fELF stray"
+    info = tarfile.TarInfo("usr/lib/libstray.so.1")
+    info.size = len(data)
+    dst.addfile(info, io.BytesIO(data))
+PY
+    if "$PYTHON" scripts/deploy_tests.py image "$tar.stray" "$sbom" "$2" >"$tar.stray.log" 2>&1; then
+      fail "the image check passed an image with a file no package owns"
+    fi
+    grep -q 'usr/lib/libstray.so.1' "$tar.stray.log" || { cat "$tar.stray.log" >&2; fail "stray file not named"; }
+    log "image files: a stray library is caught"
+    rm -f "$tar.stray" "$tar.stray.log"
+  fi
+  rm -f "$tar"
+}
+
+log "podman build --target runtime-prebuilt -t $IMAGE (amd64)"
+build_image "$IMAGE" amd64 target/release/meterd "$ROOT/target/container-test-build.log"
 
 size=$("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Size}}')
-log "image size: $((size / 1000 / 1000)) MB"
+log "image size: $size bytes ($(awk -v b="$size" 'BEGIN { printf "%.1f", b / 1e6 }') MB; binary $(stat -c %s target/release/meterd) bytes)"
 ((size <= MAX_IMAGE_BYTES)) || fail "image is $size bytes, over 40 MB"
+check_image_files "$IMAGE" amd64
+cp "$ROOT/target/meterd-image-amd64.cdx.json" "$ROOT/target/meterd-image.cdx.json"
 
-"${PODMAN[@]}" image inspect "$IMAGE" >"$ROOT/target/container-test-inspect.json"
-python3 - "$ROOT/target/container-test-inspect.json" <<'PY' || fail "image config"
-import json, sys
-img = json.load(open(sys.argv[1]))[0]
-cfg = img["Config"]
-health = cfg.get("Healthcheck") or img.get("Healthcheck") or {}
-env = dict(e.split("=", 1) for e in cfg["Env"])
-checks = {
-    "non-root user": cfg.get("User") == "10001:10001",
-    "healthcheck": health.get("Test") == ["CMD", "meterd", "health"],
-    "state volume": "/var/lib/meterd" in (cfg.get("Volumes") or {}),
-    "json logs": env.get("METERD_LOG_FORMAT") == "json",
-    "config path": env.get("METERD_CONFIG") == "/etc/meterd/meterd.toml",
-    "oci labels": all(k in cfg.get("Labels", {}) for k in (
-        "org.opencontainers.image.title", "org.opencontainers.image.version",
-        "org.opencontainers.image.licenses")),
-}
-bad = [k for k, ok in checks.items() if not ok]
-print("image config: " + ("ok" if not bad else "bad: " + ", ".join(bad)), file=sys.stderr)
-sys.exit(1 if bad else 0)
-PY
+arm_bin="target/$ARM64_TARGET/release/meterd"
+if [[ "${ARM64:-}" == 1 ]]; then
+  log "cargo auditable build --release --locked --target $ARM64_TARGET"
+  command -v aarch64-linux-gnu-gcc >/dev/null || {
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      gcc-aarch64-linux-gnu libc6-dev-arm64-cross >/dev/null
+  }
+  rustup target add "$ARM64_TARGET" >/dev/null
+  CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+    CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
+    cargo auditable build --release --locked --quiet --target "$ARM64_TARGET"
+fi
+if [[ -x "$arm_bin" ]]; then
+  log "podman build --target runtime-prebuilt (arm64, $arm_bin)"
+  build_image "$IMAGE-arm64" arm64 "$arm_bin" "$ROOT/target/container-test-build-arm64.log"
+  arm_size=$("${PODMAN[@]}" image inspect "$IMAGE-arm64" --format '{{.Size}}')
+  log "image size (arm64): $arm_size bytes"
+  check_image_files "$IMAGE-arm64" arm64
+  if command -v qemu-aarch64-static >/dev/null; then
+    # No binfmt here to run arm64 containers; qemu-user runs the binary against the image's
+    # own loader and libraries instead (-L: the exported image as the root).
+    arm_root="$(mktemp -d)"
+    c=$("${PODMAN[@]}" create "$IMAGE-arm64" 2>/dev/null)
+    "${PODMAN[@]}" export "$c" | tar -C "$arm_root" -x
+    "${PODMAN[@]}" rm "$c" >/dev/null 2>&1
+    qemu-aarch64-static -L "$arm_root" "$arm_root/usr/local/bin/meterd" check-config \
+      --config "$arm_root/etc/meterd/meterd.toml" >&2 || fail "arm64 meterd under qemu-user"
+    rm -rf "$arm_root"
+    log "arm64: meterd check-config ran under qemu-aarch64-static with the image's libraries"
+  else
+    log "arm64: not run (qemu-user-static not installed)"
+  fi
+else
+  log "arm64: skipped ($arm_bin missing; ARM64=1 cross-builds it)"
+fi
 
 # ---- 3. run: emulator + sidecar + client in one network namespace ----
 shared="$(mktemp -d)"
@@ -138,7 +209,7 @@ public_key_files = ["/shared/emulator.pem"]
 
 [server]
 listen = "$AGENT_ADDR"
-unix_socket = ""
+unix_socket = "/shared/run/meterd.sock"
 auth_token_file = ""
 grace_period = "20s"
 
@@ -150,6 +221,11 @@ region = "us-east-1"
 endpoint_url = "http://127.0.0.1:$EMU_PORT"
 EOF
 chmod 0644 "$shared/meterd.toml"
+# The socket's directory, as Kubernetes makes an emptyDir with the pod's fsGroup (10001):
+# group-owned, setgid. meterd creates the socket mode 0660.
+mkdir "$shared/run"
+chown 0:10001 "$shared/run"
+chmod 2770 "$shared/run"
 
 # Podman warns that it cannot add health-check timers without systemd; the test runs the
 # image's HEALTHCHECK itself with `podman healthcheck run`.
@@ -186,11 +262,20 @@ done
 ((ready)) || fail "sidecar never became healthy (HEALTHCHECK meterd health)"
 log "sidecar healthy (image HEALTHCHECK passed)"
 
-log "posting usage from a second container"
-"${RUN[@]}" --rm --name "$RUN_ID-client" --network="container:$RUN_ID-emulator" --no-healthcheck \
-  "$IMAGE" report --dimension requests --quantity 3 >/dev/null
-"${RUN[@]}" --rm --name "$RUN_ID-client" --network="container:$RUN_ID-emulator" --no-healthcheck \
-  "$IMAGE" report --dimension gigabytes --quantity 2 >/dev/null
+sock_mode=$(stat -c '%a %g' "$shared/run/meterd.sock")
+[[ "$sock_mode" == "660 10001" ]] || fail "socket is mode/group $sock_mode, want 660 10001"
+log "posting usage over the Unix socket from containers with the socket's group (uid 10002)"
+CLIENT=("${RUN[@]}" --rm --name "$RUN_ID-client" --network=none --no-healthcheck)
+"${CLIENT[@]}" --user 10002:10002 --group-add 10001 "$IMAGE" report --dimension requests --quantity 3 >/dev/null \
+  || fail "meterd report over the Unix socket"
+"${CLIENT[@]}" --user 10002:10002 --group-add 10001 "$IMAGE" report --dimension gigabytes --quantity 2 >/dev/null \
+  || fail "meterd report over the Unix socket"
+log "a container without the socket's group is refused"
+if out=$("${CLIENT[@]}" --user 10003:10003 "$IMAGE" report --dimension requests --quantity 100 2>&1); then
+  fail "uid 10003 without group 10001 posted usage through the 0660 socket"
+fi
+grep -qi 'permission denied' <<<"$out" || fail "uid 10003 refused for another reason: $out"
+log "posting usage over TCP (127.0.0.1) from the shared network namespace"
 in_netns python3 - "$AGENT_ADDR" <<'PY' || fail "POST /v1/usage"
 import json, sys, urllib.request
 req = urllib.request.Request(f"http://{sys.argv[1]}/v1/usage", method="POST",

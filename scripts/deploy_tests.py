@@ -4,6 +4,8 @@
     python scripts/deploy_tests.py ecs                                 # task definition, IAM, CFN
     python scripts/deploy_tests.py systemd                             # unit file directives
     python scripts/deploy_tests.py helm-config DIR TOKEN_FILE           # print the rendered meterd.toml
+    python scripts/deploy_tests.py image TAR SBOM ARCH    # an exported image (podman export) and its SBOM
+    python scripts/deploy_tests.py dockerfile             # deploy/Dockerfile's arch-dependent paths
 
 Each group runs as a unittest suite; the exit code is non-zero on any failure.
 """
@@ -84,18 +86,15 @@ class HelmRender(unittest.TestCase):
                 self.assertNotEqual(c["name"], "meterd", "meterd must not be a regular container")
 
     def test_probes(self):
+        # meterd listens only inside the pod, so the kubelet probes it with exec.
         for objs, _ in self.each():
             sc = self.sidecar(objs)
-            self.assertEqual(sc["startupProbe"]["httpGet"]["path"], "/readyz")
-            self.assertEqual(sc["readinessProbe"]["httpGet"]["path"], "/readyz")
-            self.assertEqual(sc["livenessProbe"]["httpGet"]["path"], "/healthz")
-            port = self.config(objs)["server"]["listen"].rsplit(":", 1)[1]
-            ports = {p["name"]: p["containerPort"] for p in sc["ports"]}
+            self.assertEqual(sc["startupProbe"]["exec"]["command"], ["meterd", "health"])
+            self.assertEqual(sc["readinessProbe"]["exec"]["command"], ["meterd", "health"])
+            self.assertEqual(sc["livenessProbe"]["exec"]["command"], ["meterd", "status"])
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-                get = sc[kind]["httpGet"]
-                self.assertEqual(str(ports[get["port"]]), port)
-                hosts = [h["value"] for h in get.get("httpHeaders", []) if h["name"].lower() == "host"]
-                self.assertEqual(hosts, ["localhost"], "meterd answers only loopback Host names")
+                self.assertNotIn("httpGet", sc[kind])
+            self.assertNotIn("ports", sc, "nothing outside the pod connects to meterd")
 
     def test_irsa(self):
         for objs, values in self.each():
@@ -153,11 +152,46 @@ class HelmRender(unittest.TestCase):
                 self.assertIn("emptyDir", vols["meterd-state"])
 
     def test_app_reaches_meterd(self):
-        for objs, _ in self.each():
-            port = self.config(objs)["server"]["listen"].rsplit(":", 1)[1]
-            for c in self.pod(objs)["containers"]:
+        for objs, values in self.each():
+            m = values["meterd"]
+            server = self.config(objs)["server"]
+            pod = self.pod(objs)
+            vols = {v["name"]: v for v in pod["volumes"]}
+            sidecar_mounts = {x["mountPath"]: x["name"] for x in self.sidecar(objs)["volumeMounts"]}
+            secret = m["auth"]["existingSecret"]
+            for c in pod["containers"]:
                 env = {e["name"]: e for e in c.get("env", [])}
-                self.assertEqual(env["METERD_URL"]["value"], f"http://127.0.0.1:{port}")
+                if m["transport"] == "tcp":
+                    self.assertRegex(server["listen"], r"^127\.0\.0\.1:\d+$", "TCP stays on loopback")
+                    self.assertEqual(server["unix_socket"], "")
+                    self.assertEqual(env["METERD_URL"]["value"], f"http://{server['listen']}")
+                    self.assertTrue(secret, "TCP needs a token")
+                else:
+                    sock = server["unix_socket"]
+                    self.assertEqual(server["listen"], "", "no TCP listener with the Unix socket")
+                    self.assertEqual(env["METERD_SOCKET"]["value"], sock)
+                    sock_dir = sock.rsplit("/", 1)[0]
+                    # The socket's directory: one emptyDir, mounted by meterd and the app.
+                    name = sidecar_mounts[sock_dir]
+                    self.assertIn("emptyDir", vols[name])
+                    app_mounts = {x["mountPath"]: x["name"] for x in c.get("volumeMounts", [])}
+                    self.assertEqual(app_mounts.get(sock_dir), name, f"{c['name']} must mount {sock_dir}")
+                    # Mode 0660: the app reaches it through the group the pod's fsGroup gives.
+                    self.assertTrue(pod["securityContext"].get("fsGroup"), "the socket's group is the fsGroup")
+                if secret:
+                    ref = env["METERD_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+                    self.assertEqual((ref["name"], ref["key"]), (secret, "token"))
+                    self.assertEqual(vols["meterd-token"]["secret"]["secretName"], secret)
+                    token_dir = next(p for p, n in sidecar_mounts.items() if n == "meterd-token")
+                    self.assertEqual(server["auth_token_file"], f"{token_dir}/token")
+                else:
+                    self.assertNotIn("METERD_AUTH_TOKEN", env)
+                    self.assertEqual(server["auth_token_file"], "")
+
+    def test_no_generated_secret(self):
+        # The chart never makes a token (that needed lookup and randAlphaNum): it is the user's.
+        for objs, _ in self.each():
+            self.assertEqual([n for (k, n) in objs if k == "Secret"], [])
 
 
 # ---------------------------------------------------------------- ecs
@@ -206,9 +240,20 @@ class EcsTaskDefinition(unittest.TestCase):
     def test_cfn_task_definition_shape(self):
         tmpl = cfn_template()
         params = {k: v.get("Default") for k, v in tmpl["Parameters"].items()}
-        params.update(MeterdImage="meterd:test", AppImage="app:test")
         props = tmpl["Resources"]["TaskDefinition"]["Properties"]
-        self.assertEqual(validate_register(cfn_to_api(props, params)), "")
+        for arch in tmpl["Parameters"]["CpuArchitecture"]["AllowedValues"]:
+            with self.subTest(arch=arch):
+                params.update(MeterdImage="meterd:test", AppImage="app:test", CpuArchitecture=arch)
+                api = cfn_to_api(props, params)
+                self.assertEqual(validate_register(api), "")
+                self.assertEqual(api["runtimePlatform"]["cpuArchitecture"], arch)
+
+    def test_cpu_architecture(self):
+        # One image for both (a manifest list): the architecture is the task's choice.
+        param = cfn_template()["Parameters"]["CpuArchitecture"]
+        self.assertEqual(sorted(param["AllowedValues"]), ["ARM64", "X86_64"])
+        self.assertIn(ecs_taskdef()["runtimePlatform"]["cpuArchitecture"], param["AllowedValues"])
+        self.assertEqual(ecs_taskdef()["runtimePlatform"]["cpuArchitecture"], param["Default"])
 
     def check_sidecar_shape(self, td: dict, grace: int):
         self.assertEqual(td["networkMode"], "awsvpc")
@@ -269,6 +314,186 @@ class EcsTaskDefinition(unittest.TestCase):
         self.assertRegex(cond["OIDC_PROVIDER:sub"], r"^system:serviceaccount:[^:]+:[^:]+$")
 
 
+# ---------------------------------------------------------------- image
+
+IMAGE: dict = {}  # tar, sbom, arch
+# meterd's own files: its binary and configuration, its user, and the CA bundle that
+# ca-certificates generates (update-ca-certificates) from the certificates it ships.
+OWN_FILES = {
+    "usr/local/bin/meterd": None,
+    "etc/meterd/meterd.toml": None,
+    "etc/passwd": None,
+    "etc/group": None,
+    "etc/nsswitch.conf": None,
+    "etc/ssl/certs/ca-certificates.crt": "ca-certificates",
+}
+MULTIARCH = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+
+
+class ImageFiles(unittest.TestCase):
+    """The runtime image: scannable (os-release, dpkg status.d), every file accounted for."""
+
+    @classmethod
+    def setUpClass(cls):
+        import hashlib
+
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import sbom
+
+        cls.sbom_mod = sbom
+        cls.md5 = staticmethod(lambda b: hashlib.md5(b).hexdigest())
+        cls.fs = sbom.ImageFS(IMAGE["tar"])
+        cls.pkgs = sbom.dpkg_packages(cls.fs)
+        cls.arch = IMAGE["arch"]
+        cls.owner = {f: name for name, info in cls.pkgs.items() for f in info["md5sums"]}
+
+    def test_os_release(self):
+        osr = self.sbom_mod.os_release(self.fs)
+        self.assertEqual(osr.get("ID"), "debian")
+        self.assertTrue(osr.get("VERSION_ID"), "os-release has no VERSION_ID")
+        self.assertIn("etc/debian_version", self.fs.entries)
+
+    def test_package_entries(self):
+        self.assertTrue({"base-files", "libc6", "ca-certificates"} <= set(self.pkgs), sorted(self.pkgs))
+        for name, info in self.pkgs.items():
+            f = info["fields"]
+            with self.subTest(package=name):
+                self.assertEqual(f.get("Package"), name)
+                self.assertEqual(f.get("Status"), "install ok installed")
+                self.assertTrue(f.get("Version"))
+                self.assertIn(f.get("Architecture"), (self.arch, "all"))
+                self.assertTrue(info["has_md5sums"], f"{name}.md5sums missing")
+                for path, digest in info["md5sums"].items():
+                    self.assertIn(path, self.fs.entries, f"{name} lists {path}, not in the image")
+                    self.assertEqual(self.md5(self.fs.read(path)), digest, f"{path} differs from {name}")
+
+    def accounted(self, path: str) -> bool:
+        if path in self.owner or path in OWN_FILES:
+            return True
+        if path.startswith(self.sbom_mod.STATUS_D + "/"):
+            base = path.rsplit("/", 1)[1].removesuffix(".md5sums")
+            return base in self.pkgs
+        return False
+
+    def test_every_file_accounted_for(self):
+        stray = []
+        for path, e in sorted(self.fs.entries.items()):
+            if e.kind == "dir":
+                continue
+            if e.kind == "symlink":
+                # A symlink from a package (os-release, the dynamic loader, a doc directory)
+                # must lead to that package's files.
+                real = self.fs.resolve(path)
+                if real is None:
+                    stray.append(f"{path} -> {e.target} (dangling)")
+                elif self.fs.entries[real].kind == "dir":
+                    if not any(f.startswith(real + "/") for f in self.owner):
+                        stray.append(f"{path} -> {real}/ (no package files)")
+                elif not self.accounted(real):
+                    stray.append(f"{path} -> {real}")
+            elif e.kind != "file" or not self.accounted(path):
+                stray.append(path)
+        self.assertEqual(stray, [], "files in the image that no package entry accounts for")
+        need = {v for v in OWN_FILES.values() if v}
+        self.assertLessEqual(need, set(self.pkgs))
+
+    def test_shared_libraries(self):
+        ma = MULTIARCH[self.arch]
+        elves = {}
+        for path, e in self.fs.entries.items():
+            if e.kind == "file" and e.data[:4] == b"\x7fELF":
+                elves[path] = self.sbom_mod.parse_elf(e.data)
+        self.assertEqual([p for p, elf in elves.items() if elf is None], [], "ELF files that are not 64-bit LE")
+        machines = {self.sbom_mod.ELF_MACHINES.get(elf.machine) for elf in elves.values()}
+        self.assertEqual(machines, {self.arch}, "every ELF file is built for the image's architecture")
+        for path in elves:
+            if path != self.sbom_mod.METERD:
+                self.assertIn(path, self.owner, f"{path}: a library no package entry owns")
+        meterd = elves[self.sbom_mod.METERD]
+        interp = self.fs.resolve(meterd.interp)
+        self.assertIsNotNone(interp, f"no dynamic loader {meterd.interp}")
+        self.assertIn(interp, self.owner)
+        # The loader searches the multiarch directories (no ld.so.cache in the image).
+        for lib in meterd.needed:
+            found = [d for d in (f"lib/{ma}", f"usr/lib/{ma}") if self.fs.resolve(f"{d}/{lib}")]
+            self.assertTrue(found, f"{lib} (needed by meterd) is not in /lib/{ma} or /usr/lib/{ma}")
+            self.assertIn(self.fs.resolve(f"{found[0]}/{lib}"), self.owner)
+
+    def test_cargo_auditable(self):
+        audit = self.sbom_mod.audit_data(self.fs.read(self.sbom_mod.METERD))
+        root = [p for p in audit["packages"] if p.get("root")]
+        self.assertEqual([p["name"] for p in root], ["meterd"])
+        names = {p["name"] for p in audit["packages"]}
+        self.assertTrue({"tokio", "hyper", "rusqlite"} <= names, "dependency tree looks incomplete")
+
+    def test_sbom_lists_packages_and_crates(self):
+        bom = json.loads(pathlib.Path(IMAGE["sbom"]).read_text())
+        self.assertEqual((bom["bomFormat"], bom["specVersion"]), ("CycloneDX", "1.5"))
+        purls = {c.get("purl", "") for c in bom["components"]}
+        for name, info in self.pkgs.items():
+            f = info["fields"]
+            self.assertTrue(any(p.startswith(f"pkg:deb/debian/{name}@") and f"arch={f['Architecture']}" in p
+                                for p in purls), f"{name} missing from the SBOM")
+        audit = self.sbom_mod.audit_data(self.fs.read(self.sbom_mod.METERD))
+        for p in audit["packages"]:
+            if not p.get("root"):
+                self.assertIn(f"pkg:cargo/{p['name']}@{p['version']}", purls)
+        self.assertEqual(bom["metadata"]["component"]["components"][0]["name"], "meterd")
+        # And the build's lock file: every crate compiled in is one Cargo.lock pins.
+        lock = tomllib.loads((ROOT / "Cargo.lock").read_text())
+        locked = {(p["name"], p["version"]) for p in lock["package"]}
+        for p in audit["packages"]:
+            self.assertIn((p["name"], p["version"]), locked)
+
+
+class DockerfilePlatforms(unittest.TestCase):
+    """deploy/Dockerfile and mkrootfs.sh for each platform: the paths they derive from
+    TARGETARCH, resolved against Debian's multiarch layout."""
+
+    def test_no_hard_coded_architecture(self):
+        for f in ("deploy/Dockerfile", "deploy/container/mkrootfs.sh"):
+            text = (ROOT / f).read_text()
+            code = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+            for triplet in MULTIARCH.values():
+                # The triplets appear once, in the TARGETARCH -> triplet mapping.
+                self.assertLessEqual(code.count(triplet), 1, f"{f} hard-codes {triplet}")
+            self.assertNotRegex(code, r"/lib(64)?/(x86_64|aarch64)-linux-gnu|ld-linux-(x86-64|aarch64)",
+                                f"{f} hard-codes a library path")
+
+    def test_platform_args(self):
+        text = (ROOT / "deploy/Dockerfile").read_text()
+        self.assertIn("ARG TARGETARCH", text)
+        for stage in ("builder", "rootfs"):
+            self.assertRegex(text, rf"FROM --platform=\$BUILDPLATFORM \S+ AS {stage}\b")
+        self.assertRegex(text, r"FROM scratch AS runtime-base")
+
+    def test_mapping_resolves_in_debian_layout(self):
+        """The TARGETARCH -> triplet mapping of both files gives paths that exist in each
+        architecture's libc6 (as Debian ships it: dpkg -L libc6 on that architecture)."""
+        libc6_paths = {
+            # bookworm's libc6 file lists (the loader and the libraries meterd links).
+            "amd64": {"lib/x86_64-linux-gnu/libc.so.6", "lib/x86_64-linux-gnu/libm.so.6",
+                      "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"},
+            "arm64": {"lib/aarch64-linux-gnu/libc.so.6", "lib/aarch64-linux-gnu/libm.so.6",
+                      "lib/aarch64-linux-gnu/ld-linux-aarch64.so.1", "lib/ld-linux-aarch64.so.1"},
+        }
+        sh = (ROOT / "deploy/container/mkrootfs.sh").read_text()
+        docker = (ROOT / "deploy/Dockerfile").read_text()
+        for arch, triplet in MULTIARCH.items():
+            with self.subTest(arch=arch):
+                for text in (sh, docker):
+                    m = re.search(rf"\b{arch}\) ma=([\w-]+) ;;", text)
+                    self.assertIsNotNone(m, f"no {arch} mapping")
+                    self.assertEqual(m.group(1), triplet)
+                    rust = f"{triplet.split('-')[0]}-unknown-linux-gnu"
+                    self.assertIn(rust, {"x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu"})
+                for pattern in ("*/$ma/libc.so.6", "*/$ma/libm.so.6", "*/$ma/ld-linux-*.so.*", "lib*/ld-linux-*.so.*"):
+                    self.assertIn(pattern, sh)
+                    rx = re.escape(pattern.replace("$ma", triplet)).replace(r"\*", ".*")
+                    self.assertTrue(any(re.fullmatch(rx, p) for p in libc6_paths[arch]),
+                                    f"{pattern} matches nothing in {arch}'s libc6")
+
+
 # ---------------------------------------------------------------- systemd
 
 
@@ -314,9 +539,15 @@ def main() -> int:
     group = sys.argv[1]
     if group == "helm-config":
         cm = only(load_render(pathlib.Path(sys.argv[2])), "ConfigMap")
-        print(cm["data"]["meterd.toml"].replace("/var/run/meterd/token", sys.argv[3]), end="")
+        print(cm["data"]["meterd.toml"].replace("/var/run/secrets/meterd/token", sys.argv[3]), end="")
         return 0
-    cases = {"helm": HelmRender, "ecs": EcsTaskDefinition, "systemd": SystemdUnit}[group]
+    cases = {"helm": HelmRender, "ecs": EcsTaskDefinition, "systemd": SystemdUnit,
+             "image": ImageFiles, "dockerfile": DockerfilePlatforms}[group]
+    if group == "image":
+        if len(sys.argv) != 5:
+            print(__doc__, file=sys.stderr)
+            return 64
+        IMAGE.update(tar=sys.argv[2], sbom=sys.argv[3], arch=sys.argv[4])
     if group == "helm":
         defaults = yaml.safe_load((ROOT / "helm/meterd/values.yaml").read_text())
         for arg in sys.argv[2:]:

@@ -2,18 +2,24 @@
 meterd sidecar templates. To add meterd to your own chart, copy this file into its
 templates/ folder, copy the `meterd:` block of values.yaml, and in your pod spec:
 
+  securityContext:
+    fsGroup: 10001              # the socket's group: the app must share it
   initContainers:
     {{- include "meterd.sidecar" . | nindent 4 }}
   containers:
     - name: app
       env:
         {{- include "meterd.appEnv" . | nindent 8 }}
+      volumeMounts:
+        {{- include "meterd.appVolumeMounts" . | nindent 8 }}
   volumes:
     {{- include "meterd.volumes" . | nindent 4 }}
 
-and render the ConfigMap with {{ include "meterd.configMap" . }} (and the Secret with
-{{ include "meterd.tokenSecret" . }} when meterd.auth.enabled). Names derive from
+and render the ConfigMap with {{ include "meterd.configMap" . }}. Names derive from
 "meterd.resourcePrefix" (the release name plus -meterd).
+
+Rendering is deterministic (no lookup, no random values, no hooks): the chart passes the
+Amazon EKS add-on rules, which scripts/check-deploy.sh enforces.
 */}}
 
 {{- define "meterd.resourcePrefix" -}}
@@ -37,12 +43,17 @@ and render the ConfigMap with {{ include "meterd.configMap" . }} (and the Secret
 {{- $code -}}
 {{- end -}}
 
-{{- define "meterd.tokenSecretName" -}}
-{{- .Values.meterd.auth.existingSecret | default (printf "%s-token" (include "meterd.resourcePrefix" .)) -}}
-{{- end -}}
+{{/* Where the application reaches meterd: the socket's directory is an emptyDir shared by
+     both containers. */}}
+{{- define "meterd.runDir" -}}/var/run/meterd{{- end -}}
+{{- define "meterd.socketPath" -}}{{ include "meterd.runDir" . }}/meterd.sock{{- end -}}
+{{- define "meterd.tokenDir" -}}/var/run/secrets/meterd{{- end -}}
 
 {{- define "meterd.validate" -}}
 {{- $m := .Values.meterd -}}
+{{- if and (eq $m.transport "tcp") (not $m.auth.existingSecret) -}}
+{{- fail "meterd.transport tcp needs meterd.auth.existingSecret: a Secret you create with the bearer token (key: token)" -}}
+{{- end -}}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int $m.gracePeriodSeconds) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed meterd.gracePeriodSeconds (%v)" .Values.terminationGracePeriodSeconds $m.gracePeriodSeconds) -}}
 {{- end -}}
@@ -66,9 +77,14 @@ public_key_version = {{ int $m.registration.publicKeyVersion }}
 public_key_files = []
 
 [server]
-listen = "0.0.0.0:{{ int $m.port }}"
+{{- if eq $m.transport "tcp" }}
+listen = "127.0.0.1:{{ int $m.port }}"
 unix_socket = ""
-auth_token_file = {{ ternary "/var/run/meterd/token" "" $m.auth.enabled | quote }}
+{{- else }}
+listen = ""
+unix_socket = {{ include "meterd.socketPath" . | quote }}
+{{- end }}
+auth_token_file = {{ ternary (printf "%s/token" (include "meterd.tokenDir" .)) "" (not (empty $m.auth.existingSecret)) | quote }}
 grace_period = "{{ int $m.gracePeriodSeconds }}s"
 
 [state]
@@ -92,31 +108,16 @@ data:
     {{- include "meterd.config" . | nindent 4 }}
 {{- end -}}
 
+{{/* Kept for charts that include it: the token Secret is now yours (meterd.auth.existingSecret),
+     so this renders nothing. */}}
 {{- define "meterd.tokenSecret" -}}
-{{- if and .Values.meterd.auth.enabled (not .Values.meterd.auth.existingSecret) -}}
-{{- $name := include "meterd.tokenSecretName" . -}}
-{{- $existing := lookup "v1" "Secret" .Release.Namespace $name -}}
-apiVersion: v1
-kind: Secret
-metadata:
-  name: {{ $name }}
-  labels:
-    app.kubernetes.io/component: meterd
-    app.kubernetes.io/instance: {{ .Release.Name }}
-type: Opaque
-data:
-  {{- if and $existing $existing.data }}
-  token: {{ index $existing.data "token" }}
-  {{- else }}
-  token: {{ randAlphaNum 48 | b64enc }}
-  {{- end }}
-{{- end -}}
 {{- end -}}
 
 {{/* The native sidecar: an init container that keeps running (restartPolicy: Always).
-     Kubernetes starts the app containers only once its startupProbe (/readyz) passes,
-     which meterd reports after RegisterUsage succeeded. Probes send Host: localhost
-     because meterd answers only loopback Host names (DNS-rebinding guard). */}}
+     Kubernetes starts the app containers only once its startupProbe passes, which meterd
+     reports after RegisterUsage succeeded. meterd listens only inside the pod (the Unix
+     socket, or TCP on 127.0.0.1), so the probes are exec probes: `meterd health` asks
+     /readyz, `meterd status` shows that the agent answers. */}}
 {{- define "meterd.sidecar" -}}
 {{- include "meterd.validate" . -}}
 {{- $m := .Values.meterd -}}
@@ -133,37 +134,24 @@ data:
     {{- with $m.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  ports:
-    - name: meterd
-      containerPort: {{ int $m.port }}
-      protocol: TCP
   startupProbe:
-    httpGet:
-      path: /readyz
-      port: meterd
-      httpHeaders:
-        - name: Host
-          value: localhost
+    exec:
+      command: ["meterd", "health"]
     periodSeconds: {{ int $m.startupProbe.periodSeconds }}
     failureThreshold: {{ int $m.startupProbe.failureThreshold }}
+    timeoutSeconds: 5
   livenessProbe:
-    httpGet:
-      path: /healthz
-      port: meterd
-      httpHeaders:
-        - name: Host
-          value: localhost
+    exec:
+      command: ["meterd", "status"]
     periodSeconds: {{ int $m.livenessProbe.periodSeconds }}
     failureThreshold: {{ int $m.livenessProbe.failureThreshold }}
+    timeoutSeconds: 10
   readinessProbe:
-    httpGet:
-      path: /readyz
-      port: meterd
-      httpHeaders:
-        - name: Host
-          value: localhost
+    exec:
+      command: ["meterd", "health"]
     periodSeconds: {{ int $m.readinessProbe.periodSeconds }}
     failureThreshold: {{ int $m.readinessProbe.failureThreshold }}
+    timeoutSeconds: 5
   securityContext:
     {{- toYaml .Values.containerSecurityContext | nindent 4 }}
   resources:
@@ -176,24 +164,40 @@ data:
       mountPath: /var/lib/meterd
     - name: meterd-tmp
       mountPath: /tmp
-    {{- if $m.auth.enabled }}
+    - name: meterd-run
+      mountPath: {{ include "meterd.runDir" . }}
+    {{- if $m.auth.existingSecret }}
     - name: meterd-token
-      mountPath: /var/run/meterd
+      mountPath: {{ include "meterd.tokenDir" . }}
       readOnly: true
     {{- end }}
 {{- end -}}
 
-{{/* Environment for the application: where meterd listens, and its token. */}}
+{{/* Environment for the application: where meterd listens (METERD_SOCKET, or METERD_URL
+     with transport tcp), and the bearer token when there is one. */}}
 {{- define "meterd.appEnv" -}}
+{{- $m := .Values.meterd -}}
+{{- if eq $m.transport "tcp" -}}
 - name: METERD_URL
-  value: "http://127.0.0.1:{{ int .Values.meterd.port }}"
-{{- if .Values.meterd.auth.enabled }}
+  value: "http://127.0.0.1:{{ int $m.port }}"
+{{- else -}}
+- name: METERD_SOCKET
+  value: {{ include "meterd.socketPath" . | quote }}
+{{- end }}
+{{- if $m.auth.existingSecret }}
 - name: METERD_AUTH_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ include "meterd.tokenSecretName" . }}
+      name: {{ $m.auth.existingSecret }}
       key: token
 {{- end }}
+{{- end -}}
+
+{{/* The application's mount of meterd's socket directory. The socket is mode 0660 with the
+     pod's fsGroup as its group, which Kubernetes gives every container of the pod. */}}
+{{- define "meterd.appVolumeMounts" -}}
+- name: meterd-run
+  mountPath: {{ include "meterd.runDir" . }}
 {{- end -}}
 
 {{- define "meterd.volumes" -}}
@@ -214,10 +218,14 @@ data:
 - name: meterd-tmp
   emptyDir:
     sizeLimit: 16Mi
-{{- if $m.auth.enabled }}
+- name: meterd-run
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- if $m.auth.existingSecret }}
 - name: meterd-token
   secret:
-    secretName: {{ include "meterd.tokenSecretName" . }}
+    secretName: {{ $m.auth.existingSecret }}
     defaultMode: 0440
 {{- end }}
 {{- end -}}
