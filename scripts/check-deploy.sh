@@ -162,7 +162,7 @@ configs_valid() {
   bin="$(meterd_bin)" || { echo "skip: no meterd binary (cargo build first)"; return 0; }
   mkdir -p "$dir"
   echo "token-for-check" >"$dir/token"
-  sed 's/@PRODUCT_CODE@/prod-1234abcd/' deploy/container/meterd.toml >"$dir/container.toml"
+  sed -e 's/@PRODUCT_CODE@/prod-1234abcd/' -e 's/@PRICING@/hourly+custom/' deploy/container/meterd.toml >"$dir/container.toml"
   cp deploy/systemd/meterd.toml "$dir/systemd.toml"
   for r in defaults example tcp seller/out; do
     "$PYTHON" scripts/deploy_tests.py helm-config "$WORK/$r" "$dir/token" >"$dir/helm-${r%%/*}.toml" || return 1

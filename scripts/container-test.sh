@@ -194,6 +194,7 @@ trap 'rc=$?; if ((rc)); then dump_logs; fi; cleanup; exit $rc' EXIT
 
 cat >"$shared/meterd.toml" <<EOF
 product_code = "prod-demo1234"
+pricing = "hourly+custom"
 platform = "ecs"
 
 [metering]
@@ -203,7 +204,6 @@ report_zero = true
 max_allocations = 500
 
 [registration]
-enabled = true
 public_key_version = 1
 public_key_files = ["/shared/emulator.pem"]
 

@@ -135,10 +135,11 @@ class HelmRender(unittest.TestCase):
             self.assertEqual(cfg["metering"]["dimensions"], m["dimensions"])
             self.assertEqual(cfg["metering"]["tag_keys"], m["tagKeys"])
             self.assertEqual(cfg["platform"], m["platform"])
+            self.assertEqual(cfg["pricing"], m["pricing"])
             self.assertEqual(cfg["state"]["dir"], "/var/lib/meterd")
             # Only the keys meterd's config knows (unknown keys are errors).
-            self.assertLessEqual(set(cfg), {"product_code", "platform", "metering", "registration",
-                                            "server", "state", "aws", "sending"})
+            self.assertLessEqual(set(cfg), {"product_code", "pricing", "platform", "metering",
+                                            "registration", "server", "state", "aws", "sending"})
 
     def test_state_volume(self):
         for objs, values in self.each():

@@ -1924,7 +1924,8 @@ mod tests {
     fn a_ledger_of_another_product_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         drop(Ledger::open(dir.path(), "prod-a", H).expect("open"));
-        std::thread::sleep(Duration::from_millis(50));
+        // The writer thread releases the lock when it ends: wait for that, not for a time.
+        wait_unlocked(dir.path());
         let err = Ledger::open(dir.path(), "prod-b", H).expect_err("mismatch");
         assert!(matches!(err, LedgerError::ProductMismatch { .. }), "{err}");
     }

@@ -442,6 +442,21 @@ mod tests {
         assert!(ok.ends_with("Regular"), "{ok}");
     }
 
+    #[tokio::test]
+    async fn accepted_tcp_connections_have_keepalive_and_nodelay() {
+        let mut listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let stream = listener.accept_stream().await.expect("accept");
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"), "keep-alive is on");
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            TCP_KEEPALIVE
+        );
+        assert!(stream.nodelay().expect("TCP_NODELAY"));
+    }
+
     /// A listener whose accept fails a few times, then yields one stream.
     struct Flaky {
         failures: usize,

@@ -93,7 +93,8 @@ printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$out/etc/nsswitch.con
 printf 'root:x:0:0:root:/root:/usr/sbin/nologin\nmeterd:x:10001:10001:meterd:/var/lib/meterd:/usr/sbin/nologin\n' \
   >"$out/etc/passwd"
 printf 'root:x:0:\nmeterd:x:10001:\n' >"$out/etc/group"
-sed "s/@PRODUCT_CODE@/$product_code/" "$config" >"$out/etc/meterd/meterd.toml"
+sed -e "s/@PRODUCT_CODE@/$product_code/" -e "s/@PRICING@/${METERD_PRICING:-hourly+custom}/" \
+  "$config" >"$out/etc/meterd/meterd.toml"
 chmod 1777 "$out/tmp"
 chown 10001:10001 "$out/var/lib/meterd"
 chmod 0750 "$out/var/lib/meterd"

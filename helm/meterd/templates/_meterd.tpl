@@ -63,16 +63,18 @@ Amazon EKS add-on rules, which scripts/check-deploy.sh enforces.
 {{- define "meterd.config" -}}
 {{- $m := .Values.meterd -}}
 product_code = {{ include "meterd.productCode" . | quote }}
+pricing = {{ $m.pricing | quote }}
 platform = {{ $m.platform | quote }}
+{{- if ne $m.pricing "hourly" }}
 
 [metering]
 dimensions = [{{ range $i, $d := $m.dimensions }}{{ if $i }}, {{ end }}{{ $d | quote }}{{ end }}]
 tag_keys = [{{ range $i, $k := $m.tagKeys }}{{ if $i }}, {{ end }}{{ $k | quote }}{{ end }}]
 report_zero = {{ $m.reportZero }}
 max_allocations = {{ int $m.maxAllocations }}
+{{- end }}
 
 [registration]
-enabled = {{ $m.registration.enabled }}
 public_key_version = {{ int $m.registration.publicKeyVersion }}
 public_key_files = []
 
