@@ -1770,3 +1770,60 @@ async fn admin_endpoints_report_records_calls_and_keys() {
     assert_eq!(admin_get(&env, "/_emulator/batch-records").await, json!([]));
     env.emu.shutdown().await;
 }
+
+/// The emulator knows each product's pricing model: an hourly listing has no dimensions, so
+/// MeterUsage (DryRun or not) is the wrong route and answers as AWS does, while RegisterUsage
+/// works; the call log shows which calls were made.
+#[tokio::test]
+async fn an_hourly_product_registers_and_refuses_meter_usage() {
+    use meterd::emulator::config::{ProductConfig, ProductPricing};
+    let mut config = EmulatorConfig::demo();
+    config.products.push(ProductConfig {
+        code: "prod-hourly0001".to_owned(),
+        pricing: ProductPricing::Hourly,
+        dimensions: Vec::new(),
+        entitlement: Entitlement::Entitled,
+    });
+    config
+        .validate()
+        .expect("an hourly product with no dimensions is valid");
+    let env = start(config.clone()).await;
+    let c = env.default_client().await;
+    let registered = c
+        .register_usage()
+        .product_code("prod-hourly0001")
+        .public_key_version(1)
+        .nonce("n-1")
+        .send()
+        .await
+        .expect("RegisterUsage works for an hourly product");
+    assert!(registered.signature().is_some_and(|s| !s.is_empty()));
+    for dry_run in [true, false] {
+        let e = c
+            .meter_usage()
+            .product_code("prod-hourly0001")
+            .usage_dimension("pod_hours")
+            .timestamp(DateTime::from_secs(T0))
+            .usage_quantity(1)
+            .dry_run(dry_run)
+            .send()
+            .await
+            .expect_err("no custom dimension");
+        assert_eq!(code(&e), "InvalidUsageDimensionException");
+    }
+    let ops: Vec<String> = env
+        .emu
+        .calls()
+        .iter()
+        .map(|c| c.operation.clone())
+        .collect();
+    assert_eq!(ops, ["RegisterUsage", "MeterUsage", "MeterUsage"]);
+    assert!(env.emu.records().is_empty());
+    // An hourly product that lists dimensions is a configuration error.
+    let mut bad = config;
+    if let Some(p) = bad.products.last_mut() {
+        p.dimensions = vec!["pod_hours".to_owned()];
+    }
+    let err = bad.validate().expect_err("hourly with dimensions");
+    assert!(err.to_string().contains("priced hourly"), "{err}");
+}

@@ -67,9 +67,26 @@ pub struct EmulatorConfig {
 #[serde(deny_unknown_fields)]
 pub struct ProductConfig {
     pub code: String,
+    /// How the product is listed: `hourly` products have no dimensions (AWS meters the task
+    /// hours), so MeterUsage for them answers `InvalidUsageDimensionException`.
+    #[serde(default)]
+    pub pricing: ProductPricing,
+    #[serde(default)]
     pub dimensions: Vec<String>,
     #[serde(default)]
     pub entitlement: Entitlement,
+}
+
+/// A listing's pricing model, as meterd's `pricing` names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProductPricing {
+    #[serde(rename = "hourly")]
+    Hourly,
+    #[serde(rename = "custom")]
+    Custom,
+    #[default]
+    #[serde(rename = "hourly+custom")]
+    HourlyCustom,
 }
 
 /// How RegisterUsage (and MeterUsage's entitlement check) answers for a product.
@@ -172,6 +189,7 @@ impl EmulatorConfig {
         Self {
             products: vec![ProductConfig {
                 code: DEMO_PRODUCT_CODE.to_owned(),
+                pricing: ProductPricing::HourlyCustom,
                 dimensions: vec!["requests".to_owned(), "gigabytes".to_owned()],
                 entitlement: Entitlement::Entitled,
             }],
@@ -293,7 +311,13 @@ impl EmulatorConfig {
             if !codes.insert(code.as_str()) {
                 problems.push(format!("product {code:?} is listed twice"));
             }
-            if product.dimensions.is_empty() || product.dimensions.len() > 24 {
+            if product.pricing == ProductPricing::Hourly {
+                if !product.dimensions.is_empty() {
+                    problems.push(format!(
+                        "product {code:?} is priced hourly: it has no dimensions"
+                    ));
+                }
+            } else if product.dimensions.is_empty() || product.dimensions.len() > 24 {
                 problems.push(format!("product {code:?} needs 1 to 24 dimensions"));
             }
             let mut dims = BTreeSet::new();
