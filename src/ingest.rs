@@ -145,10 +145,7 @@ impl Vocabulary {
     }
 
     pub fn aggregation_of(&self, dimension: &str) -> Aggregation {
-        self.aggregation
-            .get(dimension)
-            .copied()
-            .unwrap_or_default()
+        self.aggregation.get(dimension).copied().unwrap_or_default()
     }
 }
 
@@ -324,9 +321,7 @@ fn validate_event(
 }
 
 /// A quantity: a whole number from 0 to 2147483647.
-fn parse_quantity(
-    quantity: Option<serde_json::Number>,
-) -> Result<i64, (&'static str, String)> {
+fn parse_quantity(quantity: Option<serde_json::Number>) -> Result<i64, (&'static str, String)> {
     let quantity = quantity.ok_or(("quantity", "quantity is required".to_owned()))?;
     let quantity = match quantity.as_i64() {
         Some(q) if (0..=MAX_QUANTITY).contains(&q) => q,
@@ -854,6 +849,116 @@ mod tests {
             assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
             let text = format!("{} {:?}", r.error, r.details);
             assert!(text.contains(needle), "{body}: {text}");
+        }
+    }
+
+    fn agg_vocab() -> Vocabulary {
+        let names = ["requests", "peak", "hosts", "users", "pods"];
+        Vocabulary {
+            dimensions: names.iter().map(|s| s.to_string()).collect(),
+            tag_keys: ["tenant"].iter().map(|s| s.to_string()).collect(),
+            aggregation: [
+                ("peak", Aggregation::Max),
+                ("hosts", Aggregation::Last),
+                ("users", Aggregation::Unique),
+            ]
+            .map(|(d, a)| (d.to_owned(), a))
+            .into(),
+            heartbeat: ["pods".to_owned()].into(),
+        }
+    }
+
+    #[test]
+    fn each_aggregation_gets_its_measure_and_distinct_is_only_for_unique() {
+        let events = parse_usage(
+            br#"{"events":[
+                {"dimension":"requests","quantity":3},
+                {"dimension":"peak","quantity":9},
+                {"dimension":"hosts","quantity":4},
+                {"dimension":"users","distinct":"alice","tags":{"tenant":"a"}},
+                {"dimension":"users","distinct":"bob","quantity":1,"id":"e1"}]}"#,
+            &agg_vocab(),
+        )
+        .expect("valid");
+        let measures: Vec<&Measure> = events.iter().map(|e| &e.measure).collect();
+        assert_eq!(
+            measures,
+            [
+                &Measure::Sum(3),
+                &Measure::Max(9),
+                &Measure::Last(4),
+                &Measure::Unique("alice".into()),
+                &Measure::Unique("bob".into())
+            ]
+        );
+        let single = parse_usage(br#"{"dimension":"users","distinct":"carol"}"#, &agg_vocab())
+            .expect("a single unique event");
+        assert_eq!(single[0].measure, Measure::Unique("carol".into()));
+        let long = "x".repeat(DISTINCT_MAX_CHARS + 1);
+        let ok = "é".repeat(DISTINCT_MAX_CHARS);
+        parse_usage(
+            format!(r#"{{"dimension":"users","distinct":"{ok}"}}"#).as_bytes(),
+            &agg_vocab(),
+        )
+        .expect("256 characters");
+        let cases = [
+            (
+                r#"{"dimension":"users"}"#.to_owned(),
+                "distinct",
+                "distinct is required",
+            ),
+            (
+                r#"{"dimension":"users","quantity":1}"#.to_owned(),
+                "distinct",
+                "distinct is required",
+            ),
+            (
+                r#"{"dimension":"users","distinct":""}"#.to_owned(),
+                "distinct",
+                "1 to 256 characters, got 0",
+            ),
+            (
+                format!(r#"{{"dimension":"users","distinct":"{long}"}}"#),
+                "distinct",
+                "got 257",
+            ),
+            (
+                r#"{"dimension":"users","distinct":"a","quantity":2}"#.to_owned(),
+                "quantity",
+                "must be absent or 1",
+            ),
+            (
+                r#"{"dimension":"users","distinct":"a","quantity":0}"#.to_owned(),
+                "quantity",
+                "must be absent or 1",
+            ),
+            (
+                r#"{"dimension":"requests","quantity":1,"distinct":"a"}"#.to_owned(),
+                "distinct",
+                "only for unique dimensions; \"requests\" aggregates by sum",
+            ),
+            (
+                r#"{"dimension":"peak","quantity":1,"distinct":"a"}"#.to_owned(),
+                "distinct",
+                "aggregates by max",
+            ),
+            (r#"{"dimension":"peak"}"#.to_owned(), "quantity", "required"),
+            (
+                r#"{"dimension":"hosts","quantity":-1}"#.to_owned(),
+                "quantity",
+                "negative",
+            ),
+            (
+                r#"{"dimension":"pods","quantity":1}"#.to_owned(),
+                "dimension",
+                "\"pods\" is recorded by meterd itself",
+            ),
+        ];
+        for (body, field, needle) in cases {
+            let r = parse_usage(body.as_bytes(), &agg_vocab()).expect_err(&body);
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(r.details[0].field, field, "{body}: {r:?}");
+            assert!(r.details[0].problem.contains(needle), "{body}: {r:?}");
         }
     }
 

@@ -259,9 +259,15 @@ pub enum Delivery {
 enum Fold {
     Sum(i64),
     /// The largest value and where it was first reached.
-    Max { value: i64, at: i64 },
+    Max {
+        value: i64,
+        at: i64,
+    },
     /// The latest value.
-    Last { value: i64, at: i64 },
+    Last {
+        value: i64,
+        at: i64,
+    },
 }
 
 impl Fold {
@@ -890,14 +896,13 @@ fn usage_rows(c: &Connection, hour: i64) -> rusqlite::Result<Vec<UsageRow>> {
 }
 
 fn run_seconds_of(c: &Connection, hour: i64) -> rusqlite::Result<i64> {
-    Ok(c
-        .query_row(
-            "SELECT seconds FROM run_seconds WHERE hour = ?1",
-            [hour],
-            |r| r.get(0),
-        )
-        .optional()?
-        .unwrap_or(0))
+    Ok(c.query_row(
+        "SELECT seconds FROM run_seconds WHERE hour = ?1",
+        [hour],
+        |r| r.get(0),
+    )
+    .optional()?
+    .unwrap_or(0))
 }
 
 enum SchemaError {
@@ -1026,10 +1031,7 @@ fn migrate(c: &Connection, from: i64) -> rusqlite::Result<()> {
 }
 
 /// The identity stored in `meta` and the schema version; a ledger without them is corrupt.
-fn read_identity(
-    c: &Connection,
-    product_code: &str,
-) -> Result<(LedgerIdentity, i64), SchemaError> {
+fn read_identity(c: &Connection, product_code: &str) -> Result<(LedgerIdentity, i64), SchemaError> {
     let get = |key: &'static str| -> Result<String, SchemaError> {
         c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?
@@ -2034,6 +2036,413 @@ mod tests {
             .append(vec![event("requests", 1, None)], H)
             .await
             .expect("exactly at the cap");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Every aggregation against a reference model: random streams with duplicate ids, restarts
+    // without a seal (a kill -9: the ledger dropped and opened again) and shutdown flushes of
+    // the open hour; what is sealed must equal what the model computes from the acknowledged
+    // events, per dimension-hour and per allocation.
+
+    /// (dimension index, tenant, quantity, id, distinct value)
+    type Spec = (usize, Option<u8>, i64, Option<u8>, u8);
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Post(Vec<Spec>),
+        Advance(i64),
+        Reopen,
+        Flush,
+    }
+
+    const AGG_DIMS: [(&str, Aggregation); 4] = [
+        ("s", Aggregation::Sum),
+        ("m", Aggregation::Max),
+        ("l", Aggregation::Last),
+        ("u", Aggregation::Unique),
+    ];
+
+    fn agg_policy() -> SealPolicy {
+        SealPolicy {
+            dimensions: AGG_DIMS.iter().map(|(d, _)| (*d).to_owned()).collect(),
+            report_zero: true,
+            max_allocations: 500,
+            aggregation: AGG_DIMS
+                .iter()
+                .map(|(d, a)| ((*d).to_owned(), *a))
+                .collect(),
+            ..SealPolicy::default()
+        }
+    }
+
+    fn tenant_tags(tenant: Option<u8>) -> TagSet {
+        tenant
+            .map(|t| TagSet::from([("tenant".to_owned(), format!("t{t}"))]))
+            .unwrap_or_default()
+    }
+
+    fn spec_event((d, tenant, q, id, value): &Spec) -> Event {
+        let (dimension, aggregation) = AGG_DIMS[*d];
+        Event {
+            dimension: dimension.to_owned(),
+            tags: tenant_tags(*tenant),
+            measure: Measure::of(aggregation, *q).unwrap_or(Measure::Unique(format!("v{value}"))),
+            // Ids per dimension: one id names one event.
+            id: id.map(|i| format!("{dimension}-{i}")),
+        }
+    }
+
+    /// The reference: each aggregation's definition over the acknowledged events, in order.
+    #[derive(Default)]
+    struct Reference {
+        seen: std::collections::HashSet<String>,
+        floor: i64,
+        sums: BTreeMap<(i64, &'static str), BTreeMap<TagSet, i64>>,
+        /// (value, tags) of the first event that reached the hour's max / of the last event.
+        gauges: BTreeMap<(i64, &'static str), (i64, TagSet)>,
+        /// value → tag set of its first occurrence.
+        distinct: BTreeMap<(i64, &'static str), BTreeMap<String, TagSet>>,
+    }
+
+    use std::collections::BTreeMap;
+
+    impl Reference {
+        fn post(&mut self, specs: &[Spec], now: i64) {
+            let hour = hour_floor(now).max(self.floor);
+            for spec in specs {
+                let event = spec_event(spec);
+                if let Some(id) = &event.id {
+                    if !self.seen.insert(id.clone()) {
+                        continue;
+                    }
+                }
+                let (dimension, _) = AGG_DIMS[spec.0];
+                let key = (hour, dimension);
+                match event.measure {
+                    Measure::Sum(q) => {
+                        *self
+                            .sums
+                            .entry(key)
+                            .or_default()
+                            .entry(event.tags)
+                            .or_default() += q
+                    }
+                    Measure::Max(q) => {
+                        let g = self.gauges.entry(key).or_insert((-1, TagSet::new()));
+                        if q > g.0 {
+                            *g = (q, event.tags);
+                        }
+                    }
+                    Measure::Last(q) => {
+                        self.gauges.insert(key, (q, event.tags));
+                    }
+                    Measure::Unique(v) => {
+                        self.distinct
+                            .entry(key)
+                            .or_default()
+                            .entry(v)
+                            .or_insert(event.tags);
+                    }
+                }
+            }
+        }
+
+        /// The expected quantity and allocations (tag set → quantity; `None` without tags).
+        fn expected(
+            &self,
+            hour: i64,
+            dimension: &'static str,
+        ) -> (i64, Option<BTreeMap<TagSet, i64>>) {
+            let key = (hour, dimension);
+            let per_tags: BTreeMap<TagSet, i64> =
+                match AGG_DIMS.iter().find(|(d, _)| *d == dimension) {
+                    Some((_, Aggregation::Sum)) => self.sums.get(&key).cloned().unwrap_or_default(),
+                    Some((_, Aggregation::Unique)) => {
+                        let mut counts = BTreeMap::new();
+                        for tags in self.distinct.get(&key).into_iter().flat_map(|m| m.values()) {
+                            *counts.entry(tags.clone()).or_default() += 1;
+                        }
+                        counts
+                    }
+                    _ => self
+                        .gauges
+                        .get(&key)
+                        .map(|(v, tags)| BTreeMap::from([(tags.clone(), *v)]))
+                        .unwrap_or_default(),
+                };
+            let quantity = per_tags.values().sum();
+            let per_tags: BTreeMap<TagSet, i64> =
+                per_tags.into_iter().filter(|(_, q)| *q > 0).collect();
+            let tagged = per_tags.keys().any(|t| !t.is_empty());
+            (quantity, tagged.then_some(per_tags))
+        }
+    }
+
+    fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let spec = (
+            0usize..4,
+            prop::option::of(0u8..3),
+            0i64..50,
+            prop::option::of(0u8..12),
+            0u8..6,
+        );
+        prop_oneof![
+            6 => prop::collection::vec(spec, 1..6).prop_map(Op::Post),
+            2 => (1i64..1500).prop_map(Op::Advance),
+            1 => Just(Op::Reopen),
+            1 => Just(Op::Flush),
+        ]
+    }
+
+    async fn run_model(ops: Vec<Op>) -> Result<(), proptest::test_runner::TestCaseError> {
+        use proptest::prop_assert_eq;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut now = H + 10;
+        let mut ledger = Ledger::open(dir.path(), "prod-a", now).expect("open");
+        let mut reference = Reference::default();
+        for op in ops {
+            match op {
+                Op::Post(specs) => {
+                    let events = specs.iter().map(spec_event).collect();
+                    let out = ledger.append(events, now).await.expect("append");
+                    prop_assert_eq!(out.hour, hour_floor(now).max(reference.floor));
+                    reference.post(&specs, now);
+                }
+                Op::Advance(seconds) => now += seconds,
+                Op::Reopen => {
+                    ledger.closed().await;
+                    ledger = reopen(dir.path(), now).await;
+                }
+                Op::Flush => {
+                    let open = ledger.open_hour(now);
+                    ledger
+                        .seal_through(open + HOUR_SECS, now, agg_policy())
+                        .await
+                        .expect("flush");
+                    reference.floor = open + HOUR_SECS;
+                }
+            }
+        }
+        let end = ledger.open_hour(now) + HOUR_SECS;
+        ledger
+            .seal_through(end, now, agg_policy())
+            .await
+            .expect("seal");
+        let records = ledger.recent_records(10_000).await.expect("records");
+        prop_assert_eq!(records.len() as i64, (end - H) / HOUR_SECS * 4);
+        for record in records {
+            let (dimension, _) = AGG_DIMS
+                .iter()
+                .find(|(d, _)| *d == record.dimension)
+                .expect("a configured dimension");
+            let (quantity, allocations) = reference.expected(record.hour, dimension);
+            prop_assert_eq!(
+                record.quantity,
+                quantity,
+                "{} at {}",
+                dimension,
+                record.hour
+            );
+            let billed = record.allocations.map(|a| {
+                a.into_iter()
+                    .map(|a| (a.tags, a.quantity))
+                    .collect::<BTreeMap<_, _>>()
+            });
+            prop_assert_eq!(billed, allocations, "{} at {}", dimension, record.hour);
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(40))]
+        #[test]
+        fn every_aggregation_bills_what_the_reference_model_computes(
+            ops in proptest::collection::vec(arb_op(), 1..24),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(run_model(ops))?;
+        }
+    }
+
+    fn unique(value: &str, id: Option<&str>) -> Event {
+        Event {
+            dimension: "u".into(),
+            tags: TagSet::new(),
+            measure: Measure::Unique(value.to_owned()),
+            id: id.map(str::to_owned),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_unique_dimension_hour_holds_at_most_the_bound_and_refuses_whole_requests_beyond() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        let full: Vec<Event> = (0..MAX_DISTINCT_PER_HOUR)
+            .map(|i| unique(&format!("user-{i}"), None))
+            .collect();
+        ledger.append(full, H + 1).await.expect("up to the bound");
+        let over = vec![
+            event("requests", 5, Some("r1")),
+            unique("user-0", None),
+            unique("someone-new", Some("n1")),
+        ];
+        let err = ledger
+            .append(over.clone(), H + 2)
+            .await
+            .expect_err("one more");
+        assert_eq!(
+            err,
+            LedgerError::DistinctCapExceeded {
+                dimension: "u".into(),
+                hour: H,
+                limit: MAX_DISTINCT_PER_HOUR
+            }
+        );
+        assert!(err.to_string().contains("at most 100000"), "{err}");
+        // Nothing of the refused request was kept: not its sum, not its ids.
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            0
+        );
+        ledger
+            .append(
+                vec![unique("user-7", None), event("requests", 1, Some("r1"))],
+                H + 3,
+            )
+            .await
+            .expect("values already counted are fine, and the id was not remembered");
+        // The bound holds after a restart too (the count is read from disk).
+        drop(ledger);
+        let ledger = reopen(dir.path(), H + 4).await;
+        ledger
+            .append(vec![unique("someone-new", None)], H + 4)
+            .await
+            .expect_err("still full");
+        let next = ledger
+            .append(over, H + HOUR_SECS + 1)
+            .await
+            .expect("the next hour takes new values");
+        assert_eq!(
+            (next.accepted, next.duplicates),
+            (2, 1),
+            "r1 was counted at H+3"
+        );
+        let rows = ledger.usage_of_hour(H).await.expect("usage");
+        assert_eq!(total(&rows, "u"), MAX_DISTINCT_PER_HOUR);
+        // Sealed, the hour's distinct values are deleted; the record keeps the count.
+        let policy = SealPolicy {
+            dimensions: vec!["u".into()],
+            aggregation: BTreeMap::from([("u".to_owned(), Aggregation::Unique)]),
+            report_zero: true,
+            max_allocations: 500,
+            ..SealPolicy::default()
+        };
+        ledger
+            .seal_through(H + HOUR_SECS, H + HOUR_SECS + 5, policy)
+            .await
+            .expect("seal");
+        let record = &ledger.pending_records().await.expect("records")[0];
+        assert_eq!(record.quantity, MAX_DISTINCT_PER_HOUR);
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "u"),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn running_time_is_split_into_hours_capped_and_never_added_to_a_sealed_hour() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        ledger.record_run(H + 600, H + 1800).await.expect("run");
+        ledger
+            .record_run(H + 3000, H + HOUR_SECS + 120)
+            .await
+            .expect("across the boundary");
+        assert_eq!(ledger.run_seconds(H).await.expect("seconds"), 1200 + 600);
+        assert_eq!(
+            ledger.run_seconds(H + HOUR_SECS).await.expect("seconds"),
+            120
+        );
+        ledger.record_run(H, H + 2 * HOUR_SECS).await.expect("run");
+        assert_eq!(
+            ledger.run_seconds(H).await.expect("seconds"),
+            3600,
+            "capped"
+        );
+        ledger
+            .seal_through(H + HOUR_SECS, H + HOUR_SECS + 5, policy())
+            .await
+            .expect("seal");
+        ledger
+            .record_run(H + 3500, H + HOUR_SECS + 10)
+            .await
+            .expect("run");
+        assert_eq!(ledger.run_seconds(H).await.expect("seconds"), 3600);
+        assert_eq!(
+            ledger.run_seconds(H + HOUR_SECS).await.expect("seconds"),
+            3600,
+            "the part in the sealed hour was dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_version_1_ledger_is_migrated_forward_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        ledger
+            .append(vec![event("requests", 7, None)], H)
+            .await
+            .expect("append");
+        let identity = ledger.identity().clone();
+        ledger.closed().await;
+        // Back to the version 1 schema: no new tables, version 1.
+        let conn = Connection::open(ledger_path(dir.path())).expect("connection");
+        conn.execute_batch(
+            "DROP TABLE gauges; DROP TABLE distinct_values; DROP TABLE run_seconds;
+             UPDATE meta SET value = '1' WHERE key = 'schema_version';",
+        )
+        .expect("downgrade");
+        drop(conn);
+        let ledger = reopen(dir.path(), H + 5).await;
+        assert_eq!(ledger.identity().instance_id, identity.instance_id);
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            7
+        );
+        ledger
+            .append(vec![unique("a", None), unique("a", None)], H + 6)
+            .await
+            .expect("the new tables are there");
+        ledger.record_run(H, H + 60).await.expect("run");
+        let version: String = ledger
+            .read(|c| {
+                c.query_row(
+                    "SELECT value FROM meta WHERE key = 'schema_version'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .await
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION.to_string());
+        ledger.closed().await;
+        // A ledger of a newer meterd is refused, untouched.
+        let conn = Connection::open(ledger_path(dir.path())).expect("connection");
+        conn.execute(
+            "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
+            [],
+        )
+        .expect("bump");
+        drop(conn);
+        let err = Ledger::open(dir.path(), "prod-a", H).expect_err("newer");
+        assert!(
+            matches!(&err, LedgerError::Corrupt { detail, .. } if detail.contains("schema version 3")),
+            "{err}"
+        );
     }
 
     async fn reopen(dir: &Path, now: i64) -> Ledger {

@@ -100,7 +100,9 @@ impl std::str::FromStr for Aggregation {
             .into_iter()
             .find(|a| a.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown aggregation {s:?}; expected \"sum\", \"max\", \"last\" or \"unique\"")
+                format!(
+                    "unknown aggregation {s:?}; expected \"sum\", \"max\", \"last\" or \"unique\""
+                )
             })
     }
 }

@@ -76,10 +76,7 @@ pub struct SealPolicy {
 
 impl SealPolicy {
     pub fn aggregation_of(&self, dimension: &str) -> Aggregation {
-        self.aggregation
-            .get(dimension)
-            .copied()
-            .unwrap_or_default()
+        self.aggregation.get(dimension).copied().unwrap_or_default()
     }
 }
 
@@ -124,12 +121,7 @@ pub fn seal_hour(
             let rows = by_dimension.remove(dimension.as_str()).unwrap_or_default();
             let (quantity, allocations, folded_tag_sets, ignored_rows) =
                 match policy.heartbeat.get(dimension) {
-                    Some(units) => (
-                        heartbeat_quantity(*units, run_seconds),
-                        None,
-                        0,
-                        rows.len(),
-                    ),
+                    Some(units) => (heartbeat_quantity(*units, run_seconds), None, 0, rows.len()),
                     None => {
                         let aggregation = policy.aggregation_of(dimension);
                         let (mine, other): (Vec<&UsageRow>, Vec<&UsageRow>) =
@@ -397,7 +389,151 @@ mod tests {
         })
     }
 
+    #[test]
+    fn heartbeat_rounds_half_up_and_a_full_hour_is_exact() {
+        assert_eq!(heartbeat_quantity(1, 3600), 1);
+        assert_eq!(heartbeat_quantity(1, 1800), 1, "half an hour rounds up");
+        assert_eq!(heartbeat_quantity(1, 1799), 0);
+        assert_eq!(heartbeat_quantity(60, 2400), 40);
+        assert_eq!(heartbeat_quantity(60, 1350), 23, "22.5 rounds up");
+        assert_eq!(heartbeat_quantity(60, 0), 0);
+        assert_eq!(
+            heartbeat_quantity(60, 99_999),
+            60,
+            "never more than a full hour"
+        );
+        assert_eq!(heartbeat_quantity(2_147_483_647, 3600), 2_147_483_647);
+    }
+
+    #[test]
+    fn max_goes_to_the_tag_set_that_first_reached_it_and_last_to_the_last_event() {
+        let gauge = |t: &[(&str, &str)], quantity, seq, aggregation| UsageRow {
+            dimension: "peak".into(),
+            tags: tags(t),
+            quantity,
+            aggregation,
+            seq,
+        };
+        let max = [
+            gauge(&[("tenant", "a")], 7, 4, Aggregation::Max),
+            gauge(&[("tenant", "b")], 9, 8, Aggregation::Max),
+            gauge(&[("tenant", "c")], 9, 6, Aggregation::Max),
+            gauge(&[], 3, 9, Aggregation::Max),
+        ];
+        let refs: Vec<&UsageRow> = max.iter().collect();
+        let (q, basis) = measure(Aggregation::Max, &refs);
+        assert_eq!((q, basis[0].tags.clone()), (9, tags(&[("tenant", "c")])));
+        let (q, basis) = measure(Aggregation::Last, &refs);
+        assert_eq!((q, basis[0].tags.clone()), (3, TagSet::new()));
+        let policy = SealPolicy {
+            dimensions: vec!["peak".into()],
+            report_zero: true,
+            max_allocations: 500,
+            aggregation: BTreeMap::from([("peak".to_owned(), Aggregation::Max)]),
+            ..SealPolicy::default()
+        };
+        let rec = &seal_hour(0, &max, 0, &policy)[0];
+        assert_eq!(rec.quantity, 9);
+        assert_eq!(
+            rec.allocations,
+            Some(vec![Allocation {
+                quantity: 9,
+                tags: tags(&[("tenant", "c")])
+            }])
+        );
+        // Rows of another aggregation (a configuration changed within the hour) are not billed.
+        let mixed = [max[0].clone(), row("peak", &[], 100)];
+        let rec = &seal_hour(0, &mixed, 0, &policy)[0];
+        assert_eq!((rec.quantity, rec.ignored_rows), (7, 1));
+        // A heartbeat dimension bills the running time and nothing posted.
+        let policy = SealPolicy {
+            heartbeat: BTreeMap::from([("peak".to_owned(), 60)]),
+            ..policy
+        };
+        let rec = &seal_hour(0, &mixed, 2400, &policy)[0];
+        assert_eq!((rec.quantity, rec.allocations.clone()), (40, None));
+    }
+
+    /// Rows as the ledger keeps them for one aggregation: per tag set (and dimension), with
+    /// distinct receive sequences.
+    fn arb_rows_of(aggregation: Aggregation) -> impl Strategy<Value = Vec<UsageRow>> {
+        prop::collection::btree_map(
+            (0u8..2, prop::option::of(0u16..40)),
+            (0i64..1_000, 0i64..1_000_000),
+            0..60,
+        )
+        .prop_map(move |m| {
+            m.into_iter()
+                .enumerate()
+                .map(|(i, ((d, tenant), (quantity, seq)))| UsageRow {
+                    dimension: ["requests", "gigabytes"][usize::from(d)].to_owned(),
+                    tags: tenant
+                        .map(|t| tags(&[("tenant", &t.to_string())]))
+                        .unwrap_or_default(),
+                    quantity,
+                    aggregation,
+                    // Unique per row, as the writer's sequence is.
+                    seq: seq * 1000 + i as i64,
+                })
+                .collect()
+        })
+    }
+
+    fn arb_aggregation() -> impl Strategy<Value = Aggregation> {
+        prop::sample::select(Aggregation::ALL.to_vec())
+    }
+
     proptest! {
+        #[test]
+        fn every_aggregation_allocates_exactly_its_quantity(
+            (aggregation, rows) in arb_aggregation().prop_flat_map(|a| (Just(a), arb_rows_of(a))),
+            max in 1usize..20,
+        ) {
+            let policy = SealPolicy {
+                dimensions: dims(),
+                report_zero: true,
+                max_allocations: max,
+                aggregation: dims().into_iter().map(|d| (d, aggregation)).collect(),
+                ..SealPolicy::default()
+            };
+            for rec in seal_hour(7200, &rows, 0, &policy) {
+                let mine: Vec<&UsageRow> = rows.iter().filter(|r| r.dimension == rec.dimension).collect();
+                // The reference: the definitions, computed independently of `measure`.
+                let expected = match aggregation {
+                    Aggregation::Sum | Aggregation::Unique => mine.iter().map(|r| r.quantity).sum(),
+                    Aggregation::Max => mine.iter().map(|r| r.quantity).max().unwrap_or(0),
+                    Aggregation::Last => mine.iter().max_by_key(|r| r.seq).map_or(0, |r| r.quantity),
+                };
+                prop_assert_eq!(rec.quantity, expected);
+                if let Some(allocs) = &rec.allocations {
+                    prop_assert!(allocs.len() <= max);
+                    prop_assert_eq!(allocs.iter().map(|a| a.quantity).sum::<i64>(), rec.quantity);
+                    prop_assert!(allocs.iter().all(|a| a.quantity > 0));
+                    if matches!(aggregation, Aggregation::Max | Aggregation::Last) {
+                        prop_assert_eq!(allocs.len(), 1);
+                        let winner = &allocs[0].tags;
+                        let row = mine.iter().find(|r| &r.tags == winner).expect("a row of that tag set");
+                        prop_assert_eq!(row.quantity, rec.quantity);
+                        if aggregation == Aggregation::Max {
+                            let first = mine.iter().filter(|r| r.quantity == rec.quantity).map(|r| r.seq).min();
+                            prop_assert_eq!(Some(row.seq), first, "the first to reach the max");
+                        }
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn heartbeat_is_monotone_bounded_and_exact_on_full_hours(units in 1i64..=2_147_483_647, a in 0i64..=3600, b in 0i64..=3600) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            prop_assert!(heartbeat_quantity(units, lo) <= heartbeat_quantity(units, hi));
+            prop_assert!(heartbeat_quantity(units, hi) <= units);
+            prop_assert_eq!(heartbeat_quantity(units, 3600), units);
+            // Within half a unit of the exact pro-rata value.
+            let exact = units as f64 * hi as f64 / 3600.0;
+            prop_assert!((heartbeat_quantity(units, hi) as f64 - exact).abs() <= 0.5 + 1e-6);
+        }
+
         #[test]
         fn allocations_sum_to_quantity_are_unique_and_bounded(
             rows in arb_rows(),
