@@ -366,6 +366,7 @@ impl World {
             endpoint: &self.emulator.endpoint_url(),
             listen: "127.0.0.1:0",
             server_extra: extra_server,
+            metering: None,
             sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"2s\"",
         });
         Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
