@@ -305,7 +305,18 @@ pub struct BinaryRig {
 
 impl BinaryRig {
     pub async fn new(clock: SharedClock, server_extra: &str, sending: &str) -> Self {
-        let (emulator, dir, key) = emulator_and_key(EmulatorConfig::demo(), clock).await;
+        Self::with_metering(clock, server_extra, sending, EmulatorConfig::demo(), None).await
+    }
+
+    /// [`Self::new`] for another emulator product and other `[metering]` lines.
+    pub async fn with_metering(
+        clock: SharedClock,
+        server_extra: &str,
+        sending: &str,
+        emulator_config: EmulatorConfig,
+        metering: Option<&str>,
+    ) -> Self {
+        let (emulator, dir, key) = emulator_and_key(emulator_config, clock).await;
         let addr = format!("127.0.0.1:{}", free_port());
         let config_path = dir.path().join("meterd.toml");
         std::fs::write(
@@ -317,7 +328,7 @@ impl BinaryRig {
                 listen: &addr,
                 server_extra,
                 sending,
-                metering: None,
+                metering,
             }),
         )
         .expect("config");
