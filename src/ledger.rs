@@ -6,15 +6,41 @@
 //! back alone) and commits once: many requests share one fsync (group commit). Replies go out
 //! only after the commit returns, so an acknowledged count is on disk.
 //!
-//! Work that needs no database (canonical tag keys, summing the events of a request without
+//! Work that needs no database (canonical tag keys, folding the events of a request without
 //! an id) is done on the caller's thread before the command is queued, so the single writer
 //! thread spends its time on SQL and fsync only.
+//!
+//! # Aggregations
+//! Every event gets a receive sequence from the writer (a counter, continued after a restart
+//! from the largest one stored), in the order the writer applies requests and, within one, in
+//! request order. Per counter (hour, dimension, tag set) a group folds what its requests add
+//! and writes it once before the commit: `sum` adds (`usage`); `max` keeps the largest value
+//! and the sequence that first reached it, `last` the value with the largest sequence (one
+//! upsert each into `gauges`, `WHERE excluded.value > value` / `WHERE excluded.seq > seq`).
+//! `unique` values are written at once inside the request's savepoint with `INSERT OR IGNORE`
+//! into `distinct_values`, whose key (hour, dimension, value) keeps the tag set of a value's
+//! first occurrence; a request that would take a dimension-hour past
+//! [`MAX_DISTINCT_PER_HOUR`] is refused whole ([`LedgerError::DistinctCapExceeded`]) and its
+//! savepoint undoes its values and ids. An event whose id was already seen changes nothing,
+//! whatever its aggregation. The hourly cap of 2147483647 applies to sums; a `max` or `last`
+//! value is one quantity, and a `unique` count stays below its own bound.
 //!
 //! # Tables
 //! - `meta(key, value)`: `schema_version`, `instance_id` (random, feeds the ClientToken),
 //!   `first_start` (epoch seconds; no MeterUsage timestamp precedes it), `product_code`.
-//! - `usage(hour, dimension, tags, quantity)`: per-hour counters; `tags` is the canonical
-//!   JSON of the tag set (`{}` untagged).
+//! - `usage(hour, dimension, tags, quantity)`: per-hour `sum` counters; `tags` is the
+//!   canonical JSON of the tag set (`{}` untagged).
+//! - `gauges(hour, dimension, aggregation, tags, value, seq)`: per-hour `max` and `last`
+//!   values per tag set, with the receive sequence that set them.
+//! - `distinct_values(hour, dimension, value, tags)`: the distinct values of `unique`
+//!   dimensions, each with the tag set of its first occurrence in the hour. At most
+//!   [`MAX_DISTINCT_PER_HOUR`] rows per dimension-hour (each value at most 256 characters, a tag
+//!   set at most 5 tags), deleted when the hour is sealed: the disk they take is bounded by the
+//!   open hours, and memory holds one cached count per dimension-hour.
+//! - `run_seconds(hour, seconds)`: how long the agent ran in each hour (at most 3600), for
+//!   `metering.heartbeat` dimensions. The agent records it every minute of its clock and
+//!   before each seal ([`Ledger::record_run`]), so a crash loses at most a minute; seconds of
+//!   an hour already sealed are dropped.
 //! - `event_ids(id, accepted_at)`: idempotency keys of the last 7 hours.
 //! - `sealed_hours(hour, sealed_at)`: hours that are closed for good. Usage that arrives for a
 //!   sealed hour (after a shutdown flush, or a clock step back) goes to the first unsealed hour.
@@ -26,13 +52,21 @@
 //! checkpoints between groups, after their answers went out, so the WAL restarts at its
 //! beginning instead of growing (`Writer::checkpoint_if_due`).
 //!
+//! # Schema versions
+//! Version 2 added `gauges`, `distinct_values` and `run_seconds`. A version 1 ledger is
+//! migrated at open, after it passed the read-only checks: one transaction creates the tables
+//! (`CREATE TABLE IF NOT EXISTS`, so a migration interrupted before its commit is simply done
+//! again) and sets `schema_version` to 2; nothing in the old tables changes. A ledger of a
+//! version newer than this meterd knows is refused (exit 74), untouched: an older meterd does
+//! not read what it does not understand.
+//!
 //! # Recovery
 //! A new ledger is built as `ledger.sqlite3.new` (schema and meta rows in one transaction),
 //! fsynced and renamed into place, so `ledger.sqlite3` is whole or absent; a leftover `.new`
 //! from an interrupted first start holds nothing and is replaced. SQLite's WAL replay restores
 //! the last committed transaction. On open, `quick_check` must pass, the meta rows must be
-//! there and the schema version must match; otherwise the agent refuses to start with a clear
-//! error and never resets the file. Pending records and closed-but-unsealed hours are picked
+//! there and the schema version must be one this meterd reads; otherwise the agent refuses to
+//! start with a clear error and never resets the file. Pending records and closed-but-unsealed hours are picked
 //! up by the normal seal and send loops.
 //!
 //! # Files, ownership and the lock
