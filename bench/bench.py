@@ -475,7 +475,8 @@ def bench_aggregations(rig, results):
     try:
         for _ in range(REPEATS):
             for agg, dim in AGGREGATIONS.items():
-                env = {"BENCH_DIM": dim, "BENCH_UNIQUE": "1" if agg == "unique" else "0"}
+                env = {"BENCH_DIM": dim, "BENCH_UNIQUE": "1" if agg == "unique" else "0",
+                       "BENCH_SUM": "1" if agg == "sum" else "0"}
                 single = wrk(f"http://{addr}/v1/usage", os.path.join(BENCH, "wrk/agg_single.lua"), env=env)
                 batch = wrk(f"http://{addr}/v1/usage", os.path.join(BENCH, "wrk/agg_batch.lua"),
                             connections=16, env=env)

@@ -3,6 +3,8 @@
 -- otherwise a quantity that varies, so `max` and `last` keep changing their value.
 local dim = os.getenv("BENCH_DIM") or "dim01"
 local unique = os.getenv("BENCH_UNIQUE") == "1"
+-- A `sum` dimension counts 1 per event, so a run stays below its hourly cap of 2147483647.
+local sum = os.getenv("BENCH_SUM") == "1"
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local n = 0
@@ -12,7 +14,7 @@ request = function()
   if unique then
     body = string.format('{"dimension":"%s","distinct":"user-%d","tags":{"tenant":"acme"}}', dim, n % 50000)
   else
-    body = string.format('{"dimension":"%s","quantity":%d,"tags":{"tenant":"acme"}}', dim, n % 1000)
+    body = string.format('{"dimension":"%s","quantity":%d,"tags":{"tenant":"acme"}}', dim, sum and 1 or n % 1000)
   end
   return wrk.format(nil, nil, nil, body)
 end
