@@ -318,17 +318,16 @@ impl Fold {
     fn merge(&mut self, other: Fold) {
         match (self, other) {
             (Fold::Sum(a), Fold::Sum(b)) => *a = a.saturating_add(b),
-            (Fold::Max { value, at }, Fold::Max { value: v, at: t }) => {
-                if v > *value || (v == *value && t < *at) {
-                    (*value, *at) = (v, t);
-                }
+            (Fold::Max { value, at }, Fold::Max { value: v, at: t })
+                if v > *value || (v == *value && t < *at) =>
+            {
+                (*value, *at) = (v, t);
             }
-            (Fold::Last { value, at }, Fold::Last { value: v, at: t }) => {
-                if t > *at {
-                    (*value, *at) = (v, t);
-                }
+            (Fold::Last { value, at }, Fold::Last { value: v, at: t }) if t > *at => {
+                (*value, *at) = (v, t);
             }
-            // Keys carry the aggregation, so folds of different kinds never meet.
+            // An earlier or smaller value changes nothing; keys carry the aggregation, so
+            // folds of different kinds never meet.
             _ => {}
         }
     }
