@@ -43,6 +43,9 @@ TARGETS = {
     "binary": 25.0,
 }
 
+# The dimension each aggregation is measured on (bench_aggregations).
+AGGREGATIONS = {"sum": "dim01", "max": "dim02", "last": "dim03", "unique": "dim04"}
+
 PROCS = []
 
 
@@ -139,9 +142,10 @@ def metrics(addr):
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(url, script, connections=CONNECTIONS, seconds=SECONDS, threads=2):
+def wrk(url, script, connections=CONNECTIONS, seconds=SECONDS, threads=2, env=None):
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
+                         env=None if env is None else {**os.environ, **env}).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {}
     for pct in ("50", "99"):
@@ -267,7 +271,7 @@ class Rig:
         wait_http(f"http://{self.emu_addr}/_emulator/records")
         self.agents = 0
 
-    def agent_config(self, name, addr):
+    def agent_config(self, name, addr, metering=""):
         state = os.path.join(self.work, name, "state")
         os.makedirs(state, exist_ok=True)
         path = os.path.join(self.work, name, "meterd.toml")
@@ -275,7 +279,7 @@ class Rig:
             f.write(
                 f'product_code = "{PRODUCT}"\npricing = "hourly+custom"\nplatform = "ecs"\n'
                 f"[metering]\ndimensions = {json.dumps(DIMENSIONS)}\n"
-                f'tag_keys = ["tenant"]\nmax_allocations = 500\n'
+                f'tag_keys = ["tenant"]\nmax_allocations = 500\n{metering}'
                 f"[registration]\npublic_key_files = [{json.dumps(self.key)}]\n"
                 f'[server]\nlisten = "{addr}"\ngrace_period = "60s"\n'
                 f"[state]\ndir = {json.dumps(state)}\n"
@@ -299,9 +303,9 @@ class Rig:
         })
         return env
 
-    def start_agent(self, name):
+    def start_agent(self, name, metering=""):
         addr = f"127.0.0.1:{free_port()}"
-        config = self.agent_config(name, addr)
+        config = self.agent_config(name, addr, metering)
         p = start([BIN, "run", "--config", config], env=self.agent_env(),
                   out=open(os.path.join(self.work, name, "meterd.log"), "w"))
         wait_http(f"http://{addr}/readyz")
@@ -458,6 +462,41 @@ def bench_batch(addr, results):
             f"p99 {r['p99']:.1f} ms, non-2xx {r['non2xx']}")
     results["batch"] = {k: median([r[k] for r in runs]) for k in ("increments_per_s", "events_per_s", "p50", "p99")}
     results["batch"]["non2xx"] = sum(r["non2xx"] for r in runs)
+
+
+def bench_aggregations(rig, results):
+    """Ingest cost per aggregation, side by side on one agent: single events and 1,000-event
+    batches on a dimension of each aggregation, the aggregations alternating in each round."""
+    log(f"ingest per aggregation: single events (wrk -c64) and 1,000-event batches (wrk -c16), "
+        f"{SECONDS} s each, {REPEATS}x")
+    aggregation = ", ".join(f'{d} = "{a}"' for a, d in AGGREGATIONS.items() if a != "sum")
+    agent, addr = rig.start_agent("aggregations", f"aggregation = {{ {aggregation} }}\n")
+    runs = {a: [] for a in AGGREGATIONS}
+    try:
+        for _ in range(REPEATS):
+            for agg, dim in AGGREGATIONS.items():
+                env = {"BENCH_DIM": dim, "BENCH_UNIQUE": "1" if agg == "unique" else "0",
+                       "BENCH_SUM": "1" if agg == "sum" else "0"}
+                single = wrk(f"http://{addr}/v1/usage", os.path.join(BENCH, "wrk/agg_single.lua"), env=env)
+                batch = wrk(f"http://{addr}/v1/usage", os.path.join(BENCH, "wrk/agg_batch.lua"),
+                            connections=16, env=env)
+                r = {"single_rps": single["rps"], "single_p99": single["p99"],
+                     "batch_events_per_s": batch["rps"] * 1000, "batch_p99": batch["p99"],
+                     "non2xx": single["non2xx"] + batch["non2xx"]}
+                runs[agg].append(r)
+                log(f"  {agg:6}: {r['single_rps']:,.0f} single/s (p99 {r['single_p99']:.1f} ms), "
+                    f"{r['batch_events_per_s']:,.0f} batched events/s (p99 {r['batch_p99']:.1f} ms), "
+                    f"non-2xx {r['non2xx']}")
+    finally:
+        stop(agent)
+    results["aggregations"] = {
+        agg: {**{k: median([r[k] for r in rs]) for k in ("single_rps", "single_p99", "batch_events_per_s", "batch_p99")},
+              "non2xx": sum(r["non2xx"] for r in rs)}
+        for agg, rs in runs.items()
+    }
+    bad = {a: r["non2xx"] for a, r in results["aggregations"].items() if r["non2xx"]}
+    if bad:
+        raise RuntimeError(f"aggregation runs got non-2xx answers: {bad}")
 
 
 def bench_tagsets(rig, results):
@@ -627,6 +666,15 @@ def table(results):
          f"**{r['seal']['total'] * 1000:.0f} ms** SIGTERM→exit (seal {r['seal'].get('seal_ms', float('nan')):.0f} ms, "
          f"send {r['seal'].get('send_ms', float('nan')):.0f} ms)",
          "≤ 2 s", verdict(r["seal"]["total"] <= TARGETS["seal"])),
+    ] + [
+        (f"ingest, `{agg}` dimension (single events, wrk 64 conns; 1,000-event batches, wrk 16 conns)",
+         f"{a['single_rps']:,.0f} single/s (p99 {a['single_p99']:.1f} ms, "
+         f"{a['single_rps'] / r['aggregations']['sum']['single_rps'] * 100:.0f}% of sum); "
+         f"{a['batch_events_per_s']:,.0f} batched events/s (p99 {a['batch_p99']:.1f} ms, "
+         f"{a['batch_events_per_s'] / r['aggregations']['sum']['batch_events_per_s'] * 100:.0f}% of sum)",
+         "—", "—")
+        for agg, a in r["aggregations"].items()
+    ] + [
         ("stripped release binary", f"**{r['binary_mb']:.1f} MB**", "≤ 25 MB",
          verdict(r["binary_mb"] <= TARGETS["binary"])),
         ("container image",
@@ -670,6 +718,7 @@ def main():
         stop(agent)
         stop(nginx)
         bench_tagsets(rig, results)
+        bench_aggregations(rig, results)
         bench_seal(rig, results)
         image_size(results)
     finally:

@@ -23,8 +23,8 @@ import sys
 text = open(sys.argv[1]).read().split("<details>")[0]
 rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith(("| what", "| ---"))]
 problems = []
-if len(rows) != 12:
-    problems.append(f"expected 12 rows, found {len(rows)}")
+if len(rows) != 16:
+    problems.append(f"expected 16 rows, found {len(rows)}")
 for row in rows:
     if "nan" in row.lower().replace("n/a: skipped", ""):
         problems.append(f"a figure is missing: {row}")

@@ -29,7 +29,17 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-"$BIN" emulator --listen 127.0.0.1:0 --addr-file "$work/emulator.url" \
+# The demo product with the unique dimension `users` besides requests and gigabytes.
+cat >"$work/emulator.toml" <<TOML
+region = "us-east-1"
+[[products]]
+code = "prod-demo1234"
+dimensions = ["requests", "gigabytes", "users"]
+[[keys]]
+version = 1
+private_key_path = "$PWD/src/emulator/demo-signing-key.pem"
+TOML
+"$BIN" emulator --listen 127.0.0.1:0 --addr-file "$work/emulator.url" --config "$work/emulator.toml" \
   --public-key-out "$work/emulator-v1.pem" >"$work/emulator.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/emulator.url" ] && [ -s "$work/emulator-v1.pem" ] && break; sleep 0.1; done
@@ -42,8 +52,9 @@ product_code = "prod-demo1234"
 pricing = "hourly+custom"
 platform = "ecs"
 [metering]
-dimensions = ["requests", "gigabytes"]
+dimensions = ["requests", "gigabytes", "users"]
 tag_keys = ["tenant"]
+aggregation = { users = "unique" }
 [registration]
 public_key_files = ["$work/emulator-v1.pem"]
 [server]
@@ -66,7 +77,8 @@ done
 curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || { cat "$work/agent.log"; exit 1; }
 
 # A schema-valid request may still be refused by state: 422 when it would take a dimension past
-# the service's per-hour maximum (generated quantities reach 2147483647 quickly).
+# the service's per-hour maximum (generated quantities reach 2147483647 quickly), or a unique
+# dimension past its distinct values per hour.
 cat >"$work/schemathesis.toml" <<TOML
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "401", "403", "404", "422", "5xx"]

@@ -203,6 +203,8 @@ impl Prepared {
                 dimensions: config.metering.dimensions.clone(),
                 report_zero: config.metering.report_zero,
                 max_allocations: config.metering.max_allocations,
+                aggregation: config.metering.aggregations(),
+                heartbeat: config.metering.heartbeat.clone(),
             },
             auth_token,
         })
@@ -408,6 +410,9 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let mut workers = JoinSet::new();
     let meters = config.pricing.meters();
+    // Heartbeat dimensions bill the time from here (entitled and metering) to the exit.
+    let run_timer = (meters && !policy.heartbeat.is_empty())
+        .then(|| Arc::new(RunTimer::new(ledger.clone(), clock.clone())));
     if meters {
         workers.spawn(
             seal_loop(
@@ -417,10 +422,17 @@ pub async fn run(
                 config.sending.seal_delay,
                 wake.clone(),
                 metrics.clone(),
+                run_timer.clone(),
                 workers_stop.clone(),
             )
             .instrument(tracing::info_span!("seal")),
         );
+        if let Some(timer) = &run_timer {
+            workers.spawn(
+                heartbeat_loop(timer.clone(), clock.clone(), workers_stop.clone())
+                    .instrument(tracing::info_span!("heartbeat")),
+            );
+        }
         workers.spawn(watch_writable(
             ledger.clone(),
             clock.clone(),
@@ -465,6 +477,12 @@ pub async fn run(
         return Ok(());
     }
 
+    if let Some(timer) = &run_timer {
+        // The open hour's heartbeat seconds up to now, before it is sealed.
+        if let Err(e) = timer.record().await {
+            tracing::warn!(error = %e, "could not record the last running seconds for the heartbeat dimensions");
+        }
+    }
     let now = unix_seconds(clock.now());
     let open_hour = ledger.open_hour(now);
     // Records sealed earlier are still sent when the open hour cannot be sealed; the failure
@@ -644,7 +662,61 @@ async fn establish_entitlement(
     Ok(Some(handle))
 }
 
+/// How often the running time is recorded for heartbeat dimensions: a crash loses at most
+/// this much of it. Records fall on whole minutes, so one falls on every hour boundary.
+pub const HEARTBEAT_INTERVAL_SECS: i64 = 60;
+
+/// The agent's running time, recorded in the ledger for the heartbeat dimensions
+/// (`metering.heartbeat`). It counts from when it is made; each record covers the time since
+/// the last one. The wall clock is trusted forwards; after a step back nothing is recorded
+/// until it passes the last recorded instant again, so no second is billed twice.
+pub struct RunTimer {
+    ledger: Ledger,
+    clock: SharedClock,
+    /// The instant (epoch seconds) up to which running time is recorded.
+    recorded_to: tokio::sync::Mutex<i64>,
+}
+
+impl RunTimer {
+    pub fn new(ledger: Ledger, clock: SharedClock) -> Self {
+        let now = unix_seconds(clock.now());
+        Self {
+            ledger,
+            clock,
+            recorded_to: tokio::sync::Mutex::new(now),
+        }
+    }
+
+    /// Records the running time since the last record, durably. A failed record is retried
+    /// with the next one (nothing is skipped).
+    pub async fn record(&self) -> Result<(), LedgerError> {
+        let mut recorded_to = self.recorded_to.lock().await;
+        let now = unix_seconds(self.clock.now());
+        if now > *recorded_to {
+            self.ledger.record_run(*recorded_to, now).await?;
+            *recorded_to = now;
+        }
+        Ok(())
+    }
+}
+
+/// Records the running time on every whole minute of the injected clock.
+async fn heartbeat_loop(timer: Arc<RunTimer>, clock: SharedClock, stop: CancellationToken) {
+    loop {
+        let now = unix_seconds(clock.now());
+        let next = (now.div_euclid(HEARTBEAT_INTERVAL_SECS) + 1) * HEARTBEAT_INTERVAL_SECS;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = clock.sleep_until(from_unix_seconds(next)) => {}
+        }
+        if let Err(e) = timer.record().await {
+            tracing::warn!(error = %e, "could not record running time for the heartbeat dimensions; retrying at the next interval");
+        }
+    }
+}
+
 /// Seals each hour shortly after it closes (and any closed hours left from before a restart).
+#[allow(clippy::too_many_arguments)]
 async fn seal_loop(
     ledger: Ledger,
     clock: SharedClock,
@@ -652,10 +724,17 @@ async fn seal_loop(
     seal_delay: Duration,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    run_timer: Option<Arc<RunTimer>>,
     stop: CancellationToken,
 ) {
     let delay = i64::try_from(seal_delay.as_secs()).unwrap_or(0);
     loop {
+        if let Some(timer) = &run_timer {
+            // The closing hours' running time is complete before they are sealed.
+            if let Err(e) = timer.record().await {
+                tracing::warn!(error = %e, "could not record running time before sealing");
+            }
+        }
         let now = unix_seconds(clock.now());
         let closed_before = hour_floor(now - delay);
         let next_check = match ledger
@@ -707,6 +786,12 @@ fn report_seal(outcome: &crate::ledger::SealOutcome, metrics: &Metrics) {
         .inc_by(outcome.folded_tag_sets as u64);
     for hour in &outcome.hours {
         tracing::info!(hour = %rfc3339(*hour), "hour sealed");
+    }
+    if outcome.ignored_rows > 0 {
+        tracing::warn!(
+            rows = outcome.ignored_rows,
+            "usage recorded under another aggregation than the configured one (metering.aggregation or metering.heartbeat changed within the hour) was not billed"
+        );
     }
     if outcome.folded_tag_sets > 0 {
         tracing::warn!(

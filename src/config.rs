@@ -1,13 +1,15 @@
 //! The agent's configuration: TOML, unknown keys rejected, every problem reported at once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{self, MAX_ALLOCATIONS_CEILING, MAX_DIMENSIONS, MAX_TAG_KEYS};
+use crate::model::{
+    self, Aggregation, MAX_ALLOCATIONS_CEILING, MAX_DIMENSIONS, MAX_QUANTITY, MAX_TAG_KEYS,
+};
 use crate::serve::MAX_CONNECTIONS_CEILING;
 
 /// Exit code for a configuration the agent cannot run with (`EX_USAGE`).
@@ -109,6 +111,13 @@ pub struct MeteringConfig {
     pub report_zero: bool,
     #[serde(default = "default_max_allocations")]
     pub max_allocations: usize,
+    /// Dimension → "sum" | "max" | "last" | "unique"; unlisted dimensions sum. Read as text
+    /// so that an unknown aggregation is reported with every other problem.
+    #[serde(default)]
+    pub aggregation: BTreeMap<String, String>,
+    /// Dimension → units per hour that meterd records itself for every hour it runs.
+    #[serde(default)]
+    pub heartbeat: BTreeMap<String, i64>,
 }
 
 impl Default for MeteringConfig {
@@ -118,7 +127,27 @@ impl Default for MeteringConfig {
             tag_keys: Vec::new(),
             report_zero: true,
             max_allocations: default_max_allocations(),
+            aggregation: BTreeMap::new(),
+            heartbeat: BTreeMap::new(),
         }
+    }
+}
+
+impl MeteringConfig {
+    /// The aggregation of every configured dimension (validated configurations only name
+    /// known aggregations; anything else reads as the default, `sum`).
+    pub fn aggregations(&self) -> BTreeMap<String, Aggregation> {
+        self.dimensions
+            .iter()
+            .map(|d| {
+                let a = self
+                    .aggregation
+                    .get(d)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_default();
+                (d.clone(), a)
+            })
+            .collect()
     }
 }
 
@@ -369,6 +398,34 @@ impl Config {
             }
             if !seen.insert(k) {
                 problems.push(format!("metering.tag_keys: {k:?} is listed twice"));
+            }
+        }
+        let configured: BTreeSet<&String> = m.dimensions.iter().collect();
+        for (dimension, aggregation) in &m.aggregation {
+            if !configured.contains(dimension) {
+                problems.push(format!(
+                    "metering.aggregation: {dimension:?} is not one of metering.dimensions"
+                ));
+            }
+            if let Err(e) = aggregation.parse::<Aggregation>() {
+                problems.push(format!("metering.aggregation.{dimension}: {e}"));
+            }
+        }
+        for (dimension, units) in &m.heartbeat {
+            if !configured.contains(dimension) {
+                problems.push(format!(
+                    "metering.heartbeat: {dimension:?} is not one of metering.dimensions"
+                ));
+            }
+            if !(1..=MAX_QUANTITY).contains(units) {
+                problems.push(format!(
+                    "metering.heartbeat.{dimension} must be 1 to {MAX_QUANTITY} units per hour, got {units}"
+                ));
+            }
+            if m.aggregation.contains_key(dimension) {
+                problems.push(format!(
+                    "metering.heartbeat: {dimension:?} is recorded by meterd itself, so it takes no metering.aggregation; remove one of the two"
+                ));
             }
         }
         if m.max_allocations == 0 || m.max_allocations > MAX_ALLOCATIONS_CEILING {
@@ -772,6 +829,49 @@ listen = "nowhere"
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn aggregation_and_heartbeat_are_checked_with_every_other_problem() {
+        let text = r#"
+product_code = "prod-1234abcd"
+pricing = "custom"
+[metering]
+dimensions = ["requests", "users", "peak", "hosts", "pods"]
+aggregation = { users = "unique", peak = "max", hosts = "last", requests = "sum" }
+heartbeat = { pods = 1 }
+"#;
+        let c = Config::from_toml_str(text).expect("valid");
+        let a = c.metering.aggregations();
+        assert_eq!(a["requests"], Aggregation::Sum);
+        assert_eq!(a["users"], Aggregation::Unique);
+        assert_eq!(a["peak"], Aggregation::Max);
+        assert_eq!(a["hosts"], Aggregation::Last);
+        assert_eq!(a["pods"], Aggregation::Sum, "unlisted dimensions sum");
+        assert_eq!(c.metering.heartbeat["pods"], 1);
+
+        let bad = r#"
+product_code = "bad code!"
+pricing = "custom"
+[metering]
+dimensions = ["requests", "users"]
+aggregation = { nope = "max", users = "median", requests = "max" }
+heartbeat = { requests = 0, ghost = 1 }
+"#;
+        let err = Config::from_toml_str(bad).expect_err("invalid");
+        let text = err.to_string();
+        for needed in [
+            "product_code",
+            "metering.aggregation: \"nope\" is not one of metering.dimensions",
+            "metering.aggregation.users: unknown aggregation \"median\"",
+            "metering.heartbeat.requests must be 1 to 2147483647",
+            "metering.heartbeat: \"ghost\" is not one of metering.dimensions",
+            "\"requests\" is recorded by meterd itself",
+        ] {
+            assert!(text.contains(needed), "{needed}: {text}");
+        }
+        assert_eq!(err.problems.len(), 6, "{err}");
+        assert_eq!(EXIT_BAD_CONFIG, 64);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! health probes ([`crate::serve`]), and the ledger's queue (requests wait for room:
 //! back-pressure, not loss).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,9 +25,9 @@ use subtle::ConstantTimeEq;
 
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::config::Config;
-use crate::ledger::{Event, Ledger, LedgerError};
+use crate::ledger::{Event, Ledger, LedgerError, Measure};
 use crate::metrics::Metrics;
-use crate::model::{self, TagSet, MAX_QUANTITY, MAX_TAG_KEYS};
+use crate::model::{self, Aggregation, TagSet, DISTINCT_MAX_CHARS, MAX_QUANTITY, MAX_TAG_KEYS};
 use crate::serve::{read_body, BodyError, Slot};
 use crate::status::StatusBoard;
 
@@ -43,6 +43,7 @@ struct WireEvent {
     quantity: Option<serde_json::Number>,
     tags: Option<UniqueTags>,
     id: Option<String>,
+    distinct: Option<String>,
 }
 
 /// An event's tags; a key given twice is refused, like a field given twice.
@@ -85,6 +86,7 @@ struct WireBody {
     quantity: Option<serde_json::Number>,
     tags: Option<UniqueTags>,
     id: Option<String>,
+    distinct: Option<String>,
     events: Option<Vec<WireEvent>>,
 }
 
@@ -116,11 +118,15 @@ impl Rejection {
     }
 }
 
-/// What events may say: the configured dimensions and tag keys.
-#[derive(Debug, Clone)]
+/// What events may say: the configured dimensions, their aggregations and tag keys.
+#[derive(Debug, Clone, Default)]
 pub struct Vocabulary {
     pub dimensions: HashSet<String>,
     pub tag_keys: HashSet<String>,
+    /// Dimensions that do not sum; a dimension not listed sums.
+    pub aggregation: HashMap<String, Aggregation>,
+    /// Dimensions meterd records itself (`metering.heartbeat`): no events are taken for them.
+    pub heartbeat: HashSet<String>,
 }
 
 impl Vocabulary {
@@ -128,7 +134,18 @@ impl Vocabulary {
         Self {
             dimensions: config.metering.dimensions.iter().cloned().collect(),
             tag_keys: config.metering.tag_keys.iter().cloned().collect(),
+            aggregation: config
+                .metering
+                .aggregations()
+                .into_iter()
+                .filter(|(_, a)| *a != Aggregation::Sum)
+                .collect(),
+            heartbeat: config.metering.heartbeat.keys().cloned().collect(),
         }
+    }
+
+    pub fn aggregation_of(&self, dimension: &str) -> Aggregation {
+        self.aggregation.get(dimension).copied().unwrap_or_default()
     }
 }
 
@@ -145,7 +162,8 @@ pub fn parse_usage(body: &[u8], vocabulary: &Vocabulary) -> Result<Vec<Event>, R
     let single = wire.dimension.is_some()
         || wire.quantity.is_some()
         || wire.tags.is_some()
-        || wire.id.is_some();
+        || wire.id.is_some()
+        || wire.distinct.is_some();
     let events = match (wire.events, single) {
         (Some(_), true) => {
             return Err(Rejection::new(
@@ -172,6 +190,7 @@ pub fn parse_usage(body: &[u8], vocabulary: &Vocabulary) -> Result<Vec<Event>, R
             quantity: wire.quantity,
             tags: wire.tags,
             id: wire.id,
+            distinct: wire.distinct,
         }],
     };
     let mut problems = Vec::new();
@@ -193,6 +212,7 @@ pub fn parse_usage(body: &[u8], vocabulary: &Vocabulary) -> Result<Vec<Event>, R
         "dimension" => "unknown_dimension",
         "quantity" => "bad_quantity",
         "tags" => "bad_tags",
+        "distinct" => "bad_distinct",
         _ => "bad_event",
     };
     Err(Rejection {
@@ -222,24 +242,44 @@ fn validate_event(
             format!("unknown dimension {dimension:?}; configured dimensions are {known:?}"),
         ));
     }
-    let quantity = event
-        .quantity
-        .ok_or(("quantity", "quantity is required".to_owned()))?;
-    let quantity = match quantity.as_i64() {
-        Some(q) if (0..=MAX_QUANTITY).contains(&q) => q,
-        Some(q) if q < 0 => return Err(("quantity", format!("quantity {q} is negative"))),
-        _ if quantity.is_f64() => {
+    if vocabulary.heartbeat.contains(&dimension) {
+        return Err((
+            "dimension",
+            format!("dimension {dimension:?} is recorded by meterd itself (metering.heartbeat: units for every hour the agent runs) and takes no posted events"),
+        ));
+    }
+    let aggregation = vocabulary.aggregation_of(&dimension);
+    let measure = if aggregation == Aggregation::Unique {
+        let Some(value) = event.distinct else {
+            return Err((
+                "distinct",
+                format!("distinct is required: {dimension:?} counts distinct values (metering.aggregation = \"unique\")"),
+            ));
+        };
+        let n = value.chars().count();
+        if n == 0 || n > DISTINCT_MAX_CHARS {
+            return Err((
+                "distinct",
+                format!("distinct must be 1 to {DISTINCT_MAX_CHARS} characters, got {n}"),
+            ));
+        }
+        // An event is one occurrence of its value; a quantity would suggest it counts more.
+        if let Some(q) = event.quantity.filter(|q| q.as_i64() != Some(1)) {
             return Err((
                 "quantity",
-                format!("quantity {quantity} is not a whole number"),
-            ))
+                format!("quantity {q}: an event of the unique dimension {dimension:?} is one occurrence of its distinct value, so quantity must be absent or 1"),
+            ));
         }
-        _ => {
+        Measure::Unique(value)
+    } else {
+        if event.distinct.is_some() {
             return Err((
-                "quantity",
-                format!("quantity {quantity} is larger than {MAX_QUANTITY}"),
-            ))
+                "distinct",
+                format!("distinct is only for unique dimensions; {dimension:?} aggregates by {aggregation}"),
+            ));
         }
+        let quantity = parse_quantity(event.quantity)?;
+        Measure::of(aggregation, quantity).ok_or(("quantity", "no quantity".to_owned()))?
     };
     let tags: TagSet = event.tags.unwrap_or_default().0;
     if tags.len() > MAX_TAG_KEYS {
@@ -275,9 +315,31 @@ fn validate_event(
     Ok(Event {
         dimension,
         tags,
-        quantity,
+        measure,
         id: event.id,
     })
+}
+
+/// A quantity: a whole number from 0 to 2147483647.
+fn parse_quantity(quantity: Option<serde_json::Number>) -> Result<i64, (&'static str, String)> {
+    let quantity = quantity.ok_or(("quantity", "quantity is required".to_owned()))?;
+    let quantity = match quantity.as_i64() {
+        Some(q) if (0..=MAX_QUANTITY).contains(&q) => q,
+        Some(q) if q < 0 => return Err(("quantity", format!("quantity {q} is negative"))),
+        _ if quantity.is_f64() => {
+            return Err((
+                "quantity",
+                format!("quantity {quantity} is not a whole number"),
+            ))
+        }
+        _ => {
+            return Err((
+                "quantity",
+                format!("quantity {quantity} is larger than {MAX_QUANTITY}"),
+            ))
+        }
+    };
+    Ok(quantity)
 }
 
 /// Everything a request handler needs.
@@ -577,6 +639,11 @@ impl Api {
                 "hourly_cap",
                 format!("{e}; counts already accepted are unchanged"),
             )),
+            Err(e @ LedgerError::DistinctCapExceeded { .. }) => Err(Rejection::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "distinct_cap",
+                format!("{e}; counts already accepted are unchanged, and the next hour takes new values again"),
+            )),
             Err(e) => {
                 let (status, reason) = match e {
                     LedgerError::Full(_) => (StatusCode::INSUFFICIENT_STORAGE, "disk_full"),
@@ -683,6 +750,7 @@ mod tests {
                 .map(|s| s.to_string())
                 .collect(),
             tag_keys: ["tenant"].iter().map(|s| s.to_string()).collect(),
+            ..Vocabulary::default()
         }
     }
 
@@ -698,7 +766,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(one.len(), 1);
-        assert_eq!(one[0].quantity, 3);
+        assert_eq!(one[0].measure, Measure::Sum(3));
         assert_eq!(one[0].tags.get("tenant").map(String::as_str), Some("acme"));
         let batch = parse_usage(
             br#"{"events":[{"dimension":"requests","quantity":0},{"dimension":"gigabytes","quantity":2147483647}]}"#,
@@ -781,6 +849,116 @@ mod tests {
             assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
             let text = format!("{} {:?}", r.error, r.details);
             assert!(text.contains(needle), "{body}: {text}");
+        }
+    }
+
+    fn agg_vocab() -> Vocabulary {
+        let names = ["requests", "peak", "hosts", "users", "pods"];
+        Vocabulary {
+            dimensions: names.iter().map(|s| s.to_string()).collect(),
+            tag_keys: ["tenant"].iter().map(|s| s.to_string()).collect(),
+            aggregation: [
+                ("peak", Aggregation::Max),
+                ("hosts", Aggregation::Last),
+                ("users", Aggregation::Unique),
+            ]
+            .map(|(d, a)| (d.to_owned(), a))
+            .into(),
+            heartbeat: ["pods".to_owned()].into(),
+        }
+    }
+
+    #[test]
+    fn each_aggregation_gets_its_measure_and_distinct_is_only_for_unique() {
+        let events = parse_usage(
+            br#"{"events":[
+                {"dimension":"requests","quantity":3},
+                {"dimension":"peak","quantity":9},
+                {"dimension":"hosts","quantity":4},
+                {"dimension":"users","distinct":"alice","tags":{"tenant":"a"}},
+                {"dimension":"users","distinct":"bob","quantity":1,"id":"e1"}]}"#,
+            &agg_vocab(),
+        )
+        .expect("valid");
+        let measures: Vec<&Measure> = events.iter().map(|e| &e.measure).collect();
+        assert_eq!(
+            measures,
+            [
+                &Measure::Sum(3),
+                &Measure::Max(9),
+                &Measure::Last(4),
+                &Measure::Unique("alice".into()),
+                &Measure::Unique("bob".into())
+            ]
+        );
+        let single = parse_usage(br#"{"dimension":"users","distinct":"carol"}"#, &agg_vocab())
+            .expect("a single unique event");
+        assert_eq!(single[0].measure, Measure::Unique("carol".into()));
+        let long = "x".repeat(DISTINCT_MAX_CHARS + 1);
+        let ok = "é".repeat(DISTINCT_MAX_CHARS);
+        parse_usage(
+            format!(r#"{{"dimension":"users","distinct":"{ok}"}}"#).as_bytes(),
+            &agg_vocab(),
+        )
+        .expect("256 characters");
+        let cases = [
+            (
+                r#"{"dimension":"users"}"#.to_owned(),
+                "distinct",
+                "distinct is required",
+            ),
+            (
+                r#"{"dimension":"users","quantity":1}"#.to_owned(),
+                "distinct",
+                "distinct is required",
+            ),
+            (
+                r#"{"dimension":"users","distinct":""}"#.to_owned(),
+                "distinct",
+                "1 to 256 characters, got 0",
+            ),
+            (
+                format!(r#"{{"dimension":"users","distinct":"{long}"}}"#),
+                "distinct",
+                "got 257",
+            ),
+            (
+                r#"{"dimension":"users","distinct":"a","quantity":2}"#.to_owned(),
+                "quantity",
+                "must be absent or 1",
+            ),
+            (
+                r#"{"dimension":"users","distinct":"a","quantity":0}"#.to_owned(),
+                "quantity",
+                "must be absent or 1",
+            ),
+            (
+                r#"{"dimension":"requests","quantity":1,"distinct":"a"}"#.to_owned(),
+                "distinct",
+                "only for unique dimensions; \"requests\" aggregates by sum",
+            ),
+            (
+                r#"{"dimension":"peak","quantity":1,"distinct":"a"}"#.to_owned(),
+                "distinct",
+                "aggregates by max",
+            ),
+            (r#"{"dimension":"peak"}"#.to_owned(), "quantity", "required"),
+            (
+                r#"{"dimension":"hosts","quantity":-1}"#.to_owned(),
+                "quantity",
+                "negative",
+            ),
+            (
+                r#"{"dimension":"pods","quantity":1}"#.to_owned(),
+                "dimension",
+                "\"pods\" is recorded by meterd itself",
+            ),
+        ];
+        for (body, field, needle) in cases {
+            let r = parse_usage(body.as_bytes(), &agg_vocab()).expect_err(&body);
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(r.details[0].field, field, "{body}: {r:?}");
+            assert!(r.details[0].problem.contains(needle), "{body}: {r:?}");
         }
     }
 

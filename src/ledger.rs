@@ -6,15 +6,41 @@
 //! back alone) and commits once: many requests share one fsync (group commit). Replies go out
 //! only after the commit returns, so an acknowledged count is on disk.
 //!
-//! Work that needs no database (canonical tag keys, summing the events of a request without
+//! Work that needs no database (canonical tag keys, folding the events of a request without
 //! an id) is done on the caller's thread before the command is queued, so the single writer
 //! thread spends its time on SQL and fsync only.
+//!
+//! # Aggregations
+//! Every event gets a receive sequence from the writer (a counter, continued after a restart
+//! from the largest one stored), in the order the writer applies requests and, within one, in
+//! request order. Per counter (hour, dimension, tag set) a group folds what its requests add
+//! and writes it once before the commit: `sum` adds (`usage`); `max` keeps the largest value
+//! and the sequence that first reached it, `last` the value with the largest sequence (one
+//! upsert each into `gauges`, `WHERE excluded.value > value` / `WHERE excluded.seq > seq`).
+//! `unique` values are written at once inside the request's savepoint with `INSERT OR IGNORE`
+//! into `distinct_values`, whose key (hour, dimension, value) keeps the tag set of a value's
+//! first occurrence; a request that would take a dimension-hour past
+//! [`MAX_DISTINCT_PER_HOUR`] is refused whole ([`LedgerError::DistinctCapExceeded`]) and its
+//! savepoint undoes its values and ids. An event whose id was already seen changes nothing,
+//! whatever its aggregation. The hourly cap of 2147483647 applies to sums; a `max` or `last`
+//! value is one quantity, and a `unique` count stays below its own bound.
 //!
 //! # Tables
 //! - `meta(key, value)`: `schema_version`, `instance_id` (random, feeds the ClientToken),
 //!   `first_start` (epoch seconds; no MeterUsage timestamp precedes it), `product_code`.
-//! - `usage(hour, dimension, tags, quantity)`: per-hour counters; `tags` is the canonical
-//!   JSON of the tag set (`{}` untagged).
+//! - `usage(hour, dimension, tags, quantity)`: per-hour `sum` counters; `tags` is the
+//!   canonical JSON of the tag set (`{}` untagged).
+//! - `gauges(hour, dimension, aggregation, tags, value, seq)`: per-hour `max` and `last`
+//!   values per tag set, with the receive sequence that set them.
+//! - `distinct_values(hour, dimension, value, tags)`: the distinct values of `unique`
+//!   dimensions, each with the tag set of its first occurrence in the hour. At most
+//!   [`MAX_DISTINCT_PER_HOUR`] rows per dimension-hour (each value at most 256 characters, a tag
+//!   set at most 5 tags), deleted when the hour is sealed: the disk they take is bounded by the
+//!   open hours, and memory holds one cached count per dimension-hour.
+//! - `run_seconds(hour, seconds)`: how long the agent ran in each hour (at most 3600), for
+//!   `metering.heartbeat` dimensions. The agent records it every minute of its clock and
+//!   before each seal ([`Ledger::record_run`]), so a crash loses at most a minute; seconds of
+//!   an hour already sealed are dropped.
 //! - `event_ids(id, accepted_at)`: idempotency keys of the last 7 hours.
 //! - `sealed_hours(hour, sealed_at)`: hours that are closed for good. Usage that arrives for a
 //!   sealed hour (after a shutdown flush, or a clock step back) goes to the first unsealed hour.
@@ -26,13 +52,21 @@
 //! checkpoints between groups, after their answers went out, so the WAL restarts at its
 //! beginning instead of growing (`Writer::checkpoint_if_due`).
 //!
+//! # Schema versions
+//! Version 2 added `gauges`, `distinct_values` and `run_seconds`. A version 1 ledger is
+//! migrated at open, after it passed the read-only checks: one transaction creates the tables
+//! (`CREATE TABLE IF NOT EXISTS`, so a migration interrupted before its commit is simply done
+//! again) and sets `schema_version` to 2; nothing in the old tables changes. A ledger of a
+//! version newer than this meterd knows is refused (exit 74), untouched: an older meterd does
+//! not read what it does not understand.
+//!
 //! # Recovery
 //! A new ledger is built as `ledger.sqlite3.new` (schema and meta rows in one transaction),
 //! fsynced and renamed into place, so `ledger.sqlite3` is whole or absent; a leftover `.new`
 //! from an interrupted first start holds nothing and is replaced. SQLite's WAL replay restores
 //! the last committed transaction. On open, `quick_check` must pass, the meta rows must be
-//! there and the schema version must match; otherwise the agent refuses to start with a clear
-//! error and never resets the file. Pending records and closed-but-unsealed hours are picked
+//! there and the schema version must be one this meterd reads; otherwise the agent refuses to
+//! start with a clear error and never resets the file. Pending records and closed-but-unsealed hours are picked
 //! up by the normal seal and send loops.
 //!
 //! # Files, ownership and the lock
@@ -58,10 +92,14 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{hour_floor, HOUR_SECS};
-use crate::model::{self, TagSet, MAX_QUANTITY};
+use crate::model::{self, Aggregation, TagSet, MAX_DISTINCT_PER_HOUR, MAX_QUANTITY};
 use crate::seal::{self, Allocation, UsageRow};
 
-const SCHEMA_VERSION: i64 = 1;
+pub use crate::seal::SealPolicy;
+
+/// Version 2 added `gauges`, `distinct_values` and `run_seconds`; a version 1 ledger is
+/// migrated forward at open ([`migrate`]).
+const SCHEMA_VERSION: i64 = 2;
 /// The ledger's file name in the private directory (see [`ledger_path`]).
 pub const LEDGER_FILE: &str = "ledger.sqlite3";
 /// A new ledger is built under this name beside the final one, then renamed.
@@ -103,6 +141,12 @@ pub enum LedgerError {
         hour: i64,
         would_be: i64,
     },
+    #[error("unique dimension {dimension:?} already holds {limit} distinct values in the hour starting {hour}; meterd stores at most {limit} per dimension-hour, so this request's new values were not recorded")]
+    DistinctCapExceeded {
+        dimension: String,
+        hour: i64,
+        limit: i64,
+    },
     #[error("the ledger is shut down")]
     Closed,
 }
@@ -117,13 +161,48 @@ impl LedgerError {
     }
 }
 
-/// One usage count, already validated by ingest.
+/// One usage event, already validated by ingest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub dimension: String,
     pub tags: TagSet,
-    pub quantity: i64,
+    /// What it says, in the terms of its dimension's aggregation.
+    pub measure: Measure,
     pub id: Option<String>,
+}
+
+/// An event's value under its dimension's aggregation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Measure {
+    /// Added to the hour's total.
+    Sum(i64),
+    /// The hour's value is the largest posted.
+    Max(i64),
+    /// The hour's value is the last posted.
+    Last(i64),
+    /// One occurrence of a distinct value; the hour's value is the number of distinct values.
+    Unique(String),
+}
+
+impl Measure {
+    pub fn aggregation(&self) -> Aggregation {
+        match self {
+            Measure::Sum(_) => Aggregation::Sum,
+            Measure::Max(_) => Aggregation::Max,
+            Measure::Last(_) => Aggregation::Last,
+            Measure::Unique(_) => Aggregation::Unique,
+        }
+    }
+
+    /// The measure of `quantity` under a numeric aggregation (`None` for `unique`).
+    pub fn of(aggregation: Aggregation, quantity: i64) -> Option<Self> {
+        match aggregation {
+            Aggregation::Sum => Some(Measure::Sum(quantity)),
+            Aggregation::Max => Some(Measure::Max(quantity)),
+            Aggregation::Last => Some(Measure::Last(quantity)),
+            Aggregation::Unique => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -132,14 +211,6 @@ pub struct AppendOutcome {
     pub duplicates: usize,
     /// The hour (epoch seconds) the counted events were attributed to.
     pub hour: i64,
-}
-
-/// What sealing needs besides the counters.
-#[derive(Debug, Clone)]
-pub struct SealPolicy {
-    pub dimensions: Vec<String>,
-    pub report_zero: bool,
-    pub max_allocations: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -204,6 +275,8 @@ pub struct SealOutcome {
     pub hours: Vec<i64>,
     pub records: usize,
     pub folded_tag_sets: usize,
+    /// Rows recorded under another aggregation than the configured one; not billed.
+    pub ignored_rows: usize,
 }
 
 /// How a delivery attempt ended, as recorded.
@@ -214,15 +287,86 @@ pub enum Delivery {
     Final { state: RecordState, error: String },
 }
 
+/// What a request adds to one counter, folded per aggregation. `at` orders events: an index
+/// within the request, turned into the writer's receive sequence when it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fold {
+    Sum(i64),
+    /// The largest value and where it was first reached.
+    Max {
+        value: i64,
+        at: i64,
+    },
+    /// The latest value.
+    Last {
+        value: i64,
+        at: i64,
+    },
+}
+
+impl Fold {
+    fn of(measure: &Measure, at: i64) -> Option<Fold> {
+        match *measure {
+            Measure::Sum(q) => Some(Fold::Sum(q)),
+            Measure::Max(value) => Some(Fold::Max { value, at }),
+            Measure::Last(value) => Some(Fold::Last { value, at }),
+            Measure::Unique(_) => None,
+        }
+    }
+
+    /// Combines two folds of the same counter (the same aggregation).
+    fn merge(&mut self, other: Fold) {
+        match (self, other) {
+            (Fold::Sum(a), Fold::Sum(b)) => *a = a.saturating_add(b),
+            (Fold::Max { value, at }, Fold::Max { value: v, at: t })
+                if v > *value || (v == *value && t < *at) =>
+            {
+                (*value, *at) = (v, t);
+            }
+            (Fold::Last { value, at }, Fold::Last { value: v, at: t }) if t > *at => {
+                (*value, *at) = (v, t);
+            }
+            // An earlier or smaller value changes nothing; keys carry the aggregation, so
+            // folds of different kinds never meet.
+            _ => {}
+        }
+    }
+
+    /// The same fold with its order moved from the request's index to the receive sequence.
+    fn sequenced(self, base: i64) -> Fold {
+        match self {
+            Fold::Sum(q) => Fold::Sum(q),
+            Fold::Max { value, at } => Fold::Max {
+                value,
+                at: base + at,
+            },
+            Fold::Last { value, at } => Fold::Last {
+                value,
+                at: base + at,
+            },
+        }
+    }
+}
+
+fn merge_into(slot: &mut Option<Fold>, fold: Fold) {
+    match slot {
+        Some(f) => f.merge(fold),
+        None => *slot = Some(fold),
+    }
+}
+
 /// A request's events as the writer needs them, prepared on the caller's thread.
 #[derive(Debug)]
 struct Folded {
-    /// The request's distinct (dimension, canonical tag key) pairs.
-    keys: Vec<(String, String)>,
-    /// Per key: the sum of its events without an id, or `None` when it has none.
-    plain: Vec<Option<i64>>,
-    /// Events with an id, in request order: (id, key index, quantity).
-    with_id: Vec<(String, usize, i64)>,
+    /// The request's distinct (dimension, canonical tag key, aggregation) triples.
+    keys: Vec<(String, String, Aggregation)>,
+    /// Per key: the fold of its numeric events without an id, or `None` when it has none.
+    plain: Vec<Option<Fold>>,
+    /// Numeric events with an id, in request order: (id, key index, fold).
+    with_id: Vec<(String, usize, Fold)>,
+    /// `unique` events in request order (the first occurrence decides a value's tag set):
+    /// (id, key index, value).
+    distinct: Vec<(Option<String>, usize, String)>,
     events: usize,
 }
 
@@ -230,33 +374,48 @@ impl Folded {
     fn new(events: Vec<Event>) -> Self {
         // Index the distinct (dimension, tags) first, borrowing, so a tag set repeated in a
         // batch is serialized to its canonical key once.
-        let mut index: HashMap<(&str, &TagSet), usize> = HashMap::new();
+        let mut index: HashMap<(&str, &TagSet, Aggregation), usize> = HashMap::new();
         let slots: Vec<usize> = events
             .iter()
             .map(|event| {
                 let next = index.len();
                 *index
-                    .entry((event.dimension.as_str(), &event.tags))
+                    .entry((
+                        event.dimension.as_str(),
+                        &event.tags,
+                        event.measure.aggregation(),
+                    ))
                     .or_insert(next)
             })
             .collect();
-        let mut keys = vec![(String::new(), String::new()); index.len()];
-        for ((dimension, tags), i) in index {
-            keys[i] = (dimension.to_owned(), model::tagset_key(tags));
+        let mut keys = vec![(String::new(), String::new(), Aggregation::Sum); index.len()];
+        for ((dimension, tags, aggregation), i) in index {
+            keys[i] = (dimension.to_owned(), model::tagset_key(tags), aggregation);
         }
-        let mut plain: Vec<Option<i64>> = vec![None; keys.len()];
+        let mut plain: Vec<Option<Fold>> = vec![None; keys.len()];
         let mut with_id = Vec::new();
+        let mut distinct = Vec::new();
         let count = events.len();
-        for (event, i) in events.into_iter().zip(slots) {
-            match event.id {
-                Some(id) => with_id.push((id, i, event.quantity)),
-                None => *plain[i].get_or_insert(0) += event.quantity,
+        for (at, (event, i)) in events.into_iter().zip(slots).enumerate() {
+            let at = at as i64;
+            match (event.measure, event.id) {
+                (Measure::Unique(value), id) => distinct.push((id, i, value)),
+                (measure, id) => {
+                    let Some(fold) = Fold::of(&measure, at) else {
+                        continue;
+                    };
+                    match id {
+                        Some(id) => with_id.push((id, i, fold)),
+                        None => merge_into(&mut plain[i], fold),
+                    }
+                }
             }
         }
         Folded {
             keys,
             plain,
             with_id,
+            distinct,
             events: count,
         }
     }
@@ -279,6 +438,12 @@ enum Command {
         dimension: String,
         delivery: Delivery,
         now: i64,
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
+    /// The agent ran from `from` to `to` (epoch seconds): heartbeat dimensions bill it.
+    Heartbeat {
+        from: i64,
+        to: i64,
         reply: oneshot::Sender<Result<(), LedgerError>>,
     },
     /// A small write, to learn whether the ledger takes writes again.
@@ -375,7 +540,7 @@ impl Ledger {
             Ok(conn)
         };
         // Validate on a read-only connection first: nothing is written to a damaged file.
-        let identity = {
+        let (identity, version) = {
             let check =
                 open_checked(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?
                     .map_err(|e| corrupt(&e))?;
@@ -388,7 +553,7 @@ impl Ledger {
             read_identity(&check, product_code).map_err(|e| match e {
                 SchemaError::Sql(e) => corrupt(&e),
                 SchemaError::Version(v) => corrupt(&format!(
-                    "schema version {v}; this meterd reads version {SCHEMA_VERSION}"
+                    "schema version {v}; this meterd reads versions 1 to {SCHEMA_VERSION} (a newer meterd wrote it: run that one, or a newer one)"
                 )),
                 SchemaError::Missing(what) => corrupt(&format!("meta entry {what} is missing")),
                 SchemaError::Product(found) => LedgerError::ProductMismatch {
@@ -407,7 +572,16 @@ impl Ledger {
         writer
             .pragma_update(None, "synchronous", "FULL")
             .map_err(|e| LedgerError::from_sqlite(&e))?;
+        if version < SCHEMA_VERSION {
+            migrate(&writer, version).map_err(|e| LedgerError::from_sqlite(&e))?;
+            tracing::info!(
+                from = version,
+                to = SCHEMA_VERSION,
+                "ledger schema migrated"
+            );
+        }
         let floor = load_floor(&writer).map_err(|e| corrupt(&e))?;
+        let next_seq = load_next_seq(&writer).map_err(|e| corrupt(&e))?;
         // The writer checkpoints between groups, after the replies (see `checkpoint_if_due`);
         // the hook replaces SQLite's own checkpoint inside COMMIT.
         writer
@@ -431,7 +605,10 @@ impl Ledger {
             conn: writer,
             identity: identity.clone(),
             sealed_floor: sealed_floor.clone(),
-            totals: HashMap::new(),
+            counters: Counters {
+                next_seq,
+                ..Counters::default()
+            },
             stats: commit_stats.clone(),
             checkpoint_at_pages: CHECKPOINT_PAGES,
             last_checkpoint: Instant::now(),
@@ -550,6 +727,19 @@ impl Ledger {
     /// Shares [`Ledger::writable`] with whoever reports it.
     pub fn writable_flag(&self) -> Arc<AtomicBool> {
         self.inner.writable.clone()
+    }
+
+    /// Durably records that the agent ran from `from` to `to` (epoch seconds), for the
+    /// heartbeat dimensions: each hour's seconds are added up (at most 3600 an hour). Seconds
+    /// of an hour already sealed are dropped: its record is final.
+    pub async fn record_run(&self, from: i64, to: i64) -> Result<(), LedgerError> {
+        self.call(|reply| Command::Heartbeat { from, to, reply })
+            .await
+    }
+
+    /// Seconds the agent ran in `hour`, as recorded for the heartbeat dimensions.
+    pub async fn run_seconds(&self, hour: i64) -> Result<i64, LedgerError> {
+        self.read(move |c| run_seconds_of(c, hour)).await
     }
 
     /// Makes a small write (a timestamp in `meta`), so a ledger that refused writes is seen to
@@ -709,25 +899,43 @@ fn query_records<P: rusqlite::Params>(
     rows.collect()
 }
 
+/// Every counter of an hour: sums, the `max`/`last` gauges, and per tag set the number of
+/// distinct values it brought first.
 fn usage_rows(c: &Connection, hour: i64) -> rusqlite::Result<Vec<UsageRow>> {
     let mut stmt = c.prepare_cached(
-        "SELECT dimension, tags, quantity FROM usage WHERE hour = ?1 ORDER BY dimension, tags",
+        "SELECT dimension, tags, quantity, 'sum', 0 FROM usage WHERE hour = ?1 \
+         UNION ALL SELECT dimension, tags, value, aggregation, seq FROM gauges WHERE hour = ?1 \
+         UNION ALL SELECT dimension, tags, COUNT(*), 'unique', 0 FROM distinct_values \
+         WHERE hour = ?1 GROUP BY dimension, tags \
+         ORDER BY 1, 2, 4",
     )?;
+    let conversion = |column: usize, e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, e)
+    };
     let rows = stmt.query_map([hour], |r| {
         let tags: String = r.get(1)?;
+        let aggregation: String = r.get(3)?;
         Ok(UsageRow {
             dimension: r.get(0)?,
-            tags: model::tagset_from_key(&tags).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    1,
-                    rusqlite::types::Type::Text,
-                    Box::new(e),
-                )
-            })?,
+            tags: model::tagset_from_key(&tags).map_err(|e| conversion(1, Box::new(e)))?,
             quantity: r.get(2)?,
+            aggregation: aggregation
+                .parse()
+                .map_err(|e: String| conversion(3, e.into()))?,
+            seq: r.get(4)?,
         })
     })?;
     rows.collect()
+}
+
+fn run_seconds_of(c: &Connection, hour: i64) -> rusqlite::Result<i64> {
+    Ok(c.query_row(
+        "SELECT seconds FROM run_seconds WHERE hour = ?1",
+        [hour],
+        |r| r.get(0),
+    )
+    .optional()?
+    .unwrap_or(0))
 }
 
 enum SchemaError {
@@ -799,6 +1007,7 @@ fn create_schema(c: &Connection, product_code: &str, now: i64) -> rusqlite::Resu
              PRIMARY KEY (hour, dimension)) WITHOUT ROWID;
          CREATE INDEX records_pending ON records (state, hour);",
     )?;
+    c.execute_batch(V2_TABLES)?;
     let instance_id = {
         use rand::RngCore;
         let mut bytes = [0u8; 16];
@@ -819,8 +1028,43 @@ fn create_schema(c: &Connection, product_code: &str, now: i64) -> rusqlite::Resu
     inserted
 }
 
-/// The identity stored in `meta`; a ledger without it is corrupt.
-fn read_identity(c: &Connection, product_code: &str) -> Result<LedgerIdentity, SchemaError> {
+/// The tables that schema version 2 added, created idempotently (`IF NOT EXISTS`): by a new
+/// ledger's schema and by the migration of a version 1 ledger.
+const V2_TABLES: &str = "
+    CREATE TABLE IF NOT EXISTS gauges (
+        hour INTEGER NOT NULL, dimension TEXT NOT NULL,
+        aggregation TEXT NOT NULL CHECK (aggregation IN ('max','last')), tags TEXT NOT NULL,
+        value INTEGER NOT NULL CHECK (value BETWEEN 0 AND 2147483647), seq INTEGER NOT NULL,
+        PRIMARY KEY (hour, dimension, aggregation, tags)) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS distinct_values (
+        hour INTEGER NOT NULL, dimension TEXT NOT NULL, value TEXT NOT NULL, tags TEXT NOT NULL,
+        PRIMARY KEY (hour, dimension, value)) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS run_seconds (
+        hour INTEGER PRIMARY KEY, seconds INTEGER NOT NULL CHECK (seconds BETWEEN 0 AND 3600));";
+
+/// Brings a ledger of schema version `from` to [`SCHEMA_VERSION`] in one transaction: either
+/// the new tables and the new version are both there, or neither (a crash mid-way leaves a
+/// version 1 ledger, migrated again at the next open).
+fn migrate(c: &Connection, from: i64) -> rusqlite::Result<()> {
+    c.execute_batch("BEGIN IMMEDIATE")?;
+    let migrated = (|| {
+        if from < 2 {
+            c.execute_batch(V2_TABLES)?;
+        }
+        c.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+            [SCHEMA_VERSION.to_string()],
+        )?;
+        c.execute_batch("COMMIT")
+    })();
+    if migrated.is_err() {
+        let _ = c.execute_batch("ROLLBACK");
+    }
+    migrated
+}
+
+/// The identity stored in `meta` and the schema version; a ledger without them is corrupt.
+fn read_identity(c: &Connection, product_code: &str) -> Result<(LedgerIdentity, i64), SchemaError> {
     let get = |key: &'static str| -> Result<String, SchemaError> {
         c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?
@@ -829,20 +1073,28 @@ fn read_identity(c: &Connection, product_code: &str) -> Result<LedgerIdentity, S
     let version: i64 = get("schema_version")?
         .parse()
         .map_err(|_| SchemaError::Missing("schema_version"))?;
-    if version != SCHEMA_VERSION {
+    if !(1..=SCHEMA_VERSION).contains(&version) {
         return Err(SchemaError::Version(version));
     }
     let found = get("product_code")?;
     if found != product_code {
         return Err(SchemaError::Product(found));
     }
-    Ok(LedgerIdentity {
+    let identity = LedgerIdentity {
         instance_id: get("instance_id")?,
         first_start: get("first_start")?
             .parse()
             .map_err(|_| SchemaError::Missing("first_start"))?,
         product_code: found,
-    })
+    };
+    Ok((identity, version))
+}
+
+/// The next receive sequence: above every sequence stored, so `last` and `max` ties keep
+/// their order across restarts.
+fn load_next_seq(c: &Connection) -> rusqlite::Result<i64> {
+    let last: Option<i64> = c.query_row("SELECT MAX(seq) FROM gauges", [], |r| r.get(0))?;
+    Ok(last.unwrap_or(0) + 1)
 }
 
 fn load_floor(c: &Connection) -> rusqlite::Result<i64> {
@@ -854,13 +1106,38 @@ struct Writer {
     conn: Connection,
     identity: LedgerIdentity,
     sealed_floor: Arc<AtomicI64>,
-    /// Cached totals per hour and dimension, for the hourly cap.
-    totals: HashMap<i64, HashMap<String, i64>>,
+    counters: Counters,
     stats: Arc<CommitStats>,
     /// WAL size (pages) at which the next checkpoint runs.
     checkpoint_at_pages: i32,
     last_checkpoint: Instant,
     writable: Arc<AtomicBool>,
+}
+
+/// What the writer keeps in memory between groups.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Cached totals per hour and dimension, for the hourly cap.
+    totals: HashMap<i64, HashMap<String, i64>>,
+    /// Cached number of distinct values per `unique` dimension-hour, for their bound.
+    distinct: HashMap<(i64, String), i64>,
+    /// The receive sequence of the next event (orders `max` ties and `last`). Sequences
+    /// consumed by a group that failed are skipped, never reused.
+    next_seq: i64,
+}
+
+impl Counters {
+    /// Caches may include increments of a group that was rolled back.
+    fn forget(&mut self) {
+        self.totals.clear();
+        self.distinct.clear();
+    }
+
+    /// Counters of sealed hours are never capped again; keep the caches small.
+    fn retain_from(&mut self, floor: i64) {
+        self.totals.retain(|hour, _| *hour >= floor);
+        self.distinct.retain(|(hour, _), _| *hour >= floor);
+    }
 }
 
 /// The writer checkpoints once the WAL holds this many pages (1 MiB at 4 KiB a page)...
@@ -1001,7 +1278,7 @@ impl Writer {
                     } => {
                         let result = append_in(
                             &mut tx,
-                            &mut self.totals,
+                            &mut self.counters,
                             &mut increments,
                             floor_after,
                             events,
@@ -1041,6 +1318,11 @@ impl Writer {
                             .map_err(|e| LedgerError::from_sqlite(&e));
                         replies.push(Reply::Deliver(reply, result));
                     }
+                    Command::Heartbeat { from, to, reply } => {
+                        let result = run_in(&tx, floor_after, from, to)
+                            .map_err(|e| LedgerError::from_sqlite(&e));
+                        replies.push(Reply::Deliver(reply, result));
+                    }
                     Command::CheckWritable { now, reply } => {
                         let result = tx
                             .execute(
@@ -1068,14 +1350,12 @@ impl Writer {
         match &commit {
             Ok(()) => {
                 self.sealed_floor.store(floor_after, Ordering::Release);
-                // Counters of sealed hours are never capped again; keep the cache small.
-                self.totals.retain(|hour, _| *hour >= floor_after);
+                self.counters.retain_from(floor_after);
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "ledger commit failed; the affected requests were not acknowledged");
-                // Cached totals may include rolled-back increments.
-                self.totals.clear();
+                self.counters.forget();
             }
         }
         for reply in replies {
@@ -1127,38 +1407,71 @@ impl Drop for RequestSavepoint<'_> {
     }
 }
 
-/// The group's counter increments, summed per (hour, dimension, tags) and written in one
-/// upsert each: many requests for the same counter cost one row update.
+/// The group's counter increments, folded per (hour, dimension, tags, aggregation) and written
+/// in one upsert each: many requests for the same counter cost one row update.
 #[derive(Default)]
-struct Increments(HashMap<(i64, String, String), i64>);
+struct Increments(HashMap<(i64, String, String, Aggregation), Fold>);
 
 impl Increments {
+    fn add(&mut self, key: (i64, String, String, Aggregation), fold: Fold) {
+        match self.0.get_mut(&key) {
+            Some(f) => f.merge(fold),
+            None => {
+                self.0.insert(key, fold);
+            }
+        }
+    }
+
     fn write(&mut self, tx: &rusqlite::Transaction<'_>) -> Result<(), LedgerError> {
         if self.0.is_empty() {
             return Ok(());
         }
         let sql = |e: rusqlite::Error| LedgerError::from_sqlite(&e);
-        let mut upsert = tx
-            .prepare_cached(
-                "INSERT INTO usage (hour, dimension, tags, quantity) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (hour, dimension, tags) DO UPDATE SET quantity = quantity + excluded.quantity",
-            )
+        for ((hour, dimension, tags, aggregation), fold) in self.0.drain() {
+            match fold {
+                Fold::Sum(quantity) => tx
+                    .prepare_cached(
+                        "INSERT INTO usage (hour, dimension, tags, quantity) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (hour, dimension, tags) DO UPDATE SET quantity = quantity + excluded.quantity",
+                    )
+                    .and_then(|mut s| s.execute(params![hour, dimension, tags, quantity])),
+                // The first to reach the largest value keeps it (sequences only grow).
+                Fold::Max { value, at } => tx
+                    .prepare_cached(
+                        "INSERT INTO gauges (hour, dimension, aggregation, tags, value, seq) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                         ON CONFLICT (hour, dimension, aggregation, tags) DO UPDATE \
+                         SET value = excluded.value, seq = excluded.seq \
+                         WHERE excluded.value > gauges.value",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![hour, dimension, aggregation.as_str(), tags, value, at])
+                    }),
+                Fold::Last { value, at } => tx
+                    .prepare_cached(
+                        "INSERT INTO gauges (hour, dimension, aggregation, tags, value, seq) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                         ON CONFLICT (hour, dimension, aggregation, tags) DO UPDATE \
+                         SET value = excluded.value, seq = excluded.seq \
+                         WHERE excluded.seq > gauges.seq",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![hour, dimension, aggregation.as_str(), tags, value, at])
+                    }),
+            }
             .map_err(sql)?;
-        for ((hour, dimension, tags), quantity) in self.0.drain() {
-            upsert
-                .execute(params![hour, dimension, tags, quantity])
-                .map_err(sql)?;
         }
         Ok(())
     }
 }
 
-/// Checks one request (ids, hourly cap) and adds what counts to `increments`. A refused
-/// request changes nothing. Counters are written by [`Increments::write`] before the commit,
-/// and a failure there fails the whole group.
+/// Checks one request (ids, hourly cap, the distinct-value bound) and adds what counts to
+/// `increments`. A refused request changes nothing. Numeric counters are written by
+/// [`Increments::write`] before the commit, and a failure there fails the whole group;
+/// distinct values are written at once, inside the request's savepoint.
 fn append_in(
     tx: &mut rusqlite::Transaction<'_>,
-    totals: &mut HashMap<i64, HashMap<String, i64>>,
+    counters: &mut Counters,
     increments: &mut Increments,
     floor: i64,
     events: Folded,
@@ -1167,10 +1480,16 @@ fn append_in(
     let hour = hour_floor(received_at).max(floor);
     let sql = |e: rusqlite::Error| LedgerError::from_sqlite(&e);
     let mut duplicates = 0;
+    // Every event gets a receive sequence: the request's base plus its index.
+    let base = counters.next_seq;
+    counters.next_seq = base.saturating_add(events.events as i64);
     // Per key: what this request adds, or `None` when none of its events counts.
-    let mut sums = events.plain;
-    // Only ids are written before the request is known to count; their savepoint undoes them.
-    let savepoint = if events.with_id.is_empty() {
+    let mut folds = events.plain;
+    // New distinct-value counts, cached once the request is known to count.
+    let mut new_counts: Vec<((i64, String), i64)> = Vec::new();
+    // Only ids and distinct values are written before the request is known to count; their
+    // savepoint undoes them.
+    let savepoint = if events.with_id.is_empty() && events.distinct.is_empty() {
         None
     } else {
         let sp = RequestSavepoint::begin(tx).map_err(sql)?;
@@ -1180,28 +1499,84 @@ fn append_in(
         let mut remember = tx
             .prepare_cached("INSERT OR REPLACE INTO event_ids (id, accepted_at) VALUES (?1, ?2)")
             .map_err(sql)?;
-        for (id, key, quantity) in &events.with_id {
+        let mut first_time = |id: &str| -> Result<bool, LedgerError> {
             let previous: Option<i64> =
                 seen.query_row([id], |r| r.get(0)).optional().map_err(sql)?;
             if previous.is_some_and(|at| at > received_at - EVENT_ID_RETENTION_SECS) {
-                duplicates += 1;
-                continue;
+                return Ok(false);
             }
             remember.execute(params![id, received_at]).map_err(sql)?;
-            *sums[*key].get_or_insert(0) += quantity;
+            Ok(true)
+        };
+        for (id, key, fold) in &events.with_id {
+            if first_time(id)? {
+                merge_into(&mut folds[*key], *fold);
+            } else {
+                duplicates += 1;
+            }
+        }
+        if !events.distinct.is_empty() {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO distinct_values (hour, dimension, value, tags) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(sql)?;
+            let mut added: Vec<(&str, i64)> = Vec::new();
+            for (id, key, value) in &events.distinct {
+                if let Some(id) = id {
+                    if !first_time(id)? {
+                        duplicates += 1;
+                        continue;
+                    }
+                }
+                let (dimension, tags, _) = &events.keys[*key];
+                let new = insert
+                    .execute(params![hour, dimension, value, tags])
+                    .map_err(sql)? as i64;
+                match added.iter_mut().find(|(d, _)| d == dimension) {
+                    Some((_, n)) => *n += new,
+                    None => added.push((dimension, new)),
+                }
+            }
+            let mut count = tx
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM distinct_values WHERE hour = ?1 AND dimension = ?2",
+                )
+                .map_err(sql)?;
+            for (dimension, new) in added {
+                let key = (hour, dimension.to_owned());
+                // A count missing from the cache is read after this request's inserts.
+                let would_be = match counters.distinct.get(&key) {
+                    Some(n) => n + new,
+                    None => count
+                        .query_row(params![hour, dimension], |r| r.get(0))
+                        .map_err(sql)?,
+                };
+                if would_be > MAX_DISTINCT_PER_HOUR {
+                    // Dropping the savepoint rolls this request's values and ids back.
+                    return Err(LedgerError::DistinctCapExceeded {
+                        dimension: dimension.to_owned(),
+                        hour,
+                        limit: MAX_DISTINCT_PER_HOUR,
+                    });
+                }
+                new_counts.push((key, would_be));
+            }
         }
         Some(sp)
     };
-    // The hourly cap, per dimension.
+    // The hourly cap applies to sums; a `max` or `last` value is a single quantity, and a
+    // `unique` count stays below its own bound.
     let mut per_dimension: Vec<(&str, i64)> = Vec::new();
-    for ((dimension, _), q) in events.keys.iter().zip(&sums) {
-        let Some(q) = q else { continue };
+    for ((dimension, _, _), fold) in events.keys.iter().zip(&folds) {
+        let Some(Fold::Sum(q)) = fold else { continue };
         match per_dimension.iter_mut().find(|(d, _)| d == dimension) {
             Some((_, sum)) => *sum += q,
             None => per_dimension.push((dimension, *q)),
         }
     }
-    let cached = totals.get(&hour);
+    let cached = counters.totals.get(&hour);
     let mut new_totals = Vec::with_capacity(per_dimension.len());
     for (dimension, adding) in per_dimension {
         // A total missing from the cache has no unwritten increments: every request that
@@ -1230,7 +1605,8 @@ fn append_in(
     if let Some(sp) = savepoint {
         sp.release().map_err(sql)?;
     }
-    let cache = totals.entry(hour).or_default();
+    counters.distinct.extend(new_counts);
+    let cache = counters.totals.entry(hour).or_default();
     for (dimension, total) in new_totals {
         match cache.get_mut(dimension) {
             Some(t) => *t = total,
@@ -1239,9 +1615,9 @@ fn append_in(
             }
         }
     }
-    for ((dimension, tags), quantity) in events.keys.into_iter().zip(sums) {
-        if let Some(quantity) = quantity {
-            *increments.0.entry((hour, dimension, tags)).or_insert(0) += quantity;
+    for ((dimension, tags, aggregation), fold) in events.keys.into_iter().zip(folds) {
+        if let Some(fold) = fold {
+            increments.add((hour, dimension, tags, aggregation), fold.sequenced(base));
         }
     }
     Ok(AppendOutcome {
@@ -1249,6 +1625,24 @@ fn append_in(
         duplicates,
         hour,
     })
+}
+
+/// Adds the seconds of `[from, to)` to each unsealed hour they fall in (at most 3600 an hour).
+fn run_in(tx: &rusqlite::Transaction<'_>, floor: i64, from: i64, to: i64) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO run_seconds (hour, seconds) VALUES (?1, ?2) \
+         ON CONFLICT (hour) DO UPDATE SET seconds = MIN(3600, seconds + excluded.seconds)",
+    )?;
+    let mut at = from;
+    while at < to {
+        let hour = hour_floor(at);
+        let end = to.min(hour + HOUR_SECS);
+        if hour >= floor {
+            upsert.execute(params![hour, end - at])?;
+        }
+        at = end;
+    }
+    Ok(())
 }
 
 fn seal_in(
@@ -1265,7 +1659,14 @@ fn seal_in(
         floor
     } else {
         let oldest_usage: Option<i64> = sp
-            .query_row("SELECT MIN(hour) FROM usage", [], |r| r.get(0))
+            .query_row(
+                "SELECT MIN(hour) FROM (SELECT MIN(hour) AS hour FROM usage \
+                 UNION ALL SELECT MIN(hour) FROM gauges \
+                 UNION ALL SELECT MIN(hour) FROM distinct_values \
+                 UNION ALL SELECT MIN(hour) FROM run_seconds)",
+                [],
+                |r| r.get(0),
+            )
             .map_err(sql)?;
         let first = hour_floor(identity.first_start);
         oldest_usage.map_or(first, |h| h.min(first))
@@ -1274,16 +1675,11 @@ fn seal_in(
     let mut hour = start;
     while hour < end_exclusive {
         let rows = usage_rows(&sp, hour).map_err(sql)?;
+        let ran = run_seconds_of(&sp, hour).map_err(sql)?;
         let timestamp = seal::record_timestamp(hour, identity.first_start);
         let reportable = timestamp + REPORT_WINDOW_SECS > now;
-        if !rows.is_empty() || reportable {
-            let records = seal::seal_hour(
-                hour,
-                &rows,
-                &policy.dimensions,
-                policy.report_zero,
-                policy.max_allocations,
-            );
+        if !rows.is_empty() || ran > 0 || reportable {
+            let records = seal::seal_hour(hour, &rows, ran, policy);
             let mut insert = sp
                 .prepare_cached(
                     "INSERT INTO records (hour, dimension, quantity, allocations, timestamp, \
@@ -1318,6 +1714,7 @@ fn seal_in(
                     .map_err(sql)?;
                 outcome.records += 1;
                 outcome.folded_tag_sets += record.folded_tag_sets;
+                outcome.ignored_rows += record.ignored_rows;
             }
         }
         sp.execute(
@@ -1334,9 +1731,18 @@ fn seal_in(
         [now - EVENT_ID_RETENTION_SECS],
     )
     .map_err(sql)?;
+    for table in ["usage", "gauges", "run_seconds"] {
+        sp.execute(
+            &format!("DELETE FROM {table} WHERE hour < ?1 AND hour < ?2"),
+            params![hour.max(floor), now - USAGE_RETENTION_SECS],
+        )
+        .map_err(sql)?;
+    }
+    // Distinct values are the bulk of a `unique` dimension's data and mean nothing once their
+    // hour is sealed: they go with the seal, which bounds their disk use to the open hours.
     sp.execute(
-        "DELETE FROM usage WHERE hour < ?1 AND hour < ?2",
-        params![hour.max(floor), now - USAGE_RETENTION_SECS],
+        "DELETE FROM distinct_values WHERE hour < ?1",
+        [hour.max(floor)],
     )
     .map_err(sql)?;
     sp.execute(
@@ -1386,6 +1792,7 @@ mod tests {
             dimensions: vec!["requests".into(), "gigabytes".into()],
             report_zero: true,
             max_allocations: 500,
+            ..SealPolicy::default()
         }
     }
 
@@ -1393,7 +1800,7 @@ mod tests {
         Event {
             dimension: dimension.into(),
             tags: TagSet::new(),
-            quantity,
+            measure: Measure::Sum(quantity),
             id: id.map(str::to_owned),
         }
     }
@@ -1456,7 +1863,7 @@ mod tests {
                     "tenant".to_owned(),
                     format!("tenant-{request:05}-{i:03}-{}", "x".repeat(120)),
                 )]),
-                quantity: 1,
+                measure: Measure::Sum(1),
                 id: None,
             })
             .collect()
@@ -1664,6 +2071,413 @@ mod tests {
             .expect("exactly at the cap");
     }
 
+    // -----------------------------------------------------------------------------------------
+    // Every aggregation against a reference model: random streams with duplicate ids, restarts
+    // without a seal (a kill -9: the ledger dropped and opened again) and shutdown flushes of
+    // the open hour; what is sealed must equal what the model computes from the acknowledged
+    // events, per dimension-hour and per allocation.
+
+    /// (dimension index, tenant, quantity, id, distinct value)
+    type Spec = (usize, Option<u8>, i64, Option<u8>, u8);
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Post(Vec<Spec>),
+        Advance(i64),
+        Reopen,
+        Flush,
+    }
+
+    const AGG_DIMS: [(&str, Aggregation); 4] = [
+        ("s", Aggregation::Sum),
+        ("m", Aggregation::Max),
+        ("l", Aggregation::Last),
+        ("u", Aggregation::Unique),
+    ];
+
+    fn agg_policy() -> SealPolicy {
+        SealPolicy {
+            dimensions: AGG_DIMS.iter().map(|(d, _)| (*d).to_owned()).collect(),
+            report_zero: true,
+            max_allocations: 500,
+            aggregation: AGG_DIMS
+                .iter()
+                .map(|(d, a)| ((*d).to_owned(), *a))
+                .collect(),
+            ..SealPolicy::default()
+        }
+    }
+
+    fn tenant_tags(tenant: Option<u8>) -> TagSet {
+        tenant
+            .map(|t| TagSet::from([("tenant".to_owned(), format!("t{t}"))]))
+            .unwrap_or_default()
+    }
+
+    fn spec_event((d, tenant, q, id, value): &Spec) -> Event {
+        let (dimension, aggregation) = AGG_DIMS[*d];
+        Event {
+            dimension: dimension.to_owned(),
+            tags: tenant_tags(*tenant),
+            measure: Measure::of(aggregation, *q).unwrap_or(Measure::Unique(format!("v{value}"))),
+            // Ids per dimension: one id names one event.
+            id: id.map(|i| format!("{dimension}-{i}")),
+        }
+    }
+
+    /// The reference: each aggregation's definition over the acknowledged events, in order.
+    #[derive(Default)]
+    struct Reference {
+        seen: std::collections::HashSet<String>,
+        floor: i64,
+        sums: BTreeMap<(i64, &'static str), BTreeMap<TagSet, i64>>,
+        /// (value, tags) of the first event that reached the hour's max / of the last event.
+        gauges: BTreeMap<(i64, &'static str), (i64, TagSet)>,
+        /// value → tag set of its first occurrence.
+        distinct: BTreeMap<(i64, &'static str), BTreeMap<String, TagSet>>,
+    }
+
+    use std::collections::BTreeMap;
+
+    impl Reference {
+        fn post(&mut self, specs: &[Spec], now: i64) {
+            let hour = hour_floor(now).max(self.floor);
+            for spec in specs {
+                let event = spec_event(spec);
+                if let Some(id) = &event.id {
+                    if !self.seen.insert(id.clone()) {
+                        continue;
+                    }
+                }
+                let (dimension, _) = AGG_DIMS[spec.0];
+                let key = (hour, dimension);
+                match event.measure {
+                    Measure::Sum(q) => {
+                        *self
+                            .sums
+                            .entry(key)
+                            .or_default()
+                            .entry(event.tags)
+                            .or_default() += q
+                    }
+                    Measure::Max(q) => {
+                        let g = self.gauges.entry(key).or_insert((-1, TagSet::new()));
+                        if q > g.0 {
+                            *g = (q, event.tags);
+                        }
+                    }
+                    Measure::Last(q) => {
+                        self.gauges.insert(key, (q, event.tags));
+                    }
+                    Measure::Unique(v) => {
+                        self.distinct
+                            .entry(key)
+                            .or_default()
+                            .entry(v)
+                            .or_insert(event.tags);
+                    }
+                }
+            }
+        }
+
+        /// The expected quantity and allocations (tag set → quantity; `None` without tags).
+        fn expected(
+            &self,
+            hour: i64,
+            dimension: &'static str,
+        ) -> (i64, Option<BTreeMap<TagSet, i64>>) {
+            let key = (hour, dimension);
+            let per_tags: BTreeMap<TagSet, i64> =
+                match AGG_DIMS.iter().find(|(d, _)| *d == dimension) {
+                    Some((_, Aggregation::Sum)) => self.sums.get(&key).cloned().unwrap_or_default(),
+                    Some((_, Aggregation::Unique)) => {
+                        let mut counts = BTreeMap::new();
+                        for tags in self.distinct.get(&key).into_iter().flat_map(|m| m.values()) {
+                            *counts.entry(tags.clone()).or_default() += 1;
+                        }
+                        counts
+                    }
+                    _ => self
+                        .gauges
+                        .get(&key)
+                        .map(|(v, tags)| BTreeMap::from([(tags.clone(), *v)]))
+                        .unwrap_or_default(),
+                };
+            let quantity = per_tags.values().sum();
+            let per_tags: BTreeMap<TagSet, i64> =
+                per_tags.into_iter().filter(|(_, q)| *q > 0).collect();
+            let tagged = per_tags.keys().any(|t| !t.is_empty());
+            (quantity, tagged.then_some(per_tags))
+        }
+    }
+
+    fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let spec = (
+            0usize..4,
+            prop::option::of(0u8..3),
+            0i64..50,
+            prop::option::of(0u8..12),
+            0u8..6,
+        );
+        prop_oneof![
+            6 => prop::collection::vec(spec, 1..6).prop_map(Op::Post),
+            2 => (1i64..1500).prop_map(Op::Advance),
+            1 => Just(Op::Reopen),
+            1 => Just(Op::Flush),
+        ]
+    }
+
+    async fn run_model(ops: Vec<Op>) -> Result<(), proptest::test_runner::TestCaseError> {
+        use proptest::prop_assert_eq;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut now = H + 10;
+        let mut ledger = Ledger::open(dir.path(), "prod-a", now).expect("open");
+        let mut reference = Reference::default();
+        for op in ops {
+            match op {
+                Op::Post(specs) => {
+                    let events = specs.iter().map(spec_event).collect();
+                    let out = ledger.append(events, now).await.expect("append");
+                    prop_assert_eq!(out.hour, hour_floor(now).max(reference.floor));
+                    reference.post(&specs, now);
+                }
+                Op::Advance(seconds) => now += seconds,
+                Op::Reopen => {
+                    ledger.closed().await;
+                    ledger = reopen(dir.path(), now).await;
+                }
+                Op::Flush => {
+                    let open = ledger.open_hour(now);
+                    ledger
+                        .seal_through(open + HOUR_SECS, now, agg_policy())
+                        .await
+                        .expect("flush");
+                    reference.floor = open + HOUR_SECS;
+                }
+            }
+        }
+        let end = ledger.open_hour(now) + HOUR_SECS;
+        ledger
+            .seal_through(end, now, agg_policy())
+            .await
+            .expect("seal");
+        let records = ledger.recent_records(10_000).await.expect("records");
+        prop_assert_eq!(records.len() as i64, (end - H) / HOUR_SECS * 4);
+        for record in records {
+            let (dimension, _) = AGG_DIMS
+                .iter()
+                .find(|(d, _)| *d == record.dimension)
+                .expect("a configured dimension");
+            let (quantity, allocations) = reference.expected(record.hour, dimension);
+            prop_assert_eq!(
+                record.quantity,
+                quantity,
+                "{} at {}",
+                dimension,
+                record.hour
+            );
+            let billed = record.allocations.map(|a| {
+                a.into_iter()
+                    .map(|a| (a.tags, a.quantity))
+                    .collect::<BTreeMap<_, _>>()
+            });
+            prop_assert_eq!(billed, allocations, "{} at {}", dimension, record.hour);
+        }
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(40))]
+        #[test]
+        fn every_aggregation_bills_what_the_reference_model_computes(
+            ops in proptest::collection::vec(arb_op(), 1..24),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(run_model(ops))?;
+        }
+    }
+
+    fn unique(value: &str, id: Option<&str>) -> Event {
+        Event {
+            dimension: "u".into(),
+            tags: TagSet::new(),
+            measure: Measure::Unique(value.to_owned()),
+            id: id.map(str::to_owned),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_unique_dimension_hour_holds_at_most_the_bound_and_refuses_whole_requests_beyond() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        let full: Vec<Event> = (0..MAX_DISTINCT_PER_HOUR)
+            .map(|i| unique(&format!("user-{i}"), None))
+            .collect();
+        ledger.append(full, H + 1).await.expect("up to the bound");
+        let over = vec![
+            event("requests", 5, Some("r1")),
+            unique("user-0", None),
+            unique("someone-new", Some("n1")),
+        ];
+        let err = ledger
+            .append(over.clone(), H + 2)
+            .await
+            .expect_err("one more");
+        assert_eq!(
+            err,
+            LedgerError::DistinctCapExceeded {
+                dimension: "u".into(),
+                hour: H,
+                limit: MAX_DISTINCT_PER_HOUR
+            }
+        );
+        assert!(err.to_string().contains("at most 100000"), "{err}");
+        // Nothing of the refused request was kept: not its sum, not its ids.
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            0
+        );
+        ledger
+            .append(
+                vec![unique("user-7", None), event("requests", 1, Some("r1"))],
+                H + 3,
+            )
+            .await
+            .expect("values already counted are fine, and the id was not remembered");
+        // The bound holds after a restart too (the count is read from disk).
+        drop(ledger);
+        let ledger = reopen(dir.path(), H + 4).await;
+        ledger
+            .append(vec![unique("someone-new", None)], H + 4)
+            .await
+            .expect_err("still full");
+        let next = ledger
+            .append(over, H + HOUR_SECS + 1)
+            .await
+            .expect("the next hour takes new values");
+        assert_eq!(
+            (next.accepted, next.duplicates),
+            (2, 1),
+            "r1 was counted at H+3"
+        );
+        let rows = ledger.usage_of_hour(H).await.expect("usage");
+        assert_eq!(total(&rows, "u"), MAX_DISTINCT_PER_HOUR);
+        // Sealed, the hour's distinct values are deleted; the record keeps the count.
+        let policy = SealPolicy {
+            dimensions: vec!["u".into()],
+            aggregation: BTreeMap::from([("u".to_owned(), Aggregation::Unique)]),
+            report_zero: true,
+            max_allocations: 500,
+            ..SealPolicy::default()
+        };
+        ledger
+            .seal_through(H + HOUR_SECS, H + HOUR_SECS + 5, policy)
+            .await
+            .expect("seal");
+        let record = &ledger.pending_records().await.expect("records")[0];
+        assert_eq!(record.quantity, MAX_DISTINCT_PER_HOUR);
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "u"),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn running_time_is_split_into_hours_capped_and_never_added_to_a_sealed_hour() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        ledger.record_run(H + 600, H + 1800).await.expect("run");
+        ledger
+            .record_run(H + 3000, H + HOUR_SECS + 120)
+            .await
+            .expect("across the boundary");
+        assert_eq!(ledger.run_seconds(H).await.expect("seconds"), 1200 + 600);
+        assert_eq!(
+            ledger.run_seconds(H + HOUR_SECS).await.expect("seconds"),
+            120
+        );
+        ledger.record_run(H, H + 2 * HOUR_SECS).await.expect("run");
+        assert_eq!(
+            ledger.run_seconds(H).await.expect("seconds"),
+            3600,
+            "capped"
+        );
+        ledger
+            .seal_through(H + HOUR_SECS, H + HOUR_SECS + 5, policy())
+            .await
+            .expect("seal");
+        ledger
+            .record_run(H + 3500, H + HOUR_SECS + 10)
+            .await
+            .expect("run");
+        assert_eq!(ledger.run_seconds(H).await.expect("seconds"), 3600);
+        assert_eq!(
+            ledger.run_seconds(H + HOUR_SECS).await.expect("seconds"),
+            3600,
+            "the part in the sealed hour was dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_version_1_ledger_is_migrated_forward_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        ledger
+            .append(vec![event("requests", 7, None)], H)
+            .await
+            .expect("append");
+        let identity = ledger.identity().clone();
+        ledger.closed().await;
+        // Back to the version 1 schema: no new tables, version 1.
+        let conn = Connection::open(ledger_path(dir.path())).expect("connection");
+        conn.execute_batch(
+            "DROP TABLE gauges; DROP TABLE distinct_values; DROP TABLE run_seconds;
+             UPDATE meta SET value = '1' WHERE key = 'schema_version';",
+        )
+        .expect("downgrade");
+        drop(conn);
+        let ledger = reopen(dir.path(), H + 5).await;
+        assert_eq!(ledger.identity().instance_id, identity.instance_id);
+        assert_eq!(
+            total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
+            7
+        );
+        ledger
+            .append(vec![unique("a", None), unique("a", None)], H + 6)
+            .await
+            .expect("the new tables are there");
+        ledger.record_run(H, H + 60).await.expect("run");
+        let version: String = ledger
+            .read(|c| {
+                c.query_row(
+                    "SELECT value FROM meta WHERE key = 'schema_version'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .await
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION.to_string());
+        ledger.closed().await;
+        // A ledger of a newer meterd is refused, untouched.
+        let conn = Connection::open(ledger_path(dir.path())).expect("connection");
+        conn.execute(
+            "UPDATE meta SET value = '3' WHERE key = 'schema_version'",
+            [],
+        )
+        .expect("bump");
+        drop(conn);
+        let err = Ledger::open(dir.path(), "prod-a", H).expect_err("newer");
+        assert!(
+            matches!(&err, LedgerError::Corrupt { detail, .. } if detail.contains("schema version 3")),
+            "{err}"
+        );
+    }
+
     async fn reopen(dir: &Path, now: i64) -> Ledger {
         // The writer thread exits once the last handle is gone; wait for the lock to free.
         loop {
@@ -1690,7 +2504,7 @@ mod tests {
             conn,
             identity,
             sealed_floor: Arc::new(AtomicI64::new(0)),
-            totals: HashMap::new(),
+            counters: Counters::default(),
             stats: Arc::default(),
             checkpoint_at_pages: CHECKPOINT_PAGES,
             last_checkpoint: Instant::now(),

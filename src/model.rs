@@ -54,6 +54,65 @@ pub fn check_product_code(code: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How a dimension's events become its hourly value (`metering.aggregation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregation {
+    /// The sum of the quantities posted in the hour.
+    #[default]
+    Sum,
+    /// The largest quantity posted in the hour.
+    Max,
+    /// The last quantity posted before the hour closed (a sample).
+    Last,
+    /// The number of distinct `distinct` values posted in the hour.
+    Unique,
+}
+
+impl Aggregation {
+    pub const ALL: [Aggregation; 4] = [
+        Aggregation::Sum,
+        Aggregation::Max,
+        Aggregation::Last,
+        Aggregation::Unique,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Sum => "sum",
+            Aggregation::Max => "max",
+            Aggregation::Last => "last",
+            Aggregation::Unique => "unique",
+        }
+    }
+}
+
+impl std::fmt::Display for Aggregation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Aggregation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Aggregation::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown aggregation {s:?}; expected \"sum\", \"max\", \"last\" or \"unique\""
+                )
+            })
+    }
+}
+
+/// A `unique` dimension's `distinct` value: 1 to this many characters.
+pub const DISTINCT_MAX_CHARS: usize = 256;
+/// Distinct values stored per `unique` dimension-hour at most; a request that would add more
+/// is refused (422) and changes nothing.
+pub const MAX_DISTINCT_PER_HOUR: i64 = 100_000;
+
 /// A set of tags in canonical (key-sorted) order. The empty set is the untagged bucket.
 pub type TagSet = BTreeMap<String, String>;
 

@@ -48,12 +48,18 @@ impl Harness {
     }
 
     fn config(&self, extra: &str) -> Config {
+        self.config_with(extra, None)
+    }
+
+    /// [`Self::config`] with these `[metering]` lines.
+    fn config_with(&self, extra: &str, metering: Option<&str>) -> Config {
         let text = support::agent_toml(&support::AgentToml {
             key: &self.key_path,
             state: &self.dir.path().join("state"),
             endpoint: &self.emulator.endpoint_url(),
             listen: "127.0.0.1:0",
             server_extra: extra,
+            metering,
             sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"5s\"",
         });
         Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
@@ -414,6 +420,220 @@ async fn raw_exchange(stream: &mut tokio::net::TcpStream, request: &str) -> (u16
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     (status, text)
+}
+
+const AGG_METERING: &str = r#"dimensions = ["requests", "peak", "hosts", "users"]
+tag_keys = ["tenant"]
+aggregation = { peak = "max", hosts = "last", users = "unique" }"#;
+
+fn agg_ev(dimension: &str, quantity: i64, tenant: Option<&str>, id: &str) -> Value {
+    let mut e = ev(dimension, quantity, tenant);
+    e["id"] = json!(id);
+    e
+}
+
+fn user(value: &str, tenant: Option<&str>, id: Option<&str>) -> Value {
+    let mut e = json!({"dimension": "users", "distinct": value});
+    if let Some(t) = tenant {
+        e["tags"] = json!({"tenant": t});
+    }
+    if let Some(id) = id {
+        e["id"] = json!(id);
+    }
+    e
+}
+
+/// max, last and unique through the whole agent and the emulator: one record per
+/// dimension-hour, allocations that add up, ids that change nothing when replayed, the
+/// shutdown flush of the open hour, and the 400s that name `distinct`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_aggregation_bills_one_record_per_hour_with_allocations_that_add_up() {
+    let h = Harness::with_emulator(
+        H0 + 600,
+        support::emulator_with_dimensions(&["peak", "hosts", "users"]),
+    )
+    .await;
+    let agent = h.start_agent(h.config_with("", Some(AGG_METERING))).await;
+    let batch = json!({"events": [
+        agg_ev("peak", 5, Some("a"), "p1"),
+        agg_ev("peak", 9, Some("b"), "p2"),
+        agg_ev("peak", 9, Some("a"), "p3"),
+        agg_ev("hosts", 4, Some("a"), "h1"),
+        agg_ev("hosts", 2, Some("b"), "h2"),
+        agg_ev("requests", 3, Some("a"), "r1"),
+        user("alice", Some("a"), Some("u1")),
+        user("bob", Some("b"), None),
+        user("alice", Some("b"), None),
+        user("carol", None, None),
+    ]});
+    let (status, body) = agent.post(batch.clone()).await;
+    assert_eq!(
+        (status, body["accepted"].as_i64()),
+        (StatusCode::OK, Some(10)),
+        "{body}"
+    );
+    // A replay of the ids changes no value: not the max, not the last, not the distinct count.
+    let replay = json!({"events": [
+        agg_ev("peak", 50, Some("c"), "p1"),
+        agg_ev("hosts", 40, Some("c"), "h1"),
+        user("dave", Some("c"), Some("u1")),
+    ]});
+    let (status, body) = agent.post(replay).await;
+    assert_eq!(
+        (status, body["duplicates"].as_i64()),
+        (StatusCode::OK, Some(3)),
+        "{body}"
+    );
+    // Refusals name the field; nothing of them is recorded.
+    for (bad, field) in [
+        (
+            json!({"dimension": "requests", "quantity": 1, "distinct": "x"}),
+            "distinct",
+        ),
+        (json!({"dimension": "users", "quantity": 1}), "distinct"),
+        (
+            json!({"dimension": "users", "distinct": "x", "quantity": 3}),
+            "quantity",
+        ),
+    ] {
+        let (status, body) = agent.post(bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["details"][0]["field"], field, "{bad}: {body}");
+    }
+    let (_, current) = agent.get("/v1/usage/current").await;
+    assert!(
+        current["usage"].as_array().is_some_and(|u| u.len() >= 7),
+        "{current}"
+    );
+
+    h.advance_to(H0 + HOUR_SECS + 300);
+    wait_for("hour 0 billed", || h.billed().len() == 4).await;
+    let billed = h.billed();
+    let get = |hour: i64, d: &str| billed[&(H0 + hour * HOUR_SECS, d.to_owned())].clone();
+    let peak = get(0, "peak");
+    assert_eq!(peak.quantity, 9);
+    assert_eq!(
+        allocations(&peak),
+        BTreeMap::from([("tenant=b".into(), 9)]),
+        "the max goes to the tag set that reached it first"
+    );
+    let hosts = get(0, "hosts");
+    assert_eq!(
+        (hosts.quantity, allocations(&hosts)),
+        (2, BTreeMap::from([("tenant=b".into(), 2)]))
+    );
+    let users = get(0, "users");
+    assert_eq!(users.quantity, 3, "alice, bob, carol");
+    assert_eq!(
+        allocations(&users),
+        BTreeMap::from([
+            ("tenant=a".into(), 1),
+            ("tenant=b".into(), 1),
+            ("-".into(), 1)
+        ]),
+        "alice counts for her first tag set"
+    );
+    for r in [&peak, &hosts, &users] {
+        assert_eq!(
+            r.allocations.iter().map(|a| a.quantity).sum::<i64>(),
+            r.quantity
+        );
+    }
+    assert_eq!(get(0, "requests").quantity, 3);
+
+    // Hour 1: a lower max, and the shutdown flush seals the open hour.
+    agent
+        .post(json!({"events": [ev("peak", 2, None), ev("hosts", 7, None), user("alice", None, None)]}))
+        .await;
+    agent.stop().await;
+    let billed = h.billed();
+    assert_eq!(
+        billed.len(),
+        8,
+        "the open hour was sealed and sent at shutdown"
+    );
+    let get = |d: &str| billed[&(H0 + HOUR_SECS, d.to_owned())].clone();
+    assert_eq!(
+        (
+            get("peak").quantity,
+            get("hosts").quantity,
+            get("users").quantity
+        ),
+        (2, 7, 1)
+    );
+    assert!(
+        get("peak").allocations.is_empty(),
+        "untagged: no allocations"
+    );
+    assert!(
+        meter_usage_errors(&h).is_empty(),
+        "{:?}",
+        meter_usage_errors(&h)
+    );
+}
+
+/// A heartbeat dimension across three hours, with a crash (the agent dropped with no
+/// shutdown, as kill -9) and a restart ten minutes later in the first hour, and a SIGTERM
+/// flush in the third: each hour bills `round(units × seconds run / 3600)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_bills_running_time_across_a_crash_a_restart_and_a_shutdown() {
+    let h = Harness::with_emulator(H0 + 600, support::emulator_with_dimensions(&["pods"])).await;
+    let metering = "dimensions = [\"requests\", \"pods\"]\nheartbeat = { pods = 60 }";
+    let config = || h.config_with("", Some(metering));
+    let agent = h.start_agent(config()).await;
+    let (status, body) = agent.post(ev("pods", 1, None)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["details"][0]["field"], "dimension", "{body}");
+    assert!(
+        body["details"][0]["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("\"pods\"")),
+        "{body}"
+    );
+
+    // 20 minutes run, recorded on the minute; then the process dies without a shutdown.
+    h.advance_to(H0 + 1800);
+    let ledger = agent.handles.ledger.clone();
+    let recorded = |want: i64| {
+        let ledger = ledger.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while ledger.run_seconds(H0).await.expect("seconds") != want {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "run seconds never reached {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    recorded(1200).await;
+    drop(ledger);
+    agent.task.abort();
+    let _ = agent.task.await;
+    agent.handles.ledger.closed().await;
+
+    // Down for 10 minutes, then up for the rest of hour 0, all of hour 1 and 22.5 minutes
+    // of hour 2, which ends with SIGTERM.
+    h.advance_to(H0 + 2400);
+    let agent = h.start_agent(config()).await;
+    h.advance_to(H0 + HOUR_SECS + 300);
+    wait_for("hour 0 billed", || h.billed().len() == 2).await;
+    h.advance_to(H0 + 2 * HOUR_SECS + 300);
+    wait_for("hour 1 billed", || h.billed().len() == 4).await;
+    h.advance_to(H0 + 2 * HOUR_SECS + 1350);
+    agent.stop().await;
+    let billed = h.billed();
+    let pods = |hour: i64| billed[&(H0 + hour * HOUR_SECS, "pods".to_owned())].quantity;
+    assert_eq!(pods(0), 40, "2,400 s of 3,600: 60 × 2/3");
+    assert_eq!(pods(1), 60, "a full hour is exactly the units");
+    assert_eq!(pods(2), 23, "1,350 s: 22.5, rounded half up");
+    assert_eq!(billed[&(H0, "requests".to_owned())].quantity, 0);
+    assert!(
+        meter_usage_errors(&h).is_empty(),
+        "{:?}",
+        meter_usage_errors(&h)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_meterd");
 const H0: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
 const ACCESS_KEY: &str = "AKIARELIABILITY00001";
 const DIMENSIONS: [&str; 2] = ["requests", "gigabytes"];
+/// The kill -9 loop also meters a `max` and a `unique` dimension.
+const KILL9_DIMENSIONS: [&str; 4] = ["requests", "gigabytes", "peak", "users"];
+const KILL9_METERING: &str = r#"dimensions = ["requests", "gigabytes", "peak", "users"]
+tag_keys = ["tenant", "region"]
+aggregation = { peak = "max", users = "unique" }"#;
+/// `max` dimensions are checked by [`check_max`], not summed with the others.
+const MAX_DIMENSION: &str = "peak";
 const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -120,6 +127,105 @@ fn random_batch(rng: &mut impl Rng, prefix: &str, max_events: usize) -> (Vec<u8>
     (json!({"events": events}).to_string().into_bytes(), totals)
 }
 
+/// An acknowledged `max` event: its value and tenant, and the (fake) time its first attempt
+/// was sent and its acknowledgement came, which bound the hour it was counted in.
+#[derive(Debug, Clone)]
+struct MaxAck {
+    value: i64,
+    tenant: String,
+    sent: i64,
+    acked: i64,
+}
+
+/// A batch of the kill -9 loop: [`random_batch`]'s sums, plus `max` events (returned apart
+/// with their tenants) and `unique` events whose values never repeat outside the request (a
+/// value may repeat inside it, under other tenants), so each distinct value counts once in
+/// all: for its first occurrence's tenant, which the oracle adds to the totals.
+fn kill9_batch(
+    rng: &mut impl Rng,
+    prefix: &str,
+    max_events: usize,
+) -> (Vec<u8>, Totals, Vec<(i64, String)>) {
+    let (body, mut totals) = random_batch(rng, prefix, max_events);
+    let mut body: Value = serde_json::from_slice(&body).expect("batch");
+    let events = body["events"].as_array_mut().expect("events");
+    let tenant = |rng: &mut dyn rand::RngCore| {
+        if rng.gen_bool(0.2) {
+            None
+        } else {
+            Some(TENANTS[rng.gen_range(0..TENANTS.len())])
+        }
+    };
+    let tagged = |mut e: Value, t: Option<&str>| {
+        if let Some(t) = t {
+            e["tags"] = json!({"tenant": t});
+        }
+        e
+    };
+    let mut maxima = Vec::new();
+    for i in 0..rng.gen_range(0..4) {
+        let (value, t) = (rng.gen_range(0..10_000), tenant(rng));
+        maxima.push((value, t.unwrap_or("-").to_owned()));
+        let e =
+            json!({"dimension": MAX_DIMENSION, "quantity": value, "id": format!("{prefix}-m{i}")});
+        events.push(tagged(e, t));
+    }
+    let mut first: BTreeMap<String, String> = BTreeMap::new();
+    for i in 0..rng.gen_range(0..6) {
+        let value = format!("{prefix}-v{}", rng.gen_range(0..3));
+        let t = tenant(rng);
+        first
+            .entry(value.clone())
+            .or_insert_with(|| t.unwrap_or("-").to_owned());
+        let e = json!({"dimension": "users", "distinct": value, "id": format!("{prefix}-u{i}")});
+        events.push(tagged(e, t));
+    }
+    for tenant in first.into_values() {
+        *totals.entry(("users".to_owned(), tenant)).or_default() += 1;
+    }
+    (body.to_string().into_bytes(), totals, maxima)
+}
+
+/// The `max` oracle. Each acknowledged event was counted in one hour between the hours of its
+/// first send and its acknowledgement (widened by `margin` fake seconds: the agent's clock
+/// is libfaketime's, the client's the emulator's). Lost: an event whose every candidate hour
+/// billed less than its value. Double-billed (or invented): an hour billed a value that no
+/// acknowledged event of a candidate hour had, or with another tenant's allocation.
+fn check_max(acks: &[MaxAck], records: &[StoredMeterRecord], margin: i64) -> (usize, usize, usize) {
+    let billed: BTreeMap<i64, (i64, String)> = records
+        .iter()
+        .filter(|r| r.dimension == MAX_DIMENSION)
+        .map(|r| {
+            let tenant = r
+                .allocations
+                .iter()
+                .find_map(|a| a.tags.as_ref()?.iter().find(|t| t.key == "tenant"))
+                .map_or("-".to_owned(), |t| t.value.clone());
+            (r.hour, (r.quantity, tenant))
+        })
+        .collect();
+    let hours = |a: &MaxAck| hour_floor(a.sent - margin)..=hour_floor(a.acked + margin);
+    let lost = acks
+        .iter()
+        .filter(|a| {
+            !hours(a)
+                .step_by(HOUR_SECS as usize)
+                .any(|h| billed.get(&h).is_some_and(|(q, _)| *q >= a.value))
+        })
+        .count();
+    let invented = billed
+        .iter()
+        .filter(|(hour, (q, tenant))| {
+            *q > 0
+                && !acks
+                    .iter()
+                    .any(|a| a.value == *q && &a.tenant == tenant && hours(a).contains(hour))
+        })
+        .count();
+    let hours_with_max = billed.values().filter(|(q, _)| *q > 0).count();
+    (lost, invented, hours_with_max)
+}
+
 /// Posts `body` until it is acknowledged (same ids on every attempt), then tells the oracle.
 /// Gives up (fails the test) after `patience` of real time.
 async fn post_until_acked(
@@ -169,7 +275,7 @@ async fn post_until_acked(
 /// Billed quantity per (dimension, tenant), from the emulator's accepted MeterUsage records.
 fn billed_totals(records: &[StoredMeterRecord]) -> Totals {
     let mut out = Totals::new();
-    for r in records {
+    for r in records.iter().filter(|r| r.dimension != MAX_DIMENSION) {
         if r.allocations.is_empty() {
             *out.entry((r.dimension.clone(), "-".into())).or_default() += r.quantity;
             continue;
@@ -307,12 +413,16 @@ fn acked_nonzero(acked: &Totals) {
 /// Every (dimension, hour) from the first to the last billed hour has exactly one record: no
 /// hour skipped, none sent twice (the agent reports zero for idle hours).
 fn assert_hours_contiguous(records: &[StoredMeterRecord]) -> (i64, i64) {
+    assert_hours_contiguous_for(records, &DIMENSIONS)
+}
+
+fn assert_hours_contiguous_for(records: &[StoredMeterRecord], dimensions: &[&str]) -> (i64, i64) {
     let mut by_dim: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
     for r in records {
         by_dim.entry(r.dimension.as_str()).or_default().push(r.hour);
     }
     let mut span = (i64::MAX, i64::MIN);
-    for d in DIMENSIONS {
+    for &d in dimensions {
         let hours = by_dim
             .get_mut(d)
             .unwrap_or_else(|| panic!("no record for {d}"));
@@ -367,6 +477,7 @@ impl World {
             endpoint: &self.emulator.endpoint_url(),
             listen: "127.0.0.1:0",
             server_extra: extra_server,
+            metering: None,
             sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"2s\"",
         });
         Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
@@ -1084,7 +1195,14 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
     let preload = libfaketime();
     // Start 2 min (fake) before an hour boundary: the first one is crossed almost at once.
     let clock: SharedClock = ScaledClock::new(from_unix_seconds(H0 - 120), f64::from(SPEED));
-    let s = bin_rig(clock.clone(), "").await;
+    let s = BinaryRig::with_metering(
+        clock.clone(),
+        "",
+        "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\ncall_timeout = \"5s\"",
+        support::emulator_with_dimensions(&["peak", "users"]),
+        Some(KILL9_METERING),
+    )
+    .await;
     let spawn = |clock: &SharedClock| {
         let mut cmd = s.command(BIN, ACCESS_KEY);
         cmd.env("LD_PRELOAD", &preload)
@@ -1098,16 +1216,19 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
     support::wait_ready(&s.addr, &mut child).await;
 
     let oracle = Arc::new(Oracle::default());
+    let max_acks = Arc::new(Mutex::new(Vec::<MaxAck>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for c in 0..n_clients {
         let (oracle, stop, target) = (oracle.clone(), stop.clone(), Target::Tcp(s.addr.clone()));
+        let (max_acks, clock) = (max_acks.clone(), clock.clone());
         clients.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + c as u64);
             let mut seq = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
-                let (body, totals) = random_batch(&mut rng, &format!("c{c}-{seq}"), 20);
+                let (body, totals, maxima) = kill9_batch(&mut rng, &format!("c{c}-{seq}"), 20);
+                let sent = unix_seconds(clock.now());
                 post_until_acked(
                     &target,
                     None,
@@ -1117,6 +1238,16 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
                     Duration::from_secs(60),
                 )
                 .await;
+                let acked = unix_seconds(clock.now());
+                max_acks
+                    .lock()
+                    .expect("max acks")
+                    .extend(maxima.into_iter().map(|(value, tenant)| MaxAck {
+                        value,
+                        tenant,
+                        sent,
+                        acked,
+                    }));
             }
         }));
     }
@@ -1153,8 +1284,35 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
             .collect::<Vec<_>>()
     );
     let records = s.emulator.records();
-    let (first, last) = assert_hours_contiguous(&records);
+    let (first, last) = assert_hours_contiguous_for(&records, &KILL9_DIMENSIONS);
     assert!(last - first >= 2 * HOUR_SECS, "{first}..{last}");
+    let acks = max_acks.lock().expect("max acks").clone();
+    // 300 fake seconds are 0.4 s of real time: far more than a spawn's lag.
+    let (max_lost, max_invented, max_hours) = check_max(&acks, &records, 300);
+    println!(
+        "RELIABILITY scenario=kill9_faketime_max events_acked={} hours_billed={max_hours} lost={max_lost} double_billed={max_invented}",
+        acks.len()
+    );
+    assert!(
+        !acks.is_empty() && max_hours >= 2,
+        "the max dimension saw no usage"
+    );
+    assert_eq!((max_lost, max_invented), (0, 0), "max: lost or invented");
+    let unique_acked: i64 = oracle
+        .acked()
+        .iter()
+        .filter(|((d, _), _)| d == "users")
+        .map(|(_, q)| q)
+        .sum();
+    let unique_billed: i64 = records
+        .iter()
+        .filter(|r| r.dimension == "users")
+        .map(|r| r.quantity)
+        .sum();
+    println!(
+        "RELIABILITY scenario=kill9_faketime_unique distinct_acked={unique_acked} billed={unique_billed}"
+    );
+    assert!(unique_acked > 0, "the unique dimension saw no usage");
     let errors = meter_errors(&s.emulator);
     assert!(
         !errors.iter().any(|e| e == "TimestampOutOfBoundsException"),

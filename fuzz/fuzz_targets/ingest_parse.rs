@@ -7,12 +7,24 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use meterd::ingest::{parse_usage, Vocabulary, MAX_BATCH_EVENTS, MAX_ID_CHARS};
+use meterd::ledger::Measure;
+use meterd::model::{Aggregation, DISTINCT_MAX_CHARS};
 
 fn vocabulary() -> &'static Vocabulary {
     static V: OnceLock<Vocabulary> = OnceLock::new();
     V.get_or_init(|| Vocabulary {
-        dimensions: ["requests", "gigabytes"].map(String::from).into(),
+        dimensions: ["requests", "gigabytes", "peak", "hosts", "users", "pods"]
+            .map(String::from)
+            .into(),
         tag_keys: ["tenant", "region"].map(String::from).into(),
+        aggregation: [
+            ("peak", Aggregation::Max),
+            ("hosts", Aggregation::Last),
+            ("users", Aggregation::Unique),
+        ]
+        .map(|(d, a)| (d.to_owned(), a))
+        .into(),
+        heartbeat: ["pods".to_owned()].into(),
     })
 }
 
@@ -23,7 +35,19 @@ fuzz_target!(|body: &[u8]| {
             assert!(!events.is_empty() && events.len() <= MAX_BATCH_EVENTS);
             for e in &events {
                 assert!(vocabulary.dimensions.contains(&e.dimension));
-                assert!((0..=i64::from(i32::MAX)).contains(&e.quantity));
+                assert!(!vocabulary.heartbeat.contains(&e.dimension));
+                assert_eq!(
+                    e.measure.aggregation(),
+                    vocabulary.aggregation_of(&e.dimension)
+                );
+                match &e.measure {
+                    Measure::Sum(q) | Measure::Max(q) | Measure::Last(q) => {
+                        assert!((0..=i64::from(i32::MAX)).contains(q))
+                    }
+                    Measure::Unique(v) => {
+                        assert!((1..=DISTINCT_MAX_CHARS).contains(&v.chars().count()))
+                    }
+                }
                 assert!(e.tags.len() <= 5);
                 assert!(e.tags.keys().all(|k| vocabulary.tag_keys.contains(k)));
                 assert!(e.id.as_ref().is_none_or(|id| {

@@ -34,6 +34,21 @@ pub struct AgentToml<'a> {
     pub server_extra: &'a str,
     /// The lines of `[sending]`.
     pub sending: &'a str,
+    /// The lines of `[metering]`; `None`: the demo product's two dimensions and two tag keys.
+    pub metering: Option<&'a str>,
+}
+
+/// `[metering]` of [`agent_toml`] unless a harness says otherwise.
+pub const DEMO_METERING: &str =
+    "dimensions = [\"requests\", \"gigabytes\"]\ntag_keys = [\"tenant\", \"region\"]";
+
+/// The emulator's demo product with `more` dimensions besides `requests` and `gigabytes`.
+pub fn emulator_with_dimensions(more: &[&str]) -> EmulatorConfig {
+    let mut config = EmulatorConfig::demo();
+    config.products[0]
+        .dimensions
+        .extend(more.iter().map(|d| (*d).to_owned()));
+    config
 }
 
 /// An agent configuration for the demo product against the emulator.
@@ -44,8 +59,7 @@ product_code = "{PRODUCT}"
 pricing = "hourly+custom"
 platform = "ecs"
 [metering]
-dimensions = ["requests", "gigabytes"]
-tag_keys = ["tenant", "region"]
+{metering}
 [registration]
 public_key_files = [{key:?}]
 [server]
@@ -66,6 +80,7 @@ endpoint_url = "{endpoint}"
         server_extra = t.server_extra,
         endpoint = t.endpoint,
         sending = t.sending,
+        metering = t.metering.unwrap_or(DEMO_METERING),
     )
 }
 
@@ -290,7 +305,18 @@ pub struct BinaryRig {
 
 impl BinaryRig {
     pub async fn new(clock: SharedClock, server_extra: &str, sending: &str) -> Self {
-        let (emulator, dir, key) = emulator_and_key(EmulatorConfig::demo(), clock).await;
+        Self::with_metering(clock, server_extra, sending, EmulatorConfig::demo(), None).await
+    }
+
+    /// [`Self::new`] for another emulator product and other `[metering]` lines.
+    pub async fn with_metering(
+        clock: SharedClock,
+        server_extra: &str,
+        sending: &str,
+        emulator_config: EmulatorConfig,
+        metering: Option<&str>,
+    ) -> Self {
+        let (emulator, dir, key) = emulator_and_key(emulator_config, clock).await;
         let addr = format!("127.0.0.1:{}", free_port());
         let config_path = dir.path().join("meterd.toml");
         std::fs::write(
@@ -302,6 +328,7 @@ impl BinaryRig {
                 listen: &addr,
                 server_extra,
                 sending,
+                metering,
             }),
         )
         .expect("config");
