@@ -1435,29 +1435,29 @@ impl Increments {
                          ON CONFLICT (hour, dimension, tags) DO UPDATE SET quantity = quantity + excluded.quantity",
                     )
                     .and_then(|mut s| s.execute(params![hour, dimension, tags, quantity])),
-                // The first to reach the largest value keeps it (sequences only grow).
-                Fold::Max { value, at } => tx
-                    .prepare_cached(
-                        "INSERT INTO gauges (hour, dimension, aggregation, tags, value, seq) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                         ON CONFLICT (hour, dimension, aggregation, tags) DO UPDATE \
-                         SET value = excluded.value, seq = excluded.seq \
-                         WHERE excluded.value > gauges.value",
-                    )
-                    .and_then(|mut s| {
+                // max: the first to reach the largest value keeps it (sequences only grow);
+                // last: the latest receive sequence wins.
+                Fold::Max { value, at } | Fold::Last { value, at } => {
+                    macro_rules! gauge_upsert {
+                        ($wins:literal) => {
+                            concat!(
+                                "INSERT INTO gauges (hour, dimension, aggregation, tags, value, seq) \
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                                 ON CONFLICT (hour, dimension, aggregation, tags) DO UPDATE \
+                                 SET value = excluded.value, seq = excluded.seq WHERE ",
+                                $wins
+                            )
+                        };
+                    }
+                    let statement = if matches!(fold, Fold::Max { .. }) {
+                        gauge_upsert!("excluded.value > gauges.value")
+                    } else {
+                        gauge_upsert!("excluded.seq > gauges.seq")
+                    };
+                    tx.prepare_cached(statement).and_then(|mut s| {
                         s.execute(params![hour, dimension, aggregation.as_str(), tags, value, at])
-                    }),
-                Fold::Last { value, at } => tx
-                    .prepare_cached(
-                        "INSERT INTO gauges (hour, dimension, aggregation, tags, value, seq) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-                         ON CONFLICT (hour, dimension, aggregation, tags) DO UPDATE \
-                         SET value = excluded.value, seq = excluded.seq \
-                         WHERE excluded.seq > gauges.seq",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![hour, dimension, aggregation.as_str(), tags, value, at])
-                    }),
+                    })
+                }
             }
             .map_err(sql)?;
         }

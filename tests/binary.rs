@@ -32,6 +32,15 @@ fn agent_command(config: &Path, cwd: &Path) -> Command {
     support::agent_command(BIN, config, cwd, "AKIACRASHTEST0000001")
 }
 
+/// `meterd run` on the rig, once it answers `/readyz`.
+async fn spawn_ready(s: &BinaryRig) -> Child {
+    let mut child = agent_command(&s.config_path, s.dir.path())
+        .spawn()
+        .expect("spawn");
+    support::wait_ready(&s.addr, &mut child).await;
+    child
+}
+
 fn sigterm(child: &Child) {
     let pid = child.id().expect("running child");
     let status = std::process::Command::new("kill")
@@ -50,10 +59,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let s = setup().await;
-    let mut child = agent_command(&s.config_path, s.dir.path())
-        .spawn()
-        .expect("spawn");
-    support::wait_ready(&s.addr, &mut child).await;
+    let mut child = spawn_ready(&s).await;
 
     // Oracle: acknowledged quantity per dimension. Clients retry an unacknowledged request
     // with the same id until it is acknowledged, as an application using ids would.
@@ -109,10 +115,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         child.start_kill().expect("SIGKILL");
         child.wait().await.expect("reaped");
-        child = agent_command(&s.config_path, s.dir.path())
-            .spawn()
-            .expect("respawn");
-        support::wait_ready(&s.addr, &mut child).await;
+        child = spawn_ready(&s).await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -153,10 +156,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_the_open_hour_and_a_second_process_is_refused() {
     let s = setup().await;
-    let mut child = agent_command(&s.config_path, s.dir.path())
-        .spawn()
-        .expect("spawn");
-    support::wait_ready(&s.addr, &mut child).await;
+    let mut child = spawn_ready(&s).await;
 
     let second = agent_command(&s.config_path, s.dir.path())
         .output()
@@ -251,10 +251,7 @@ async fn refused_with_74(config: &Path, cwd: &Path, what: &str, says: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_second_agent_by_a_deleted_lock_file_a_linked_ledger_or_another_users_files() {
     let s = setup().await;
-    let mut child = agent_command(&s.config_path, s.dir.path())
-        .spawn()
-        .expect("spawn");
-    support::wait_ready(&s.addr, &mut child).await;
+    let mut child = spawn_ready(&s).await;
 
     // The layout before the private directory locked this file.
     let _ = std::fs::remove_file(s.state_dir().join("meterd.lock"));
@@ -308,10 +305,7 @@ async fn no_second_agent_by_a_deleted_lock_file_a_linked_ledger_or_another_users
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_final_flush_that_cannot_seal_the_open_hour_exits_74() {
     let s = setup().await;
-    let mut child = agent_command(&s.config_path, s.dir.path())
-        .spawn()
-        .expect("spawn");
-    support::wait_ready(&s.addr, &mut child).await;
+    let child = spawn_ready(&s).await;
     let body = serde_json::json!({"events": [{"dimension": "requests", "quantity": 5}]});
     let (status, _) = local_client::call(
         &Target::Tcp(s.addr.clone()),
