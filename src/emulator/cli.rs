@@ -81,7 +81,7 @@ impl EmulatorArgs {
         };
         let mut problems = Vec::new();
         if let Some(seed) = self.seed {
-            config.seed = seed;
+            config.seed = Some(seed);
         }
         if let Some(region) = &self.region {
             config.region = region.clone();
@@ -206,7 +206,7 @@ mod tests {
         ])
         .expect("parses");
         let config = cli.args.load_config().expect("valid");
-        assert_eq!(config.seed, 9);
+        assert_eq!(config.seed, Some(9));
         assert_eq!(config.region, "eu-west-1");
         assert_eq!(
             config.credentials.get("AKID").map(String::as_str),

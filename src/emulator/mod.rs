@@ -36,7 +36,7 @@ pub use config::{ConfigError, EmulatorConfig, Entitlement};
 pub use faults::{FaultProfile, FaultRule, InjectedFault};
 pub use jwt::PublicKeyInfo;
 pub use model::{Allocation, Operation, Tag};
-pub use ops::{CallRecord, Outcome, StoredMeterRecord};
+pub use ops::{CallRecord, DoubleBilled, Outcome, StoredMeterRecord};
 
 /// A running emulator. Dropping it without [`EmulatorHandle::shutdown`] stops it too.
 pub struct EmulatorHandle {
@@ -48,8 +48,9 @@ pub struct EmulatorHandle {
 /// Validates `config` and loads or generates the signing keys: everything but the socket.
 fn build(config: EmulatorConfig, clock: SharedClock) -> anyhow::Result<server::Shared> {
     config.validate()?;
-    let keyring = jwt::Keyring::from_config(&config.keys, config.seed)?;
-    let faults = faults::FaultInjector::new(config.faults.clone(), config.seed, clock.now())?;
+    let seed = config.seed.unwrap_or(0);
+    let keyring = jwt::Keyring::from_config(&config.keys, seed)?;
+    let faults = faults::FaultInjector::new(config.faults.clone(), seed, clock.now())?;
     Ok(server::Shared {
         service: ops::Service::new(config, keyring),
         faults: Mutex::new(faults),
@@ -187,6 +188,11 @@ impl EmulatorHandle {
     /// Accepted BatchMeterUsage records, in arrival order.
     pub fn batch_records(&self) -> Vec<StoredMeterRecord> {
         self.shared.service.batch_records()
+    }
+
+    /// Customer-hours metered both by ProductCode and by LicenseArn (billed twice).
+    pub fn double_billed(&self) -> Vec<DoubleBilled> {
+        self.shared.service.double_billed()
     }
 
     /// Every protocol call received (the newest [`ops::MAX_CALLS_KEPT`]).

@@ -128,10 +128,18 @@ pub(crate) async fn answer(
     req: ReadRequest,
     latency: Latency,
 ) -> Result<HttpResponse, DropConnection> {
-    if req.parts.uri.path().starts_with("/_emulator/") {
-        return Ok(admin(shared, &req));
+    let mut response = if req.parts.uri.path().starts_with("/_emulator/") {
+        admin(shared, &req)
+    } else {
+        protocol(shared, req, latency).await?
+    };
+    // SDKs correct their clock skew from `Date`: it must be the emulator's clock, or a
+    // shifted emulator with a signature skew check refuses every correctly-clocked client.
+    let date = httpdate::fmt_http_date(shared.clock.now());
+    if let Ok(value) = http::HeaderValue::from_str(&date) {
+        response.headers_mut().insert(http::header::DATE, value);
     }
-    protocol(shared, req, latency).await
+    Ok(response)
 }
 
 /// [`answer`] without waiting, synchronously: the protocol and admin paths exactly as
@@ -403,6 +411,9 @@ fn admin(shared: &Shared, req: &ReadRequest) -> HttpResponse {
         (Method::GET, "/_emulator/records") => admin_json(StatusCode::OK, &service.meter_records()),
         (Method::GET, "/_emulator/batch-records") => {
             admin_json(StatusCode::OK, &service.batch_records())
+        }
+        (Method::GET, "/_emulator/double-billing") => {
+            admin_json(StatusCode::OK, &service.double_billed())
         }
         (Method::GET, "/_emulator/calls") => admin_json(StatusCode::OK, &service.calls()),
         (Method::GET, "/_emulator/public-keys") => {
