@@ -60,7 +60,7 @@ impl Harness {
             listen: "127.0.0.1:0",
             server_extra: extra,
             metering,
-            sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"5s\"",
+            sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"5s\"\nspread = \"0s\"\nmax_calls_per_second = 1000",
         });
         Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -98,6 +98,20 @@ impl Harness {
 
     fn advance_to(&self, t: i64) {
         self.clock.set(meterd::clock::from_unix_seconds(t));
+    }
+
+    /// [`wait_for`], moving the clock a second every few milliseconds (back-off waits and the
+    /// send limit run on it); at most 20 s of real time.
+    async fn wait_advancing(&self, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            self.clock.advance(Duration::from_secs(1));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -263,7 +277,9 @@ async fn throttling_errors_and_two_hours_down_still_bill_each_hour_once() {
         }
     }
     h.advance_to(H0 + 5 * HOUR_SECS + 600);
-    wait_for("all five hours billed", || h.billed().len() == 10).await;
+    // Back-off waits run on the agent's clock: move it on while the retries happen.
+    h.wait_advancing("all five hours billed", || h.billed().len() == 10)
+        .await;
     let billed: BTreeMap<(i64, String), i64> = h
         .billed()
         .into_iter()
@@ -332,6 +348,8 @@ async fn a_record_past_the_six_hour_window_is_dead_lettered_and_visible() {
             tokio::time::Instant::now() < deadline,
             "hour 0 was never dead-lettered"
         );
+        // The retry after the jump waits its back-off on the agent's clock.
+        h.clock.advance(Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (_, metrics) = agent.get("/metrics").await;
@@ -1162,7 +1180,8 @@ async fn a_refused_record_does_not_hold_back_the_next_hour() {
     let mut config = h.config("");
     // The service does not know this dimension: each of its records is refused, not throttled.
     config.metering.dimensions.push("unlisted".into());
-    config.sending.max_backoff = Duration::from_secs(600);
+    // Longer than the wait below, on the agent's clock: only the new seal can end it.
+    config.sending.max_backoff = Duration::from_secs(3600);
     let agent = h.start_agent(config).await;
     agent.post(ev("requests", 5, None)).await;
     h.advance_to(H0 + HOUR_SECS + 60);
@@ -1174,9 +1193,9 @@ async fn a_refused_record_does_not_hold_back_the_next_hour() {
     })
     .await;
     agent.post(ev("requests", 7, None)).await;
-    // The sender now waits out its longest back-off (10 minutes) for the refused record; the
-    // seal of hour 1 must still be sent right away.
-    h.advance_to(H0 + 2 * HOUR_SECS + 60);
+    // The sender now waits out its longest back-off (1 hour from about 01:01) for the refused
+    // record; the seal of hour 1 (at 02:00:01) must still be sent right away.
+    h.advance_to(H0 + 2 * HOUR_SECS + 30);
     wait_for("hour 1 billed", || {
         h.billed()
             .get(&(H0 + HOUR_SECS, "requests".to_owned()))
@@ -1337,4 +1356,65 @@ async fn an_hourly_product_that_is_not_entitled_exits_77() {
     assert_eq!(exit, 77);
     assert!(!ever_ready);
     assert_eq!(call_counts(&h), (1, 0, 0, 0));
+}
+
+/// `sending.spread`: the closed hour goes out at the agent's offset after the hour, not
+/// before; the offset is in `/v1/status` and survives a restart; the shutdown flush ignores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spread_holds_the_hourly_send_until_the_agents_offset_and_the_flush_ignores_it() {
+    let h = Harness::new(H0 + 300).await;
+    let mut config = h.config("");
+    config.sending.spread = Duration::from_secs(1800);
+    let agent = h.start_agent(config.clone()).await;
+    let (_, status) = agent.get("/v1/status").await;
+    let offset_ms = (status["sending"]["offset_seconds"]
+        .as_f64()
+        .expect("offset")
+        * 1000.0)
+        .round() as u64;
+    assert_eq!(status["sending"]["spread_seconds"], 1800.0, "{status}");
+    let want = meterd::send::spread_offset(
+        &agent.handles.ledger.identity().instance_id,
+        Duration::from_secs(1800),
+    );
+    assert_eq!(Duration::from_millis(offset_ms), want, "{status}");
+    assert!(
+        want >= Duration::from_secs(3),
+        "this ledger's offset {want:?} is too small to tell apart from the seal delay"
+    );
+    agent.post(ev("requests", 4, None)).await;
+    let due = meterd::clock::from_unix_seconds(H0 + HOUR_SECS) + want;
+    let meter_calls = || {
+        h.emulator
+            .calls()
+            .iter()
+            .filter(|c| c.operation == "MeterUsage")
+            .count()
+    };
+    h.clock.set(due - Duration::from_secs(1));
+    wait_for("hour 0 sealed", || {
+        agent.handles.ledger.sealed_floor() >= H0 + HOUR_SECS
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(meter_calls(), 0, "nothing is sent before the offset");
+    h.clock.set(due);
+    wait_for("hour 0 billed at the offset", || h.billed().len() == 2).await;
+
+    // Hour 1 would be due at 02:00 + offset; a shutdown flush sends it at once.
+    agent.post(ev("requests", 6, None)).await;
+    h.clock.set(due + Duration::from_secs(60));
+    agent.stop().await;
+    let billed = h.billed();
+    assert_eq!(billed.len(), 4, "{billed:?}");
+    assert_eq!(billed[&(H0 + HOUR_SECS, "requests".to_owned())].quantity, 6);
+
+    let again = h.start_agent(config).await;
+    let (_, status) = again.get("/v1/status").await;
+    assert_eq!(
+        status["sending"]["offset_seconds"].as_f64(),
+        Some(want.as_secs_f64()),
+        "a restart keeps its slot: {status}"
+    );
+    again.stop().await;
 }
