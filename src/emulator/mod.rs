@@ -6,6 +6,7 @@
 //! - [`sigv4`]: Authorization header checking; the access key id is the caller identity.
 //! - [`jwt`]: RegisterUsage's PS256 token and the published public keys.
 //! - [`faults`]: seeded fault injection.
+//! - [`quotas`]: the per-account call quotas (token buckets) and the per-second counts.
 //! - `server`: the HTTP protocol and the admin API under `/_emulator/`.
 //! - [`cli`]: `meterd emulator`.
 //!
@@ -18,9 +19,11 @@ pub mod faults;
 pub mod jwt;
 pub mod model;
 pub mod ops;
+pub mod quotas;
 mod server;
 pub mod sigv4;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -50,9 +53,11 @@ fn build(config: EmulatorConfig, clock: SharedClock) -> anyhow::Result<server::S
     config.validate()?;
     let keyring = jwt::Keyring::from_config(&config.keys, config.seed)?;
     let faults = faults::FaultInjector::new(config.faults.clone(), config.seed, clock.now())?;
+    let quotas = quotas::Quotas::new(config.quotas.clone());
     Ok(server::Shared {
         service: ops::Service::new(config, keyring),
         faults: Mutex::new(faults),
+        quotas: Mutex::new(quotas),
         clock,
         cancel: CancellationToken::new(),
     })
@@ -192,6 +197,12 @@ impl EmulatorHandle {
     /// Every protocol call received (the newest [`ops::MAX_CALLS_KEPT`]).
     pub fn calls(&self) -> Vec<CallRecord> {
         self.shared.service.calls()
+    }
+
+    /// Calls accepted and throttled per second, per account and operation name, as
+    /// `GET /_emulator/rates` reports them.
+    pub fn rates(&self) -> BTreeMap<String, BTreeMap<String, quotas::OperationRates>> {
+        self.shared.quotas().rates()
     }
 
     /// Replaces the fault profile through the same validation as `POST /_emulator/faults`
