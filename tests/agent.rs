@@ -1455,9 +1455,10 @@ struct FleetSpec {
 
 /// `spec.agents` real agent pipelines (each its own ledger, instance id and access key; the
 /// unmapped keys share the emulator's default account and its quotas) on one manual clock,
-/// across `spec.hours` hour boundaries. The clock moves 100 ms a step, pausing in real time
-/// in proportion to the fleet (`FLEET_REAL_MS_PER_STEP` overrides), and jumps over the quiet
-/// part of each hour. Asserts nothing; the caller does.
+/// across `spec.hours` hour boundaries. The clock moves 100 ms a step, each step lasting until
+/// the service has been quiet for a pause of real time in proportion to the fleet
+/// (`FLEET_REAL_MS_PER_STEP` overrides), and jumps over the quiet part of each hour. Checks
+/// only that every unit is billed once; the caller asserts the rest.
 async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
     let real_start = std::time::Instant::now();
     let mut emulator_config = support::emulator_with_dimensions(&["seats", "cpus"]);
@@ -1471,9 +1472,19 @@ async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
             .unwrap_or((spec.agents as u64 / 100).max(1)),
     );
     let step = Duration::from_millis(100);
+    // A step ends once the service has heard nothing new for `pause` of real time, so the
+    // clock does not run ahead of a busy fleet.
     let tick = || async {
         h.clock.advance(step);
-        tokio::time::sleep(pause).await;
+        let mut seen = h.emulator.calls_counted();
+        for _ in 0..100 {
+            tokio::time::sleep(pause).await;
+            let now = h.emulator.calls_counted();
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
     };
     let metering = format!(
         "dimensions = {:?}",

@@ -205,6 +205,11 @@ impl EmulatorHandle {
         self.shared.quotas().rates()
     }
 
+    /// How many protocol calls passed SigV4 so far (cheap: for polling).
+    pub fn calls_counted(&self) -> u64 {
+        self.shared.quotas().total()
+    }
+
     /// Replaces the fault profile through the same validation as `POST /_emulator/faults`
     /// (rates, durations at most [`faults::MAX_FAULT_DURATION`]); an invalid profile
     /// changes nothing and its problems are returned.

@@ -233,6 +233,14 @@ impl Quotas {
         accepted
     }
 
+    /// Every call counted so far, accepted or throttled.
+    pub fn total(&self) -> u64 {
+        self.series
+            .values()
+            .map(|s| s.accepted.saturating_add(s.throttled))
+            .sum()
+    }
+
     /// Per account, per operation name.
     pub fn rates(&self) -> BTreeMap<String, BTreeMap<String, OperationRates>> {
         let mut out: BTreeMap<String, BTreeMap<String, OperationRates>> = BTreeMap::new();
