@@ -138,6 +138,9 @@ class HelmRender(unittest.TestCase):
             self.assertEqual(cfg["platform"], m["platform"])
             self.assertEqual(cfg["pricing"], m["pricing"])
             self.assertEqual(cfg["state"]["dir"], "/var/lib/meterd")
+            if "sending" in m:
+                self.assertEqual(seconds(cfg["sending"]["spread"]), m["sending"]["spreadSeconds"])
+                self.assertEqual(cfg["sending"]["max_calls_per_second"], m["sending"]["maxCallsPerSecond"])
             # Only the keys meterd's config knows (unknown keys are errors).
             self.assertLessEqual(set(cfg), {"product_code", "pricing", "platform", "metering",
                                             "registration", "server", "state", "aws", "sending"})

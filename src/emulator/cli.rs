@@ -77,7 +77,10 @@ impl EmulatorArgs {
     pub fn load_config(&self) -> anyhow::Result<EmulatorConfig> {
         let mut config = match &self.config {
             Some(path) => EmulatorConfig::load(path)?,
-            None => EmulatorConfig::demo(),
+            None => EmulatorConfig {
+                quotas: super::quotas::QuotaConfig::default(),
+                ..EmulatorConfig::demo()
+            },
         };
         let mut problems = Vec::new();
         if let Some(seed) = self.seed {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::faults::FaultProfile;
 use super::model::{Operation, MODEL_MAX_ALLOCATIONS};
+use super::quotas::QuotaConfig;
 
 /// The demo's signing key for PublicKeyVersion 1. It is public on purpose: it signs only
 /// emulator tokens, and a fixed key lets an agent trust the demo across restarts.
@@ -75,6 +76,9 @@ pub struct EmulatorConfig {
     /// Operations answered `DisabledApiException` ("The API is disabled in the Region").
     #[serde(default)]
     pub disabled_operations: Vec<Operation>,
+    /// Per-account call quotas (on by default: 10, 10 and 5 a second).
+    #[serde(default)]
+    pub quotas: QuotaConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,6 +217,7 @@ impl Default for EmulatorConfig {
             registration_tokens: Vec::new(),
             faults: FaultProfile::default(),
             disabled_operations: Vec::new(),
+            quotas: QuotaConfig::default(),
         }
     }
 }
@@ -221,7 +226,9 @@ impl EmulatorConfig {
     /// A demo product `prod-demo1234` (dimensions `requests`, `gigabytes`) in us-east-1,
     /// entitled, signed with the fixed demo key as PublicKeyVersion 1, with two SaaS
     /// customers (the first with the license [`DEMO_LICENSE_ARN`]) and registration tokens
-    /// `demo-token-1` … `demo-token-3`. No credential check.
+    /// `demo-token-1` … `demo-token-3`. No credential check, and quotas counted but not
+    /// enforced: tests make many calls at one instant of a manual clock (`meterd emulator`
+    /// without a file turns them on).
     pub fn demo() -> Self {
         Self {
             products: vec![ProductConfig {
@@ -265,6 +272,7 @@ impl EmulatorConfig {
                     expires_at: None,
                 })
                 .collect(),
+            quotas: QuotaConfig::off(),
             ..Self::default()
         }
     }
@@ -320,6 +328,7 @@ impl EmulatorConfig {
                 self.max_usage_allocations
             ));
         }
+        problems.extend(self.quotas.problems());
         if self.timestamp_max_age.is_zero() {
             problems.push("timestamp_max_age must be positive".to_owned());
         }

@@ -6,6 +6,7 @@
 //! - [`sigv4`]: Authorization header checking; the access key id is the caller identity.
 //! - [`jwt`]: RegisterUsage's PS256 token and the published public keys.
 //! - [`faults`]: seeded fault injection.
+//! - [`quotas`]: the per-account call quotas (token buckets) and the per-second counts.
 //! - `server`: the HTTP protocol and the admin API under `/_emulator/`.
 //! - [`cli`]: `meterd emulator`.
 //!
@@ -18,9 +19,11 @@ pub mod faults;
 pub mod jwt;
 pub mod model;
 pub mod ops;
+pub mod quotas;
 mod server;
 pub mod sigv4;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -51,9 +54,11 @@ fn build(config: EmulatorConfig, clock: SharedClock) -> anyhow::Result<server::S
     let seed = config.seed.unwrap_or(0);
     let keyring = jwt::Keyring::from_config(&config.keys, seed)?;
     let faults = faults::FaultInjector::new(config.faults.clone(), seed, clock.now())?;
+    let quotas = quotas::Quotas::new(config.quotas.clone());
     Ok(server::Shared {
         service: ops::Service::new(config, keyring),
         faults: Mutex::new(faults),
+        quotas: Mutex::new(quotas),
         clock,
         cancel: CancellationToken::new(),
     })
@@ -198,6 +203,17 @@ impl EmulatorHandle {
     /// Every protocol call received (the newest [`ops::MAX_CALLS_KEPT`]).
     pub fn calls(&self) -> Vec<CallRecord> {
         self.shared.service.calls()
+    }
+
+    /// Calls accepted and throttled per second, per account and operation name, as
+    /// `GET /_emulator/rates` reports them.
+    pub fn rates(&self) -> BTreeMap<String, BTreeMap<String, quotas::OperationRates>> {
+        self.shared.quotas().rates()
+    }
+
+    /// How many protocol calls passed SigV4 so far (cheap: for polling).
+    pub fn calls_counted(&self) -> u64 {
+        self.shared.quotas().total()
     }
 
     /// Replaces the fault profile through the same validation as `POST /_emulator/faults`

@@ -35,6 +35,7 @@ const JSON_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 pub(crate) struct Shared {
     pub service: Service,
     pub faults: Mutex<FaultInjector>,
+    pub quotas: Mutex<super::quotas::Quotas>,
     pub clock: SharedClock,
     pub cancel: CancellationToken,
 }
@@ -42,6 +43,10 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn faults(&self) -> MutexGuard<'_, FaultInjector> {
         self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn quotas(&self) -> MutexGuard<'_, super::quotas::Quotas> {
+        self.quotas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Validates a fault profile and applies it from the emulator clock's now: the one path
@@ -177,7 +182,7 @@ fn claimed_identity(headers: &http::HeaderMap) -> Option<String> {
 }
 
 /// The operation's checks before any latency: body size, operation, SigV4, disabled
-/// operations, then the fault decision (which is recorded in `call`).
+/// operations, the account's quota, then the fault decision (which is recorded in `call`).
 fn admit(
     shared: &Shared,
     req: &ReadRequest,
@@ -216,6 +221,10 @@ fn admit(
             "DisabledApiException",
             "The API is disabled in the Region.",
         ));
+    }
+    // The account's quota, on the emulator's clock, before any injected fault.
+    if !shared.quotas().admit(&caller.access_key_id, op, now) {
+        return Err(ApiError::throttling());
     }
     let decision = shared.faults().decide(op, now);
     if let Some(latency) = decision.latency {
@@ -416,6 +425,7 @@ fn admin(shared: &Shared, req: &ReadRequest) -> HttpResponse {
             admin_json(StatusCode::OK, &service.double_billed())
         }
         (Method::GET, "/_emulator/calls") => admin_json(StatusCode::OK, &service.calls()),
+        (Method::GET, "/_emulator/rates") => admin_json(StatusCode::OK, &shared.quotas().rates()),
         (Method::GET, "/_emulator/public-keys") => {
             admin_json(StatusCode::OK, &service.keyring.public_keys())
         }
@@ -457,7 +467,7 @@ fn admin(shared: &Shared, req: &ReadRequest) -> HttpResponse {
         }
         _ => admin_error(
             StatusCode::NOT_FOUND,
-            "unknown admin endpoint; see GET /_emulator/{health,records,batch-records,calls,public-keys,faults}, \
+            "unknown admin endpoint; see GET /_emulator/{health,records,batch-records,calls,rates,public-keys,faults}, \
              POST /_emulator/{faults,entitlement,registration-tokens}",
         ),
     }
