@@ -3,7 +3,9 @@
 //! - [`config`]: products, keys, customers, tokens and faults, from TOML or [`EmulatorConfig::demo`].
 //! - [`model`]: the API model's request shapes and constraint checks (`ValidationException`).
 //! - [`ops`]: the four operations' rules and the stored records.
-//! - [`sigv4`]: Authorization header checking; the access key id is the caller identity.
+//! - [`sigv4`]: Authorization header checking; the access key id is the caller identity,
+//!   or for temporary credentials their role session.
+//! - [`credentials`]: a minimal STS and an ECS-style container credentials endpoint.
 //! - [`jwt`]: RegisterUsage's PS256 token and the published public keys.
 //! - [`faults`]: seeded fault injection.
 //! - `server`: the HTTP protocol and the admin API under `/_emulator/`.
@@ -13,6 +15,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod faults;
 pub mod jwt;
@@ -53,6 +56,7 @@ fn build(config: EmulatorConfig, clock: SharedClock) -> anyhow::Result<server::S
     Ok(server::Shared {
         service: ops::Service::new(config, keyring),
         faults: Mutex::new(faults),
+        temporary: credentials::TemporaryCredentials::default(),
         clock,
         cancel: CancellationToken::new(),
     })

@@ -1,4 +1,5 @@
-//! HTTP: the AWS JSON 1.1 protocol on `POST /` and the admin API under `/_emulator/`.
+//! HTTP: the AWS JSON 1.1 protocol on `POST /`, the admin API under `/_emulator/`, and
+//! [`super::credentials`]' STS and container endpoints.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] connections ([`crate::serve`]: header and body timeouts,
 //! accept back-off; further connections wait in the accept queue)
@@ -35,6 +36,7 @@ const JSON_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 pub(crate) struct Shared {
     pub service: Service,
     pub faults: Mutex<FaultInjector>,
+    pub temporary: super::credentials::TemporaryCredentials,
     pub clock: SharedClock,
     pub cancel: CancellationToken,
 }
@@ -131,6 +133,9 @@ pub(crate) async fn answer(
     if req.parts.uri.path().starts_with("/_emulator/") {
         return Ok(admin(shared, &req));
     }
+    if let Some(answered) = super::credentials::route(shared, &req) {
+        return Ok(answered);
+    }
     protocol(shared, req, latency).await
 }
 
@@ -197,12 +202,15 @@ fn admit(
         headers: &req.parts.headers,
         body,
     };
-    let caller = sigv4::verify(
+    let caller = sigv4::verify_with(
         &signed,
+        sigv4::SERVICE,
         &shared.service.config.credentials,
+        Some(&shared.temporary),
         now,
         shared.service.config.signature_max_skew,
-    )?;
+    )?
+    .caller;
     if shared.service.config.disabled_operations.contains(&op) {
         return Err(ApiError::new(
             "DisabledApiException",
