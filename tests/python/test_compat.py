@@ -1,7 +1,8 @@
 """Client compatibility: one sequence of calls, run by every client against a fresh `meterd emulator`.
 
 Clients: boto3 in the legacy, standard and adaptive retry modes, the AWS CLI (v1) and the AWS SDK
-for JavaScript v3 (tests/js, `npm ci` by scripts/python-tests.sh). Each modeled exception must
+for JavaScript v3 (tests/js, `npm ci` by scripts/python-tests.sh); the AWS SDKs for Go v1 and v2
+from Debian (tests/go, GOPATH mode, offline) for the four operations and a typed exception. Each modeled exception must
 surface as the client's typed class (boto3: `client.exceptions.X`; JS: the package's `X` class;
 the CLI prints the code). Also: credentials from the emulator's STS (IRSA) and container endpoint,
 ClientToken reuse, and a clock-shifted emulator.
@@ -437,5 +438,32 @@ def test_boto3_and_the_cli_use_the_emulators_credential_flows(flow, tmp_path, mo
         assert json.loads(cli.stdout)["MeteringRecordId"] == stored[0]["metering_record_id"]
         keys = {c["identity"] for c in emu.admin("/_emulator/calls")}
         assert len(keys) == 2 and all(k.startswith("ASIA") for k in keys), keys
+    finally:
+        emu.stop()
+
+
+# ------------------------------------------------------------------ Go SDKs (Debian, GOPATH mode)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_go_sdk_from_debian(version, tmp_path):
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail("go is missing: scripts/python-tests.sh installs golang-go and the Debian AWS SDKs")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "GOPATH": "/usr/share/gocode",
+           "GO111MODULE": "off", "GOPROXY": "off", "GOFLAGS": "", "GOCACHE": str(ROOT / "target" / "go-cache")}
+    binary = tmp_path / f"go-{version}"
+    built = subprocess.run([go, "build", "-o", str(binary), f"./{version}"], cwd=ROOT / "tests" / "go", env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    emu = Emulator(tmp_path)  # the demo configuration: cust-demo-1, demo-token-1
+    try:
+        ran = subprocess.run([str(binary)], env=dict(env, METERD_EMULATOR_URL=emu.url), capture_output=True,
+                             text=True, timeout=60)
+        assert ran.returncode == 0, ran.stderr
+        stored = emu.admin("/_emulator/records")
+        assert [(r["dimension"], r["quantity"], r["metering_record_id"]) for r in stored] == [
+            ("requests", 5, ran.stdout.strip())]
+        assert len(emu.admin("/_emulator/batch-records")) == 1
     finally:
         emu.stop()
