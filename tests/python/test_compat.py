@@ -238,17 +238,21 @@ def run_cli(emu, sequence, region="us-east-1"):
     return out
 
 
-def run_js(emu, sequence, region="us-east-1", attempts=1, tmp=None):
+def run_js(emu, sequence, region="us-east-1", attempts=1, env=None):
+    """`env`: the credential chain's variables; without it, a static key."""
     if NODE is None or not (JS_DIR / "node_modules").is_dir():
         pytest.fail("node and tests/js/node_modules are needed (scripts/python-tests.sh runs npm ci)")
     spec = {
-        "endpoint": emu.url, "region": region, "key": "AKIDCOMPAT", "secret": "secret", "maxAttempts": attempts,
+        "endpoint": emu.url, "region": region, "maxAttempts": attempts,
         "cases": [{"name": n, "op": op, "input": params} for n, op, params, _ in sequence],
     }
-    path = (tmp or emu.dir) / f"js-{uuid.uuid4().hex}.json"
+    if env is None:
+        spec.update(key="AKIDCOMPAT", secret="secret")
+    path = emu.dir / f"js-{uuid.uuid4().hex}.json"
     path.write_text(json.dumps(spec))
     result = subprocess.run([NODE, str(JS_DIR / "compat.mjs"), str(path)], capture_output=True, text=True,
-                            timeout=120, cwd=JS_DIR, env={"PATH": os.environ.get("PATH", ""), "HOME": str(emu.dir)})
+                            timeout=120, cwd=JS_DIR,
+                            env={"PATH": os.environ.get("PATH", ""), "HOME": str(emu.dir), **(env or {})})
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     out = []
@@ -405,6 +409,21 @@ def flow_env(emu, flow):
 
 
 IDENTITY = {"irsa": "123456789012:assumed-role/meterd/pod-uid-1", "ecs": "123456789012:assumed-role/meterd/task-1"}
+
+
+@pytest.mark.parametrize("flow", ["irsa", "ecs"])
+def test_the_js_sdk_uses_the_emulators_credential_flows(flow, tmp_path):
+    emu = start(tmp_path, "", "--credential", "AKIDNOBODY:x")
+    try:
+        seq = [("meter", "MeterUsage", dict(ProductCode=PRODUCT, Timestamp=hour_start(), UsageDimension="requests",
+                                             UsageQuantity=2), "ok")]
+        got, report = run_js(emu, seq, env=flow_env(emu, flow))
+        assert got == expected(seq), report
+        stored = emu.admin("/_emulator/records")
+        assert [(r["identity"], r["quantity"]) for r in stored] == [(IDENTITY[flow], 2)]
+        assert all(c["identity"].startswith("ASIA") for c in emu.admin("/_emulator/calls"))
+    finally:
+        emu.stop()
 
 
 @pytest.mark.parametrize("flow", ["irsa", "ecs"])
