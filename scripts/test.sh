@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need, then runs every suite.
 #   rust        unit, property and integration tests (emulator, entitlement, agent, real binary)
-#   python      boto3, the AWS CLI and PyJWT against `meterd emulator` (.venv)
+#   python      boto3 (3 retry modes), the AWS CLI, PyJWT and the JS SDK v3 against `meterd emulator`
 #   notify      systemd READY=1 from the real binary on a NOTIFY_SOCKET
 #   baked       a locked-down build (product code, pricing, platform baked in) refuses every
 #               entitlement bypass with exit 78; the unbaked build still allows them

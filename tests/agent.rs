@@ -1798,3 +1798,160 @@ async fn a_fleet_shares_one_accounts_quota_across_two_hour_boundaries() {
         }
     }
 }
+
+// ------------------------------------------------ credentials from the emulator's flows
+
+const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/meterd";
+
+/// The real binary (credential variables are process-global) on an emulator that accepts
+/// only credentials it issued, living 5 s: the Rust SDK's cache refreshes 10 s before expiry
+/// less a jitter under 5 s, so every call fetches new keys, a rotation inside the hour.
+/// `flow` sets the chain's variables.
+async fn agent_on_issued_credentials(
+    flow: impl FnOnce(&support::BinaryRig, &mut tokio::process::Command),
+) -> (
+    Vec<meterd::emulator::StoredMeterRecord>,
+    Vec<meterd::emulator::CallRecord>,
+) {
+    let mut config = EmulatorConfig::demo();
+    config.credentials = BTreeMap::from([("AKIDNOBODYUSES".to_owned(), "x".to_owned())]);
+    config.temporary_credentials.duration = Duration::from_secs(5);
+    config.temporary_credentials.tasks = vec![meterd::emulator::credentials::ContainerTask {
+        id: "task-1".to_owned(),
+        role_arn: ROLE_ARN.to_owned(),
+        authorization_token: "task-1-token".to_owned(),
+    }];
+    let sending = "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\n";
+    let rig = support::BinaryRig::with_metering(
+        Arc::new(meterd::clock::SystemClock),
+        "",
+        sending,
+        config,
+        None,
+    )
+    .await;
+    let mut cmd = support::agent_command_without_keys(
+        env!("CARGO_BIN_EXE_meterd"),
+        &rig.config_path,
+        rig.dir.path(),
+    );
+    flow(&rig, &mut cmd);
+    let mut child = cmd.spawn().expect("spawn meterd");
+    support::wait_ready(&rig.addr, &mut child).await;
+    let body = json!({"events": [
+        {"dimension": "requests", "quantity": 5},
+        {"dimension": "gigabytes", "quantity": 2},
+    ]});
+    let (status, _) = local_client::call(
+        &Target::Tcp(rig.addr.clone()),
+        Method::POST,
+        "/v1/usage",
+        Some(body.to_string().into_bytes()),
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("usage accepted");
+    assert_eq!(status, StatusCode::OK);
+    // SIGTERM: the agent sends the open hour before it exits.
+    let pid = child.id().expect("running");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("exits within grace")
+        .expect("wait");
+    assert!(
+        exit.status.success(),
+        "{}: {}",
+        exit.status,
+        String::from_utf8_lossy(&exit.stderr)
+    );
+    (rig.emulator.records(), rig.emulator.calls())
+}
+
+/// One instance, every call on issued (ASIA…) keys, and more than one key in the hour.
+fn assert_one_instance_across_rotation(
+    records: &[meterd::emulator::StoredMeterRecord],
+    calls: &[meterd::emulator::CallRecord],
+    identity: &str,
+) {
+    let mut quantities: Vec<(String, i64)> = records
+        .iter()
+        .map(|r| (r.dimension.clone(), r.quantity))
+        .collect();
+    quantities.sort();
+    assert_eq!(
+        quantities,
+        [("gigabytes".to_owned(), 2), ("requests".to_owned(), 5)]
+    );
+    assert!(
+        records.iter().all(|r| r.identity == identity),
+        "{records:?}"
+    );
+    assert_eq!(records[0].hour, records[1].hour);
+    let ops: Vec<&str> = calls.iter().map(|c| c.operation.as_str()).collect();
+    assert_eq!(
+        ops,
+        ["RegisterUsage", "MeterUsage", "MeterUsage"],
+        "{calls:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.outcome == meterd::emulator::Outcome::Ok),
+        "{calls:?}"
+    );
+    let keys: std::collections::BTreeSet<&str> =
+        calls.iter().filter_map(|c| c.identity.as_deref()).collect();
+    assert!(keys.iter().all(|k| k.starts_with("ASIA")), "{keys:?}");
+    assert!(keys.len() >= 2, "the credentials rotated: {keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_starts_and_sends_on_irsa_credentials_from_the_emulator() {
+    let (records, calls) = agent_on_issued_credentials(|rig, cmd| {
+        use base64::Engine;
+        let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let token = format!(
+            "{}.{}.c2ln",
+            b64(json!({"alg": "RS256", "kid": "k"})),
+            b64(json!({
+                "sub": "system:serviceaccount:billing:meterd",
+                "aud": ["sts.amazonaws.com"],
+                "kubernetes.io": {"pod": {"name": "meterd-0", "uid": "pod-uid-7"}},
+            }))
+        );
+        let token_file = rig.dir.path().join("eks-token");
+        std::fs::write(&token_file, token).expect("token file");
+        cmd.env("AWS_WEB_IDENTITY_TOKEN_FILE", &token_file)
+            .env("AWS_ROLE_ARN", ROLE_ARN)
+            .env("AWS_ENDPOINT_URL_STS", rig.emulator.endpoint_url());
+    })
+    .await;
+    assert_one_instance_across_rotation(
+        &records,
+        &calls,
+        "123456789012:assumed-role/meterd/pod-uid-7",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_starts_and_sends_on_ecs_task_role_credentials_from_the_emulator() {
+    let (records, calls) = agent_on_issued_credentials(|rig, cmd| {
+        cmd.env(
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            format!("{}/v2/credentials/task-1", rig.emulator.endpoint_url()),
+        )
+        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN", "task-1-token");
+    })
+    .await;
+    assert_one_instance_across_rotation(
+        &records,
+        &calls,
+        "123456789012:assumed-role/meterd/task-1",
+    );
+}

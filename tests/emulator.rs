@@ -128,7 +128,8 @@ async fn meter(
         .map_err(|e| code(&e))
 }
 
-/// One raw HTTP/1.1 exchange; `None` when the connection closed without a response.
+/// One raw HTTP/1.1 exchange, its body as JSON (`Null` when not JSON); `None` when the
+/// connection closed without a response.
 async fn http(
     addr: SocketAddr,
     method: &str,
@@ -136,6 +137,20 @@ async fn http(
     headers: http::HeaderMap,
     body: Vec<u8>,
 ) -> Option<(u16, Value)> {
+    let (status, bytes) = http_bytes(addr, method, path, headers, body).await?;
+    Some((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+async fn http_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: http::HeaderMap,
+    body: Vec<u8>,
+) -> Option<(u16, Bytes)> {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -150,8 +165,7 @@ async fn http(
     let resp = sender.send_request(req).await.ok()?;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.ok()?.to_bytes();
-    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    Some((status, value))
+    Some((status, bytes))
 }
 
 /// A protocol call signed (when `key` is given) like an SDK signs it.
@@ -2299,4 +2313,472 @@ async fn an_hourly_product_registers_and_refuses_meter_usage() {
     }
     let err = bad.validate().expect_err("hourly with dimensions");
     assert!(err.to_string().contains("priced hourly"), "{err}");
+}
+
+// ---------------------------------------------------------------- temporary credentials
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/meterd";
+
+/// An unsigned web identity token (the emulator reads its claims only).
+fn web_identity_token(claims: Value) -> String {
+    use base64::Engine;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!("{}.{}.c2ln", b64(&json!({"alg": "RS256"})), b64(&claims))
+}
+
+fn pod_token(uid: &str) -> String {
+    web_identity_token(json!({
+        "sub": "system:serviceaccount:billing:meterd",
+        "aud": ["sts.amazonaws.com"],
+        "iss": "https://oidc.example",
+        "exp": T0 + 86_400,
+        "kubernetes.io": {"pod": {"name": "meterd-0", "uid": uid}},
+    }))
+}
+
+/// The text of the first `<tag>` in `xml`.
+fn xml_text(xml: &str, tag: &str) -> Option<String> {
+    let (_, rest) = xml.split_once(&format!("<{tag}>"))?;
+    let (text, _) = rest.split_once(&format!("</{tag}>"))?;
+    Some(text.to_owned())
+}
+
+/// A form-encoded STS call, signed with `key` (id, secret, session token) when given.
+async fn sts_call(
+    env: &Env,
+    form: &[(&str, &str)],
+    key: Option<(&str, &str, Option<&str>)>,
+) -> (u16, String) {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    let body = form
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+        .into_bytes();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", env.emu.addr().to_string().parse().expect("host"));
+    headers.insert(
+        "content-type",
+        "application/x-www-form-urlencoded; charset=utf-8"
+            .parse()
+            .expect("ct"),
+    );
+    if let Some((id, secret, token)) = key {
+        Signer {
+            access_key_id: id,
+            secret,
+            region: "us-east-1",
+        }
+        .sign_scoped(
+            &mut headers,
+            "POST",
+            "/",
+            &body,
+            env.clock.now(),
+            "sts",
+            token,
+        );
+    }
+    let (status, bytes) = http_bytes(env.emu.addr(), "POST", "/", headers, body)
+        .await
+        .expect("STS answers");
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+struct TempCreds {
+    key: String,
+    secret: String,
+    token: String,
+}
+
+async fn assume_role(env: &Env, session_name: &str, token: &str) -> TempCreds {
+    let (status, xml) = sts_call(
+        env,
+        &[
+            ("Action", "AssumeRoleWithWebIdentity"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", ROLE),
+            ("RoleSessionName", session_name),
+            ("WebIdentityToken", token),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{xml}");
+    TempCreds {
+        key: xml_text(&xml, "AccessKeyId").expect("AccessKeyId"),
+        secret: xml_text(&xml, "SecretAccessKey").expect("SecretAccessKey"),
+        token: xml_text(&xml, "SessionToken").expect("SessionToken"),
+    }
+}
+
+/// A Metering Service client signing with temporary credentials.
+fn temp_client(env: &Env, creds: &TempCreds, token: Option<&str>) -> Client {
+    let conf = aws_sdk_marketplacemetering::Config::builder()
+        .behavior_version(aws_sdk_marketplacemetering::config::BehaviorVersion::latest())
+        .region(aws_sdk_marketplacemetering::config::Region::new(
+            "us-east-1",
+        ))
+        .endpoint_url(env.emu.endpoint_url())
+        .retry_config(aws_sdk_marketplacemetering::config::retry::RetryConfig::disabled())
+        .credentials_provider(aws_sdk_marketplacemetering::config::Credentials::new(
+            creds.key.clone(),
+            creds.secret.clone(),
+            token.map(str::to_owned),
+            None,
+            "test",
+        ))
+        .build();
+    Client::from_conf(conf)
+}
+
+fn creds_config() -> EmulatorConfig {
+    let mut config = EmulatorConfig::demo();
+    config.credentials = BTreeMap::from([("AKIDGOOD".to_owned(), "right-secret".to_owned())]);
+    config.temporary_credentials.tasks = vec![meterd::emulator::credentials::ContainerTask {
+        id: "task-1".to_owned(),
+        role_arn: ROLE.to_owned(),
+        authorization_token: "task-1-token".to_owned(),
+    }];
+    config
+}
+
+/// A fleet on temporary credentials shares its role account's quota: the pods' rotating
+/// keys are one buyer account to the service, not one account per key.
+#[tokio::test]
+async fn temporary_credentials_count_against_their_roles_account_quota() {
+    let mut config = creds_config();
+    config.quotas = meterd::emulator::quotas::QuotaConfig::default();
+    let env = start(config).await;
+    let hour = hour_floor(T0) - 3600;
+    let mut answers = Vec::new();
+    for pod in 0..12 {
+        let creds = assume_role(&env, "fleet", &pod_token(&format!("pod-{pod}"))).await;
+        let c = temp_client(&env, &creds, Some(&creds.token));
+        answers.push(meter(&c, "requests", hour, 1, None).await);
+    }
+    let throttled = answers
+        .iter()
+        .filter(|a| a.as_ref().err().map(String::as_str) == Some("ThrottlingException"))
+        .count();
+    assert_eq!(
+        (answers.len() - throttled, throttled),
+        (10, 2),
+        "{answers:?}"
+    );
+    let rates = env.emu.rates();
+    let meter_rates = &rates["123456789012"]["MeterUsage"];
+    assert_eq!((meter_rates.accepted, meter_rates.throttled), (10, 2));
+}
+
+#[tokio::test]
+async fn web_identity_credentials_are_checked_and_keyed_on_the_pod_across_rotation() {
+    let env = start(creds_config()).await;
+    let hour = hour_floor(T0) - 3600;
+    let first = assume_role(&env, "web-identity-token-1", &pod_token("pod-uid-1")).await;
+    assert!(first.key.starts_with("ASIA"), "{}", first.key);
+    let c1 = temp_client(&env, &first, Some(&first.token));
+    let id = meter(&c1, "requests", hour, 7, None)
+        .await
+        .expect("temporary credentials are accepted");
+
+    // Rotation: new keys for the same pod, under another session name. Still one instance.
+    let second = assume_role(&env, "web-identity-token-2", &pod_token("pod-uid-1")).await;
+    assert_ne!(first.key, second.key);
+    let c2 = temp_client(&env, &second, Some(&second.token));
+    assert_eq!(
+        meter(&c2, "requests", hour + 60, 7, None).await,
+        Ok(id.clone())
+    );
+    assert_eq!(
+        meter(&c2, "requests", hour, 8, None).await,
+        Err("DuplicateRequestException".into())
+    );
+    // Another pod of the same role is another instance.
+    let other = assume_role(&env, "web-identity-token-1", &pod_token("pod-uid-2")).await;
+    let c3 = temp_client(&env, &other, Some(&other.token));
+    assert!(meter(&c3, "requests", hour, 8, None).await.is_ok());
+    let records = env.emu.records();
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        records[0].identity,
+        "123456789012:assumed-role/meterd/pod-uid-1"
+    );
+    assert_eq!(
+        records[1].identity,
+        "123456789012:assumed-role/meterd/pod-uid-2"
+    );
+
+    // The session token is part of the credentials.
+    for token in [
+        None,
+        Some(format!("{}x", second.token).as_str()),
+        Some(first.token.as_str()),
+    ] {
+        let c = temp_client(&env, &second, token);
+        assert_eq!(
+            meter(&c, "gigabytes", hour, 1, None).await,
+            Err("UnrecognizedClientException".into())
+        );
+    }
+    let wrong_secret = TempCreds {
+        secret: "nope".to_owned(),
+        ..second
+    };
+    let c = temp_client(&env, &wrong_secret, Some(&wrong_secret.token));
+    assert_eq!(
+        meter(&c, "gigabytes", hour, 1, None).await,
+        Err("InvalidSignatureException".into())
+    );
+
+    // GetCallerIdentity names the role session (temporary) or the user (long-term key).
+    let who = [("Action", "GetCallerIdentity"), ("Version", "2011-06-15")];
+    let (status, xml) = sts_call(
+        &env,
+        &who,
+        Some((&first.key, &first.secret, Some(&first.token))),
+    )
+    .await;
+    assert_eq!(status, 200, "{xml}");
+    assert_eq!(
+        xml_text(&xml, "Arn").as_deref(),
+        Some("arn:aws:sts::123456789012:assumed-role/meterd/web-identity-token-1")
+    );
+    assert!(
+        xml_text(&xml, "UserId")
+            .is_some_and(|u| u.starts_with("AROA") && u.ends_with(":web-identity-token-1")),
+        "{xml}"
+    );
+    assert_eq!(xml_text(&xml, "Account").as_deref(), Some("123456789012"));
+    let (status, xml) = sts_call(&env, &who, Some(("AKIDGOOD", "right-secret", None))).await;
+    assert_eq!(status, 200, "{xml}");
+    assert_eq!(
+        xml_text(&xml, "Arn").as_deref(),
+        Some("arn:aws:iam::123456789012:user/AKIDGOOD")
+    );
+    let (status, xml) = sts_call(&env, &who, Some(("AKIDGOOD", "wrong", None))).await;
+    assert_eq!(
+        (status, xml_text(&xml, "Code").as_deref()),
+        (400, Some("InvalidSignatureException")),
+        "{xml}"
+    );
+    assert_eq!(xml_text(&xml, "Type").as_deref(), Some("Sender"));
+    let (status, xml) = sts_call(&env, &who, None).await;
+    assert_eq!(
+        (status, xml_text(&xml, "Code").as_deref()),
+        (400, Some("MissingAuthenticationTokenException")),
+        "{xml}"
+    );
+
+    // Issued credentials expire on the emulator clock (default lifetime: 1 hour).
+    env.clock.advance(Duration::from_secs(3600));
+    assert_eq!(
+        meter(&c2, "gigabytes", env.now(), 1, None).await,
+        Err("ExpiredTokenException".into())
+    );
+}
+
+#[tokio::test]
+async fn assume_role_with_web_identity_validates_like_sts() {
+    let env = start(creds_config()).await;
+    let call =
+        |role: &'static str, name: &'static str, token: String, duration: Option<&'static str>| {
+            let env = &env;
+            async move {
+                let mut form = vec![
+                    ("Action", "AssumeRoleWithWebIdentity"),
+                    ("Version", "2011-06-15"),
+                    ("RoleArn", role),
+                    ("RoleSessionName", name),
+                    ("WebIdentityToken", token.as_str()),
+                ];
+                if let Some(d) = duration {
+                    form.push(("DurationSeconds", d));
+                }
+                let (status, xml) = sts_call(env, &form, None).await;
+                (
+                    status,
+                    xml_text(&xml, "Code")
+                        .unwrap_or_else(|| xml_text(&xml, "Expiration").unwrap_or(xml)),
+                )
+            }
+        };
+    let good = pod_token("u");
+    assert_eq!(
+        call(ROLE, "s1", good.clone(), Some("900")).await,
+        (200, "2027-01-15T08:45:00Z".to_owned())
+    );
+    assert_eq!(
+        call(ROLE, "s1", good.clone(), Some("899")).await,
+        (400, "ValidationError".to_owned())
+    );
+    assert_eq!(
+        call(ROLE, "s", good.clone(), None).await,
+        (400, "ValidationError".to_owned())
+    );
+    assert_eq!(
+        call(ROLE, "bad name!", good.clone(), None).await,
+        (400, "ValidationError".to_owned())
+    );
+    assert_eq!(
+        call(
+            "arn:aws:iam::123456789012:user/meterd",
+            "s1",
+            good.clone(),
+            None
+        )
+        .await,
+        (400, "ValidationError".to_owned())
+    );
+    assert_eq!(
+        call(ROLE, "s1", "not-a-jwt".to_owned(), None).await,
+        (400, "InvalidIdentityToken".to_owned())
+    );
+    assert_eq!(
+        call(ROLE, "s1", web_identity_token(json!({"aud": "x"})), None).await,
+        (400, "InvalidIdentityToken".to_owned())
+    );
+    assert_eq!(
+        call(
+            ROLE,
+            "s1",
+            web_identity_token(json!({"sub": "x", "exp": T0 - 1})),
+            None
+        )
+        .await,
+        (400, "ExpiredTokenException".to_owned())
+    );
+    let (status, xml) = sts_call(
+        &env,
+        &[("Action", "AssumeRole"), ("Version", "2011-06-15")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, xml_text(&xml, "Code").as_deref()),
+        (400, Some("InvalidAction")),
+        "{xml}"
+    );
+    let (status, xml) = sts_call(
+        &env,
+        &[
+            ("Action", "AssumeRoleWithWebIdentity"),
+            ("Version", "2011-06-15"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, xml_text(&xml, "Code").as_deref()),
+        (400, Some("ValidationError")),
+        "{xml}"
+    );
+    assert!(xml.contains("Value null at &apos;roleArn&apos;"), "{xml}");
+}
+
+#[tokio::test]
+async fn container_credentials_check_the_authorization_token_and_keep_the_task() {
+    let env = start(creds_config()).await;
+    let get = |path: &'static str, auth: Option<&'static str>| {
+        let env = &env;
+        async move {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("host", env.emu.addr().to_string().parse().expect("host"));
+            if let Some(a) = auth {
+                headers.insert("authorization", a.parse().expect("auth"));
+            }
+            http(env.emu.addr(), "GET", path, headers, Vec::new())
+                .await
+                .expect("answers")
+        }
+    };
+    assert_eq!(get("/v2/credentials/task-1", None).await.0, 401);
+    assert_eq!(
+        get("/v2/credentials/task-1", Some("task-1-tokeN")).await.0,
+        403
+    );
+    assert_eq!(
+        get("/v2/credentials/task-2", Some("task-1-token")).await.0,
+        404
+    );
+    let fetch = || async {
+        let (status, doc) = get("/v2/credentials/task-1", Some("task-1-token")).await;
+        assert_eq!(status, 200, "{doc}");
+        assert_eq!(doc["RoleArn"], ROLE);
+        assert_eq!(doc["Expiration"], "2027-01-15T09:30:00Z");
+        TempCreds {
+            key: doc["AccessKeyId"].as_str().expect("key").to_owned(),
+            secret: doc["SecretAccessKey"].as_str().expect("secret").to_owned(),
+            token: doc["Token"].as_str().expect("token").to_owned(),
+        }
+    };
+    let (a, b) = (fetch().await, fetch().await);
+    assert_ne!(a.key, b.key, "every call rotates");
+    let hour = hour_floor(T0);
+    let id = meter(
+        &temp_client(&env, &a, Some(&a.token)),
+        "requests",
+        hour,
+        3,
+        None,
+    )
+    .await
+    .expect("task credentials are accepted");
+    let cb = temp_client(&env, &b, Some(&b.token));
+    assert_eq!(meter(&cb, "requests", hour, 3, None).await, Ok(id));
+    assert_eq!(
+        meter(&cb, "requests", hour, 4, None).await,
+        Err("DuplicateRequestException".into())
+    );
+    let records = env.emu.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0].identity,
+        "123456789012:assumed-role/meterd/task-1"
+    );
+    // The call log keeps the access key ids each call claimed.
+    let keys: std::collections::BTreeSet<String> = env
+        .emu
+        .calls()
+        .into_iter()
+        .filter_map(|c| c.identity)
+        .collect();
+    assert!(keys.contains(&a.key) && keys.contains(&b.key), "{keys:?}");
+}
+
+#[test]
+fn temporary_credentials_config_is_validated() {
+    let mut config = creds_config();
+    config.temporary_credentials.account_id = "12".to_owned();
+    config.temporary_credentials.duration = Duration::ZERO;
+    config
+        .temporary_credentials
+        .tasks
+        .push(meterd::emulator::credentials::ContainerTask {
+            id: "task-1".to_owned(),
+            role_arn: "arn:aws:iam::1:role/x".to_owned(),
+            authorization_token: String::new(),
+        });
+    let problems = config.validate().expect_err("invalid").problems;
+    assert_eq!(problems.len(), 5, "{problems:?}");
+    let toml = format!(
+        "{}\n[temporary_credentials]\nduration = \"15m\"\n[[temporary_credentials.tasks]]\nid = \"t\"\nrole_arn = \"{ROLE}\"\nauthorization_token = \"x\"\n",
+        "region = \"us-east-1\""
+    );
+    let parsed: EmulatorConfig = toml::from_str(&toml).expect("parses");
+    assert_eq!(
+        parsed.temporary_credentials.duration,
+        Duration::from_secs(900)
+    );
+    assert_eq!(parsed.temporary_credentials.tasks[0].id, "t");
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use super::credentials::TemporaryCredentialsConfig;
 use super::faults::FaultProfile;
 use super::model::{Operation, MODEL_MAX_ALLOCATIONS};
 use super::quotas::QuotaConfig;
@@ -57,6 +58,9 @@ pub struct EmulatorConfig {
     /// Access key id → secret. When empty, any well-formed SigV4 header is accepted.
     #[serde(default)]
     pub credentials: BTreeMap<String, String>,
+    /// STS and the container credentials endpoint ([`super::credentials`]).
+    #[serde(default)]
+    pub temporary_credentials: TemporaryCredentialsConfig,
     #[serde(default)]
     pub products: Vec<ProductConfig>,
     /// RegisterUsage signing keys by PublicKeyVersion. Empty means one generated version 1.
@@ -210,6 +214,7 @@ impl Default for EmulatorConfig {
             max_usage_allocations: default_max_allocations(),
             signature_max_skew: None,
             credentials: BTreeMap::new(),
+            temporary_credentials: TemporaryCredentialsConfig::default(),
             products: Vec::new(),
             keys: Vec::new(),
             customers: Vec::new(),
@@ -360,6 +365,7 @@ impl EmulatorConfig {
                 problems.push(format!("credential {key:?} has an empty secret"));
             }
         }
+        self.temporary_credentials.validate(&mut problems);
         let mut codes = BTreeSet::new();
         for product in &self.products {
             let code = &product.code;

@@ -3,7 +3,9 @@
 //! - [`config`]: products, keys, customers, tokens and faults, from TOML or [`EmulatorConfig::demo`].
 //! - [`model`]: the API model's request shapes and constraint checks (`ValidationException`).
 //! - [`ops`]: the four operations' rules and the stored records.
-//! - [`sigv4`]: Authorization header checking; the access key id is the caller identity.
+//! - [`sigv4`]: Authorization header checking; the access key id is the caller identity,
+//!   or for temporary credentials their role session.
+//! - [`credentials`]: a minimal STS and an ECS-style container credentials endpoint.
 //! - [`jwt`]: RegisterUsage's PS256 token and the published public keys.
 //! - [`faults`]: seeded fault injection.
 //! - [`quotas`]: the per-account call quotas (token buckets) and the per-second counts.
@@ -14,6 +16,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod faults;
 pub mod jwt;
@@ -59,6 +62,7 @@ fn build(config: EmulatorConfig, clock: SharedClock) -> anyhow::Result<server::S
         service: ops::Service::new(config, keyring),
         faults: Mutex::new(faults),
         quotas: Mutex::new(quotas),
+        temporary: credentials::TemporaryCredentials::default(),
         clock,
         cancel: CancellationToken::new(),
     })

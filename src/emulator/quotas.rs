@@ -215,6 +215,17 @@ impl Quotas {
     /// Either way the call is counted.
     pub fn admit(&mut self, access_key_id: &str, op: Operation, now: SystemTime) -> bool {
         let account = self.config.account_of(access_key_id).to_owned();
+        self.admit_account(account, op, now)
+    }
+
+    /// The account `access_key_id` belongs to (`quotas.accounts`, else the default).
+    pub fn account_of(&self, access_key_id: &str) -> &str {
+        self.config.account_of(access_key_id)
+    }
+
+    /// [`Quotas::admit`] for a caller whose account is known: temporary credentials carry
+    /// their role's account, so a fleet on rotating keys shares its account's quota.
+    pub fn admit_account(&mut self, account: String, op: Operation, now: SystemTime) -> bool {
         let accepted = match (self.config.enabled, self.config.rate(op)) {
             (true, Some(rate)) => {
                 let burst = rate.saturating_mul(self.config.burst_seconds);

@@ -1,4 +1,5 @@
-//! HTTP: the AWS JSON 1.1 protocol on `POST /` and the admin API under `/_emulator/`.
+//! HTTP: the AWS JSON 1.1 protocol on `POST /`, the admin API under `/_emulator/`, and
+//! [`super::credentials`]' STS and container endpoints.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] connections ([`crate::serve`]: header and body timeouts,
 //! accept back-off; further connections wait in the accept queue)
@@ -36,6 +37,7 @@ pub(crate) struct Shared {
     pub service: Service,
     pub faults: Mutex<FaultInjector>,
     pub quotas: Mutex<super::quotas::Quotas>,
+    pub temporary: super::credentials::TemporaryCredentials,
     pub clock: SharedClock,
     pub cancel: CancellationToken,
 }
@@ -135,6 +137,8 @@ pub(crate) async fn answer(
 ) -> Result<HttpResponse, DropConnection> {
     let mut response = if req.parts.uri.path().starts_with("/_emulator/") {
         admin(shared, &req)
+    } else if let Some(answered) = super::credentials::route(shared, &req) {
+        answered
     } else {
         protocol(shared, req, latency).await?
     };
@@ -210,12 +214,15 @@ fn admit(
         headers: &req.parts.headers,
         body,
     };
-    let caller = sigv4::verify(
+    let verified = sigv4::verify_with(
         &signed,
+        sigv4::SERVICE,
         &shared.service.config.credentials,
+        Some(&shared.temporary),
         now,
         shared.service.config.signature_max_skew,
     )?;
+    let caller = verified.caller;
     if shared.service.config.disabled_operations.contains(&op) {
         return Err(ApiError::new(
             "DisabledApiException",
@@ -223,7 +230,15 @@ fn admit(
         ));
     }
     // The account's quota, on the emulator's clock, before any injected fault.
-    if !shared.quotas().admit(&caller.access_key_id, op, now) {
+    let admitted = {
+        let mut quotas = shared.quotas();
+        let account = match &verified.session {
+            Some(session) => session.account.clone(),
+            None => quotas.account_of(&caller.access_key_id).to_owned(),
+        };
+        quotas.admit_account(account, op, now)
+    };
+    if !admitted {
         return Err(ApiError::throttling());
     }
     let decision = shared.faults().decide(op, now);

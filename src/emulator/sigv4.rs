@@ -11,6 +11,7 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::credentials::{Session, TemporaryCredentials};
 use super::error::ApiError;
 
 pub const SERVICE: &str = "aws-marketplace";
@@ -19,6 +20,9 @@ const ALGORITHM: &str = "AWS4-HMAC-SHA256";
 /// Who signed a request, and for which region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
+    /// The caller identity the metering rules key on: a long-term key's access key id, or
+    /// for the emulator's temporary credentials their role session
+    /// ([`super::credentials::Session::identity`]).
     pub access_key_id: String,
     pub region: String,
 }
@@ -116,7 +120,7 @@ fn uri_encode(s: &str, keep_slash: bool) -> String {
     out
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let hex_value = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(bytes.len());
@@ -225,7 +229,7 @@ pub struct SignedRequest<'a> {
     pub body: &'a [u8],
 }
 
-/// Checks a request's SigV4 Authorization header.
+/// Checks a request's SigV4 Authorization header for the Metering Service.
 ///
 /// With an empty `credentials` map any well-formed header for the service is accepted.
 pub fn verify(
@@ -234,6 +238,26 @@ pub fn verify(
     now: SystemTime,
     max_skew: Option<Duration>,
 ) -> Result<Caller, ApiError> {
+    verify_with(req, SERVICE, credentials, None, now, max_skew).map(|v| v.caller)
+}
+
+/// A verified caller, with its session when it signed with temporary credentials.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub caller: Caller,
+    pub session: Option<Session>,
+}
+
+/// [`verify`] for `service`'s scope, also accepting the issued `temporary` credentials (with
+/// their `X-Amz-Security-Token`, until they expire) whatever `credentials` holds.
+pub fn verify_with(
+    req: &SignedRequest<'_>,
+    service: &str,
+    credentials: &BTreeMap<String, String>,
+    temporary: Option<&TemporaryCredentials>,
+    now: SystemTime,
+    max_skew: Option<Duration>,
+) -> Result<Verified, ApiError> {
     let Some(header) = req.headers.get(http::header::AUTHORIZATION) else {
         return Err(ApiError::new(
             "MissingAuthenticationTokenException",
@@ -244,10 +268,10 @@ pub fn verify(
         .to_str()
         .map_err(|_| incomplete("Authorization header is not valid text"))?;
     let auth = parse_authorization(header)?;
-    if auth.service != SERVICE {
+    if auth.service != service {
         return Err(ApiError::new(
             "InvalidSignatureException",
-            format!("Credential should be scoped to correct service: '{SERVICE}'. "),
+            format!("Credential should be scoped to correct service: '{service}'. "),
         ));
     }
     if auth.terminator != "aws4_request" {
@@ -301,22 +325,53 @@ pub fn verify(
             "'Host' must be a 'SignedHeader' in the AWS Authorization.",
         ));
     }
-    let caller = Caller {
+    let mut caller = Caller {
         access_key_id: auth.access_key_id.clone(),
         region: auth.region.clone(),
     };
-    if credentials.is_empty() {
-        return Ok(caller);
-    }
-    let Some(secret) = credentials.get(&auth.access_key_id) else {
-        return Err(ApiError::new(
+    let unrecognized = || {
+        ApiError::new(
             "UnrecognizedClientException",
             "The security token included in the request is invalid.",
-        ));
+        )
     };
-    let expected = signature(req, &auth, &amz_date, secret).ok_or_else(invalid_signature)?;
+    let issued = temporary.and_then(|t| t.get(&auth.access_key_id));
+    let (secret, session) = match issued {
+        Some(issued) => {
+            let token = req
+                .headers
+                .get("x-amz-security-token")
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !bool::from(token.ct_eq(issued.session_token.as_bytes())) {
+                return Err(unrecognized());
+            }
+            if now >= issued.expires {
+                return Err(ApiError::new(
+                    "ExpiredTokenException",
+                    "The security token included in the request is expired",
+                ));
+            }
+            caller.access_key_id = issued.session.identity.clone();
+            (issued.secret, Some(issued.session))
+        }
+        None if credentials.is_empty() => {
+            return Ok(Verified {
+                caller,
+                session: None,
+            })
+        }
+        None => (
+            credentials
+                .get(&auth.access_key_id)
+                .ok_or_else(unrecognized)?
+                .clone(),
+            None,
+        ),
+    };
+    let expected = signature(req, &auth, &amz_date, &secret).ok_or_else(invalid_signature)?;
     if expected.as_bytes().ct_eq(auth.signature.as_bytes()).into() {
-        Ok(caller)
+        Ok(Verified { caller, session })
     } else {
         Err(invalid_signature())
     }
@@ -375,6 +430,24 @@ impl Signer<'_> {
         body: &[u8],
         at: SystemTime,
     ) {
+        self.sign_scoped(headers, method, path, body, at, SERVICE, None);
+    }
+
+    /// [`Self::sign`] for `service`, adding and signing `X-Amz-Security-Token` when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign_scoped(
+        &self,
+        headers: &mut HeaderMap,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        at: SystemTime,
+        service: &str,
+        session_token: Option<&str>,
+    ) {
+        if let Some(token) = session_token.and_then(|t| http::HeaderValue::from_str(t).ok()) {
+            headers.insert("x-amz-security-token", token);
+        }
         let stamp = humantime::format_rfc3339_seconds(at).to_string();
         let amz_date: String = stamp
             .chars()
@@ -394,7 +467,7 @@ impl Signer<'_> {
             access_key_id: self.access_key_id.to_owned(),
             date: amz_date[..8].to_owned(),
             region: self.region.to_owned(),
-            service: SERVICE.to_owned(),
+            service: service.to_owned(),
             terminator: "aws4_request".to_owned(),
             signed_headers,
             signature: String::new(),
@@ -409,7 +482,7 @@ impl Signer<'_> {
         let sig =
             signature(&req, &auth, &amz_date, self.secret).expect("every signed header is present");
         let value = format!(
-            "{ALGORITHM} Credential={}/{}/{}/{SERVICE}/aws4_request, SignedHeaders={}, Signature={sig}",
+            "{ALGORITHM} Credential={}/{}/{}/{service}/aws4_request, SignedHeaders={}, Signature={sig}",
             self.access_key_id,
             auth.date,
             self.region,

@@ -87,6 +87,14 @@ endpoint_url = "{endpoint}"
 /// `meterd run` with a cleared environment, static credentials and IMDS disabled, so nothing
 /// leaves loopback. Callers may add variables.
 pub fn agent_command(bin: &str, config: &Path, cwd: &Path, access_key: &str) -> Command {
+    let mut cmd = agent_command_without_keys(bin, config, cwd);
+    cmd.env("AWS_ACCESS_KEY_ID", access_key)
+        .env("AWS_SECRET_ACCESS_KEY", "secret");
+    cmd
+}
+
+/// [`agent_command`] without credentials: callers set a credential flow's variables.
+pub fn agent_command_without_keys(bin: &str, config: &Path, cwd: &Path) -> Command {
     let mut cmd = Command::new(bin);
     cmd.arg("run")
         .arg("--config")
@@ -95,8 +103,6 @@ pub fn agent_command(bin: &str, config: &Path, cwd: &Path, access_key: &str) -> 
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("TZ", "UTC")
-        .env("AWS_ACCESS_KEY_ID", access_key)
-        .env("AWS_SECRET_ACCESS_KEY", "secret")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("METERD_LOG", "warn")
         .stdout(Stdio::null())

@@ -1,0 +1,716 @@
+//! Temporary credentials on the emulator's own listener: a minimal STS
+//! (`AssumeRoleWithWebIdentity`, `GetCallerIdentity`; the Query protocol, form-encoded POST
+//! with XML answers, model `sts/2011-06-15`) and an ECS-style container credentials endpoint
+//! (`GET /v2/credentials/{task}` with the task's `Authorization` token).
+//!
+//! Issued keys are checked by [`super::sigv4`] with their session token. Their caller
+//! identity is the role session (one pod or task), not the rotating access key id.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use rand::distributions::{Alphanumeric, DistString, Distribution, Uniform};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::server::{ReadRequest, Shared};
+use super::sigv4::{self, SignedRequest};
+
+/// Issued credentials kept at once; the earliest to expire are dropped first.
+pub const MAX_ISSUED: usize = 100_000;
+/// STS's bounds for `DurationSeconds`.
+const MIN_DURATION: Duration = Duration::from_secs(900);
+const MAX_DURATION: Duration = Duration::from_secs(12 * 3600);
+const STS_VERSION: &str = "2011-06-15";
+const STS_XMLNS: &str = "https://sts.amazonaws.com/doc/2011-06-15/";
+pub const STS_SERVICE: &str = "sts";
+
+/// `[temporary_credentials]` in the emulator's TOML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemporaryCredentialsConfig {
+    /// The account of long-term keys in `GetCallerIdentity`.
+    #[serde(default = "default_account")]
+    pub account_id: String,
+    /// Lifetime of issued credentials without `DurationSeconds` (STS: 1 hour), and of every
+    /// container credential.
+    #[serde(default = "default_duration", with = "humantime_serde")]
+    pub duration: Duration,
+    /// Tasks served at `/v2/credentials/{id}`.
+    #[serde(default)]
+    pub tasks: Vec<ContainerTask>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerTask {
+    pub id: String,
+    pub role_arn: String,
+    /// What `AWS_CONTAINER_AUTHORIZATION_TOKEN` holds.
+    pub authorization_token: String,
+}
+
+fn default_account() -> String {
+    "123456789012".to_owned()
+}
+fn default_duration() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Default for TemporaryCredentialsConfig {
+    fn default() -> Self {
+        Self {
+            account_id: default_account(),
+            duration: default_duration(),
+            tasks: Vec::new(),
+        }
+    }
+}
+
+impl TemporaryCredentialsConfig {
+    pub(crate) fn validate(&self, problems: &mut Vec<String>) {
+        if self.account_id.len() != 12 || !self.account_id.chars().all(|c| c.is_ascii_digit()) {
+            problems.push("temporary_credentials.account_id must be 12 digits".to_owned());
+        }
+        if self.duration.is_zero() || self.duration > MAX_DURATION {
+            problems.push("temporary_credentials.duration must be 1s..=12h".to_owned());
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for task in &self.tasks {
+            if task.id.is_empty()
+                || !task
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                problems.push(format!("task id {:?} must be [A-Za-z0-9-_.]+", task.id));
+            }
+            if !ids.insert(task.id.as_str()) {
+                problems.push(format!("task {:?} is listed twice", task.id));
+            }
+            if RoleArn::parse(&task.role_arn).is_none() {
+                problems.push(format!(
+                    "task {:?}: role_arn {:?} is not arn:aws:iam::ACCOUNT:role/NAME",
+                    task.id, task.role_arn
+                ));
+            }
+            if task.authorization_token.is_empty() {
+                problems.push(format!("task {:?}: empty authorization_token", task.id));
+            }
+        }
+    }
+}
+
+/// An IAM role ARN, `arn:aws:iam::ACCOUNT:role/[PATH/]NAME`.
+struct RoleArn<'a> {
+    account: &'a str,
+    name: &'a str,
+}
+
+impl<'a> RoleArn<'a> {
+    fn parse(arn: &'a str) -> Option<Self> {
+        let rest = arn.strip_prefix("arn:aws:iam::")?;
+        let (account, resource) = rest.split_once(':')?;
+        let path = resource.strip_prefix("role/")?;
+        let name = path.rsplit('/').next()?;
+        let valid = |c: char| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c);
+        (account.len() == 12
+            && account.chars().all(|c| c.is_ascii_digit())
+            && !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(valid))
+        .then_some(Self { account, name })
+    }
+}
+
+/// Who holds a set of issued credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The instance the metering rules key on: `ACCOUNT:assumed-role/ROLE/SUBJECT`, where
+    /// SUBJECT is the web identity token's pod uid (else its `sub`) or the task id.
+    pub identity: String,
+    /// `GetCallerIdentity`'s `Arn`, `UserId` and `Account`.
+    pub arn: String,
+    pub user_id: String,
+    pub account: String,
+}
+
+#[derive(Clone)]
+pub struct Issued {
+    pub secret: String,
+    pub session_token: String,
+    pub expires: SystemTime,
+    pub session: Session,
+}
+
+/// The credentials issued so far, by access key id.
+#[derive(Default)]
+pub struct TemporaryCredentials {
+    issued: Mutex<HashMap<String, Issued>>,
+}
+
+/// A new credential set, as the endpoints answer it.
+struct NewCredentials {
+    access_key_id: String,
+    secret: String,
+    session_token: String,
+    expires: SystemTime,
+}
+
+impl TemporaryCredentials {
+    pub fn get(&self, access_key_id: &str) -> Option<Issued> {
+        self.lock().get(access_key_id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Issued>> {
+        self.issued.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn issue(&self, session: Session, now: SystemTime, lifetime: Duration) -> NewCredentials {
+        let mut rng = rand::thread_rng();
+        let key_chars = Uniform::from(0..32usize);
+        const BASE32: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+        let suffix: String = (0..16)
+            .map(|_| char::from(BASE32[key_chars.sample(&mut rng)]))
+            .collect();
+        let mut token = [0u8; 96];
+        rand::Rng::fill(&mut rng, &mut token[..]);
+        let fresh = NewCredentials {
+            access_key_id: format!("ASIA{suffix}"),
+            secret: Alphanumeric.sample_string(&mut rng, 40),
+            session_token: base64::engine::general_purpose::STANDARD.encode(token),
+            expires: now.checked_add(lifetime).unwrap_or(now),
+        };
+        let mut issued = self.lock();
+        if issued.len() >= MAX_ISSUED {
+            issued.retain(|_, i| i.expires > now);
+        }
+        while issued.len() >= MAX_ISSUED {
+            let Some(first) = issued
+                .iter()
+                .min_by_key(|(_, i)| i.expires)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            issued.remove(&first);
+        }
+        issued.insert(
+            fresh.access_key_id.clone(),
+            Issued {
+                secret: fresh.secret.clone(),
+                session_token: fresh.session_token.clone(),
+                expires: fresh.expires,
+                session,
+            },
+        );
+        fresh
+    }
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+/// The hook in the emulator's router: STS (a form-encoded POST without `X-Amz-Target`) and
+/// the container endpoint; `None` for everything else.
+pub(crate) fn route(shared: &Shared, req: &ReadRequest) -> Option<HttpResponse> {
+    let parts = &req.parts;
+    if parts.method == Method::GET {
+        let task = parts.uri.path().strip_prefix("/v2/credentials/")?;
+        return Some(container(shared, req, task));
+    }
+    let form = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if parts.method != Method::POST || !form || parts.headers.contains_key("x-amz-target") {
+        return None;
+    }
+    Some(match sts(shared, req) {
+        Ok(xml) => xml_response(StatusCode::OK, xml),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+            let kind = if e.status >= 500 {
+                "Receiver"
+            } else {
+                "Sender"
+            };
+            xml_response(
+                status,
+                format!(
+                    "<ErrorResponse xmlns=\"{STS_XMLNS}\"><Error><Type>{kind}</Type><Code>{}</Code><Message>{}</Message></Error><RequestId>{}</RequestId></ErrorResponse>",
+                    xml_escape(&e.error_type),
+                    xml_escape(&e.message),
+                    request_id()
+                ),
+            )
+        }
+    })
+}
+
+fn request_id() -> String {
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .to_string()
+}
+
+fn xml_response(status: StatusCode, body: String) -> HttpResponse {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/xml")
+        .header("x-amzn-requestid", request_id())
+        .body(Full::new(Bytes::from(body)))
+        .expect("static headers form a valid response")
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static headers form a valid response")
+}
+
+pub(crate) fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// `application/x-www-form-urlencoded` pairs; the last value of a repeated name wins.
+fn parse_form(body: &[u8]) -> HashMap<String, String> {
+    let text = String::from_utf8_lossy(body);
+    text.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let decode = |s: &str| sigv4::percent_decode(&s.replace('+', " "));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn sts_error(code: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(code, message)
+}
+
+/// STS's `ValidationError` for one parameter's length (the model's `min`/`max`).
+fn required<'a>(
+    form: &'a HashMap<String, String>,
+    name: &str,
+    len: std::ops::RangeInclusive<usize>,
+) -> Result<&'a str, ApiError> {
+    let member = {
+        let mut c = name.chars();
+        c.next()
+            .map(|f| f.to_ascii_lowercase().to_string() + c.as_str())
+            .unwrap_or_default()
+    };
+    let Some(value) = form.get(name) else {
+        return Err(sts_error(
+            "ValidationError",
+            format!("1 validation error detected: Value null at '{member}' failed to satisfy constraint: Member must not be null"),
+        ));
+    };
+    let n = value.chars().count();
+    if !len.contains(&n) {
+        let bound = if n < *len.start() {
+            format!("greater than or equal to {}", len.start())
+        } else {
+            format!("less than or equal to {}", len.end())
+        };
+        return Err(sts_error(
+            "ValidationError",
+            format!("1 validation error detected: Value at '{member}' failed to satisfy constraint: Member must have length {bound}"),
+        ));
+    }
+    Ok(value)
+}
+
+fn sts(shared: &Shared, req: &ReadRequest) -> Result<String, ApiError> {
+    let Some(body) = req.body.as_deref() else {
+        return Err(sts_error(
+            "ValidationError",
+            "The request must be smaller than 1 MiB.",
+        ));
+    };
+    let form = parse_form(body);
+    let action = form.get("Action").map(String::as_str).unwrap_or("");
+    if form.get("Version").map(String::as_str) != Some(STS_VERSION) {
+        return Err(sts_error(
+            "InvalidAction",
+            format!("Could not find operation {action} for version NO_VERSION_SPECIFIED"),
+        ));
+    }
+    let now = shared.clock.now();
+    let (name, result) = match action {
+        "AssumeRoleWithWebIdentity" => ("AssumeRoleWithWebIdentity", assume(shared, &form, now)?),
+        "GetCallerIdentity" => (
+            "GetCallerIdentity",
+            caller_identity(shared, req, body, now)?,
+        ),
+        other => {
+            return Err(sts_error(
+                "InvalidAction",
+                format!("Could not find operation {other} for version {STS_VERSION}"),
+            ))
+        }
+    };
+    Ok(format!(
+        "<{name}Response xmlns=\"{STS_XMLNS}\"><{name}Result>{result}</{name}Result><ResponseMetadata><RequestId>{}</RequestId></ResponseMetadata></{name}Response>",
+        request_id()
+    ))
+}
+
+/// The claims of a web identity token that the emulator reads. The signature is not checked:
+/// the emulator trusts any identity provider.
+#[derive(Deserialize)]
+struct WebIdentityClaims {
+    sub: Option<String>,
+    aud: Option<serde_json::Value>,
+    iss: Option<String>,
+    exp: Option<f64>,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<KubernetesClaims>,
+}
+
+#[derive(Deserialize)]
+struct KubernetesClaims {
+    pod: Option<KubernetesPod>,
+}
+
+#[derive(Deserialize)]
+struct KubernetesPod {
+    uid: Option<String>,
+}
+
+fn web_identity_claims(token: &str) -> Option<WebIdentityClaims> {
+    let mut parts = token.trim().split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn assume(
+    shared: &Shared,
+    form: &HashMap<String, String>,
+    now: SystemTime,
+) -> Result<String, ApiError> {
+    let role_arn = required(form, "RoleArn", 20..=2048)?;
+    let session_name = required(form, "RoleSessionName", 2..=64)?;
+    let token = required(form, "WebIdentityToken", 4..=20000)?;
+    if !session_name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
+    {
+        return Err(sts_error(
+            "ValidationError",
+            "1 validation error detected: Value at 'roleSessionName' failed to satisfy constraint: Member must satisfy regular expression pattern: [\\w+=,.@-]*",
+        ));
+    }
+    let config = &shared.service.config.temporary_credentials;
+    let lifetime = match form.get("DurationSeconds") {
+        None => config.duration,
+        Some(s) => match s.parse::<u64>().map(Duration::from_secs) {
+            Ok(d) if (MIN_DURATION..=MAX_DURATION).contains(&d) => d,
+            _ => {
+                return Err(sts_error(
+                    "ValidationError",
+                    "1 validation error detected: Value at 'durationSeconds' failed to satisfy constraint: Member must have value between 900 and 43200",
+                ))
+            }
+        },
+    };
+    let Some(role) = RoleArn::parse(role_arn) else {
+        return Err(sts_error("ValidationError", "Request ARN is invalid"));
+    };
+    let claims = web_identity_claims(token).ok_or_else(|| {
+        sts_error(
+            "InvalidIdentityToken",
+            "Couldn't parse the web identity token",
+        )
+    })?;
+    let Some(sub) = claims.sub.filter(|s| !s.is_empty()) else {
+        return Err(sts_error(
+            "InvalidIdentityToken",
+            "The web identity token has no sub claim",
+        ));
+    };
+    if let Some(exp) = claims.exp {
+        let now_secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        if exp <= now_secs {
+            return Err(sts_error("ExpiredTokenException", "Token expired"));
+        }
+    }
+    let subject = claims
+        .kubernetes
+        .and_then(|k| k.pod)
+        .and_then(|p| p.uid)
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| sub.clone());
+    let session = role_session(&role, session_name, &subject);
+    let assumed = format!(
+        "<AssumedRoleUser><Arn>{}</Arn><AssumedRoleId>{}</AssumedRoleId></AssumedRoleUser>",
+        xml_escape(&session.arn),
+        xml_escape(&session.user_id)
+    );
+    let fresh = shared.temporary.issue(session, now, lifetime);
+    let audience = match claims.aud {
+        Some(serde_json::Value::String(a)) => a,
+        Some(serde_json::Value::Array(a)) => a
+            .first()
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        _ => String::new(),
+    };
+    Ok(format!(
+        "<Credentials><AccessKeyId>{}</AccessKeyId><SecretAccessKey>{}</SecretAccessKey><SessionToken>{}</SessionToken><Expiration>{}</Expiration></Credentials>\
+         <SubjectFromWebIdentityToken>{}</SubjectFromWebIdentityToken>{assumed}<Provider>{}</Provider><Audience>{}</Audience>",
+        fresh.access_key_id,
+        fresh.secret,
+        fresh.session_token,
+        rfc3339(fresh.expires),
+        xml_escape(&sub),
+        xml_escape(claims.iss.as_deref().unwrap_or_default()),
+        xml_escape(&audience),
+    ))
+}
+
+/// The session of `role` for one pod or task (`subject`), named `session_name` as STS shows it.
+fn role_session(role: &RoleArn<'_>, session_name: &str, subject: &str) -> Session {
+    // A stable stand-in for the role's unique id (AROA…).
+    let digest = sha2::Digest::finalize(sha2::Digest::chain_update(
+        <sha2::Sha256 as sha2::Digest>::new(),
+        format!("{}:{}", role.account, role.name),
+    ));
+    let role_id: String = digest
+        .iter()
+        .take(9)
+        .map(|b| char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"[usize::from(b % 32)]))
+        .collect();
+    Session {
+        identity: format!("{}:assumed-role/{}/{subject}", role.account, role.name),
+        arn: format!(
+            "arn:aws:sts::{}:assumed-role/{}/{session_name}",
+            role.account, role.name
+        ),
+        user_id: format!("AROA{role_id}:{session_name}"),
+        account: role.account.to_owned(),
+    }
+}
+
+fn caller_identity(
+    shared: &Shared,
+    req: &ReadRequest,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<String, ApiError> {
+    let signed = SignedRequest {
+        method: req.parts.method.as_str(),
+        path: req.parts.uri.path(),
+        query: req.parts.uri.query(),
+        headers: &req.parts.headers,
+        body,
+    };
+    let config = &shared.service.config;
+    let verified = sigv4::verify_with(
+        &signed,
+        STS_SERVICE,
+        &config.credentials,
+        Some(&shared.temporary),
+        now,
+        config.signature_max_skew,
+    )?;
+    let session = verified.session.unwrap_or_else(|| {
+        let account = config.temporary_credentials.account_id.clone();
+        Session {
+            arn: format!(
+                "arn:aws:iam::{account}:user/{}",
+                verified.caller.access_key_id
+            ),
+            user_id: verified.caller.access_key_id.clone(),
+            identity: verified.caller.access_key_id,
+            account,
+        }
+    });
+    Ok(format!(
+        "<Arn>{}</Arn><UserId>{}</UserId><Account>{}</Account>",
+        xml_escape(&session.arn),
+        xml_escape(&session.user_id),
+        xml_escape(&session.account)
+    ))
+}
+
+/// `GET /v2/credentials/{task}`: fresh credentials for the task's role on every call.
+fn container(shared: &Shared, req: &ReadRequest, task_id: &str) -> HttpResponse {
+    let config = &shared.service.config.temporary_credentials;
+    let fail = |status: StatusCode, code: &str, message: &str| {
+        json_response(
+            status,
+            &serde_json::json!({"code": code, "message": message}),
+        )
+    };
+    let Some(task) = config.tasks.iter().find(|t| t.id == task_id) else {
+        return fail(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "no such task; see [temporary_credentials] tasks",
+        );
+    };
+    let Some(given) = req.parts.headers.get(http::header::AUTHORIZATION) else {
+        return fail(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "the Authorization header (AWS_CONTAINER_AUTHORIZATION_TOKEN) is missing",
+        );
+    };
+    if !bool::from(given.as_bytes().ct_eq(task.authorization_token.as_bytes())) {
+        return fail(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "the Authorization header does not match the task's token",
+        );
+    }
+    let Some(role) = RoleArn::parse(&task.role_arn) else {
+        return fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "role_arn is invalid",
+        );
+    };
+    let now = shared.clock.now();
+    let session = role_session(&role, &task.id, &task.id);
+    let fresh = shared.temporary.issue(session, now, config.duration);
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "AccessKeyId": fresh.access_key_id,
+            "SecretAccessKey": fresh.secret,
+            "Token": fresh.session_token,
+            "Expiration": rfc3339(fresh.expires),
+            "RoleArn": task.role_arn,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_arns_parse_only_when_well_formed() {
+        let r = RoleArn::parse("arn:aws:iam::123456789012:role/path/meterd").expect("valid");
+        assert_eq!((r.account, r.name), ("123456789012", "meterd"));
+        for bad in [
+            "arn:aws:iam::12345:role/x",
+            "arn:aws:iam::123456789012:user/x",
+            "arn:aws:iam::123456789012:role/",
+            "arn:aws:s3:::bucket",
+            "",
+        ] {
+            assert!(RoleArn::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forms_decode_plus_and_percent() {
+        let f = parse_form(b"Action=GetCallerIdentity&Version=2011-06-15&A=a+b%2Fc&B");
+        assert_eq!(f["A"], "a b/c");
+        assert_eq!(f["B"], "");
+        assert_eq!(f["Action"], "GetCallerIdentity");
+    }
+
+    #[test]
+    fn a_pods_session_is_its_uid_whatever_the_session_name() {
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let token = format!(
+            "{}.{}.sig",
+            b64(serde_json::json!({"alg": "RS256"})),
+            b64(
+                serde_json::json!({"sub": "system:serviceaccount:ns:sa", "kubernetes.io": {"pod": {"uid": "u-1"}}})
+            )
+        );
+        let claims = web_identity_claims(&token).expect("claims");
+        assert_eq!(claims.sub.as_deref(), Some("system:serviceaccount:ns:sa"));
+        assert_eq!(
+            claims.kubernetes.and_then(|k| k.pod).and_then(|p| p.uid),
+            Some("u-1".to_owned())
+        );
+        assert!(web_identity_claims("not-a-jwt").is_none());
+        assert!(web_identity_claims("a.%%%.c").is_none());
+        let role = RoleArn::parse("arn:aws:iam::123456789012:role/meterd").expect("valid");
+        let one = role_session(&role, "web-identity-token-1", "u-1");
+        let two = role_session(&role, "web-identity-token-2", "u-1");
+        assert_eq!(one.identity, two.identity);
+        assert_ne!(one.arn, two.arn);
+        assert!(one.user_id.starts_with("AROA") && one.user_id.ends_with(":web-identity-token-1"));
+    }
+
+    #[test]
+    fn xml_text_is_escaped() {
+        assert_eq!(xml_escape("a<b>&\"'"), "a&lt;b&gt;&amp;&quot;&apos;");
+    }
+
+    #[test]
+    fn the_store_stays_bounded() {
+        let store = TemporaryCredentials::default();
+        let role = RoleArn::parse("arn:aws:iam::123456789012:role/meterd").expect("valid");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let first = store.issue(role_session(&role, "s", "t"), now, Duration::from_secs(60));
+        assert!(first.access_key_id.starts_with("ASIA") && first.access_key_id.len() == 20);
+        let later = now + Duration::from_secs(120);
+        store.lock().extend((0..MAX_ISSUED).map(|i| {
+            (
+                format!("K{i}"),
+                Issued {
+                    secret: String::new(),
+                    session_token: String::new(),
+                    expires: later + Duration::from_secs(i as u64),
+                    session: role_session(&role, "s", "t"),
+                },
+            )
+        }));
+        store.issue(
+            role_session(&role, "s", "t"),
+            later,
+            Duration::from_secs(60),
+        );
+        let issued = store.lock();
+        assert_eq!(issued.len(), MAX_ISSUED);
+        assert!(!issued.contains_key(&first.access_key_id));
+        assert!(
+            !issued.contains_key("K0"),
+            "the earliest to expire went first"
+        );
+    }
+}
