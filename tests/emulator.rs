@@ -1132,13 +1132,12 @@ fn licensed(account: &str, license: &str, dimension: &str, t: i64, quantity: i32
 async fn batch_meter_usage_by_license_arn() {
     let mut config = EmulatorConfig::demo();
     let other = "arn:aws:license-manager::111122223333:license:l-expired00000000000000000000002";
+    let base = config.licenses[0].clone();
     config.licenses.push(LicenseConfig {
         arn: other.to_owned(),
-        customer_aws_account_id: "111122223333".to_owned(),
-        product_code: PRODUCT.to_owned(),
         agreement_id: None,
-        begins_at: None,
         ends_at: Some(meterd::clock::from_unix_seconds(T0 - 7200)),
+        ..base
     });
     let env = start(config).await;
     let c = env.default_client().await;
@@ -2781,4 +2780,310 @@ fn temporary_credentials_config_is_validated() {
         Duration::from_secs(900)
     );
     assert_eq!(parsed.temporary_credentials.tasks[0].id, "t");
+}
+
+// ---------------------------------------------------------------- License Manager
+
+const BUYER: &str = "111122223333";
+const MARKETPLACE_FINGERPRINT: &str = "aws:294406891311:AWS/Marketplace:issuer-fingerprint";
+
+/// A License Manager client of the buyer's account (its key mapped to the demo license's
+/// account) on the emulator.
+fn license_client(env: &Env, key: &str) -> aws_sdk_licensemanager::Client {
+    let conf = aws_sdk_licensemanager::Config::builder()
+        .behavior_version(aws_sdk_licensemanager::config::BehaviorVersion::latest())
+        .region(aws_sdk_licensemanager::config::Region::new("us-east-1"))
+        .endpoint_url(env.emu.endpoint_url())
+        .retry_config(aws_sdk_licensemanager::config::retry::RetryConfig::disabled())
+        .credentials_provider(aws_sdk_licensemanager::config::Credentials::new(
+            key, "secret", None, None, "test",
+        ))
+        .build();
+    aws_sdk_licensemanager::Client::from_conf(conf)
+}
+
+fn license_config() -> EmulatorConfig {
+    let mut config = EmulatorConfig::demo();
+    for key in ["AKIDPODA", "AKIDPODB"] {
+        config
+            .quotas
+            .accounts
+            .insert(key.to_owned(), BUYER.to_owned());
+    }
+    config
+}
+
+fn seats(n: i64) -> aws_sdk_licensemanager::types::EntitlementData {
+    aws_sdk_licensemanager::types::EntitlementData::builder()
+        .name("Seats")
+        .unit(aws_sdk_licensemanager::types::EntitlementDataUnit::Count)
+        .value(n.to_string())
+        .build()
+        .expect("entitlement")
+}
+
+async fn checkout(
+    c: &aws_sdk_licensemanager::Client,
+    kind: aws_sdk_licensemanager::types::CheckoutType,
+    wanted: Vec<aws_sdk_licensemanager::types::EntitlementData>,
+    token: &str,
+) -> Result<aws_sdk_licensemanager::operation::checkout_license::CheckoutLicenseOutput, String> {
+    c.checkout_license()
+        .product_sku(PRODUCT)
+        .checkout_type(kind)
+        .key_fingerprint(MARKETPLACE_FINGERPRINT)
+        .set_entitlements(Some(wanted))
+        .client_token(token)
+        .send()
+        .await
+        .map_err(|e| code(&e))
+}
+
+/// The Rust SDK against the emulator's License Manager: the buyer sees its license, a tier
+/// feature checks out, two agents compete for a pool of 10 seats, a check-in and an expiry
+/// return seats, an extension keeps them, a ClientToken retry is the same checkout, and the
+/// failures answer the model's typed errors.
+#[tokio::test]
+async fn license_manager_checkouts_share_a_pool_and_expire_unless_extended() {
+    use aws_sdk_licensemanager::types::{CheckoutType, EntitlementData, EntitlementDataUnit};
+    let env = start(license_config()).await;
+    let a = license_client(&env, "AKIDPODA");
+    let b = license_client(&env, "AKIDPODB");
+
+    let listed = a.list_received_licenses().send().await.expect("list");
+    let arns: Vec<&str> = listed
+        .licenses()
+        .iter()
+        .filter_map(|l| l.license_arn())
+        .collect();
+    assert_eq!(arns, [DEMO_LICENSE_ARN]);
+    let license = a
+        .get_license()
+        .license_arn(DEMO_LICENSE_ARN)
+        .send()
+        .await
+        .expect("get")
+        .license
+        .expect("license");
+    assert_eq!(license.product_sku(), Some(PRODUCT));
+    assert_eq!(
+        license.issuer().and_then(|i| i.key_fingerprint()),
+        Some(MARKETPLACE_FINGERPRINT)
+    );
+    let names: Vec<&str> = license.entitlements().iter().map(|e| e.name()).collect();
+    assert_eq!(names, ["Tier", "Seats"]);
+
+    // A feature: the tier comes back with its value.
+    let tier = EntitlementData::builder()
+        .name("Tier")
+        .unit(EntitlementDataUnit::None)
+        .build()
+        .expect("tier");
+    let out = checkout(&a, CheckoutType::Provisional, vec![tier], "tier-1")
+        .await
+        .expect("tier");
+    assert_eq!(out.entitlements_allowed()[0].value(), Some("Premium"));
+    assert!(out.signed_token().is_some_and(|t| t.len() >= 4096));
+    assert_eq!(out.license_arn(), Some(DEMO_LICENSE_ARN));
+
+    // The pool: 6 + 4 fit in 10; one more does not, from either agent.
+    let six = checkout(&a, CheckoutType::Provisional, vec![seats(6)], "a-1")
+        .await
+        .expect("six");
+    let again = checkout(&a, CheckoutType::Provisional, vec![seats(6)], "a-1")
+        .await
+        .expect("the same ClientToken");
+    assert_eq!(
+        again.license_consumption_token(),
+        six.license_consumption_token()
+    );
+    checkout(&b, CheckoutType::Provisional, vec![seats(4)], "b-1")
+        .await
+        .expect("four");
+    assert_eq!(
+        checkout(&b, CheckoutType::Provisional, vec![seats(1)], "b-2")
+            .await
+            .err()
+            .as_deref(),
+        Some("NoEntitlementsAllowedException")
+    );
+    // A check-in returns six seats; the same token cannot be checked in twice.
+    let six_token = six.license_consumption_token().expect("token").to_owned();
+    a.check_in_license()
+        .license_consumption_token(&six_token)
+        .send()
+        .await
+        .expect("check in");
+    let e = a
+        .check_in_license()
+        .license_consumption_token(&six_token)
+        .send()
+        .await
+        .expect_err("twice");
+    assert_eq!(code(&e), "ConflictException");
+    let five = checkout(&b, CheckoutType::Provisional, vec![seats(5)], "b-3")
+        .await
+        .expect("five of the six returned");
+    // Extended at 50 minutes, the five are still held at 100; the four (never extended)
+    // expired at 60 and are back in the pool.
+    env.clock.advance(Duration::from_secs(50 * 60));
+    b.extend_license_consumption()
+        .license_consumption_token(five.license_consumption_token().expect("token"))
+        .send()
+        .await
+        .expect("extend");
+    env.clock.advance(Duration::from_secs(50 * 60));
+    checkout(&a, CheckoutType::Provisional, vec![seats(5)], "a-2")
+        .await
+        .expect("the four expired");
+    assert_eq!(
+        checkout(&a, CheckoutType::Provisional, vec![seats(1)], "a-3")
+            .await
+            .err()
+            .as_deref(),
+        Some("NoEntitlementsAllowedException"),
+        "the extended five are still held"
+    );
+    let consumptions = env.emu.license_consumptions();
+    let held: i64 = consumptions
+        .iter()
+        .filter(|c| c.holds(meterd::clock::unix_seconds(env.clock.now())))
+        .flat_map(|c| &c.entitlements)
+        .filter(|e| e.name == "Seats")
+        .map(|e| e.amount)
+        .sum();
+    assert_eq!(held, 10);
+
+    // Failures, typed.
+    let e = a
+        .checkout_license()
+        .product_sku("prod-other")
+        .checkout_type(CheckoutType::Provisional)
+        .key_fingerprint(MARKETPLACE_FINGERPRINT)
+        .entitlements(seats(1))
+        .client_token("x-1")
+        .send()
+        .await
+        .expect_err("unknown SKU");
+    assert_eq!(code(&e), "ResourceNotFoundException");
+    let stranger = license_client(&env, "AKIDSTRANGER");
+    assert_eq!(
+        checkout(&stranger, CheckoutType::Provisional, vec![seats(1)], "s-1")
+            .await
+            .err()
+            .as_deref(),
+        Some("ResourceNotFoundException"),
+        "another account has no license"
+    );
+    let e = a
+        .extend_license_consumption()
+        .license_consumption_token("lct-nope")
+        .send()
+        .await
+        .expect_err("unknown token");
+    assert_eq!(code(&e), "ResourceNotFoundException");
+    assert_eq!(
+        checkout(&a, CheckoutType::from("LATER"), vec![seats(1)], "v-1")
+            .await
+            .err()
+            .as_deref(),
+        Some("ValidationException")
+    );
+}
+
+/// PERPETUAL checkouts draw down for good and cannot be checked in; faults injected for
+/// License Manager answer its own error types.
+#[tokio::test]
+async fn license_manager_perpetual_drawdown_and_faults() {
+    use aws_sdk_licensemanager::types::CheckoutType;
+    let env = start(license_config()).await;
+    let a = license_client(&env, "AKIDPODA");
+    let drawn = checkout(&a, CheckoutType::Perpetual, vec![seats(7)], "p-1")
+        .await
+        .expect("seven");
+    assert!(drawn.expiration().is_none());
+    env.clock.advance(Duration::from_secs(10 * 3600));
+    assert_eq!(
+        checkout(&a, CheckoutType::Provisional, vec![seats(4)], "p-2")
+            .await
+            .err()
+            .as_deref(),
+        Some("NoEntitlementsAllowedException"),
+        "drawn down for good"
+    );
+    let e = a
+        .check_in_license()
+        .license_consumption_token(drawn.license_consumption_token().expect("token"))
+        .send()
+        .await
+        .expect_err("perpetual");
+    assert_eq!(code(&e), "ConflictException");
+
+    env.emu.set_faults(FaultProfile {
+        operations: BTreeMap::from([(
+            Operation::CheckoutLicense,
+            FaultRule {
+                throttle_rate: 1.0,
+                ..FaultRule::default()
+            },
+        )]),
+        ..FaultProfile::default()
+    });
+    let e = a
+        .checkout_license()
+        .product_sku(PRODUCT)
+        .checkout_type(CheckoutType::Provisional)
+        .key_fingerprint(MARKETPLACE_FINGERPRINT)
+        .entitlements(seats(1))
+        .client_token("f-1")
+        .send()
+        .await
+        .expect_err("throttled");
+    assert!(
+        matches!(
+            e.as_service_error(),
+            Some(aws_sdk_licensemanager::operation::checkout_license::CheckoutLicenseError::RateLimitExceededException(_))
+        ),
+        "{e:?}"
+    );
+}
+
+/// GetAccessToken exchanges the buyer's license token (signed or not: a buyer outside AWS
+/// has no credentials yet) for an access token; an unknown token is refused.
+#[tokio::test]
+async fn license_manager_get_access_token() {
+    let env = start(license_config()).await;
+    let a = license_client(&env, "AKIDPODA");
+    let out = a
+        .get_access_token()
+        .token(meterd::emulator::config::DEMO_LICENSE_TOKEN)
+        .send()
+        .await
+        .expect("signed");
+    assert!(out
+        .access_token()
+        .is_some_and(|t| t.split('.').count() == 3));
+    let e = a
+        .get_access_token()
+        .token("not-a-license-token")
+        .send()
+        .await
+        .expect_err("unknown");
+    assert_eq!(code(&e), "AccessDeniedException");
+    let mut headers = http::HeaderMap::new();
+    headers.insert("host", env.emu.addr().to_string().parse().expect("host"));
+    headers.insert(
+        "content-type",
+        "application/x-amz-json-1.1".parse().expect("ct"),
+    );
+    headers.insert(
+        "x-amz-target",
+        "AWSLicenseManager.GetAccessToken".parse().expect("target"),
+    );
+    let body = json!({"Token": meterd::emulator::config::DEMO_LICENSE_TOKEN}).to_string();
+    let (status, answer) = http(env.emu.addr(), "POST", "/", headers, body.into_bytes())
+        .await
+        .expect("answer");
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["AccessToken"].is_string());
 }

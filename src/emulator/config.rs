@@ -18,7 +18,10 @@ use super::quotas::QuotaConfig;
 /// emulator tokens, and a fixed key lets an agent trust the demo across restarts.
 pub const DEMO_SIGNING_KEY_PEM: &str = include_str!("demo-signing-key.pem");
 pub const DEMO_PRODUCT_CODE: &str = "prod-demo1234";
-/// The demo customer's license for the demo product (concurrent agreements).
+/// The demo license's token for GetAccessToken (License Manager for Anywhere).
+pub const DEMO_LICENSE_TOKEN: &str = "demo-license-token";
+/// The demo customer's license for the demo product (concurrent agreements; contract
+/// pricing: a `Tier` feature and 10 floating `Seats`).
 pub const DEMO_LICENSE_ARN: &str =
     "arn:aws:license-manager::111122223333:license:l-demo0000000000000000000000000001";
 
@@ -73,6 +76,9 @@ pub struct EmulatorConfig {
     /// `LicenseArn` in place of the request's ProductCode.
     #[serde(default)]
     pub licenses: Vec<LicenseConfig>,
+    /// License tokens for GetAccessToken (buyers outside AWS).
+    #[serde(default)]
+    pub license_tokens: Vec<LicenseTokenConfig>,
     #[serde(default)]
     pub registration_tokens: Vec<RegistrationTokenConfig>,
     #[serde(default)]
@@ -151,7 +157,9 @@ pub struct CustomerConfig {
     pub subscribed: bool,
 }
 
-/// One license granted to a buyer's account for a product (one agreement).
+/// One license granted to a buyer's account for a product (one agreement): what
+/// BatchMeterUsage's `LicenseArn` names, and what License Manager's CheckoutLicense checks out
+/// (contract pricing).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LicenseConfig {
@@ -161,11 +169,76 @@ pub struct LicenseConfig {
     /// Returned by ResolveCustomer in `Metadata.AgreementId`.
     #[serde(default)]
     pub agreement_id: Option<String>,
-    /// The activation period: usage outside it answers `InvalidLicenseException`.
+    /// The activation period: usage outside it answers `InvalidLicenseException`, and
+    /// CheckoutLicense finds no license.
     #[serde(default, with = "humantime_serde")]
     pub begins_at: Option<SystemTime>,
     #[serde(default, with = "humantime_serde")]
     pub ends_at: Option<SystemTime>,
+    /// License Manager's `ProductSKU` (default: the product code).
+    #[serde(default)]
+    pub product_sku: Option<String>,
+    /// The issuer's key fingerprint a checkout must name (default: AWS Marketplace's).
+    #[serde(default = "marketplace_fingerprint")]
+    pub issuer_fingerprint: String,
+    /// What the buyer is entitled to (License Manager entitlements).
+    #[serde(default)]
+    pub entitlements: Vec<EntitlementConfig>,
+    /// How long a PROVISIONAL checkout lasts without ExtendLicenseConsumption
+    /// (`ProvisionalConfiguration.MaxTimeToLiveInMinutes`; AWS: 60 minutes).
+    #[serde(default = "default_provisional_ttl", with = "humantime_serde")]
+    pub provisional_ttl: Duration,
+}
+
+impl LicenseConfig {
+    pub fn sku(&self) -> &str {
+        self.product_sku.as_deref().unwrap_or(&self.product_code)
+    }
+}
+
+/// AWS Marketplace's issuer, as a CheckoutLicense for a Marketplace product names it.
+pub const MARKETPLACE_ISSUER_FINGERPRINT: &str =
+    "aws:294406891311:AWS/Marketplace:issuer-fingerprint";
+
+fn marketplace_fingerprint() -> String {
+    MARKETPLACE_ISSUER_FINGERPRINT.to_owned()
+}
+fn default_provisional_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// One entitlement of a license: a feature (`unit = "None"`, with a `value` such as a tier)
+/// or a quantity (`Count`, `Gigabytes`, …) of which `max_count` may be checked out at once
+/// (PROVISIONAL, returned to the pool by check-in or expiry) or drawn down for good
+/// (PERPETUAL).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntitlementConfig {
+    pub name: String,
+    #[serde(default = "count_unit")]
+    pub unit: String,
+    #[serde(default)]
+    pub max_count: Option<i64>,
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Checkouts past `max_count` are allowed.
+    #[serde(default)]
+    pub overage: bool,
+    #[serde(default = "yes")]
+    pub allow_check_in: bool,
+}
+
+fn count_unit() -> String {
+    "Count".to_owned()
+}
+
+/// A license token a buyer outside AWS holds (License Manager for Anywhere): GetAccessToken
+/// exchanges it for an access token for AssumeRoleWithWebIdentity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LicenseTokenConfig {
+    pub token: String,
+    pub license_arn: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,6 +292,7 @@ impl Default for EmulatorConfig {
             keys: Vec::new(),
             customers: Vec::new(),
             licenses: Vec::new(),
+            license_tokens: Vec::new(),
             registration_tokens: Vec::new(),
             faults: FaultProfile::default(),
             disabled_operations: Vec::new(),
@@ -269,6 +343,31 @@ impl EmulatorConfig {
                 agreement_id: Some("agmt-demo1234".to_owned()),
                 begins_at: None,
                 ends_at: None,
+                product_sku: None,
+                issuer_fingerprint: marketplace_fingerprint(),
+                entitlements: vec![
+                    EntitlementConfig {
+                        name: "Tier".to_owned(),
+                        unit: "None".to_owned(),
+                        max_count: None,
+                        value: Some("Premium".to_owned()),
+                        overage: false,
+                        allow_check_in: true,
+                    },
+                    EntitlementConfig {
+                        name: "Seats".to_owned(),
+                        unit: "Count".to_owned(),
+                        max_count: Some(10),
+                        value: None,
+                        overage: false,
+                        allow_check_in: true,
+                    },
+                ],
+                provisional_ttl: default_provisional_ttl(),
+            }],
+            license_tokens: vec![LicenseTokenConfig {
+                token: DEMO_LICENSE_TOKEN.to_owned(),
+                license_arn: DEMO_LICENSE_ARN.to_owned(),
             }],
             registration_tokens: (1..=3)
                 .map(|i| RegistrationTokenConfig {
@@ -487,6 +586,41 @@ impl EmulatorConfig {
                         l.arn
                     ));
                 }
+            }
+            if l.provisional_ttl.is_zero() || l.provisional_ttl > MAX_TIME_WINDOW {
+                problems.push(format!(
+                    "license {:?}: provisional_ttl must be between 1s and 366 days",
+                    l.arn
+                ));
+            }
+            let mut names = BTreeSet::new();
+            for e in &l.entitlements {
+                if e.name.is_empty() || !names.insert(e.name.as_str()) {
+                    problems.push(format!(
+                        "license {:?}: entitlement {:?} is empty or listed twice",
+                        l.arn, e.name
+                    ));
+                }
+                if !super::license_manager::UNITS.contains(&e.unit.as_str()) {
+                    problems.push(format!(
+                        "license {:?}: entitlement {:?} has unit {:?}, not one of the model's units",
+                        l.arn, e.name, e.unit
+                    ));
+                }
+                if e.max_count.is_some_and(|m| m < 0) {
+                    problems.push(format!(
+                        "license {:?}: entitlement {:?}: max_count must not be negative",
+                        l.arn, e.name
+                    ));
+                }
+            }
+        }
+        for t in &self.license_tokens {
+            if t.token.is_empty() || self.license(&t.license_arn).is_none() {
+                problems.push(format!(
+                    "license token {:?}: empty, or license {:?} is not configured",
+                    t.token, t.license_arn
+                ));
             }
         }
         let mut tokens = BTreeSet::new();

@@ -69,6 +69,14 @@ impl SigningKey {
         self.expired_at.is_some_and(|at| now >= at)
     }
 
+    /// Any claims as a PS256 JWT (License Manager's SignedToken).
+    pub fn sign_claims(
+        &self,
+        claims: &impl serde::Serialize,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        jsonwebtoken::encode(&Header::new(Algorithm::PS256), claims, &self.encoding)
+    }
+
     pub fn sign(
         &self,
         product_code: &str,
@@ -126,6 +134,11 @@ impl Keyring {
             );
         }
         Ok(Self { keys })
+    }
+
+    /// The lowest version's key (License Manager's signed tokens).
+    pub fn first(&self) -> Option<&SigningKey> {
+        self.keys.values().next()
     }
 
     pub fn get(&self, version: u32) -> Option<&SigningKey> {

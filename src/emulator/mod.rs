@@ -9,6 +9,7 @@
 //! - [`jwt`]: RegisterUsage's PS256 token and the published public keys.
 //! - [`faults`]: seeded fault injection.
 //! - [`quotas`]: the per-account call quotas (token buckets) and the per-second counts.
+//! - [`license_manager`]: License Manager's checkout operations (contract pricing).
 //! - `server`: the HTTP protocol and the admin API under `/_emulator/`.
 //! - [`cli`]: `meterd emulator`.
 //!
@@ -20,6 +21,7 @@ pub mod credentials;
 pub mod error;
 pub mod faults;
 pub mod jwt;
+pub mod license_manager;
 pub mod model;
 pub mod ops;
 pub mod quotas;
@@ -58,10 +60,12 @@ fn build(config: EmulatorConfig, clock: SharedClock) -> anyhow::Result<server::S
     let keyring = jwt::Keyring::from_config(&config.keys, seed)?;
     let faults = faults::FaultInjector::new(config.faults.clone(), seed, clock.now())?;
     let quotas = quotas::Quotas::new(config.quotas.clone());
+    let licenses = license_manager::Licenses::new(config.seed);
     Ok(server::Shared {
         service: ops::Service::new(config, keyring),
         faults: Mutex::new(faults),
         quotas: Mutex::new(quotas),
+        licenses: Mutex::new(licenses),
         temporary: credentials::TemporaryCredentials::default(),
         clock,
         cancel: CancellationToken::new(),
@@ -197,6 +201,11 @@ impl EmulatorHandle {
     /// Accepted BatchMeterUsage records, in arrival order.
     pub fn batch_records(&self) -> Vec<StoredMeterRecord> {
         self.shared.service.batch_records()
+    }
+
+    /// License Manager consumptions (checkouts), in token order.
+    pub fn license_consumptions(&self) -> Vec<license_manager::Consumption> {
+        self.shared.licenses().consumptions()
     }
 
     /// Customer-hours metered both by ProductCode and by LicenseArn (billed twice).

@@ -18,21 +18,58 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 
-/// The four operations of the service.
+/// The operations served: the Metering Service's four and License Manager's six (contract
+/// pricing). Fault rules, quotas and the call log are per operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Operation {
     RegisterUsage,
     MeterUsage,
     BatchMeterUsage,
     ResolveCustomer,
+    CheckoutLicense,
+    CheckInLicense,
+    ExtendLicenseConsumption,
+    GetLicense,
+    ListReceivedLicenses,
+    GetAccessToken,
+}
+
+/// Which AWS API an operation belongs to: its target prefix and signing name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Metering,
+    LicenseManager,
+}
+
+impl Api {
+    pub fn target_prefix(self) -> &'static str {
+        match self {
+            Api::Metering => "AWSMPMeteringService.",
+            Api::LicenseManager => "AWSLicenseManager.",
+        }
+    }
+
+    /// The SigV4 credential scope's service.
+    pub fn signing_name(self) -> &'static str {
+        match self {
+            Api::Metering => "aws-marketplace",
+            Api::LicenseManager => "license-manager",
+        }
+    }
 }
 
 impl Operation {
-    pub const ALL: [Operation; 4] = [
+    pub const ALL: [Operation; 10] = [
         Operation::RegisterUsage,
         Operation::MeterUsage,
         Operation::BatchMeterUsage,
         Operation::ResolveCustomer,
+        Operation::CheckoutLicense,
+        Operation::CheckInLicense,
+        Operation::ExtendLicenseConsumption,
+        Operation::GetLicense,
+        Operation::ListReceivedLicenses,
+        Operation::GetAccessToken,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,13 +78,30 @@ impl Operation {
             Operation::MeterUsage => "MeterUsage",
             Operation::BatchMeterUsage => "BatchMeterUsage",
             Operation::ResolveCustomer => "ResolveCustomer",
+            Operation::CheckoutLicense => "CheckoutLicense",
+            Operation::CheckInLicense => "CheckInLicense",
+            Operation::ExtendLicenseConsumption => "ExtendLicenseConsumption",
+            Operation::GetLicense => "GetLicense",
+            Operation::ListReceivedLicenses => "ListReceivedLicenses",
+            Operation::GetAccessToken => "GetAccessToken",
+        }
+    }
+
+    pub fn api(self) -> Api {
+        match self {
+            Operation::RegisterUsage
+            | Operation::MeterUsage
+            | Operation::BatchMeterUsage
+            | Operation::ResolveCustomer => Api::Metering,
+            _ => Api::LicenseManager,
         }
     }
 
     /// Parses the `X-Amz-Target` header value.
     pub fn from_target(target: &str) -> Option<Self> {
-        let name = target.strip_prefix("AWSMPMeteringService.")?;
-        Self::ALL.into_iter().find(|op| op.name() == name)
+        Self::ALL
+            .into_iter()
+            .find(|op| target.strip_prefix(op.api().target_prefix()) == Some(op.name()))
     }
 }
 
@@ -218,10 +272,10 @@ pub struct ResolveCustomerInput {
 
 /// Collects constraint violations so that all are reported at once, as AWS does.
 #[derive(Default)]
-struct Violations(Vec<String>);
+pub(super) struct Violations(Vec<String>);
 
 impl Violations {
-    fn push(&mut self, value: Option<&str>, path: &str, constraint: &str) {
+    pub(super) fn push(&mut self, value: Option<&str>, path: &str, constraint: &str) {
         let shown = match value {
             Some(v) => format!("Value '{v}'"),
             None => "Value null".to_owned(),
@@ -231,7 +285,7 @@ impl Violations {
         ));
     }
 
-    fn into_result(self) -> Result<(), ApiError> {
+    pub(super) fn into_result(self) -> Result<(), ApiError> {
         match self.0.len() {
             0 => Ok(()),
             1 => Err(ApiError::new(
@@ -259,7 +313,7 @@ fn lower_first(name: &str) -> String {
     }
 }
 
-fn member_path(prefix: &str, name: &str) -> String {
+pub(super) fn member_path(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
         lower_first(name)
     } else {
@@ -267,7 +321,10 @@ fn member_path(prefix: &str, name: &str) -> String {
     }
 }
 
-fn as_object<'a>(value: &'a Value, what: &str) -> Result<&'a Map<String, Value>, ApiError> {
+pub(super) fn as_object<'a>(
+    value: &'a Value,
+    what: &str,
+) -> Result<&'a Map<String, Value>, ApiError> {
     value
         .as_object()
         .ok_or_else(|| ApiError::serialization(format!("Expected an object for {what}")))
@@ -278,7 +335,10 @@ fn member<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     obj.get(name).filter(|v| !v.is_null())
 }
 
-fn string_member(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, ApiError> {
+pub(super) fn string_member(
+    obj: &Map<String, Value>,
+    name: &str,
+) -> Result<Option<String>, ApiError> {
     match member(obj, name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -288,7 +348,7 @@ fn string_member(obj: &Map<String, Value>, name: &str) -> Result<Option<String>,
     }
 }
 
-fn int_member(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, ApiError> {
+pub(super) fn int_member(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, ApiError> {
     match member(obj, name) {
         None => Ok(None),
         Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
@@ -302,7 +362,7 @@ fn int_member(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, ApiEr
     }
 }
 
-fn bool_member(obj: &Map<String, Value>, name: &str) -> Result<Option<bool>, ApiError> {
+pub(super) fn bool_member(obj: &Map<String, Value>, name: &str) -> Result<Option<bool>, ApiError> {
     match member(obj, name) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -327,7 +387,7 @@ fn timestamp_member(obj: &Map<String, Value>, name: &str) -> Result<Option<f64>,
     }
 }
 
-fn list_member<'a>(
+pub(super) fn list_member<'a>(
     obj: &'a Map<String, Value>,
     name: &str,
 ) -> Result<Option<&'a Vec<Value>>, ApiError> {
@@ -341,15 +401,15 @@ fn list_member<'a>(
 }
 
 /// A regular expression as the model writes it, and the check that implements it.
-type Pattern = (&'static str, fn(&str) -> bool);
+pub(super) type Pattern = (&'static str, fn(&str) -> bool);
 
-struct StringRule {
-    min: usize,
-    max: Option<usize>,
-    pattern: Option<Pattern>,
+pub(super) struct StringRule {
+    pub(super) min: usize,
+    pub(super) max: Option<usize>,
+    pub(super) pattern: Option<Pattern>,
 }
 
-fn check_string(v: &mut Violations, value: &str, path: &str, rule: &StringRule) {
+pub(super) fn check_string(v: &mut Violations, value: &str, path: &str, rule: &StringRule) {
     let len = aws_len(value);
     if len < rule.min {
         v.push(
@@ -378,7 +438,7 @@ fn check_string(v: &mut Violations, value: &str, path: &str, rule: &StringRule) 
     }
 }
 
-fn required_string(
+pub(super) fn required_string(
     v: &mut Violations,
     obj: &Map<String, Value>,
     name: &str,
@@ -398,7 +458,7 @@ fn required_string(
     }
 }
 
-fn optional_string(
+pub(super) fn optional_string(
     v: &mut Violations,
     obj: &Map<String, Value>,
     name: &str,
@@ -412,7 +472,7 @@ fn optional_string(
     Ok(s)
 }
 
-fn check_range(v: &mut Violations, value: i64, path: &str, min: i64, max: Option<i64>) {
+pub(super) fn check_range(v: &mut Violations, value: i64, path: &str, min: i64, max: Option<i64>) {
     let shown = value.to_string();
     if value < min {
         v.push(
@@ -492,7 +552,7 @@ const DECIMAL_QUANTITY: StringRule = StringRule {
     pattern: Some((DECIMAL_QUANTITY_PATTERN, decimal_quantity_ok)),
 };
 /// A pattern-only shape: a violation names the pattern, never a length.
-const LICENSE_ARN: StringRule = StringRule {
+pub(super) const LICENSE_ARN: StringRule = StringRule {
     min: 0,
     max: None,
     pattern: Some((LICENSE_ARN_PATTERN, license_arn_ok)),
@@ -610,7 +670,7 @@ fn quantity_members(
     })
 }
 
-fn root(body: &Value) -> Result<&Map<String, Value>, ApiError> {
+pub(super) fn root(body: &Value) -> Result<&Map<String, Value>, ApiError> {
     as_object(body, "the request body")
 }
 
@@ -787,13 +847,19 @@ mod tests {
     }
 
     #[test]
-    fn target_names_all_four_operations() {
+    fn target_names_every_operation_under_its_service() {
         for op in Operation::ALL {
-            let target = format!("AWSMPMeteringService.{op}");
+            let target = format!("{}{op}", op.api().target_prefix());
             assert_eq!(Operation::from_target(&target), Some(op));
         }
         assert_eq!(Operation::from_target("AWSMPMeteringService.Nope"), None);
         assert_eq!(Operation::from_target("MeterUsage"), None);
+        // Each operation under its own service only.
+        assert_eq!(Operation::from_target("AWSLicenseManager.MeterUsage"), None);
+        assert_eq!(
+            Operation::from_target("AWSMPMeteringService.CheckoutLicense"),
+            None
+        );
     }
 
     #[test]

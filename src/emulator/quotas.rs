@@ -91,7 +91,8 @@ impl QuotaConfig {
             Operation::MeterUsage => Some(self.meter_usage),
             Operation::BatchMeterUsage => Some(self.batch_meter_usage),
             Operation::RegisterUsage => Some(self.register_usage),
-            Operation::ResolveCustomer => None,
+            // ResolveCustomer and License Manager's operations: no quota modelled.
+            _ => None,
         }
     }
 

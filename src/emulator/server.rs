@@ -22,7 +22,8 @@ use tracing::Instrument;
 use super::config::{ConfigError, Entitlement, RegistrationTokenConfig};
 use super::error::ApiError;
 use super::faults::{Decision, FaultInjector, FaultProfile, InjectedFault};
-use super::model::{self, Operation};
+use super::license_manager;
+use super::model::{self, Api, Operation};
 use super::ops::{CallRecord, Outcome, Service};
 use super::sigv4::{self, SignedRequest};
 use crate::clock::{unix_millis, SharedClock};
@@ -37,6 +38,7 @@ pub(crate) struct Shared {
     pub service: Service,
     pub faults: Mutex<FaultInjector>,
     pub quotas: Mutex<super::quotas::Quotas>,
+    pub licenses: Mutex<super::license_manager::Licenses>,
     pub temporary: super::credentials::TemporaryCredentials,
     pub clock: SharedClock,
     pub cancel: CancellationToken,
@@ -49,6 +51,10 @@ impl Shared {
 
     pub fn quotas(&self) -> MutexGuard<'_, super::quotas::Quotas> {
         self.quotas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn licenses(&self) -> MutexGuard<'_, license_manager::Licenses> {
+        self.licenses.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Validates a fault profile and applies it from the emulator clock's now: the one path
@@ -91,6 +97,17 @@ fn json_response(status: u16, body: String) -> HttpResponse {
 
 fn error_response(err: &ApiError) -> HttpResponse {
     json_response(err.status, err.body())
+}
+
+/// License Manager's errors name their member `Message`, as its model does.
+fn error_response_for(err: &ApiError, api: Api) -> HttpResponse {
+    match api {
+        Api::Metering => error_response(err),
+        Api::LicenseManager => json_response(
+            err.status,
+            json!({"__type": err.error_type, "Message": err.message}).to_string(),
+        ),
+    }
 }
 
 fn request_id() -> String {
@@ -185,6 +202,21 @@ fn claimed_identity(headers: &http::HeaderMap) -> Option<String> {
     Some(key.to_owned())
 }
 
+/// Who a call is from: the signer, and the account it belongs to (the role's for temporary
+/// credentials, else `quotas.accounts`).
+struct Admitted {
+    caller: sigv4::Caller,
+    account: String,
+}
+
+/// Throttling as the operation's service answers it.
+fn throttled(op: Operation) -> ApiError {
+    match op.api() {
+        Api::Metering => ApiError::throttling(),
+        Api::LicenseManager => license_manager::rate_limited(),
+    }
+}
+
 /// The operation's checks before any latency: body size, operation, SigV4, disabled
 /// operations, the account's quota, then the fault decision (which is recorded in `call`).
 fn admit(
@@ -194,7 +226,7 @@ fn admit(
     target: &str,
     now: SystemTime,
     call: &mut CallRecord,
-) -> Result<(Operation, sigv4::Caller, Decision), ApiError> {
+) -> Result<(Operation, Admitted, Decision), ApiError> {
     let Some(body) = req.body.as_ref().filter(|b| b.len() < MAX_BODY_BYTES) else {
         return Err(ApiError::new(
             "ValidationException",
@@ -214,14 +246,27 @@ fn admit(
         headers: &req.parts.headers,
         body,
     };
-    let verified = sigv4::verify_with(
-        &signed,
-        sigv4::SERVICE,
-        &shared.service.config.credentials,
-        Some(&shared.temporary),
-        now,
-        shared.service.config.signature_max_skew,
-    )?;
+    // GetAccessToken is how a buyer without AWS credentials gets some: it may come unsigned.
+    let unsigned = op == Operation::GetAccessToken
+        && !req.parts.headers.contains_key(http::header::AUTHORIZATION);
+    let verified = if unsigned {
+        sigv4::Verified {
+            caller: sigv4::Caller {
+                access_key_id: "anonymous".to_owned(),
+                region: shared.service.config.region.clone(),
+            },
+            session: None,
+        }
+    } else {
+        sigv4::verify_with(
+            &signed,
+            op.api().signing_name(),
+            &shared.service.config.credentials,
+            Some(&shared.temporary),
+            now,
+            shared.service.config.signature_max_skew,
+        )?
+    };
     let caller = verified.caller;
     if shared.service.config.disabled_operations.contains(&op) {
         return Err(ApiError::new(
@@ -230,23 +275,23 @@ fn admit(
         ));
     }
     // The account's quota, on the emulator's clock, before any injected fault.
-    let admitted = {
+    let (admitted, account) = {
         let mut quotas = shared.quotas();
         let account = match &verified.session {
             Some(session) => session.account.clone(),
             None => quotas.account_of(&caller.access_key_id).to_owned(),
         };
-        quotas.admit_account(account, op, now)
+        (quotas.admit_account(account.clone(), op, now), account)
     };
     if !admitted {
-        return Err(ApiError::throttling());
+        return Err(throttled(op));
     }
     let decision = shared.faults().decide(op, now);
     if let Some(latency) = decision.latency {
         call.added_latency_ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
     }
     call.fault = decision.fault;
-    Ok((op, caller, decision))
+    Ok((op, Admitted { caller, account }, decision))
 }
 
 /// The operation after any latency: the injected fault, the JSON body, the operation.
@@ -254,13 +299,18 @@ fn dispatch(
     shared: &Shared,
     body: &[u8],
     op: Operation,
-    caller: &sigv4::Caller,
+    admitted: &Admitted,
     fault: Option<InjectedFault>,
     call: &mut CallRecord,
 ) -> Result<Result<Value, ApiError>, DropConnection> {
+    let caller = &admitted.caller;
+    let license_manager = op.api() == Api::LicenseManager;
     match fault {
         Some(InjectedFault::Down) => return Ok(Err(ApiError::unavailable())),
-        Some(InjectedFault::Throttled) => return Ok(Err(ApiError::throttling())),
+        Some(InjectedFault::Throttled) => return Ok(Err(throttled(op))),
+        Some(InjectedFault::ServerError) if license_manager => {
+            return Ok(Err(license_manager::server_internal()))
+        }
         Some(InjectedFault::ServerError) => return Ok(Err(ApiError::internal())),
         Some(InjectedFault::Dropped) => return Err(DropConnection),
         Some(InjectedFault::Unprocessed { .. }) | None => {}
@@ -301,6 +351,37 @@ fn dispatch(
         }),
         Operation::ResolveCustomer => model::parse_resolve_customer(&value)
             .and_then(|input| service.resolve_customer(&input, now)),
+        Operation::CheckoutLicense => license_manager::checkout(
+            &service.config,
+            &mut shared.licenses(),
+            &service.keyring,
+            &admitted.account,
+            &value,
+            now,
+        ),
+        Operation::CheckInLicense => license_manager::check_in(
+            &service.config,
+            &mut shared.licenses(),
+            &admitted.account,
+            &value,
+            now,
+        ),
+        Operation::ExtendLicenseConsumption => license_manager::extend(
+            &service.config,
+            &mut shared.licenses(),
+            &admitted.account,
+            &value,
+            now,
+        ),
+        Operation::GetLicense => {
+            license_manager::get_license(&service.config, &admitted.account, &value, now)
+        }
+        Operation::ListReceivedLicenses => {
+            license_manager::list_received(&service.config, &admitted.account, &value, now)
+        }
+        Operation::GetAccessToken => {
+            license_manager::get_access_token(&service.config, &service.keyring, &value, now)
+        }
     };
     Ok(answer)
 }
@@ -334,6 +415,7 @@ async fn protocol(
         .unwrap_or("")
         .to_owned();
     let op = Operation::from_target(&target).filter(|_| req.parts.method == Method::POST);
+    let api = op.map_or(Api::Metering, Operation::api);
     let mut call = CallRecord {
         operation: op
             .map(|o| o.name().to_owned())
@@ -346,7 +428,7 @@ async fn protocol(
     };
     let span = tracing::info_span!("emulator_call", operation = %call.operation, identity = call.identity.as_deref().unwrap_or("-"));
     let result = async {
-        let (op, caller, decision) = match admit(shared, &req, op, &target, now, &mut call) {
+        let (op, admitted, decision) = match admit(shared, &req, op, &target, now, &mut call) {
             Ok(admitted) => admitted,
             Err(e) => return Ok(Err(e)),
         };
@@ -354,7 +436,7 @@ async fn protocol(
             wait_latency(shared, d).await;
         }
         let body = req.body.as_deref().unwrap_or_default();
-        dispatch(shared, body, op, &caller, decision.fault, &mut call)
+        dispatch(shared, body, op, &admitted, decision.fault, &mut call)
     }
     .instrument(span.clone())
     .await;
@@ -369,7 +451,7 @@ async fn protocol(
                 error_type: err.error_type.clone(),
                 status: err.status,
             };
-            Some(error_response(&err))
+            Some(error_response_for(&err, api))
         }
     };
     span.in_scope(|| match &call.outcome {
@@ -438,6 +520,9 @@ fn admin(shared: &Shared, req: &ReadRequest) -> HttpResponse {
         }
         (Method::GET, "/_emulator/double-billing") => {
             admin_json(StatusCode::OK, &service.double_billed())
+        }
+        (Method::GET, "/_emulator/license-consumptions") => {
+            admin_json(StatusCode::OK, &shared.licenses().consumptions())
         }
         (Method::GET, "/_emulator/calls") => admin_json(StatusCode::OK, &service.calls()),
         (Method::GET, "/_emulator/rates") => admin_json(StatusCode::OK, &shared.quotas().rates()),
