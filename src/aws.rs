@@ -41,8 +41,9 @@ impl AwsSettings {
     }
 }
 
-/// Builds a client with SDK retries disabled.
-pub async fn build_client(settings: &AwsSettings) -> Client {
+/// The SDK configuration every client shares: SDK retries disabled (meterd retries itself),
+/// timeouts, region, endpoint and credentials from `settings`.
+async fn sdk_config(settings: &AwsSettings) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .retry_config(RetryConfig::disabled())
         .timeout_config(
@@ -70,7 +71,17 @@ pub async fn build_client(settings: &AwsSettings) -> Client {
             "meterd-static",
         ));
     }
-    Client::new(&loader.load().await)
+    loader.load().await
+}
+
+/// The Metering Service client.
+pub async fn build_client(settings: &AwsSettings) -> Client {
+    Client::new(&sdk_config(settings).await)
+}
+
+/// The License Manager client (contract pricing), from the same settings.
+pub async fn build_license_client(settings: &AwsSettings) -> aws_sdk_licensemanager::Client {
+    aws_sdk_licensemanager::Client::new(&sdk_config(settings).await)
 }
 
 /// Why a call to the Metering Service did not succeed, reduced to what callers branch on.
@@ -127,6 +138,7 @@ impl CallFailure {
                 code,
                 "ThrottlingException"
                     | "Throttling"
+                    | "RateLimitExceededException"
                     | "TooManyRequestsException"
                     | "InternalServiceErrorException"
                     | "ServiceUnavailableException"

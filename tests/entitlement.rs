@@ -362,3 +362,166 @@ fn the_keyring_is_embedded_in_the_binary() {
     let report = ring.report().render();
     assert!(report.contains(&v1.fingerprint), "{report}");
 }
+
+// ---------------------------------------------------------------- contract pricing
+
+mod contract {
+    use super::*;
+    use meterd::entitlement::contract::{
+        checkout_observed, ContractCheckout, ContractSettings, WantedEntitlement,
+        MARKETPLACE_KEY_FINGERPRINT,
+    };
+    use meterd::entitlement::Backoff;
+
+    async fn license_client(rig: &Rig, key: &str) -> aws_sdk_licensemanager::Client {
+        meterd::aws::build_license_client(&AwsSettings {
+            region: Some("us-east-1".to_owned()),
+            endpoint_url: Some(rig.emu.endpoint_url()),
+            static_credentials: Some((key.to_owned(), "secret".to_owned())),
+            operation_timeout: Some(Duration::from_secs(10)),
+        })
+        .await
+    }
+
+    /// The demo license's account for `AKIDBUYER`; other keys are another account.
+    fn config() -> EmulatorConfig {
+        let mut config = EmulatorConfig::demo();
+        config
+            .quotas
+            .accounts
+            .insert("AKIDBUYER".to_owned(), "111122223333".to_owned());
+        config
+    }
+
+    fn settings(seats: i64, token: &str) -> ContractSettings {
+        ContractSettings {
+            product_sku: PRODUCT.to_owned(),
+            key_fingerprint: MARKETPLACE_KEY_FINGERPRINT.to_owned(),
+            entitlements: vec![
+                WantedEntitlement {
+                    name: "Tier".to_owned(),
+                    unit: "None".to_owned(),
+                    count: None,
+                },
+                WantedEntitlement {
+                    name: "Seats".to_owned(),
+                    unit: "Count".to_owned(),
+                    count: Some(seats),
+                },
+            ],
+            perpetual: false,
+            client_token: token.to_owned(),
+            startup_budget: Duration::from_secs(300),
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Checks out in a task, moving the shared clock to each announced retry.
+    async fn run(
+        rig: &Rig,
+        client: aws_sdk_licensemanager::Client,
+        settings: ContractSettings,
+    ) -> (Result<ContractCheckout, EntitlementError>, usize) {
+        let shared: SharedClock = rig.clock.clone();
+        let (tx, mut rx) = mpsc::unbounded_channel::<SystemTime>();
+        let task = tokio::spawn(async move {
+            let observer = move |at: SystemTime| {
+                let _ = tx.send(at);
+            };
+            checkout_observed(&client, &settings, &shared, &observer).await
+        });
+        let mut retries = 0;
+        while let Some(at) = rx.recv().await {
+            retries += 1;
+            rig.clock.set(at);
+        }
+        (task.await.expect("checkout task"), retries)
+    }
+
+    #[tokio::test]
+    async fn a_contract_checkout_returns_the_entitlements() {
+        let rig = rig(config()).await;
+        let client = license_client(&rig, "AKIDBUYER").await;
+        let (out, retries) = run(&rig, client, settings(3, "instance-1/0")).await;
+        let out = out.expect("entitled");
+        assert_eq!(retries, 0);
+        assert_eq!(out.license_arn, emulator::config::DEMO_LICENSE_ARN);
+        assert_eq!(out.checkout_type, "PROVISIONAL");
+        let got: Vec<(&str, Option<&str>)> = out
+            .entitlements
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        assert_eq!(got, [("Tier", Some("Premium")), ("Seats", Some("3"))]);
+        assert!(out.expiration.is_some());
+    }
+
+    /// A restart that checks out again with the same ClientToken (the instance's) gets the
+    /// same consumption: a crash between the checkout and its answer leaks no seat.
+    #[tokio::test]
+    async fn a_retried_checkout_with_the_same_token_holds_one_set_of_seats() {
+        let rig = rig(config()).await;
+        let client = license_client(&rig, "AKIDBUYER").await;
+        let first = run(&rig, client.clone(), settings(6, "instance-1/0"))
+            .await
+            .0
+            .expect("first");
+        let again = run(&rig, client.clone(), settings(6, "instance-1/0"))
+            .await
+            .0
+            .expect("again");
+        assert_eq!(first.consumption_token, again.consumption_token);
+        // 6 of 10 held once: 4 more fit, 5 would not.
+        run(&rig, client.clone(), settings(4, "instance-2/0"))
+            .await
+            .0
+            .expect("four");
+        let (err, _) = run(&rig, client, settings(1, "instance-3/0")).await;
+        assert_eq!(err.expect_err("full").exit_code(), EXIT_NOT_ENTITLED);
+        // The first checkout and the four: the retry made none, the refused one none.
+        assert_eq!(rig.emu.license_consumptions().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn each_contract_failure_exits_with_its_code() {
+        let rig = rig(config()).await;
+        // Another account has no license: not entitled (77).
+        let stranger = license_client(&rig, "AKIDSTRANGER").await;
+        let (e, _) = run(&rig, stranger, settings(1, "s/0")).await;
+        let e = e.expect_err("no license");
+        assert_eq!(e.exit_code(), EXIT_NOT_ENTITLED, "{e}");
+        assert!(e.to_string().contains("ResourceNotFoundException"), "{e}");
+        // An entitlement the license lacks: not entitled (77).
+        let buyer = license_client(&rig, "AKIDBUYER").await;
+        let mut lacking = settings(1, "b/0");
+        lacking.entitlements[1].name = "Cores".to_owned();
+        let (e, _) = run(&rig, buyer.clone(), lacking).await;
+        assert_eq!(
+            e.expect_err("no such entitlement").exit_code(),
+            EXIT_NOT_ENTITLED
+        );
+        // A unit the model does not know: configuration (78).
+        let mut bad_unit = settings(1, "b/1");
+        bad_unit.entitlements[1].unit = "Parsecs".to_owned();
+        let (e, _) = run(&rig, buyer.clone(), bad_unit).await;
+        assert_eq!(e.expect_err("unit").exit_code(), EXIT_CONFIGURATION);
+        // A count that is not a positive number: configuration (78).
+        let (e, _) = run(&rig, buyer.clone(), settings(0, "b/2")).await;
+        assert_eq!(e.expect_err("zero").exit_code(), EXIT_CONFIGURATION);
+        // Throttled for the whole budget, on the injected clock: 75; then it recovers.
+        rig.emu.set_faults(FaultProfile {
+            all: FaultRule {
+                throttle_rate: 1.0,
+                ..FaultRule::default()
+            },
+            ..FaultProfile::default()
+        });
+        let (e, retries) = run(&rig, buyer.clone(), settings(1, "b/3")).await;
+        let e = e.expect_err("throttled");
+        assert_eq!(e.exit_code(), EXIT_TRANSIENT_BUDGET, "{e}");
+        assert!(retries >= 3, "{retries} retries in 300 s of clock");
+        rig.emu.set_faults(FaultProfile::default());
+        let (ok, _) = run(&rig, buyer, settings(1, "b/3")).await;
+        ok.expect("entitled once the throttling stops");
+    }
+}

@@ -6,6 +6,7 @@
 //! - [`verify()`]: the RegisterUsage JWT check (PS256 only; trusted key of the asked version;
 //!   product code, nonce and version equal what was sent).
 //! - [`register()`]: RegisterUsage at start-up with retries inside a start-up budget.
+//! - [`contract::checkout()`]: contract pricing's CheckoutLicense with License Manager.
 //! - [`dry_run_check_with()`]: MeterUsage `DryRun=true`, with the container and AMI failure policies.
 //! - [`doctor()`]: the `meterd doctor` report.
 //! - [`Backoff`]: exponential back-off with jitter, used by the retry loops here.
@@ -25,6 +26,7 @@
 //! | 78 | [`EXIT_CONFIGURATION`] | deployment configuration: platform, region, product code, key version, keyring, credentials or IAM permissions |
 
 pub mod baked;
+pub mod contract;
 pub mod doctor;
 pub mod dry_run;
 pub mod keyring;
@@ -211,6 +213,25 @@ pub enum EntitlementError {
         last: Box<EntitlementError>,
     },
 
+    #[error(
+        "no contract license for product SKU {product_sku:?} in this account ({code}: \
+         {message}); fix: the buyer must accept the product's contract offer in AWS \
+         Marketplace (and the license grant in License Manager) from the account that runs \
+         this task or pod, with the entitlements configured in [contract]"
+    )]
+    NoContract {
+        product_sku: String,
+        code: String,
+        message: String,
+    },
+
+    #[error(
+        "License Manager refused the checkout's configuration ({code}: {message}); fix: check \
+         contract.product_sku, contract.key_fingerprint and the entitlements' names and units \
+         against the product's listing, and call the license's home region"
+    )]
+    ContractConfiguration { code: String, message: String },
+
     #[error("the operating system's random source failed: {0}; fix: check /dev/urandom or getrandom(2) in the container's sandbox")]
     Random(String),
 }
@@ -219,7 +240,9 @@ impl EntitlementError {
     /// The process exit code for this error's class; see the module docs for the table.
     pub fn exit_code(&self) -> i32 {
         match self {
-            EntitlementError::NotEntitled { .. } => EXIT_NOT_ENTITLED,
+            EntitlementError::NotEntitled { .. } | EntitlementError::NoContract { .. } => {
+                EXIT_NOT_ENTITLED
+            }
             EntitlementError::Verification(_) => EXIT_VERIFICATION_FAILED,
             EntitlementError::PlatformNotSupported { .. }
             | EntitlementError::PricingNotOnPlatform { .. }
@@ -230,7 +253,8 @@ impl EntitlementError {
             | EntitlementError::NoTrustedKey { .. }
             | EntitlementError::Credentials { .. }
             | EntitlementError::InvalidDimension { .. }
-            | EntitlementError::ProductCodeNotAllowed { .. } => EXIT_CONFIGURATION,
+            | EntitlementError::ProductCodeNotAllowed { .. }
+            | EntitlementError::ContractConfiguration { .. } => EXIT_CONFIGURATION,
             EntitlementError::ServiceRefused { .. } => EXIT_SERVICE_REFUSED,
             EntitlementError::BudgetExhausted { .. } => EXIT_TRANSIENT_BUDGET,
             EntitlementError::GaveUp { last, .. } => last.exit_code(),
