@@ -584,7 +584,18 @@ async fn establish_entitlement(
                 platform,
             );
             settings.startup_budget = config.registration.startup_budget;
-            let entitlement = entitlement::register(client, &settings, keyring, clock).await?;
+            let entitlement = counted(
+                metrics,
+                "RegisterUsage",
+                entitlement::register_observed(
+                    client,
+                    &settings,
+                    keyring,
+                    clock,
+                    &count_attempts(metrics, "RegisterUsage"),
+                )
+                .await,
+            )?;
             metrics.entitled.set(1);
             if let Some(rotation) = &entitlement.key_rotation {
                 metrics
@@ -615,9 +626,10 @@ async fn establish_entitlement(
             mode,
             clock,
             &policy,
-            &|_| {},
+            &count_attempts(metrics, DRY_RUN),
         )
-        .await?;
+        .await;
+        let passed = counted(metrics, DRY_RUN, passed)?;
         metrics.entitled.set(1);
         status.set_entitlement(EntitlementStatus {
             state: EntitlementState::PermissionsVerified,
@@ -647,9 +659,10 @@ async fn establish_entitlement(
                 mode,
                 &clock,
                 &policy,
-                &|_| {},
+                &count_attempts(&metrics, DRY_RUN),
             )
-            .await?;
+            .await;
+            let passed = counted(&metrics, DRY_RUN, passed)?;
             metrics.entitled.set(1);
             status.set_entitlement(EntitlementStatus {
                 state: EntitlementState::PermissionsVerified,
@@ -660,6 +673,30 @@ async fn establish_entitlement(
         .instrument(tracing::info_span!("dry_run")),
     );
     Ok(Some(handle))
+}
+
+/// The `operation` label of the start-up DryRun in `meterd_aws_calls_total`.
+const DRY_RUN: &str = "MeterUsageDryRun";
+
+/// Counts each failed start-up attempt that is retried, by its error code.
+fn count_attempts<'a>(
+    metrics: &'a Metrics,
+    operation: &'static str,
+) -> impl Fn(&entitlement::RetryEvent) + Send + Sync + 'a {
+    move |e| metrics.call(operation, e.failure.code.as_deref().unwrap_or("transport"))
+}
+
+/// Counts the start-up check's last call: `success`, or the class of the final failure.
+fn counted<T>(
+    metrics: &Metrics,
+    operation: &str,
+    result: Result<T, EntitlementError>,
+) -> Result<T, EntitlementError> {
+    metrics.call(
+        operation,
+        result.as_ref().map_or_else(|e| e.class(), |_| "success"),
+    );
+    result
 }
 
 /// How often the running time is recorded for heartbeat dimensions: a crash loses at most

@@ -26,7 +26,7 @@ use subtle::ConstantTimeEq;
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::config::Config;
 use crate::ledger::{Event, Ledger, LedgerError, Measure};
-use crate::metrics::Metrics;
+use crate::metrics::{DiskSpace, Metrics};
 use crate::model::{self, Aggregation, TagSet, DISTINCT_MAX_CHARS, MAX_QUANTITY, MAX_TAG_KEYS};
 use crate::serve::{read_body, BodyError, Slot};
 use crate::status::StatusBoard;
@@ -511,21 +511,7 @@ impl Api {
                 json_response(StatusCode::OK, &json!({"status": "alive"}))
             }
             (&Method::GET, "/readyz") => self.readyz(),
-            (&Method::GET, "/metrics") => {
-                if let Ok(stats) = self.ledger.stats().await {
-                    self.metrics.records_pending.set(stats.pending);
-                }
-                let mut resp = Response::new(Full::new(Bytes::from(
-                    self.metrics.render(self.ledger.commit_stats()),
-                )));
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                resp
-            }
+            (&Method::GET, "/metrics") => self.metrics_response(req.headers()).await,
             (
                 _,
                 "/v1/usage" | "/v1/usage/current" | "/v1/status" | "/healthz" | "/readyz"
@@ -550,7 +536,54 @@ impl Api {
         }
     }
 
+    /// OpenMetrics when the scraper accepts it, else the text format 0.0.4 (`crate::metrics`).
+    async fn metrics_response(&self, headers: &header::HeaderMap) -> Response<Body> {
+        let now = unix_seconds(self.clock.now());
+        if let Ok(stats) = self.ledger.stats().await {
+            self.metrics.observe_ledger(&stats, now);
+        }
+        self.metrics
+            .observe_entitlement(&self.status.entitlement().state);
+        self.metrics
+            .ledger_writable
+            .set(i64::from(self.status.ledger_writable()));
+        let dir = self.ledger.path().parent().unwrap_or(self.ledger.path());
+        self.metrics.observe_disk(DiskSpace::of(dir));
+        let openmetrics = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("application/openmetrics-text"));
+        let commits = self.ledger.commit_stats();
+        let (body, content_type) = if openmetrics {
+            (
+                self.metrics.render(commits),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            (
+                self.metrics.render_text(commits),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        );
+        resp
+    }
+
     async fn post_usage(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let resp = self.post_usage_timed(req).await;
+        self.metrics
+            .ingest_request_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn post_usage_timed(&self, req: Request<Incoming>) -> Response<Body> {
         match self.ingest(req).await {
             Ok(resp) => resp,
             Err(rejection) => {

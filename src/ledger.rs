@@ -267,6 +267,10 @@ pub struct LedgerStats {
     pub duplicate: i64,
     pub last_error: Option<String>,
     pub size_bytes: u64,
+    /// The hour of the oldest pending record.
+    pub oldest_pending_hour: Option<i64>,
+    /// When MeterUsage last confirmed a record.
+    pub last_sent_at: Option<i64>,
 }
 
 /// Sealing produced these records; `folded_tag_sets` feeds a warning and a metric.
@@ -824,6 +828,12 @@ impl Ledger {
                         |r| r.get(0),
                     )
                     .optional()?;
+                (stats.oldest_pending_hour, stats.last_sent_at) = c.query_row(
+                    "SELECT (SELECT MIN(hour) FROM records WHERE state = 'pending'), \
+                     (SELECT MAX(sent_at) FROM records WHERE state = 'sent')",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
                 Ok(stats)
             })
             .await?;

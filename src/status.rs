@@ -20,6 +20,18 @@ pub enum EntitlementState {
     Failed,
 }
 
+impl EntitlementState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EntitlementState::Pending => "pending",
+            EntitlementState::Entitled => "entitled",
+            EntitlementState::PermissionsVerified => "permissions_verified",
+            EntitlementState::Unverified => "unverified",
+            EntitlementState::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct EntitlementStatus {
     pub state: EntitlementState,
