@@ -91,10 +91,27 @@ check "helm refuses transport tcp without auth.existingSecret" \
 check "helm refuses the Unix socket without the pod's fsGroup" \
   must_fail "needs podSecurityContext.fsGroup" "$HELM" template x "$CHART" --set podSecurityContext.fsGroup=null
 
+# The PrometheusRule carries exactly the rules of the plain file (promtool tests that file).
+prometheus_rule() {
+  "$HELM" lint --strict "$CHART" -f "$CHART/ci/monitoring-values.yaml" >/dev/null &&
+    "$HELM" template x "$CHART" -f "$CHART/ci/monitoring-values.yaml" -s templates/prometheusrule.yaml |
+    "$PYTHON" -c '
+import sys, yaml
+doc = yaml.safe_load(sys.stdin)
+rules = yaml.safe_load(open(sys.argv[1]))
+assert doc["kind"] == "PrometheusRule" and doc["apiVersion"] == "monitoring.coreos.com/v1", doc
+assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack", doc["metadata"]
+assert doc["spec"] == {"groups": rules["groups"]}, "the PrometheusRule differs from the rules file"
+' "$CHART/files/prometheus-rules.yaml" &&
+    ! "$HELM" template x "$CHART" | grep -q 'kind: PrometheusRule'
+}
+check "PrometheusRule (monitoring.prometheusRule.enabled) = files/prometheus-rules.yaml; off by default" prometheus_rule
+
 # EKS add-on rules, on the raw templates and on two renders of each values file.
 addon() { "$PYTHON" scripts/helm_addon_check.py --helm "$HELM" "$@"; }
 check "EKS add-on rules; helm template byte-identical across two renders (helm/meterd)" \
-  addon "$CHART" -f "$CHART/ci/example-values.yaml" -f "$CHART/ci/tcp-values.yaml"
+  addon "$CHART" -f "$CHART/ci/example-values.yaml" -f "$CHART/ci/tcp-values.yaml" \
+  -f "$CHART/ci/monitoring-values.yaml"
 # The check itself: a copy of the chart with one forbidden line must fail it.
 addon_rejects() { # pattern, template line
   local dir="$WORK/addon-bad"
