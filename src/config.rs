@@ -98,6 +98,8 @@ pub struct Config {
     pub aws: AwsConfig,
     #[serde(default)]
     pub sending: SendingConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -262,6 +264,46 @@ impl Default for SendingConfig {
             call_timeout: default_call_timeout(),
         }
     }
+}
+
+/// When `metering_health` in `/v1/status` leaves `ok`: how long the oldest unsent record's hour
+/// has been closed. An application that fails closed reads it; meterd itself stops nothing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default = "default_warn_after", with = "humantime_serde")]
+    pub warn_after: Duration,
+    #[serde(default = "default_degraded_after", with = "humantime_serde")]
+    pub degraded_after: Duration,
+    /// At least 2 h: AWS asks AMI products never to fail closed sooner.
+    #[serde(default = "default_failing_after", with = "humantime_serde")]
+    pub failing_after: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            warn_after: default_warn_after(),
+            degraded_after: default_degraded_after(),
+            failing_after: default_failing_after(),
+        }
+    }
+}
+
+/// `health.failing_after` bounds: not before 2 h (AWS's rule for AMI products), and not after a
+/// record can still be unsent (it is dead-lettered 6 h after its hour starts, 5 h after it
+/// closes).
+pub const MIN_FAILING_AFTER: Duration = Duration::from_secs(2 * 3600);
+pub const MAX_FAILING_AFTER: Duration = Duration::from_secs(5 * 3600);
+
+fn default_warn_after() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_degraded_after() -> Duration {
+    Duration::from_secs(2 * 3600)
+}
+fn default_failing_after() -> Duration {
+    Duration::from_secs(4 * 3600)
 }
 
 fn yes() -> bool {
@@ -517,6 +559,23 @@ impl Config {
         if s.seal_delay > Duration::from_secs(600) {
             problems.push("sending.seal_delay must be at most 10m".to_owned());
         }
+        let h = &self.health;
+        check_duration(
+            &mut problems,
+            "health.failing_after",
+            h.failing_after,
+            MIN_FAILING_AFTER,
+            MAX_FAILING_AFTER,
+        );
+        if h.warn_after < Duration::from_secs(60) {
+            problems.push("health.warn_after must be at least 1m".to_owned());
+        }
+        if !(h.warn_after <= h.degraded_after && h.degraded_after <= h.failing_after) {
+            problems.push(
+                "health.warn_after, health.degraded_after and health.failing_after must not decrease"
+                    .to_owned(),
+            );
+        }
         problems
     }
 
@@ -656,6 +715,41 @@ listen = "nowhere"
         let ok = Config::from_toml_str(&format!("{MINIMAL}[sending]\nmax_backoff = \"1h\"\n"))
             .expect("1h is allowed");
         assert_eq!(ok.sending.max_backoff, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn health_thresholds_never_fail_before_two_hours_and_keep_their_order() {
+        for (health, named) in [
+            ("failing_after = \"1h59m\"", "health.failing_after must be 2h to 5h"),
+            ("failing_after = \"6h\"", "health.failing_after must be 2h to 5h"),
+            ("warn_after = \"30s\"", "health.warn_after must be at least 1m"),
+            (
+                "degraded_after = \"4h30m\"",
+                "health.warn_after, health.degraded_after and health.failing_after must not decrease",
+            ),
+            (
+                "warn_after = \"3h\"\ndegraded_after = \"2h\"",
+                "health.warn_after, health.degraded_after and health.failing_after must not decrease",
+            ),
+        ] {
+            let err = Config::from_toml_str(&format!("{MINIMAL}[health]\n{health}\n"))
+                .expect_err(health);
+            assert!(err.to_string().contains(named), "{health}: {err}");
+        }
+        let ok = Config::from_toml_str(&format!(
+            "{MINIMAL}[health]\nwarn_after = \"2h\"\ndegraded_after = \"2h\"\nfailing_after = \"2h\"\n"
+        ))
+        .expect("2h for all is allowed");
+        assert_eq!(ok.health.failing_after, MIN_FAILING_AFTER);
+        let d = Config::from_toml_str(MINIMAL).expect("valid").health;
+        assert_eq!(
+            (d.warn_after, d.degraded_after, d.failing_after),
+            (
+                Duration::from_secs(1800),
+                Duration::from_secs(7200),
+                Duration::from_secs(14400)
+            )
+        );
     }
 
     #[test]

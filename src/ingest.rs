@@ -26,10 +26,10 @@ use subtle::ConstantTimeEq;
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::config::Config;
 use crate::ledger::{Event, Ledger, LedgerError, Measure};
-use crate::metrics::{DiskSpace, Metrics};
+use crate::metrics::{unsent_age_seconds, DiskSpace, Metrics};
 use crate::model::{self, Aggregation, TagSet, DISTINCT_MAX_CHARS, MAX_QUANTITY, MAX_TAG_KEYS};
 use crate::serve::{read_body, BodyError, Slot};
-use crate::status::StatusBoard;
+use crate::status::{MeteringHealth, StatusBoard};
 
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const MAX_BATCH_EVENTS: usize = 10_000;
@@ -539,9 +539,15 @@ impl Api {
     /// OpenMetrics when the scraper accepts it, else the text format 0.0.4 (`crate::metrics`).
     async fn metrics_response(&self, headers: &header::HeaderMap) -> Response<Body> {
         let now = unix_seconds(self.clock.now());
-        if let Ok(stats) = self.ledger.stats().await {
-            self.metrics.observe_ledger(&stats, now);
-        }
+        let health = match self.ledger.stats().await {
+            Ok(stats) => {
+                self.metrics.observe_ledger(&stats, now);
+                let age = unsent_age_seconds(stats.oldest_pending_hour, now);
+                MeteringHealth::of(age, &self.config.health)
+            }
+            Err(_) => MeteringHealth::Degraded,
+        };
+        self.metrics.observe_health(health);
         self.metrics
             .observe_entitlement(&self.status.entitlement().state);
         self.metrics
@@ -716,6 +722,14 @@ impl Api {
     async fn status(&self) -> Response<Body> {
         let now = unix_seconds(self.clock.now());
         let ledger = self.ledger.stats().await;
+        // A ledger that cannot be read shows no proof that usage is going out: degraded.
+        let (health, unsent_seconds) = match &ledger {
+            Ok(s) => {
+                let age = unsent_age_seconds(s.oldest_pending_hour, now);
+                (MeteringHealth::of(age, &self.config.health), Some(age))
+            }
+            Err(_) => (MeteringHealth::Degraded, None),
+        };
         let (ledger_json, records) = match &ledger {
             Ok(s) => (
                 json!({"path": self.ledger.path(), "size_bytes": s.size_bytes, "writable": self.status.ledger_writable()}),
@@ -734,6 +748,8 @@ impl Api {
                 "pricing": self.config.pricing,
                 "platform": self.status.platform,
                 "ready": self.status.is_ready(),
+                "metering_health": health,
+                "oldest_unsent_age_seconds": unsent_seconds,
                 "entitlement": self.status.entitlement(),
                 "open_hour": rfc3339(self.ledger.open_hour(now)),
                 "first_start": rfc3339(identity.first_start),

@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 
 use crate::clock::HOUR_SECS;
 use crate::ledger::{CommitStats, LedgerStats};
-use crate::status::EntitlementState;
+use crate::status::{EntitlementState, MeteringHealth};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -39,6 +39,11 @@ pub struct Code {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct State {
     pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Level {
+    pub level: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +120,7 @@ pub struct Metrics {
     pub oldest_unsent_record_age_seconds: Gauge,
     pub last_successful_send_timestamp_seconds: Gauge,
     pub aws_calls: Family<Call, Counter>,
+    pub metering_health: Family<Level, Gauge>,
     pub entitled: Gauge,
     pub entitlement_state: Family<State, Gauge>,
     pub public_key_rotation_timestamp_seconds: Gauge,
@@ -157,6 +163,7 @@ impl Metrics {
             oldest_unsent_record_age_seconds: Gauge::default(),
             last_successful_send_timestamp_seconds: Gauge::default(),
             aws_calls: Family::default(),
+            metering_health: Family::default(),
             entitled: Gauge::default(),
             entitlement_state: Family::default(),
             public_key_rotation_timestamp_seconds: Gauge::default(),
@@ -298,6 +305,11 @@ impl Metrics {
             m.aws_calls.clone(),
         );
         r.register(
+            "meterd_metering_health",
+            "1 for the current metering_health level of /v1/status (ok, warn, degraded, failing)",
+            m.metering_health.clone(),
+        );
+        r.register(
             "meterd_entitled",
             "1 once RegisterUsage (or the DryRun check) passed",
             m.entitled.clone(),
@@ -320,6 +332,7 @@ impl Metrics {
                 .set(0);
         }
         m.observe_entitlement(&EntitlementState::Pending);
+        m.observe_health(MeteringHealth::Ok);
         m.ledger_writable.set(1);
         Metrics { registry: r, ..m }
     }
@@ -349,6 +362,16 @@ impl Metrics {
         if let Some(d) = disk {
             self.ledger_filesystem_avail_bytes.set(clamp(d.avail_bytes));
             self.ledger_filesystem_size_bytes.set(clamp(d.size_bytes));
+        }
+    }
+
+    pub fn observe_health(&self, current: MeteringHealth) {
+        for level in MeteringHealth::ALL {
+            self.metering_health
+                .get_or_create(&Level {
+                    level: level.as_str().to_owned(),
+                })
+                .set(i64::from(level == current));
         }
     }
 

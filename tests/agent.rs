@@ -1338,3 +1338,82 @@ async fn an_hourly_product_that_is_not_entitled_exits_77() {
     assert!(!ever_ready);
     assert_eq!(call_counts(&h), (1, 0, 0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metering_health_walks_through_each_level_while_the_service_is_down_and_back_to_ok() {
+    let h = Harness::new(H0 + 300).await;
+    let agent = h.start_agent(h.config("")).await;
+    h.emulator.set_faults(FaultProfile {
+        operations: BTreeMap::from([(
+            emulator::Operation::MeterUsage,
+            FaultRule {
+                down_for: Some(Duration::from_secs(24 * 3600)),
+                ..FaultRule::default()
+            },
+        )]),
+        ..FaultProfile::default()
+    });
+    let health = || async {
+        let (_, status) = agent.get("/v1/status").await;
+        (
+            status["metering_health"].as_str().unwrap_or("?").to_owned(),
+            status["oldest_unsent_age_seconds"].as_i64().unwrap_or(-1),
+        )
+    };
+    let metric = || async {
+        let (_, metrics) = agent.get("/metrics").await;
+        let text = metrics.as_str().unwrap_or_default().to_owned();
+        text.lines()
+            .find(|l| l.starts_with("meterd_metering_health{") && l.ends_with(" 1"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    agent.post(ev("requests", 5, None)).await;
+    assert_eq!(health().await, ("ok".to_owned(), 0), "nothing sealed yet");
+
+    // Hour 0 closes and its records fail to send.
+    let closed = H0 + HOUR_SECS;
+    h.advance_to(closed + 60);
+    wait_for("a failed MeterUsage", || !meter_usage_errors(&h).is_empty()).await;
+    assert_eq!(health().await, ("ok".to_owned(), 60));
+    for (after, level) in [
+        (29 * 60, "ok"),
+        (30 * 60, "warn"),
+        (2 * HOUR_SECS - 1, "warn"),
+        (2 * HOUR_SECS, "degraded"),
+        (4 * HOUR_SECS - 1, "degraded"),
+        (4 * HOUR_SECS, "failing"),
+    ] {
+        h.advance_to(closed + after);
+        assert_eq!(
+            health().await,
+            (level.to_owned(), after),
+            "{after} s unsent"
+        );
+        assert_eq!(
+            metric().await,
+            format!("meterd_metering_health{{level=\"{level}\"}} 1")
+        );
+    }
+    let errors = meter_usage_errors(&h).len();
+    assert!(
+        errors >= 2,
+        "the sender kept trying while down: {errors} errors"
+    );
+
+    h.emulator.set_faults(FaultProfile::default());
+    h.advance_to(closed + 4 * HOUR_SECS + 60);
+    wait_for("every hour billed", || h.billed().len() == 2 * 5).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while health().await != ("ok".to_owned(), 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never came back: {:?}",
+            health().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric().await, "meterd_metering_health{level=\"ok\"} 1");
+    assert_eq!(h.billed()[&(H0, "requests".to_owned())].quantity, 5);
+    agent.stop().await;
+}
