@@ -615,4 +615,89 @@ mod tests {
         assert_eq!(unsent_age_seconds(Some(3600), 7000), 0);
         assert_eq!(unsent_age_seconds(Some(3600), 7260), 60);
     }
+
+    /// Every series name the agent exports: each family's samples (`_total` for a counter,
+    /// `_bucket`, `_sum` and `_count` for a histogram).
+    fn exported_names() -> HashSet<String> {
+        let mut names = HashSet::new();
+        for line in Metrics::new().render_text(&CommitStats::default()).lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            if kind == "histogram" {
+                for s in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{s}"));
+                }
+            } else {
+                names.insert(name.to_owned());
+            }
+        }
+        names
+    }
+
+    /// `meterd_…` identifiers in a text (a PromQL expression, a dashboard, a rules file).
+    fn metric_names(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("meterd_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let before = rest[..i].chars().next_back();
+            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                out.push(tail[..end].to_owned());
+            }
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
+        let exported = exported_names();
+        assert!(
+            exported.contains("meterd_records_sent_total"),
+            "{exported:?}"
+        );
+        assert!(exported.contains("meterd_ingest_request_duration_seconds_bucket"));
+        assert!(
+            !exported.contains("meterd_records_sent"),
+            "a counter is named by its samples"
+        );
+        let dashboard = include_str!("../deploy/grafana/meterd-dashboard.json");
+        let rules = include_str!("../helm/meterd/files/prometheus-rules.yaml");
+        let json: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard JSON");
+        let panels = json["panels"].as_array().expect("panels");
+        assert!(panels.len() >= 10);
+        for panel in panels {
+            let exprs: Vec<&str> = panel["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t["expr"].as_str())
+                .collect();
+            assert!(
+                exprs.iter().any(|e| !metric_names(e).is_empty()),
+                "panel {} queries no meterd metric",
+                panel["title"]
+            );
+        }
+        for (what, text) in [("dashboard", dashboard), ("alert rules", rules)] {
+            let named = metric_names(text);
+            assert!(!named.is_empty(), "{what}");
+            for name in named {
+                assert!(
+                    exported.contains(&name),
+                    "the {what} name {name}, which the agent does not export"
+                );
+            }
+        }
+        assert_eq!(
+            metric_names("x{a=\"b\"} + meterd_a_total/meterd_b"),
+            ["meterd_a_total", "meterd_b"]
+        );
+        assert!(metric_names("not_meterd_x").is_empty());
+    }
 }
