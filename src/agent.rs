@@ -51,12 +51,14 @@ pub enum AgentError {
     Keyring(#[from] crate::entitlement::KeyringError),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 impl AgentError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            AgentError::Ledger(_) | AgentError::FinalSeal(_) => EXIT_LEDGER,
+            AgentError::Ledger(_) | AgentError::FinalSeal(_) | AgentError::Audit(_) => EXIT_LEDGER,
             AgentError::Entitlement(e) => e.exit_code(),
             AgentError::Listen { .. } => EXIT_LISTEN,
             AgentError::Keyring(_) | AgentError::Config(_) => crate::config::EXIT_BAD_CONFIG,
@@ -268,6 +270,7 @@ pub async fn run(
         first_start = %rfc3339(ledger.identity().first_start),
         "ledger open"
     );
+    let audit = crate::audit::AuditTrail::open(&config.audit, ledger.clone())?;
     let mut listeners = match listeners {
         Some(l) => l,
         None => Listeners::bind(&config).await?,
@@ -410,6 +413,8 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let mut workers = JoinSet::new();
     let meters = config.pricing.meters();
+    // A JoinSet, so the task ends with the agent (its ledger handle goes with it).
+    let mut audit_task = JoinSet::new();
     // Heartbeat dimensions bill the time from here (entitled and metering) to the exit.
     let run_timer = (meters && !policy.heartbeat.is_empty())
         .then(|| Arc::new(RunTimer::new(ledger.clone(), clock.clone())));
@@ -438,6 +443,13 @@ pub async fn run(
             clock.clone(),
             workers_stop.clone(),
         ));
+        if let Some(trail) = audit {
+            audit_task.spawn(
+                trail
+                    .run(workers_stop.clone())
+                    .instrument(tracing::info_span!("audit")),
+            );
+        }
         {
             let sender = sender.clone();
             let (wake, stop) = (wake.clone(), workers_stop.clone());
@@ -508,6 +520,12 @@ pub async fn run(
         Ok(crate::send::Pass::Done) => tracing::info!("all sealed records delivered"),
         Ok(_) => tracing::warn!("records still undelivered at the end of the grace period; they stay in the ledger and are sent on the next start"),
         Err(e) => tracing::error!(error = %e, "final delivery could not read the ledger"),
+    }
+    // The outcomes of the final flush go into the audit trail too.
+    if let Some(Ok(mut trail)) = audit_task.join_next().await {
+        if let Err(e) = trail.export().await {
+            tracing::error!(error = %e, "the final outcomes could not be written to the audit trail; they are written at the next start");
+        }
     }
     match unsealed {
         Some(e) => Err(AgentError::FinalSeal(e)),

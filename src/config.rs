@@ -100,6 +100,8 @@ pub struct Config {
     pub sending: SendingConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -288,6 +290,18 @@ impl Default for HealthConfig {
             failing_after: default_failing_after(),
         }
     }
+}
+
+/// The audit trail of final outcomes (`crate::audit`, docs/reconciliation.md).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// An absolute path: each final outcome appended as a JSON line, fsynced. Empty: none.
+    #[serde(default)]
+    pub file: String,
+    /// Each final outcome also as a log event (target `meterd::audit`, INFO).
+    #[serde(default)]
+    pub log: bool,
 }
 
 /// `health.failing_after` bounds: not before 2 h (AWS's rule for AMI products), and not after a
@@ -558,6 +572,12 @@ impl Config {
         }
         if s.seal_delay > Duration::from_secs(600) {
             problems.push("sending.seal_delay must be at most 10m".to_owned());
+        }
+        if !self.audit.file.is_empty() && !Path::new(&self.audit.file).is_absolute() {
+            problems.push(format!(
+                "audit.file {:?} must be an absolute path",
+                self.audit.file
+            ));
         }
         let h = &self.health;
         check_duration(

@@ -257,6 +257,8 @@ pub struct StoredRecord {
     pub metering_record_id: Option<String>,
     pub sealed_at: i64,
     pub sent_at: Option<i64>,
+    /// When the delivery state last changed (the final outcome's time once it is final).
+    pub updated_at: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -792,6 +794,18 @@ impl Ledger {
             .await
     }
 
+    /// Records with a final outcome (sent, dead, duplicate), in the order they became final.
+    pub async fn final_records(&self) -> Result<Vec<StoredRecord>, LedgerError> {
+        self.read(|c| {
+            query_records(
+                c,
+                "WHERE state != 'pending' ORDER BY updated_at, hour, dimension",
+                [],
+            )
+        })
+        .await
+    }
+
     /// The newest `limit` records, newest first.
     pub async fn recent_records(&self, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
         self.read(move |c| query_records(c, "ORDER BY hour DESC, dimension LIMIT ?1", [limit]))
@@ -853,6 +867,33 @@ impl Ledger {
 /// `meterd records`. It finds the ledger where the agent keeps it (or where an agent of the old
 /// layout left it), follows no link to it, creates nothing and may run as another user.
 pub fn read_records_at(dir: &Path, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
+    read_records_filtered(dir, &RecordFilter::newest(limit))
+}
+
+/// Which records `meterd records` prints: hours in `[since, until)`, newest first, at most
+/// `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordFilter {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub limit: i64,
+}
+
+impl RecordFilter {
+    pub fn newest(limit: i64) -> Self {
+        Self {
+            since: None,
+            until: None,
+            limit,
+        }
+    }
+}
+
+/// [`read_records_at`] with a filter.
+pub fn read_records_filtered(
+    dir: &Path,
+    filter: &RecordFilter,
+) -> Result<Vec<StoredRecord>, LedgerError> {
     let at = files::PrivateDir::open_for_reading(dir)?;
     let path = at.path().join(LEDGER_FILE);
     let Some(file) = at.inspect(LEDGER_FILE)? else {
@@ -865,8 +906,39 @@ pub fn read_records_at(dir: &Path, limit: i64) -> Result<Vec<StoredRecord>, Ledg
     let conn = open_connection(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| LedgerError::from_sqlite(&e))?;
     files::expect_opened(&path, file, before)?;
-    query_records(&conn, "ORDER BY hour DESC, dimension LIMIT ?1", [limit])
-        .map_err(|e| LedgerError::from_sqlite(&e))
+    query_filtered(&conn, filter)
+}
+
+/// Reads records from the ledger file `path` itself (a quarantined ledger, a copy), read-only:
+/// for `meterd records --ledger`. The file is never written.
+pub fn read_records_of_file(
+    path: &Path,
+    filter: &RecordFilter,
+) -> Result<Vec<StoredRecord>, LedgerError> {
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| LedgerError::Unavailable(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(LedgerError::Unavailable(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let conn = open_connection(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| LedgerError::from_sqlite(&e))?;
+    query_filtered(&conn, filter)
+}
+
+fn query_filtered(conn: &Connection, f: &RecordFilter) -> Result<Vec<StoredRecord>, LedgerError> {
+    query_records(
+        conn,
+        "WHERE hour >= ?1 AND hour < ?2 ORDER BY hour DESC, dimension LIMIT ?3",
+        [
+            f.since.unwrap_or(i64::MIN),
+            f.until.unwrap_or(i64::MAX),
+            f.limit,
+        ],
+    )
+    .map_err(|e| LedgerError::from_sqlite(&e))
 }
 
 fn query_records<P: rusqlite::Params>(
@@ -876,7 +948,7 @@ fn query_records<P: rusqlite::Params>(
 ) -> rusqlite::Result<Vec<StoredRecord>> {
     let sql = format!(
         "SELECT hour, dimension, quantity, allocations, timestamp, client_token, state, attempts, \
-         last_error, metering_record_id, sealed_at, sent_at FROM records {tail}"
+         last_error, metering_record_id, sealed_at, sent_at, updated_at FROM records {tail}"
     );
     let mut stmt = c.prepare_cached(&sql)?;
     let rows = stmt.query_map(params, |r| {
@@ -904,6 +976,7 @@ fn query_records<P: rusqlite::Params>(
             metering_record_id: r.get(9)?,
             sealed_at: r.get(10)?,
             sent_at: r.get(11)?,
+            updated_at: r.get(12)?,
         })
     })?;
     rows.collect()
