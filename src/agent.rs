@@ -260,11 +260,7 @@ pub async fn run(
     let prepared = Prepared::build(&config)?;
     let config = Arc::new(config);
     let clock = ctx.clock.clone();
-    let ledger = Ledger::open(
-        &config.state.dir,
-        &config.product_code,
-        unix_seconds(clock.now()),
-    )?;
+    let ledger = open_ledger(&config, unix_seconds(clock.now()))?;
     tracing::info!(
         ledger = %ledger.path().display(),
         first_start = %rfc3339(ledger.identity().first_start),
@@ -530,6 +526,29 @@ pub async fn run(
     match unsealed {
         Some(e) => Err(AgentError::FinalSeal(e)),
         None => Ok(()),
+    }
+}
+
+/// Opens the ledger; a damaged one is refused (exit 74) unless `state.quarantine_damaged`
+/// moves it aside, loudly, for an empty start.
+fn open_ledger(config: &Config, now: i64) -> Result<Ledger, LedgerError> {
+    let (dir, product) = (&config.state.dir, &config.product_code);
+    match Ledger::open(dir, product, now) {
+        Err(LedgerError::Corrupt {
+            path,
+            detail,
+            damaged: true,
+        }) if config.state.quarantine_damaged => {
+            let moved = crate::ledger::quarantine(dir, now)?;
+            tracing::error!(
+                ledger = %path,
+                %detail,
+                quarantined_as = %moved.display(),
+                "THE LEDGER WAS DAMAGED AND IS QUARANTINED; starting with an empty ledger. Usage still unsent in the old file is not billed until recovered: meterd records --ledger <quarantined file> (docs/durable-state.md)"
+            );
+            Ledger::open(dir, product, now)
+        }
+        other => other,
     }
 }
 

@@ -221,12 +221,17 @@ impl Default for ServerConfig {
 pub struct StateConfig {
     #[serde(default = "default_state_dir")]
     pub dir: PathBuf,
+    /// A damaged ledger at start-up is moved aside (`meterd ledger quarantine`) and the agent
+    /// starts empty, with an ERROR and `meterd_ledger_quarantined_files`. Off: refuse, exit 74.
+    #[serde(default)]
+    pub quarantine_damaged: bool,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
             dir: default_state_dir(),
+            quarantine_damaged: false,
         }
     }
 }

@@ -555,6 +555,10 @@ impl Api {
             .set(i64::from(self.status.ledger_writable()));
         let dir = self.ledger.path().parent().unwrap_or(self.ledger.path());
         self.metrics.observe_disk(DiskSpace::of(dir));
+        let quarantined = crate::ledger::quarantined_ledgers(&self.config.state.dir).len();
+        self.metrics
+            .ledger_quarantined_files
+            .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
         let openmetrics = headers
             .get_all(header::ACCEPT)
             .iter()

@@ -124,7 +124,13 @@ pub enum LedgerError {
     #[error("the ledger cannot be written: {0}")]
     Unavailable(String),
     #[error("the ledger at {path} is corrupt or unreadable: {detail}. It was left untouched; restore it from a backup or move it aside to start empty (unsent usage in it would be lost)")]
-    Corrupt { path: String, detail: String },
+    Corrupt {
+        path: String,
+        detail: String,
+        /// Damage, which `state.quarantine_damaged` may move aside; false for a ledger of a
+        /// newer schema, which is whole and must be left for the meterd that wrote it.
+        damaged: bool,
+    },
     #[error("another meterd process holds {0}; run one agent per state directory")]
     Locked(String),
     #[error("refusing the ledger's files: {0}")]
@@ -525,6 +531,7 @@ impl Ledger {
         let corrupt = |e: &dyn std::fmt::Display| LedgerError::Corrupt {
             path: path.display().to_string(),
             detail: e.to_string(),
+            damaged: true,
         };
         private.inspect_side_files(LEDGER_FILE)?;
         let file = match private.inspect(LEDGER_FILE)? {
@@ -558,9 +565,13 @@ impl Ledger {
             }
             read_identity(&check, product_code).map_err(|e| match e {
                 SchemaError::Sql(e) => corrupt(&e),
-                SchemaError::Version(v) => corrupt(&format!(
-                    "schema version {v}; this meterd reads versions 1 to {SCHEMA_VERSION} (a newer meterd wrote it: run that one, or a newer one)"
-                )),
+                SchemaError::Version(v) => LedgerError::Corrupt {
+                    path: path.display().to_string(),
+                    detail: format!(
+                        "schema version {v}; this meterd reads versions 1 to {SCHEMA_VERSION} (a newer meterd wrote it: run that one, or a newer one)"
+                    ),
+                    damaged: false,
+                },
                 SchemaError::Missing(what) => corrupt(&format!("meta entry {what} is missing")),
                 SchemaError::Product(found) => LedgerError::ProductMismatch {
                     path: path.display().to_string(),
@@ -861,6 +872,81 @@ impl Ledger {
             .sum();
         Ok(stats)
     }
+}
+
+/// The prefix of a quarantined ledger's name: `ledger.sqlite3.quarantined-<UTC time>`.
+pub const QUARANTINE_PREFIX: &str = "ledger.sqlite3.quarantined-";
+
+/// Moves the ledger of `dir` aside, never deleting it: `ledger.sqlite3` and its side files
+/// become `ledger.sqlite3.quarantined-<time>` (`-wal`, `-shm`), so the agent starts empty and
+/// the old file stays readable (`meterd records --ledger`). Takes the agent's lock, so it
+/// refuses while an agent runs. The side files move first and the ledger last; a move
+/// interrupted between them is finished under the same name by the next run.
+pub fn quarantine(dir: &Path, now: i64) -> Result<PathBuf, LedgerError> {
+    let private = files::PrivateDir::open_locked(dir)?;
+    if private.inspect(LEDGER_FILE)?.is_none() {
+        return Err(LedgerError::Unavailable(format!(
+            "no ledger at {} to quarantine",
+            ledger_path(dir).display()
+        )));
+    }
+    let names = quarantine_names(private.path())?;
+    // A side file whose ledger is not beside it: an interrupted quarantine to finish.
+    let orphan = names.iter().find_map(|n| {
+        let base = n.strip_suffix("-wal").or_else(|| n.strip_suffix("-shm"))?;
+        (!names.iter().any(|m| m == base)).then(|| base.to_owned())
+    });
+    let name = match orphan {
+        Some(base) => base,
+        None => {
+            let stamp = rfc3339_compact(now);
+            let mut name = format!("{QUARANTINE_PREFIX}{stamp}");
+            let mut n = 1;
+            while names.iter().any(|m| m.starts_with(&name)) {
+                n += 1;
+                name = format!("{QUARANTINE_PREFIX}{stamp}-{n}");
+            }
+            name
+        }
+    };
+    for suffix in ["-wal", "-shm"] {
+        let side = format!("{LEDGER_FILE}{suffix}");
+        if private.inspect(&side)?.is_some() {
+            private.rename(&side, &format!("{name}{suffix}"))?;
+        }
+    }
+    private.rename(LEDGER_FILE, &name)?;
+    private.sync()?;
+    Ok(private.path().join(name))
+}
+
+/// Quarantined ledgers (not their side files) in the state directory's private directory:
+/// the `meterd_ledger_quarantined_files` gauge, which alerts until someone moves them away.
+pub fn quarantined_ledgers(dir: &Path) -> Vec<PathBuf> {
+    let private = dir.join(PRIVATE_DIR);
+    quarantine_names(&private)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !n.ends_with("-wal") && !n.ends_with("-shm"))
+        .map(|n| private.join(n))
+        .collect()
+}
+
+fn quarantine_names(private: &Path) -> Result<Vec<String>, LedgerError> {
+    let entries = std::fs::read_dir(private)
+        .map_err(|e| LedgerError::Unavailable(format!("{}: {e}", private.display())))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(QUARANTINE_PREFIX))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// `2026-12-02T15:11:00Z` as `20261202T151100Z`, for file names.
+fn rfc3339_compact(t: i64) -> String {
+    crate::clock::rfc3339(t).replace(['-', ':'], "")
 }
 
 /// Reads records straight from the ledger of the state directory `dir`, without the lock: for

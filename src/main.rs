@@ -59,7 +59,19 @@ struct ConfigArg {
 }
 
 #[derive(Subcommand)]
+enum LedgerCommand {
+    /// Move a damaged ledger aside (renamed with the time, never deleted) so the agent can
+    /// start empty; prints the new name. Refused while an agent runs.
+    Quarantine(ConfigArg),
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// Ledger maintenance.
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerCommand,
+    },
     /// Run the agent: register, take usage on the local API, seal and send every hour.
     Run(ConfigArg),
     /// Post one usage count to the running agent.
@@ -250,6 +262,9 @@ fn main() -> ExitCode {
                 records(&config.config, ledger.as_deref(), &filter, format)
             }
             Command::Keys { config } => keys(config.as_deref()),
+            Command::Ledger {
+                action: LedgerCommand::Quarantine(c),
+            } => quarantine(&c.config),
             Command::Doctor(c) => doctor(&c.config).await,
             Command::ListingCheck {
                 config,
@@ -469,6 +484,29 @@ async fn health(config_path: &Path) -> ExitCode {
     match ask_agent(&config, request).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(code) => code,
+    }
+}
+
+fn quarantine(config_path: &Path) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let now = meterd::clock::unix_seconds(std::time::SystemTime::now());
+    match meterd::ledger::quarantine(&config.state.dir, now) {
+        Ok(moved) => {
+            println!("{}", moved.display());
+            eprintln!(
+                "meterd ledger quarantine: moved the ledger to {}; the next start creates an empty one. Its unsent usage: meterd records --ledger {}",
+                moved.display(),
+                moved.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meterd ledger quarantine: {e}");
+            ExitCode::from(u8::try_from(meterd::agent::EXIT_LEDGER).unwrap_or(1))
+        }
     }
 }
 

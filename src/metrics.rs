@@ -109,6 +109,7 @@ pub struct Metrics {
     pub ledger_filesystem_avail_bytes: Gauge,
     pub ledger_filesystem_size_bytes: Gauge,
     pub ledger_records: Family<State, Gauge>,
+    pub ledger_quarantined_files: Gauge,
     pub records_sealed: Counter,
     pub records_sent: Counter,
     pub usage_units_sent: Family<DimensionLabel, Counter>,
@@ -152,6 +153,7 @@ impl Metrics {
             ledger_filesystem_avail_bytes: Gauge::default(),
             ledger_filesystem_size_bytes: Gauge::default(),
             ledger_records: Family::default(),
+            ledger_quarantined_files: Gauge::default(),
             records_sealed: Counter::default(),
             records_sent: Counter::default(),
             usage_units_sent: Family::default(),
@@ -248,6 +250,11 @@ impl Metrics {
             "meterd_ledger_records",
             "Sealed records kept in the ledger, by delivery state (pending, sent, dead, duplicate)",
             m.ledger_records.clone(),
+        );
+        r.register(
+            "meterd_ledger_quarantined_files",
+            "Quarantined (damaged, moved aside) ledgers in the state directory; their unsent usage needs recovery",
+            m.ledger_quarantined_files.clone(),
         );
         r.register(
             "meterd_records_sealed",
