@@ -71,6 +71,8 @@ impl AgentError {
 pub struct Listeners {
     pub tcp: Option<TcpListener>,
     pub unix: Option<UnixSocket>,
+    /// `server.metrics_listen`: `/metrics`, `/healthz` and `/readyz` only, for a scraper.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -79,6 +81,17 @@ impl Listeners {
         let mut listeners = Listeners::default();
         if let Some(addr) = config.listen_addr() {
             listeners.tcp =
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| AgentError::Listen {
+                            what: addr.to_string(),
+                            detail: e.to_string(),
+                        })?,
+                );
+        }
+        if let Ok(addr) = config.server.metrics_listen.parse::<std::net::SocketAddr>() {
+            listeners.metrics =
                 Some(
                     TcpListener::bind(addr)
                         .await
@@ -341,6 +354,21 @@ pub async fn run(
                 handler(Via::Tcp),
             )
             .instrument(tracing::info_span!("http", via = "tcp")),
+        );
+    }
+    if let Some(metrics) = listeners.metrics.take() {
+        if let Ok(addr) = metrics.local_addr() {
+            tracing::info!(%addr, "serving metrics");
+        }
+        servers.spawn(
+            serve(
+                metrics,
+                limits.clone(),
+                settings,
+                http_stop.clone(),
+                handler(Via::Metrics),
+            )
+            .instrument(tracing::info_span!("http", via = "metrics")),
         );
     }
     if let Some(unix) = listeners.unix.as_mut().and_then(UnixSocket::take_listener) {

@@ -201,6 +201,10 @@ pub struct ServerConfig {
     /// network can then post usage. Off unless set explicitly.
     #[serde(default)]
     pub insecure_allow_unauthenticated_network: bool,
+    /// An address serving only GET `/metrics`, `/healthz` and `/readyz`, without a token, for
+    /// a Prometheus that scrapes over the network (the chart's PodMonitor). Empty: none.
+    #[serde(default)]
+    pub metrics_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -212,6 +216,7 @@ impl Default for ServerConfig {
             grace_period: default_grace(),
             max_connections: default_max_connections(),
             insecure_allow_unauthenticated_network: false,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -577,6 +582,14 @@ impl Config {
         }
         if s.seal_delay > Duration::from_secs(600) {
             problems.push("sending.seal_delay must be at most 10m".to_owned());
+        }
+        if !self.server.metrics_listen.is_empty()
+            && self.server.metrics_listen.parse::<SocketAddr>().is_err()
+        {
+            problems.push(format!(
+                "server.metrics_listen {:?} is not an address like 0.0.0.0:9377",
+                self.server.metrics_listen
+            ));
         }
         if !self.audit.file.is_empty() && !Path::new(&self.audit.file).is_absolute() {
             problems.push(format!(

@@ -381,6 +381,8 @@ fn error_response(r: &Rejection) -> Response<Body> {
 pub enum Via {
     Tcp,
     Unix,
+    /// `server.metrics_listen`: read-only, for a scraper on the network.
+    Metrics,
 }
 
 /// DNS-rebinding guard: the request's authority (its `Host`, or the authority of an
@@ -449,6 +451,9 @@ fn request_authority(req: &Request<Incoming>) -> Result<Option<&str>, ()> {
 
 impl Api {
     pub async fn handle(&self, req: Request<Incoming>, via: Via, slot: Slot) -> Response<Body> {
+        if via == Via::Metrics {
+            return self.handle_read_only(req).await;
+        }
         if via == Via::Tcp {
             let Ok(host) = request_authority(&req) else {
                 self.metrics.reject("host");
@@ -532,6 +537,22 @@ impl Api {
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no route {path}"),
+            )),
+        }
+    }
+
+    /// The metrics listener: no usage, no status, so neither a token nor the Host guard.
+    async fn handle_read_only(&self, req: Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => self.metrics_response(req.headers()).await,
+            (&Method::GET, "/healthz") => {
+                json_response(StatusCode::OK, &json!({"status": "alive"}))
+            }
+            (&Method::GET, "/readyz") => self.readyz(),
+            (_, path) => error_response(&Rejection::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {path}: the metrics listener serves GET /metrics, /healthz and /readyz"),
             )),
         }
     }

@@ -741,3 +741,49 @@ async fn a_quarantined_ledger_is_kept_intact_and_readable_and_the_agent_starts_e
         "the second damaged ledger is kept intact"
     );
 }
+
+/// `server.metrics_listen` serves the metrics for a scraper and nothing that takes usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_serves_metrics_and_probes_only() {
+    let s = setup().await;
+    let metrics_addr = format!("127.0.0.1:{}", support::free_port());
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    let config = s.dir.path().join("metrics.toml");
+    std::fs::write(
+        &config,
+        text.replace(
+            "[server]\n",
+            &format!("[server]\nmetrics_listen = {metrics_addr:?}\n"),
+        ),
+    )
+    .expect("config");
+    let mut child = agent_command(&config, s.dir.path()).spawn().expect("spawn");
+    support::wait_ready(&s.addr, &mut child).await;
+    let at = Target::Tcp(metrics_addr.clone());
+    let get = |method: Method, path: &'static str| {
+        let at = at.clone();
+        async move {
+            local_client::call(&at, method, path, None, None, Duration::from_secs(5))
+                .await
+                .expect("call")
+        }
+    };
+    let (status, body) = get(Method::GET, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        String::from_utf8_lossy(&body).contains("meterd_events_accepted_total 0"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(get(Method::GET, "/readyz").await.0, StatusCode::OK);
+    assert_eq!(
+        get(Method::POST, "/v1/usage").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(Method::GET, "/v1/status").await.0,
+        StatusCode::NOT_FOUND
+    );
+    sigterm(&child);
+    assert!(child.wait().await.expect("wait").success());
+}

@@ -207,6 +207,7 @@ impl InProcessAgent {
             Some(Listeners {
                 tcp: Some(listener),
                 unix,
+                metrics: None,
             }),
             ctx,
         ));
