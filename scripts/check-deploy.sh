@@ -91,10 +91,55 @@ check "helm refuses transport tcp without auth.existingSecret" \
 check "helm refuses the Unix socket without the pod's fsGroup" \
   must_fail "needs podSecurityContext.fsGroup" "$HELM" template x "$CHART" --set podSecurityContext.fsGroup=null
 
+# The PrometheusRule carries exactly the rules of the plain file (promtool tests that file).
+prometheus_rule() {
+  "$HELM" lint --strict "$CHART" -f "$CHART/ci/monitoring-values.yaml" >/dev/null &&
+    "$HELM" template x "$CHART" -f "$CHART/ci/monitoring-values.yaml" -s templates/prometheusrule.yaml |
+    "$PYTHON" -c '
+import sys, yaml
+doc = yaml.safe_load(sys.stdin)
+rules = yaml.safe_load(open(sys.argv[1]))
+assert doc["kind"] == "PrometheusRule" and doc["apiVersion"] == "monitoring.coreos.com/v1", doc
+assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack", doc["metadata"]
+assert doc["spec"] == {"groups": rules["groups"]}, "the PrometheusRule differs from the rules file"
+' "$CHART/files/prometheus-rules.yaml" &&
+    ! "$HELM" template x "$CHART" | grep -q 'kind: PrometheusRule'
+}
+check "PrometheusRule (monitoring.prometheusRule.enabled) = files/prometheus-rules.yaml; off by default" prometheus_rule
+# The PodMonitor scrapes the port meterd serves its metrics on, and only when enabled.
+pod_monitor() {
+  local out="$WORK/monitoring"
+  rm -rf "$out"
+  "$HELM" template x "$CHART" -f "$CHART/ci/monitoring-values.yaml" --output-dir "$out" >/dev/null &&
+    "$PYTHON" -c '
+import sys, tomllib, yaml, pathlib
+root = pathlib.Path(sys.argv[1]) / "meterd" / "templates"
+pm = yaml.safe_load((root / "podmonitor.yaml").read_text())
+dep = yaml.safe_load((root / "deployment.yaml").read_text())
+cm = yaml.safe_load((root / "configmap.yaml").read_text())
+assert pm["kind"] == "PodMonitor" and pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics", pm
+sel = pm["spec"]["selector"]["matchLabels"]
+labels = dep["spec"]["template"]["metadata"]["labels"]
+assert all(labels.get(k) == v for k, v in sel.items()), (sel, labels)
+side = [c for c in dep["spec"]["template"]["spec"]["initContainers"] if c["name"] == "meterd"][0]
+assert side["ports"] == [{"name": "metrics", "containerPort": 9377, "protocol": "TCP"}], side.get("ports")
+server = tomllib.loads(cm["data"]["meterd.toml"])["server"]
+assert server["metrics_listen"] == "0.0.0.0:9377", server
+' "$out" && kv_monitoring "$out" &&
+    ! "$HELM" template x "$CHART" | grep -q 'kind: PodMonitor'
+}
+# kubernetes-validate knows no CRDs: validate everything else of the monitoring render.
+kv_monitoring() {
+  find "$1" -name 'p*monitor*.yaml' -delete -o -name 'prometheusrule.yaml' -delete
+  kv_all "$1"
+}
+check "PodMonitor (monitoring.podMonitor.enabled) scrapes meterd's metrics port; off by default" pod_monitor
+
 # EKS add-on rules, on the raw templates and on two renders of each values file.
 addon() { "$PYTHON" scripts/helm_addon_check.py --helm "$HELM" "$@"; }
 check "EKS add-on rules; helm template byte-identical across two renders (helm/meterd)" \
-  addon "$CHART" -f "$CHART/ci/example-values.yaml" -f "$CHART/ci/tcp-values.yaml"
+  addon "$CHART" -f "$CHART/ci/example-values.yaml" -f "$CHART/ci/tcp-values.yaml" \
+  -f "$CHART/ci/monitoring-values.yaml"
 # The check itself: a copy of the chart with one forbidden line must fail it.
 addon_rejects() { # pattern, template line
   local dir="$WORK/addon-bad"
@@ -164,7 +209,7 @@ configs_valid() {
   echo "token-for-check" >"$dir/token"
   sed -e 's/@PRODUCT_CODE@/prod-1234abcd/' -e 's/@PRICING@/hourly+custom/' deploy/container/meterd.toml >"$dir/container.toml"
   cp deploy/systemd/meterd.toml "$dir/systemd.toml"
-  for r in defaults example tcp seller/out; do
+  for r in defaults example tcp monitoring seller/out; do
     "$PYTHON" scripts/deploy_tests.py helm-config "$WORK/$r" "$dir/token" >"$dir/helm-${r%%/*}.toml" || return 1
   done
   for f in "$dir"/*.toml; do

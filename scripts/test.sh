@@ -7,6 +7,7 @@
 #               entitlement bypass with exit 78; the unbaked build still allows them
 #   api         schemathesis: generated requests against the live agent, checked against docs/openapi.yaml
 #   reliability the oracle suite, short mode: kill -9 across hours, faults, clock jumps, full disk (root)
+#   prometheus  promtool: check metrics on a live agent, check and test the alert rules
 #   deploy      Helm, kubernetes-validate, ECS/botocore, cfn-lint, systemd-analyze, hadolint
 #   container   podman image build + sidecar test (needs root; skipped otherwise)
 #   docs        the deployment guides followed as written (after the container test's release build)
@@ -35,6 +36,7 @@ suite python scripts/python-tests.sh
 suite notify python3 scripts/systemd-notify-test.py target/debug/meterd
 suite baked python3 scripts/baked_test.py target/debug/meterd
 suite api scripts/schemathesis.sh
+suite prometheus scripts/prometheus-checks.sh
 suite deploy scripts/check-deploy.sh
 if [ "$(id -u)" -eq 0 ]; then
   suite reliability scripts/reliability.sh

@@ -51,12 +51,14 @@ pub enum AgentError {
     Keyring(#[from] crate::entitlement::KeyringError),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 impl AgentError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            AgentError::Ledger(_) | AgentError::FinalSeal(_) => EXIT_LEDGER,
+            AgentError::Ledger(_) | AgentError::FinalSeal(_) | AgentError::Audit(_) => EXIT_LEDGER,
             AgentError::Entitlement(e) => e.exit_code(),
             AgentError::Listen { .. } => EXIT_LISTEN,
             AgentError::Keyring(_) | AgentError::Config(_) => crate::config::EXIT_BAD_CONFIG,
@@ -69,6 +71,8 @@ impl AgentError {
 pub struct Listeners {
     pub tcp: Option<TcpListener>,
     pub unix: Option<UnixSocket>,
+    /// `server.metrics_listen`: `/metrics`, `/healthz` and `/readyz` only, for a scraper.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -77,6 +81,17 @@ impl Listeners {
         let mut listeners = Listeners::default();
         if let Some(addr) = config.listen_addr() {
             listeners.tcp =
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| AgentError::Listen {
+                            what: addr.to_string(),
+                            detail: e.to_string(),
+                        })?,
+                );
+        }
+        if let Ok(addr) = config.server.metrics_listen.parse::<std::net::SocketAddr>() {
+            listeners.metrics =
                 Some(
                     TcpListener::bind(addr)
                         .await
@@ -258,16 +273,13 @@ pub async fn run(
     let prepared = Prepared::build(&config)?;
     let config = Arc::new(config);
     let clock = ctx.clock.clone();
-    let ledger = Ledger::open(
-        &config.state.dir,
-        &config.product_code,
-        unix_seconds(clock.now()),
-    )?;
+    let ledger = open_ledger(&config, unix_seconds(clock.now()))?;
     tracing::info!(
         ledger = %ledger.path().display(),
         first_start = %rfc3339(ledger.identity().first_start),
         "ledger open"
     );
+    let audit = crate::audit::AuditTrail::open(&config.audit, ledger.clone())?;
     let mut listeners = match listeners {
         Some(l) => l,
         None => Listeners::bind(&config).await?,
@@ -342,6 +354,21 @@ pub async fn run(
                 handler(Via::Tcp),
             )
             .instrument(tracing::info_span!("http", via = "tcp")),
+        );
+    }
+    if let Some(metrics) = listeners.metrics.take() {
+        if let Ok(addr) = metrics.local_addr() {
+            tracing::info!(%addr, "serving metrics");
+        }
+        servers.spawn(
+            serve(
+                metrics,
+                limits.clone(),
+                settings,
+                http_stop.clone(),
+                handler(Via::Metrics),
+            )
+            .instrument(tracing::info_span!("http", via = "metrics")),
         );
     }
     if let Some(unix) = listeners.unix.as_mut().and_then(UnixSocket::take_listener) {
@@ -419,6 +446,8 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let mut workers = JoinSet::new();
     let meters = config.pricing.meters();
+    // A JoinSet, so the task ends with the agent (its ledger handle goes with it).
+    let mut audit_task = JoinSet::new();
     // Heartbeat dimensions bill the time from here (entitled and metering) to the exit.
     let run_timer = (meters && !policy.heartbeat.is_empty())
         .then(|| Arc::new(RunTimer::new(ledger.clone(), clock.clone())));
@@ -447,6 +476,13 @@ pub async fn run(
             clock.clone(),
             workers_stop.clone(),
         ));
+        if let Some(trail) = audit {
+            audit_task.spawn(
+                trail
+                    .run(workers_stop.clone())
+                    .instrument(tracing::info_span!("audit")),
+            );
+        }
         {
             let sender = sender.clone();
             let (wake, stop) = (wake.clone(), workers_stop.clone());
@@ -518,9 +554,38 @@ pub async fn run(
         Ok(_) => tracing::warn!("records still undelivered at the end of the grace period; they stay in the ledger and are sent on the next start"),
         Err(e) => tracing::error!(error = %e, "final delivery could not read the ledger"),
     }
+    // The outcomes of the final flush go into the audit trail too.
+    if let Some(Ok(mut trail)) = audit_task.join_next().await {
+        if let Err(e) = trail.export().await {
+            tracing::error!(error = %e, "the final outcomes could not be written to the audit trail; they are written at the next start");
+        }
+    }
     match unsealed {
         Some(e) => Err(AgentError::FinalSeal(e)),
         None => Ok(()),
+    }
+}
+
+/// Opens the ledger; a damaged one is refused (exit 74) unless `state.quarantine_damaged`
+/// moves it aside, loudly, for an empty start.
+fn open_ledger(config: &Config, now: i64) -> Result<Ledger, LedgerError> {
+    let (dir, product) = (&config.state.dir, &config.product_code);
+    match Ledger::open(dir, product, now) {
+        Err(LedgerError::Corrupt {
+            path,
+            detail,
+            damaged: true,
+        }) if config.state.quarantine_damaged => {
+            let moved = crate::ledger::quarantine(dir, now)?;
+            tracing::error!(
+                ledger = %path,
+                %detail,
+                quarantined_as = %moved.display(),
+                "THE LEDGER WAS DAMAGED AND IS QUARANTINED; starting with an empty ledger. Usage still unsent in the old file is not billed until recovered: meterd records --ledger <quarantined file> (docs/durable-state.md)"
+            );
+            Ledger::open(dir, product, now)
+        }
+        other => other,
     }
 }
 
@@ -593,7 +658,18 @@ async fn establish_entitlement(
                 platform,
             );
             settings.startup_budget = config.registration.startup_budget;
-            let entitlement = entitlement::register(client, &settings, keyring, clock).await?;
+            let entitlement = counted(
+                metrics,
+                "RegisterUsage",
+                entitlement::register_observed(
+                    client,
+                    &settings,
+                    keyring,
+                    clock,
+                    &count_attempts(metrics, "RegisterUsage"),
+                )
+                .await,
+            )?;
             metrics.entitled.set(1);
             if let Some(rotation) = &entitlement.key_rotation {
                 metrics
@@ -624,9 +700,10 @@ async fn establish_entitlement(
             mode,
             clock,
             &policy,
-            &|_| {},
+            &count_attempts(metrics, DRY_RUN),
         )
-        .await?;
+        .await;
+        let passed = counted(metrics, DRY_RUN, passed)?;
         metrics.entitled.set(1);
         status.set_entitlement(EntitlementStatus {
             state: EntitlementState::PermissionsVerified,
@@ -656,9 +733,10 @@ async fn establish_entitlement(
                 mode,
                 &clock,
                 &policy,
-                &|_| {},
+                &count_attempts(&metrics, DRY_RUN),
             )
-            .await?;
+            .await;
+            let passed = counted(&metrics, DRY_RUN, passed)?;
             metrics.entitled.set(1);
             status.set_entitlement(EntitlementStatus {
                 state: EntitlementState::PermissionsVerified,
@@ -669,6 +747,30 @@ async fn establish_entitlement(
         .instrument(tracing::info_span!("dry_run")),
     );
     Ok(Some(handle))
+}
+
+/// The `operation` label of the start-up DryRun in `meterd_aws_calls_total`.
+const DRY_RUN: &str = "MeterUsageDryRun";
+
+/// Counts each failed start-up attempt that is retried, by its error code.
+fn count_attempts<'a>(
+    metrics: &'a Metrics,
+    operation: &'static str,
+) -> impl Fn(&entitlement::RetryEvent) + Send + Sync + 'a {
+    move |e| metrics.call(operation, e.failure.code.as_deref().unwrap_or("transport"))
+}
+
+/// Counts the start-up check's last call: `success`, or the class of the final failure.
+fn counted<T>(
+    metrics: &Metrics,
+    operation: &str,
+    result: Result<T, EntitlementError>,
+) -> Result<T, EntitlementError> {
+    metrics.call(
+        operation,
+        result.as_ref().map_or_else(|e| e.class(), |_| "success"),
+    );
+    result
 }
 
 /// How often the running time is recorded for heartbeat dimensions: a crash loses at most

@@ -98,6 +98,10 @@ pub struct Config {
     pub aws: AwsConfig,
     #[serde(default)]
     pub sending: SendingConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -197,6 +201,10 @@ pub struct ServerConfig {
     /// network can then post usage. Off unless set explicitly.
     #[serde(default)]
     pub insecure_allow_unauthenticated_network: bool,
+    /// An address serving only GET `/metrics`, `/healthz` and `/readyz`, without a token, for
+    /// a Prometheus that scrapes over the network (the chart's PodMonitor). Empty: none.
+    #[serde(default)]
+    pub metrics_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -208,6 +216,7 @@ impl Default for ServerConfig {
             grace_period: default_grace(),
             max_connections: default_max_connections(),
             insecure_allow_unauthenticated_network: false,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -217,12 +226,17 @@ impl Default for ServerConfig {
 pub struct StateConfig {
     #[serde(default = "default_state_dir")]
     pub dir: PathBuf,
+    /// A damaged ledger at start-up is moved aside (`meterd ledger quarantine`) and the agent
+    /// starts empty, with an ERROR and `meterd_ledger_quarantined_files`. Off: refuse, exit 74.
+    #[serde(default)]
+    pub quarantine_damaged: bool,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
             dir: default_state_dir(),
+            quarantine_damaged: false,
         }
     }
 }
@@ -283,6 +297,58 @@ fn default_spread() -> Duration {
 }
 fn default_max_calls_per_second() -> u32 {
     2
+}
+
+/// When `metering_health` in `/v1/status` leaves `ok`: how long the oldest unsent record's hour
+/// has been closed. An application that fails closed reads it; meterd itself stops nothing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default = "default_warn_after", with = "humantime_serde")]
+    pub warn_after: Duration,
+    #[serde(default = "default_degraded_after", with = "humantime_serde")]
+    pub degraded_after: Duration,
+    /// At least 2 h: AWS asks AMI products never to fail closed sooner.
+    #[serde(default = "default_failing_after", with = "humantime_serde")]
+    pub failing_after: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            warn_after: default_warn_after(),
+            degraded_after: default_degraded_after(),
+            failing_after: default_failing_after(),
+        }
+    }
+}
+
+/// The audit trail of final outcomes (`crate::audit`, docs/reconciliation.md).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// An absolute path: each final outcome appended as a JSON line, fsynced. Empty: none.
+    #[serde(default)]
+    pub file: String,
+    /// Each final outcome also as a log event (target `meterd::audit`, INFO).
+    #[serde(default)]
+    pub log: bool,
+}
+
+/// `health.failing_after` bounds: not before 2 h (AWS's rule for AMI products), and not after a
+/// record can still be unsent (it is dead-lettered 6 h after its hour starts, 5 h after it
+/// closes).
+pub const MIN_FAILING_AFTER: Duration = Duration::from_secs(2 * 3600);
+pub const MAX_FAILING_AFTER: Duration = Duration::from_secs(5 * 3600);
+
+fn default_warn_after() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_degraded_after() -> Duration {
+    Duration::from_secs(2 * 3600)
+}
+fn default_failing_after() -> Duration {
+    Duration::from_secs(4 * 3600)
 }
 
 fn yes() -> bool {
@@ -549,6 +615,37 @@ impl Config {
                 "sending.max_calls_per_second must be 1 to {MAX_CALLS_PER_SECOND}"
             ));
         }
+        if !self.server.metrics_listen.is_empty()
+            && self.server.metrics_listen.parse::<SocketAddr>().is_err()
+        {
+            problems.push(format!(
+                "server.metrics_listen {:?} is not an address like 0.0.0.0:9377",
+                self.server.metrics_listen
+            ));
+        }
+        if !self.audit.file.is_empty() && !Path::new(&self.audit.file).is_absolute() {
+            problems.push(format!(
+                "audit.file {:?} must be an absolute path",
+                self.audit.file
+            ));
+        }
+        let h = &self.health;
+        check_duration(
+            &mut problems,
+            "health.failing_after",
+            h.failing_after,
+            MIN_FAILING_AFTER,
+            MAX_FAILING_AFTER,
+        );
+        if h.warn_after < Duration::from_secs(60) {
+            problems.push("health.warn_after must be at least 1m".to_owned());
+        }
+        if !(h.warn_after <= h.degraded_after && h.degraded_after <= h.failing_after) {
+            problems.push(
+                "health.warn_after, health.degraded_after and health.failing_after must not decrease"
+                    .to_owned(),
+            );
+        }
         problems
     }
 
@@ -688,6 +785,41 @@ listen = "nowhere"
         let ok = Config::from_toml_str(&format!("{MINIMAL}[sending]\nmax_backoff = \"1h\"\n"))
             .expect("1h is allowed");
         assert_eq!(ok.sending.max_backoff, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn health_thresholds_never_fail_before_two_hours_and_keep_their_order() {
+        for (health, named) in [
+            ("failing_after = \"1h59m\"", "health.failing_after must be 2h to 5h"),
+            ("failing_after = \"6h\"", "health.failing_after must be 2h to 5h"),
+            ("warn_after = \"30s\"", "health.warn_after must be at least 1m"),
+            (
+                "degraded_after = \"4h30m\"",
+                "health.warn_after, health.degraded_after and health.failing_after must not decrease",
+            ),
+            (
+                "warn_after = \"3h\"\ndegraded_after = \"2h\"",
+                "health.warn_after, health.degraded_after and health.failing_after must not decrease",
+            ),
+        ] {
+            let err = Config::from_toml_str(&format!("{MINIMAL}[health]\n{health}\n"))
+                .expect_err(health);
+            assert!(err.to_string().contains(named), "{health}: {err}");
+        }
+        let ok = Config::from_toml_str(&format!(
+            "{MINIMAL}[health]\nwarn_after = \"2h\"\ndegraded_after = \"2h\"\nfailing_after = \"2h\"\n"
+        ))
+        .expect("2h for all is allowed");
+        assert_eq!(ok.health.failing_after, MIN_FAILING_AFTER);
+        let d = Config::from_toml_str(MINIMAL).expect("valid").health;
+        assert_eq!(
+            (d.warn_after, d.degraded_after, d.failing_after),
+            (
+                Duration::from_secs(1800),
+                Duration::from_secs(7200),
+                Duration::from_secs(14400)
+            )
+        );
     }
 
     #[test]

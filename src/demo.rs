@@ -129,6 +129,7 @@ max_backoff = "2s"
         Some(Listeners {
             tcp: Some(listener),
             unix: None,
+            metrics: None,
         }),
         ctx,
     ));

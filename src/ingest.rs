@@ -26,10 +26,10 @@ use subtle::ConstantTimeEq;
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::config::Config;
 use crate::ledger::{Event, Ledger, LedgerError, Measure};
-use crate::metrics::Metrics;
+use crate::metrics::{unsent_age_seconds, DiskSpace, Metrics};
 use crate::model::{self, Aggregation, TagSet, DISTINCT_MAX_CHARS, MAX_QUANTITY, MAX_TAG_KEYS};
 use crate::serve::{read_body, BodyError, Slot};
-use crate::status::StatusBoard;
+use crate::status::{MeteringHealth, StatusBoard};
 
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const MAX_BATCH_EVENTS: usize = 10_000;
@@ -381,6 +381,8 @@ fn error_response(r: &Rejection) -> Response<Body> {
 pub enum Via {
     Tcp,
     Unix,
+    /// `server.metrics_listen`: read-only, for a scraper on the network.
+    Metrics,
 }
 
 /// DNS-rebinding guard: the request's authority (its `Host`, or the authority of an
@@ -449,6 +451,9 @@ fn request_authority(req: &Request<Incoming>) -> Result<Option<&str>, ()> {
 
 impl Api {
     pub async fn handle(&self, req: Request<Incoming>, via: Via, slot: Slot) -> Response<Body> {
+        if via == Via::Metrics {
+            return self.handle_read_only(req).await;
+        }
         if via == Via::Tcp {
             let Ok(host) = request_authority(&req) else {
                 self.metrics.reject("host");
@@ -511,21 +516,7 @@ impl Api {
                 json_response(StatusCode::OK, &json!({"status": "alive"}))
             }
             (&Method::GET, "/readyz") => self.readyz(),
-            (&Method::GET, "/metrics") => {
-                if let Ok(stats) = self.ledger.stats().await {
-                    self.metrics.records_pending.set(stats.pending);
-                }
-                let mut resp = Response::new(Full::new(Bytes::from(
-                    self.metrics.render(self.ledger.commit_stats()),
-                )));
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                resp
-            }
+            (&Method::GET, "/metrics") => self.metrics_response(req.headers()).await,
             (
                 _,
                 "/v1/usage" | "/v1/usage/current" | "/v1/status" | "/healthz" | "/readyz"
@@ -550,7 +541,80 @@ impl Api {
         }
     }
 
+    /// The metrics listener: no usage, no status, so neither a token nor the Host guard.
+    async fn handle_read_only(&self, req: Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => self.metrics_response(req.headers()).await,
+            (&Method::GET, "/healthz") => {
+                json_response(StatusCode::OK, &json!({"status": "alive"}))
+            }
+            (&Method::GET, "/readyz") => self.readyz(),
+            (_, path) => error_response(&Rejection::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {path}: the metrics listener serves GET /metrics, /healthz and /readyz"),
+            )),
+        }
+    }
+
+    /// OpenMetrics when the scraper accepts it, else the text format 0.0.4 (`crate::metrics`).
+    async fn metrics_response(&self, headers: &header::HeaderMap) -> Response<Body> {
+        let now = unix_seconds(self.clock.now());
+        let health = match self.ledger.stats().await {
+            Ok(stats) => {
+                self.metrics.observe_ledger(&stats, now);
+                let age = unsent_age_seconds(stats.oldest_pending_hour, now);
+                MeteringHealth::of(age, &self.config.health)
+            }
+            Err(_) => MeteringHealth::Degraded,
+        };
+        self.metrics.observe_health(health);
+        self.metrics
+            .observe_entitlement(&self.status.entitlement().state);
+        self.metrics
+            .ledger_writable
+            .set(i64::from(self.status.ledger_writable()));
+        let dir = self.ledger.path().parent().unwrap_or(self.ledger.path());
+        self.metrics.observe_disk(DiskSpace::of(dir));
+        let quarantined = crate::ledger::quarantined_ledgers(&self.config.state.dir).len();
+        self.metrics
+            .ledger_quarantined_files
+            .set(i64::try_from(quarantined).unwrap_or(i64::MAX));
+        let openmetrics = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("application/openmetrics-text"));
+        let commits = self.ledger.commit_stats();
+        let (body, content_type) = if openmetrics {
+            (
+                self.metrics.render(commits),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            (
+                self.metrics.render_text(commits),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        );
+        resp
+    }
+
     async fn post_usage(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let resp = self.post_usage_timed(req).await;
+        self.metrics
+            .ingest_request_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn post_usage_timed(&self, req: Request<Incoming>) -> Response<Body> {
         match self.ingest(req).await {
             Ok(resp) => resp,
             Err(rejection) => {
@@ -683,6 +747,14 @@ impl Api {
     async fn status(&self) -> Response<Body> {
         let now = unix_seconds(self.clock.now());
         let ledger = self.ledger.stats().await;
+        // A ledger that cannot be read shows no proof that usage is going out: degraded.
+        let (health, unsent_seconds) = match &ledger {
+            Ok(s) => {
+                let age = unsent_age_seconds(s.oldest_pending_hour, now);
+                (MeteringHealth::of(age, &self.config.health), Some(age))
+            }
+            Err(_) => (MeteringHealth::Degraded, None),
+        };
         let (ledger_json, records) = match &ledger {
             Ok(s) => (
                 json!({"path": self.ledger.path(), "size_bytes": s.size_bytes, "writable": self.status.ledger_writable()}),
@@ -701,6 +773,8 @@ impl Api {
                 "pricing": self.config.pricing,
                 "platform": self.status.platform,
                 "ready": self.status.is_ready(),
+                "metering_health": health,
+                "oldest_unsent_age_seconds": unsent_seconds,
                 "entitlement": self.status.entitlement(),
                 "open_hour": rfc3339(self.ledger.open_hour(now)),
                 "first_start": rfc3339(identity.first_start),

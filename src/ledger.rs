@@ -124,7 +124,13 @@ pub enum LedgerError {
     #[error("the ledger cannot be written: {0}")]
     Unavailable(String),
     #[error("the ledger at {path} is corrupt or unreadable: {detail}. It was left untouched; restore it from a backup or move it aside to start empty (unsent usage in it would be lost)")]
-    Corrupt { path: String, detail: String },
+    Corrupt {
+        path: String,
+        detail: String,
+        /// Damage, which `state.quarantine_damaged` may move aside; false for a ledger of a
+        /// newer schema, which is whole and must be left for the meterd that wrote it.
+        damaged: bool,
+    },
     #[error("another meterd process holds {0}; run one agent per state directory")]
     Locked(String),
     #[error("refusing the ledger's files: {0}")]
@@ -257,6 +263,8 @@ pub struct StoredRecord {
     pub metering_record_id: Option<String>,
     pub sealed_at: i64,
     pub sent_at: Option<i64>,
+    /// When the delivery state last changed (the final outcome's time once it is final).
+    pub updated_at: i64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -267,6 +275,10 @@ pub struct LedgerStats {
     pub duplicate: i64,
     pub last_error: Option<String>,
     pub size_bytes: u64,
+    /// The hour of the oldest pending record.
+    pub oldest_pending_hour: Option<i64>,
+    /// When MeterUsage last confirmed a record.
+    pub last_sent_at: Option<i64>,
 }
 
 /// Sealing produced these records; `folded_tag_sets` feeds a warning and a metric.
@@ -519,6 +531,7 @@ impl Ledger {
         let corrupt = |e: &dyn std::fmt::Display| LedgerError::Corrupt {
             path: path.display().to_string(),
             detail: e.to_string(),
+            damaged: true,
         };
         private.inspect_side_files(LEDGER_FILE)?;
         let file = match private.inspect(LEDGER_FILE)? {
@@ -552,9 +565,13 @@ impl Ledger {
             }
             read_identity(&check, product_code).map_err(|e| match e {
                 SchemaError::Sql(e) => corrupt(&e),
-                SchemaError::Version(v) => corrupt(&format!(
-                    "schema version {v}; this meterd reads versions 1 to {SCHEMA_VERSION} (a newer meterd wrote it: run that one, or a newer one)"
-                )),
+                SchemaError::Version(v) => LedgerError::Corrupt {
+                    path: path.display().to_string(),
+                    detail: format!(
+                        "schema version {v}; this meterd reads versions 1 to {SCHEMA_VERSION} (a newer meterd wrote it: run that one, or a newer one)"
+                    ),
+                    damaged: false,
+                },
                 SchemaError::Missing(what) => corrupt(&format!("meta entry {what} is missing")),
                 SchemaError::Product(found) => LedgerError::ProductMismatch {
                     path: path.display().to_string(),
@@ -788,6 +805,18 @@ impl Ledger {
             .await
     }
 
+    /// Records with a final outcome (sent, dead, duplicate), in the order they became final.
+    pub async fn final_records(&self) -> Result<Vec<StoredRecord>, LedgerError> {
+        self.read(|c| {
+            query_records(
+                c,
+                "WHERE state != 'pending' ORDER BY updated_at, hour, dimension",
+                [],
+            )
+        })
+        .await
+    }
+
     /// The newest `limit` records, newest first.
     pub async fn recent_records(&self, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
         self.read(move |c| query_records(c, "ORDER BY hour DESC, dimension LIMIT ?1", [limit]))
@@ -824,6 +853,12 @@ impl Ledger {
                         |r| r.get(0),
                     )
                     .optional()?;
+                (stats.oldest_pending_hour, stats.last_sent_at) = c.query_row(
+                    "SELECT (SELECT MIN(hour) FROM records WHERE state = 'pending'), \
+                     (SELECT MAX(sent_at) FROM records WHERE state = 'sent')",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
                 Ok(stats)
             })
             .await?;
@@ -839,10 +874,112 @@ impl Ledger {
     }
 }
 
+/// The prefix of a quarantined ledger's name: `ledger.sqlite3.quarantined-<UTC time>`.
+pub const QUARANTINE_PREFIX: &str = "ledger.sqlite3.quarantined-";
+
+/// Moves the ledger of `dir` aside, never deleting it: `ledger.sqlite3` and its side files
+/// become `ledger.sqlite3.quarantined-<time>` (`-wal`, `-shm`), so the agent starts empty and
+/// the old file stays readable (`meterd records --ledger`). Takes the agent's lock, so it
+/// refuses while an agent runs. The side files move first and the ledger last; a move
+/// interrupted between them is finished under the same name by the next run.
+pub fn quarantine(dir: &Path, now: i64) -> Result<PathBuf, LedgerError> {
+    let private = files::PrivateDir::open_locked(dir)?;
+    if private.inspect(LEDGER_FILE)?.is_none() {
+        return Err(LedgerError::Unavailable(format!(
+            "no ledger at {} to quarantine",
+            ledger_path(dir).display()
+        )));
+    }
+    let names = quarantine_names(private.path())?;
+    // A side file whose ledger is not beside it: an interrupted quarantine to finish.
+    let orphan = names.iter().find_map(|n| {
+        let base = n.strip_suffix("-wal").or_else(|| n.strip_suffix("-shm"))?;
+        (!names.iter().any(|m| m == base)).then(|| base.to_owned())
+    });
+    let name = match orphan {
+        Some(base) => base,
+        None => {
+            let stamp = rfc3339_compact(now);
+            let mut name = format!("{QUARANTINE_PREFIX}{stamp}");
+            let mut n = 1;
+            while names.iter().any(|m| m.starts_with(&name)) {
+                n += 1;
+                name = format!("{QUARANTINE_PREFIX}{stamp}-{n}");
+            }
+            name
+        }
+    };
+    for suffix in ["-wal", "-shm"] {
+        let side = format!("{LEDGER_FILE}{suffix}");
+        if private.inspect(&side)?.is_some() {
+            private.rename(&side, &format!("{name}{suffix}"))?;
+        }
+    }
+    private.rename(LEDGER_FILE, &name)?;
+    private.sync()?;
+    Ok(private.path().join(name))
+}
+
+/// Quarantined ledgers (not their side files) in the state directory's private directory:
+/// the `meterd_ledger_quarantined_files` gauge, which alerts until someone moves them away.
+pub fn quarantined_ledgers(dir: &Path) -> Vec<PathBuf> {
+    let private = dir.join(PRIVATE_DIR);
+    quarantine_names(&private)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !n.ends_with("-wal") && !n.ends_with("-shm"))
+        .map(|n| private.join(n))
+        .collect()
+}
+
+fn quarantine_names(private: &Path) -> Result<Vec<String>, LedgerError> {
+    let entries = std::fs::read_dir(private)
+        .map_err(|e| LedgerError::Unavailable(format!("{}: {e}", private.display())))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(QUARANTINE_PREFIX))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// `2026-12-02T15:11:00Z` as `20261202T151100Z`, for file names.
+fn rfc3339_compact(t: i64) -> String {
+    crate::clock::rfc3339(t).replace(['-', ':'], "")
+}
+
 /// Reads records straight from the ledger of the state directory `dir`, without the lock: for
 /// `meterd records`. It finds the ledger where the agent keeps it (or where an agent of the old
 /// layout left it), follows no link to it, creates nothing and may run as another user.
 pub fn read_records_at(dir: &Path, limit: i64) -> Result<Vec<StoredRecord>, LedgerError> {
+    read_records_filtered(dir, &RecordFilter::newest(limit))
+}
+
+/// Which records `meterd records` prints: hours in `[since, until)`, newest first, at most
+/// `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordFilter {
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub limit: i64,
+}
+
+impl RecordFilter {
+    pub fn newest(limit: i64) -> Self {
+        Self {
+            since: None,
+            until: None,
+            limit,
+        }
+    }
+}
+
+/// [`read_records_at`] with a filter.
+pub fn read_records_filtered(
+    dir: &Path,
+    filter: &RecordFilter,
+) -> Result<Vec<StoredRecord>, LedgerError> {
     let at = files::PrivateDir::open_for_reading(dir)?;
     let path = at.path().join(LEDGER_FILE);
     let Some(file) = at.inspect(LEDGER_FILE)? else {
@@ -855,8 +992,39 @@ pub fn read_records_at(dir: &Path, limit: i64) -> Result<Vec<StoredRecord>, Ledg
     let conn = open_connection(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| LedgerError::from_sqlite(&e))?;
     files::expect_opened(&path, file, before)?;
-    query_records(&conn, "ORDER BY hour DESC, dimension LIMIT ?1", [limit])
-        .map_err(|e| LedgerError::from_sqlite(&e))
+    query_filtered(&conn, filter)
+}
+
+/// Reads records from the ledger file `path` itself (a quarantined ledger, a copy), read-only:
+/// for `meterd records --ledger`. The file is never written.
+pub fn read_records_of_file(
+    path: &Path,
+    filter: &RecordFilter,
+) -> Result<Vec<StoredRecord>, LedgerError> {
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| LedgerError::Unavailable(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(LedgerError::Unavailable(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let conn = open_connection(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| LedgerError::from_sqlite(&e))?;
+    query_filtered(&conn, filter)
+}
+
+fn query_filtered(conn: &Connection, f: &RecordFilter) -> Result<Vec<StoredRecord>, LedgerError> {
+    query_records(
+        conn,
+        "WHERE hour >= ?1 AND hour < ?2 ORDER BY hour DESC, dimension LIMIT ?3",
+        [
+            f.since.unwrap_or(i64::MIN),
+            f.until.unwrap_or(i64::MAX),
+            f.limit,
+        ],
+    )
+    .map_err(|e| LedgerError::from_sqlite(&e))
 }
 
 fn query_records<P: rusqlite::Params>(
@@ -866,7 +1034,7 @@ fn query_records<P: rusqlite::Params>(
 ) -> rusqlite::Result<Vec<StoredRecord>> {
     let sql = format!(
         "SELECT hour, dimension, quantity, allocations, timestamp, client_token, state, attempts, \
-         last_error, metering_record_id, sealed_at, sent_at FROM records {tail}"
+         last_error, metering_record_id, sealed_at, sent_at, updated_at FROM records {tail}"
     );
     let mut stmt = c.prepare_cached(&sql)?;
     let rows = stmt.query_map(params, |r| {
@@ -894,6 +1062,7 @@ fn query_records<P: rusqlite::Params>(
             metering_record_id: r.get(9)?,
             sealed_at: r.get(10)?,
             sent_at: r.get(11)?,
+            updated_at: r.get(12)?,
         })
     })?;
     rows.collect()

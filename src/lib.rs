@@ -8,6 +8,7 @@
 //! - [`seal`]: turns a closed hour's counters into one record per dimension, with allocations.
 //! - [`send`]: delivers sealed records with MeterUsage, retrying until AWS confirms.
 //! - [`entitlement`]: RegisterUsage at start-up and PS256 verification against the keyring.
+//! - [`audit`]: each record's final outcome exported once as a JSON line and/or log event.
 //! - [`agent`]: wires the above together under one root `run` and a cancellation token.
 //!
 //! Beside the agent: `emulator` (cargo feature `emulator`, on by default, off in the production
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod audit;
 pub mod aws;
 pub mod backoff;
 pub mod clock;

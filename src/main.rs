@@ -59,7 +59,19 @@ struct ConfigArg {
 }
 
 #[derive(Subcommand)]
+enum LedgerCommand {
+    /// Move a damaged ledger aside (renamed with the time, never deleted) so the agent can
+    /// start empty; prints the new name. Refused while an agent runs.
+    Quarantine(ConfigArg),
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// Ledger maintenance.
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerCommand,
+    },
     /// Run the agent: register, take usage on the local API, seal and send every hour.
     Run(ConfigArg),
     /// Post one usage count to the running agent.
@@ -89,9 +101,21 @@ enum Command {
         config: ConfigArg,
         #[arg(long, default_value_t = 48)]
         limit: i64,
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (the same as --format json).
         #[arg(long)]
         json: bool,
+        /// table, json or csv.
+        #[arg(long, value_enum, default_value_t = RecordsFormat::Table)]
+        format: RecordsFormat,
+        /// Only hours at or after this time (RFC 3339, e.g. 2026-11-22T10:00:00Z).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<i64>,
+        /// Only hours before this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i64>,
+        /// Read this ledger file instead of the configured one (a quarantined ledger).
+        #[arg(long)]
+        ledger: Option<PathBuf>,
     },
     /// List the trusted public keys with their SHA-256 fingerprints.
     Keys {
@@ -224,8 +248,23 @@ fn main() -> ExitCode {
                 config,
                 limit,
                 json,
-            } => records(&config.config, limit, json),
+                format,
+                since,
+                until,
+                ledger,
+            } => {
+                let format = if json { RecordsFormat::Json } else { format };
+                let filter = meterd::ledger::RecordFilter {
+                    since,
+                    until,
+                    limit,
+                };
+                records(&config.config, ledger.as_deref(), &filter, format)
+            }
             Command::Keys { config } => keys(config.as_deref()),
+            Command::Ledger {
+                action: LedgerCommand::Quarantine(c),
+            } => quarantine(&c.config),
             Command::Doctor(c) => doctor(&c.config).await,
             Command::ListingCheck {
                 config,
@@ -448,34 +487,125 @@ async fn health(config_path: &Path) -> ExitCode {
     }
 }
 
-fn records(config_path: &Path, limit: i64, json: bool) -> ExitCode {
+fn quarantine(config_path: &Path) -> ExitCode {
     let config = match load_config(config_path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let records = match meterd::ledger::read_records_at(&config.state.dir, limit) {
+    let now = meterd::clock::unix_seconds(std::time::SystemTime::now());
+    match meterd::ledger::quarantine(&config.state.dir, now) {
+        Ok(moved) => {
+            println!("{}", moved.display());
+            eprintln!(
+                "meterd ledger quarantine: moved the ledger to {}; the next start creates an empty one. Its unsent usage: meterd records --ledger {}",
+                moved.display(),
+                moved.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meterd ledger quarantine: {e}");
+            ExitCode::from(u8::try_from(meterd::agent::EXIT_LEDGER).unwrap_or(1))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RecordsFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+fn parse_time(text: &str) -> Result<i64, String> {
+    let t = humantime::parse_rfc3339_weak(text)
+        .map_err(|e| format!("{e}; expected RFC 3339, e.g. 2026-11-22T10:00:00Z"))?;
+    Ok(meterd::clock::unix_seconds(t))
+}
+
+fn records(
+    config_path: &Path,
+    ledger: Option<&Path>,
+    filter: &meterd::ledger::RecordFilter,
+    format: RecordsFormat,
+) -> ExitCode {
+    let read = match ledger {
+        Some(path) => meterd::ledger::read_records_of_file(path, filter),
+        None => match load_config(config_path) {
+            Ok(c) => meterd::ledger::read_records_filtered(&c.state.dir, filter),
+            Err(code) => return code,
+        },
+    };
+    let records = match read {
         Ok(r) => r,
         Err(e) => {
             eprintln!("meterd records: {e}");
             return ExitCode::FAILURE;
         }
     };
-    if json {
-        println!(
+    match format {
+        RecordsFormat::Json => println!(
             "{}",
             serde_json::to_string_pretty(&records).unwrap_or_default()
-        );
-        return ExitCode::SUCCESS;
+        ),
+        RecordsFormat::Csv => print!("{}", records_csv(&records)),
+        RecordsFormat::Table => print_table(records),
     }
+    ExitCode::SUCCESS
+}
+
+fn state_name(state: meterd::ledger::RecordState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn records_csv(records: &[meterd::ledger::StoredRecord]) -> String {
+    fn field(text: &str) -> String {
+        if text.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text.to_owned()
+        }
+    }
+    let mut out = String::from(
+        "hour,dimension,quantity,state,attempts,metering_record_id,last_error,timestamp,sealed_at,updated_at,record_key,allocations\n",
+    );
+    for r in records {
+        let allocations = r
+            .allocations
+            .as_ref()
+            .map(|a| serde_json::to_string(a).unwrap_or_default())
+            .unwrap_or_default();
+        let row = [
+            rfc3339(r.hour),
+            r.dimension.clone(),
+            r.quantity.to_string(),
+            state_name(r.state),
+            r.attempts.to_string(),
+            r.metering_record_id.clone().unwrap_or_default(),
+            r.last_error.clone().unwrap_or_default(),
+            rfc3339(r.timestamp),
+            rfc3339(r.sealed_at),
+            rfc3339(r.updated_at),
+            r.client_token.clone(),
+            allocations,
+        ];
+        let row: Vec<String> = row.iter().map(|f| field(f)).collect();
+        out.push_str(&row.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn print_table(records: Vec<meterd::ledger::StoredRecord>) {
     println!(
         "{:<21} {:<24} {:>12} {:<10} {:>8}  METERING RECORD ID / LAST ERROR",
         "HOUR", "DIMENSION", "QUANTITY", "STATE", "ATTEMPTS"
     );
     for r in records {
-        let state = serde_json::to_value(r.state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let state = state_name(r.state);
         let detail = r.metering_record_id.or(r.last_error).unwrap_or_default();
         println!(
             "{:<21} {:<24} {:>12} {:<10} {:>8}  {}",
@@ -487,7 +617,6 @@ fn records(config_path: &Path, limit: i64, json: bool) -> ExitCode {
             detail
         );
     }
-    ExitCode::SUCCESS
 }
 
 fn keys(config_path: Option<&Path>) -> ExitCode {

@@ -1,6 +1,17 @@
-//! Prometheus metrics. Names follow `meterd_<noun>_<unit>_total`; labels stay low-cardinality
-//! (a reason or an error code, never a tag value or a customer).
+//! Prometheus metrics.
+//!
+//! Naming rule (checked by `promtool check metrics` in CI, `scripts/prometheus-checks.sh`):
+//! `meterd_<noun>[_<unit>]`, with the unit in base units (`_seconds`, `_bytes`) whenever the
+//! value has one, `_timestamp_seconds` for a Unix time, and `_total` on counters only (the
+//! encoder adds it). A gauge that counts things (`meterd_ledger_records`) has no unit. Labels
+//! stay low-cardinality: a state, an operation, an outcome or error code, a configured
+//! dimension; never a tag value or a customer.
+//!
+//! `/metrics` answers OpenMetrics to a scraper that asks for it (Prometheus does) and the
+//! classic text format 0.0.4 otherwise ([`Metrics::render_text`]), which is what `promtool`
+//! and `curl` read.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::text::encode;
@@ -8,9 +19,12 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::ledger::CommitStats;
+use crate::clock::HOUR_SECS;
+use crate::ledger::{CommitStats, LedgerStats};
+use crate::status::{EntitlementState, MeteringHealth};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -22,11 +36,67 @@ pub struct Code {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct State {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Level {
+    pub level: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Call {
+    pub operation: String,
+    /// `success`, the service's error code, or `transport`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DimensionLabel {
+    pub dimension: String,
+}
+
+/// Every entitlement state, so that each has a series (0 or 1).
+const ENTITLEMENT_STATES: [EntitlementState; 5] = [
+    EntitlementState::Pending,
+    EntitlementState::Entitled,
+    EntitlementState::PermissionsVerified,
+    EntitlementState::Unverified,
+    EntitlementState::Failed,
+];
+const RECORD_STATES: [&str; 4] = ["pending", "sent", "dead", "duplicate"];
+
+/// Space on the file system that holds the ledger.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskSpace {
+    pub avail_bytes: u64,
+    pub size_bytes: u64,
+}
+
+impl DiskSpace {
+    /// `statvfs` of `path`; `None` when it cannot be read.
+    pub fn of(path: &std::path::Path) -> Option<DiskSpace> {
+        let s = rustix::fs::statvfs(path).ok()?;
+        Some(DiskSpace {
+            avail_bytes: s.f_bavail.saturating_mul(s.f_frsize),
+            size_bytes: s.f_blocks.saturating_mul(s.f_frsize),
+        })
+    }
+}
+
+/// Seconds since the oldest unsent record's hour closed, 0 when nothing is pending.
+pub fn unsent_age_seconds(oldest_pending_hour: Option<i64>, now: i64) -> i64 {
+    oldest_pending_hour.map_or(0, |hour| (now - (hour + HOUR_SECS)).max(0))
+}
+
 pub struct Metrics {
     registry: Registry,
     pub events_accepted: Counter,
     pub events_duplicate: Counter,
     pub requests_rejected: Family<Reason, Counter>,
+    pub ingest_request_duration_seconds: Histogram,
     pub ledger_errors: Family<Reason, Counter>,
     pub ledger_commits: Counter,
     pub ledger_commands: Counter,
@@ -34,14 +104,26 @@ pub struct Metrics {
     pub ledger_checkpoints: Counter,
     pub ledger_checkpoint_failures: Counter,
     pub ledger_wal_pages: Gauge,
+    pub ledger_writable: Gauge,
+    pub ledger_size_bytes: Gauge,
+    pub ledger_filesystem_avail_bytes: Gauge,
+    pub ledger_filesystem_size_bytes: Gauge,
+    pub ledger_records: Family<State, Gauge>,
+    pub ledger_quarantined_files: Gauge,
     pub records_sealed: Counter,
     pub records_sent: Counter,
+    pub usage_units_sent: Family<DimensionLabel, Counter>,
     pub send_failures: Family<Code, Counter>,
     pub records_dead_lettered: Counter,
     pub records_duplicate: Counter,
     pub tag_sets_folded: Counter,
     pub records_pending: Gauge,
+    pub oldest_unsent_record_age_seconds: Gauge,
+    pub last_successful_send_timestamp_seconds: Gauge,
+    pub aws_calls: Family<Call, Counter>,
+    pub metering_health: Family<Level, Gauge>,
     pub entitled: Gauge,
+    pub entitlement_state: Family<State, Gauge>,
     pub public_key_rotation_timestamp_seconds: Gauge,
 }
 
@@ -53,11 +135,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::default();
+        let mut r = Registry::default();
         let m = Metrics {
             events_accepted: Counter::default(),
             events_duplicate: Counter::default(),
             requests_rejected: Family::default(),
+            ingest_request_duration_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             ledger_errors: Family::default(),
             ledger_commits: Counter::default(),
             ledger_commands: Counter::default(),
@@ -65,113 +148,249 @@ impl Metrics {
             ledger_checkpoints: Counter::default(),
             ledger_checkpoint_failures: Counter::default(),
             ledger_wal_pages: Gauge::default(),
+            ledger_writable: Gauge::default(),
+            ledger_size_bytes: Gauge::default(),
+            ledger_filesystem_avail_bytes: Gauge::default(),
+            ledger_filesystem_size_bytes: Gauge::default(),
+            ledger_records: Family::default(),
+            ledger_quarantined_files: Gauge::default(),
             records_sealed: Counter::default(),
             records_sent: Counter::default(),
+            usage_units_sent: Family::default(),
             send_failures: Family::default(),
             records_dead_lettered: Counter::default(),
             records_duplicate: Counter::default(),
             tag_sets_folded: Counter::default(),
             records_pending: Gauge::default(),
+            oldest_unsent_record_age_seconds: Gauge::default(),
+            last_successful_send_timestamp_seconds: Gauge::default(),
+            aws_calls: Family::default(),
+            metering_health: Family::default(),
             entitled: Gauge::default(),
+            entitlement_state: Family::default(),
             public_key_rotation_timestamp_seconds: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register(
+        r.register(
             "meterd_events_accepted",
             "Usage events counted",
             m.events_accepted.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_events_duplicate",
             "Usage events acknowledged again by id but not counted",
             m.events_duplicate.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_requests_rejected",
             "Ingest requests refused, by reason",
             m.requests_rejected.clone(),
         );
-        registry.register(
+        r.register(
+            "meterd_ingest_request_duration_seconds",
+            "Time to answer POST /v1/usage, the ledger commit included",
+            m.ingest_request_duration_seconds.clone(),
+        );
+        r.register(
             "meterd_ledger_errors",
             "Ledger writes that failed, by reason",
             m.ledger_errors.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_ledger_commits",
             "Ledger transactions committed (one fsync each)",
             m.ledger_commits.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_ledger_commands",
             "Ledger commands applied (requests, seals, deliveries)",
             m.ledger_commands.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_ledger_commit_seconds",
             "Time spent committing ledger transactions, fsync included",
             m.ledger_commit_seconds.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_ledger_checkpoints",
             "WAL checkpoints run by the ledger writer",
             m.ledger_checkpoints.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_ledger_checkpoint_failures",
             "WAL checkpoints that failed (commits stay durable in the WAL; the WAL grows)",
             m.ledger_checkpoint_failures.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_ledger_wal_pages",
             "Pages in the ledger's write-ahead log after the last commit",
             m.ledger_wal_pages.clone(),
         );
-        registry.register(
+        r.register(
+            "meterd_ledger_writable",
+            "1 while the ledger's last write succeeded; 0 after a failed write (readiness is off)",
+            m.ledger_writable.clone(),
+        );
+        r.register(
+            "meterd_ledger_size_bytes",
+            "Size of the ledger file and its write-ahead log",
+            m.ledger_size_bytes.clone(),
+        );
+        r.register(
+            "meterd_ledger_filesystem_avail_bytes",
+            "Bytes available to the agent on the file system holding the ledger",
+            m.ledger_filesystem_avail_bytes.clone(),
+        );
+        r.register(
+            "meterd_ledger_filesystem_size_bytes",
+            "Size of the file system holding the ledger",
+            m.ledger_filesystem_size_bytes.clone(),
+        );
+        r.register(
+            "meterd_ledger_records",
+            "Sealed records kept in the ledger, by delivery state (pending, sent, dead, duplicate)",
+            m.ledger_records.clone(),
+        );
+        r.register(
+            "meterd_ledger_quarantined_files",
+            "Quarantined (damaged, moved aside) ledgers in the state directory; their unsent usage needs recovery",
+            m.ledger_quarantined_files.clone(),
+        );
+        r.register(
             "meterd_records_sealed",
             "Dimension-hour records sealed",
             m.records_sealed.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_records_sent",
             "Records confirmed by MeterUsage",
             m.records_sent.clone(),
         );
-        registry.register(
+        r.register(
+            "meterd_usage_units_sent",
+            "Units confirmed by MeterUsage, by dimension",
+            m.usage_units_sent.clone(),
+        );
+        r.register(
             "meterd_send_failures",
             "MeterUsage attempts that failed, by error code",
             m.send_failures.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_records_dead_lettered",
             "Records given up after the 6-hour window",
             m.records_dead_lettered.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_records_duplicate",
             "Records refused by the service as duplicates",
             m.records_duplicate.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_tag_sets_folded",
             "Tag sets folded into the untagged bucket at max_allocations",
             m.tag_sets_folded.clone(),
         );
-        registry.register(
+        r.register(
             "meterd_records_pending",
             "Sealed records not yet confirmed",
             m.records_pending.clone(),
         );
-        registry.register(
+        r.register(
+            "meterd_oldest_unsent_record_age_seconds",
+            "Seconds since the hour of the oldest unsent record closed; 0 when nothing is pending",
+            m.oldest_unsent_record_age_seconds.clone(),
+        );
+        r.register(
+            "meterd_last_successful_send_timestamp_seconds",
+            "Unix time of the last record confirmed by MeterUsage (from the ledger); 0 if none",
+            m.last_successful_send_timestamp_seconds.clone(),
+        );
+        r.register(
+            "meterd_aws_calls",
+            "Calls to the Metering Service, by operation and outcome (success or error code)",
+            m.aws_calls.clone(),
+        );
+        r.register(
+            "meterd_metering_health",
+            "1 for the current metering_health level of /v1/status (ok, warn, degraded, failing)",
+            m.metering_health.clone(),
+        );
+        r.register(
             "meterd_entitled",
             "1 once RegisterUsage (or the DryRun check) passed",
             m.entitled.clone(),
         );
-        registry.register(
+        r.register(
+            "meterd_entitlement_state",
+            "1 for the current entitlement state, 0 for the others",
+            m.entitlement_state.clone(),
+        );
+        r.register(
             "meterd_public_key_rotation_timestamp_seconds",
             "PublicKeyRotationTimestamp from RegisterUsage; 0 when the key version is current",
             m.public_key_rotation_timestamp_seconds.clone(),
         );
-        Metrics { registry, ..m }
+        for state in RECORD_STATES {
+            m.ledger_records
+                .get_or_create(&State {
+                    state: state.to_owned(),
+                })
+                .set(0);
+        }
+        m.observe_entitlement(&EntitlementState::Pending);
+        m.observe_health(MeteringHealth::Ok);
+        m.ledger_writable.set(1);
+        Metrics { registry: r, ..m }
+    }
+
+    /// Sets the gauges read from the ledger at scrape time.
+    pub fn observe_ledger(&self, stats: &LedgerStats, now: i64) {
+        self.records_pending.set(stats.pending);
+        for (state, n) in
+            RECORD_STATES
+                .iter()
+                .zip([stats.pending, stats.sent, stats.dead, stats.duplicate])
+        {
+            self.ledger_records
+                .get_or_create(&State {
+                    state: (*state).to_owned(),
+                })
+                .set(n);
+        }
+        self.oldest_unsent_record_age_seconds
+            .set(unsent_age_seconds(stats.oldest_pending_hour, now));
+        self.last_successful_send_timestamp_seconds
+            .set(stats.last_sent_at.unwrap_or(0));
+        self.ledger_size_bytes.set(clamp(stats.size_bytes));
+    }
+
+    pub fn observe_disk(&self, disk: Option<DiskSpace>) {
+        if let Some(d) = disk {
+            self.ledger_filesystem_avail_bytes.set(clamp(d.avail_bytes));
+            self.ledger_filesystem_size_bytes.set(clamp(d.size_bytes));
+        }
+    }
+
+    pub fn observe_health(&self, current: MeteringHealth) {
+        for level in MeteringHealth::ALL {
+            self.metering_health
+                .get_or_create(&Level {
+                    level: level.as_str().to_owned(),
+                })
+                .set(i64::from(level == current));
+        }
+    }
+
+    pub fn observe_entitlement(&self, current: &EntitlementState) {
+        for state in ENTITLEMENT_STATES {
+            let value = i64::from(&state == current);
+            self.entitlement_state
+                .get_or_create(&State {
+                    state: state.as_str().to_owned(),
+                })
+                .set(value);
+        }
     }
 
     /// Prometheus text exposition, refreshing counters kept by the ledger writer.
@@ -203,6 +422,12 @@ impl Metrics {
         out
     }
 
+    /// [`Self::render`] in the text format 0.0.4: a counter's HELP and TYPE name its `_total`
+    /// samples, and OpenMetrics' `# UNIT` and `# EOF` lines go.
+    pub fn render_text(&self, commits: &CommitStats) -> String {
+        to_text_format(&self.render(commits))
+    }
+
     pub fn reject(&self, reason: &str) {
         self.requests_rejected
             .get_or_create(&Reason {
@@ -219,13 +444,72 @@ impl Metrics {
             .inc();
     }
 
+    /// One call to the Metering Service and how it ended.
+    pub fn call(&self, operation: &str, outcome: &str) {
+        self.aws_calls
+            .get_or_create(&Call {
+                operation: operation.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A MeterUsage attempt that failed with `code`.
     pub fn send_failure(&self, code: &str) {
+        self.call("MeterUsage", code);
         self.send_failures
             .get_or_create(&Code {
                 code: code.to_owned(),
             })
             .inc();
     }
+
+    /// A record MeterUsage confirmed.
+    pub fn record_sent(&self, dimension: &str, quantity: i64) {
+        self.call("MeterUsage", "success");
+        self.records_sent.inc();
+        self.usage_units_sent
+            .get_or_create(&DimensionLabel {
+                dimension: dimension.to_owned(),
+            })
+            .inc_by(u64::try_from(quantity).unwrap_or(0));
+    }
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_text_format(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -253,5 +537,174 @@ mod tests {
             text.contains("meterd_requests_rejected_total{reason=\"unknown_dimension\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn text_format_names_each_counter_by_its_samples_and_drops_openmetrics_lines() {
+        let m = Metrics::new();
+        m.record_sent("requests", 7);
+        m.observe_ledger(
+            &LedgerStats {
+                pending: 2,
+                oldest_pending_hour: Some(7200),
+                last_sent_at: Some(5000),
+                ..LedgerStats::default()
+            },
+            7200 + HOUR_SECS + 90,
+        );
+        let text = m.render_text(&CommitStats::default());
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE meterd_records_sent_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP meterd_records_sent_total "), "{text}");
+        assert!(
+            text.contains("# TYPE meterd_records_pending gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meterd_usage_units_sent_total{dimension=\"requests\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meterd_aws_calls_total{operation=\"MeterUsage\",outcome=\"success\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meterd_ledger_records{state=\"pending\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meterd_ledger_records{state=\"dead\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meterd_oldest_unsent_record_age_seconds 90"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meterd_last_successful_send_timestamp_seconds 5000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meterd_entitlement_state{state=\"pending\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meterd_entitlement_state{state=\"entitled\"} 0"),
+            "{text}"
+        );
+        // Every sample line belongs to the family declared just before it.
+        let mut family = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap_or_default().to_owned();
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .filter(|b| *b == family)
+                    .unwrap_or(name);
+                assert_eq!(base, family, "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn unsent_age_counts_from_the_end_of_the_oldest_pending_hour() {
+        assert_eq!(unsent_age_seconds(None, 10_000), 0);
+        assert_eq!(unsent_age_seconds(Some(3600), 7200), 0);
+        assert_eq!(unsent_age_seconds(Some(3600), 7000), 0);
+        assert_eq!(unsent_age_seconds(Some(3600), 7260), 60);
+    }
+
+    /// Every series name the agent exports: each family's samples (`_total` for a counter,
+    /// `_bucket`, `_sum` and `_count` for a histogram).
+    fn exported_names() -> HashSet<String> {
+        let mut names = HashSet::new();
+        for line in Metrics::new().render_text(&CommitStats::default()).lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            if kind == "histogram" {
+                for s in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{s}"));
+                }
+            } else {
+                names.insert(name.to_owned());
+            }
+        }
+        names
+    }
+
+    /// `meterd_…` identifiers in a text (a PromQL expression, a dashboard, a rules file).
+    fn metric_names(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("meterd_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let before = rest[..i].chars().next_back();
+            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                out.push(tail[..end].to_owned());
+            }
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
+        let exported = exported_names();
+        assert!(
+            exported.contains("meterd_records_sent_total"),
+            "{exported:?}"
+        );
+        assert!(exported.contains("meterd_ingest_request_duration_seconds_bucket"));
+        assert!(
+            !exported.contains("meterd_records_sent"),
+            "a counter is named by its samples"
+        );
+        let dashboard = include_str!("../deploy/grafana/meterd-dashboard.json");
+        let rules = include_str!("../helm/meterd/files/prometheus-rules.yaml");
+        let json: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard JSON");
+        let panels = json["panels"].as_array().expect("panels");
+        assert!(panels.len() >= 10);
+        for panel in panels {
+            let exprs: Vec<&str> = panel["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t["expr"].as_str())
+                .collect();
+            assert!(
+                exprs.iter().any(|e| !metric_names(e).is_empty()),
+                "panel {} queries no meterd metric",
+                panel["title"]
+            );
+        }
+        for (what, text) in [("dashboard", dashboard), ("alert rules", rules)] {
+            let named = metric_names(text);
+            assert!(!named.is_empty(), "{what}");
+            for name in named {
+                assert!(
+                    exported.contains(&name),
+                    "the {what} name {name}, which the agent does not export"
+                );
+            }
+        }
+        assert_eq!(
+            metric_names("x{a=\"b\"} + meterd_a_total/meterd_b"),
+            ["meterd_a_total", "meterd_b"]
+        );
+        assert!(metric_names("not_meterd_x").is_empty());
     }
 }

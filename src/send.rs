@@ -256,7 +256,7 @@ impl Sender {
                     self.ledger
                         .record_delivery(record.hour, &record.dimension, Delivery::Sent { metering_record_id: metering_record_id.clone() }, now)
                         .await?;
-                    self.metrics.records_sent.inc();
+                    self.metrics.record_sent(&record.dimension, record.quantity);
                     self.status.update_sender(|s| {
                         s.last_success_at = Some(rfc3339(now));
                         s.consecutive_failures = 0;

@@ -20,6 +20,63 @@ pub enum EntitlementState {
     Failed,
 }
 
+impl EntitlementState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EntitlementState::Pending => "pending",
+            EntitlementState::Entitled => "entitled",
+            EntitlementState::PermissionsVerified => "permissions_verified",
+            EntitlementState::Unverified => "unverified",
+            EntitlementState::Failed => "failed",
+        }
+    }
+}
+
+/// `metering_health` in `/v1/status`: how long usage has gone unsent, against `[health]`.
+/// The application decides what to do at each level; meterd keeps running and retrying.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum MeteringHealth {
+    Ok,
+    Warn,
+    Degraded,
+    Failing,
+}
+
+impl MeteringHealth {
+    pub const ALL: [MeteringHealth; 4] = [
+        MeteringHealth::Ok,
+        MeteringHealth::Warn,
+        MeteringHealth::Degraded,
+        MeteringHealth::Failing,
+    ];
+
+    /// The level for usage unsent for `unsent_seconds` (0 when nothing is pending).
+    pub fn of(unsent_seconds: i64, thresholds: &crate::config::HealthConfig) -> Self {
+        let past = |d: std::time::Duration| {
+            unsent_seconds > 0 && u64::try_from(unsent_seconds).unwrap_or(0) >= d.as_secs()
+        };
+        if past(thresholds.failing_after) {
+            MeteringHealth::Failing
+        } else if past(thresholds.degraded_after) {
+            MeteringHealth::Degraded
+        } else if past(thresholds.warn_after) {
+            MeteringHealth::Warn
+        } else {
+            MeteringHealth::Ok
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeteringHealth::Ok => "ok",
+            MeteringHealth::Warn => "warn",
+            MeteringHealth::Degraded => "degraded",
+            MeteringHealth::Failing => "failing",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct EntitlementStatus {
     pub state: EntitlementState,
@@ -94,5 +151,25 @@ impl StatusBoard {
     /// Ready: entitled (or admitted without RegisterUsage) and the ledger takes writes.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && self.ledger_writable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HealthConfig;
+
+    #[test]
+    fn health_levels_follow_the_thresholds_and_never_fail_before_them() {
+        let t = HealthConfig::default();
+        let at = |s| MeteringHealth::of(s, &t);
+        assert_eq!(at(0), MeteringHealth::Ok);
+        assert_eq!(at(1799), MeteringHealth::Ok);
+        assert_eq!(at(1800), MeteringHealth::Warn);
+        assert_eq!(at(7199), MeteringHealth::Warn);
+        assert_eq!(at(7200), MeteringHealth::Degraded);
+        assert_eq!(at(14_399), MeteringHealth::Degraded);
+        assert_eq!(at(14_400), MeteringHealth::Failing);
+        assert_eq!(at(-5), MeteringHealth::Ok);
     }
 }

@@ -1955,3 +1955,175 @@ async fn the_binary_starts_and_sends_on_ecs_task_role_credentials_from_the_emula
         "123456789012:assumed-role/meterd/task-1",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metering_health_walks_through_each_level_while_the_service_is_down_and_back_to_ok() {
+    let h = Harness::new(H0 + 300).await;
+    let agent = h.start_agent(h.config("")).await;
+    h.emulator.set_faults(FaultProfile {
+        operations: BTreeMap::from([(
+            emulator::Operation::MeterUsage,
+            FaultRule {
+                down_for: Some(Duration::from_secs(24 * 3600)),
+                ..FaultRule::default()
+            },
+        )]),
+        ..FaultProfile::default()
+    });
+    let health = || async {
+        let (_, status) = agent.get("/v1/status").await;
+        (
+            status["metering_health"].as_str().unwrap_or("?").to_owned(),
+            status["oldest_unsent_age_seconds"].as_i64().unwrap_or(-1),
+        )
+    };
+    let metric = || async {
+        let (_, metrics) = agent.get("/metrics").await;
+        let text = metrics.as_str().unwrap_or_default().to_owned();
+        text.lines()
+            .find(|l| l.starts_with("meterd_metering_health{") && l.ends_with(" 1"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    agent.post(ev("requests", 5, None)).await;
+    assert_eq!(health().await, ("ok".to_owned(), 0), "nothing sealed yet");
+
+    // Hour 0 closes and its records fail to send.
+    let closed = H0 + HOUR_SECS;
+    h.advance_to(closed + 60);
+    wait_for("a failed MeterUsage", || !meter_usage_errors(&h).is_empty()).await;
+    assert_eq!(health().await, ("ok".to_owned(), 60));
+    for (after, level) in [
+        (29 * 60, "ok"),
+        (30 * 60, "warn"),
+        (2 * HOUR_SECS - 1, "warn"),
+        (2 * HOUR_SECS, "degraded"),
+        (4 * HOUR_SECS - 1, "degraded"),
+        (4 * HOUR_SECS, "failing"),
+    ] {
+        h.advance_to(closed + after);
+        assert_eq!(
+            health().await,
+            (level.to_owned(), after),
+            "{after} s unsent"
+        );
+        assert_eq!(
+            metric().await,
+            format!("meterd_metering_health{{level=\"{level}\"}} 1")
+        );
+    }
+    wait_for("the sender to keep trying while down", || {
+        meter_usage_errors(&h).len() >= 2
+    })
+    .await;
+
+    h.emulator.set_faults(FaultProfile::default());
+    h.advance_to(closed + 4 * HOUR_SECS + 60);
+    wait_for("every hour billed", || h.billed().len() == 2 * 5).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while health().await != ("ok".to_owned(), 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never came back: {:?}",
+            health().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric().await, "meterd_metering_health{level=\"ok\"} 1");
+    assert_eq!(h.billed()[&(H0, "requests".to_owned())].quantity, 5);
+    agent.stop().await;
+}
+
+/// The audit file's lines, parsed; each must be whole JSON.
+fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_holds_one_final_line_per_billed_record_across_faults_and_a_crash() {
+    let h = Harness::new(H0 + 300).await;
+    let audit = h.dir.path().join("audit.jsonl");
+    let extra = format!(
+        "[audit]\nfile = {:?}\nlog = true",
+        audit.display().to_string()
+    );
+    let agent = h.start_agent(h.config(&extra)).await;
+    h.emulator.set_faults(FaultProfile {
+        operations: BTreeMap::from([(
+            emulator::Operation::MeterUsage,
+            FaultRule {
+                throttle_rate: 0.4,
+                error_rate: 0.3,
+                ..FaultRule::default()
+            },
+        )]),
+        seed: Some(11),
+        ..FaultProfile::default()
+    });
+    for hour in 0..3 {
+        h.advance_to(H0 + hour * HOUR_SECS + 600);
+        agent
+            .post(json!({"events": [ev("requests", 10 + hour, Some("x")), ev("gigabytes", hour, None)]}))
+            .await;
+    }
+    h.advance_to(H0 + 3 * HOUR_SECS + 60);
+    wait_for("three hours billed", || h.billed().len() == 6).await;
+    // Killed at once: outcomes final in the ledger need not be in the file yet.
+    agent.task.abort();
+    let _ = agent.task.await;
+    agent.handles.ledger.closed().await;
+    let before_restart = audit_lines(&audit).len();
+    assert!(before_restart <= 6, "{before_restart}");
+
+    h.advance_to(H0 + 3 * HOUR_SECS + 600);
+    let agent = h.start_agent(h.config(&extra)).await;
+    agent.post(ev("requests", 7, None)).await;
+    h.advance_to(H0 + 4 * HOUR_SECS + 60);
+    wait_for("hour 3 billed", || h.billed().len() == 8).await;
+    h.advance_to(H0 + 4 * HOUR_SECS + 900);
+    agent.post(ev("gigabytes", 2, None)).await;
+    agent.stop().await;
+
+    let billed = h.billed();
+    assert_eq!(billed.len(), 10, "hours 0 to 3 and the flushed hour 4");
+    let lines = audit_lines(&audit);
+    let mut seen = std::collections::BTreeSet::new();
+    for line in &lines {
+        let key = line["record_key"].as_str().expect("record_key").to_owned();
+        assert!(seen.insert(key), "a record twice: {line}");
+        let hour = meterd::clock::unix_seconds(
+            humantime::parse_rfc3339(line["hour"].as_str().expect("hour")).expect("rfc3339"),
+        );
+        let dimension = line["dimension"].as_str().expect("dimension").to_owned();
+        let record = billed
+            .get(&(hour, dimension))
+            .unwrap_or_else(|| panic!("not billed: {line}"));
+        assert_eq!(line["state"], "sent", "{line}");
+        assert_eq!(line["quantity"], record.quantity, "{line}");
+        assert_eq!(
+            line["metering_record_id"],
+            record.metering_record_id.as_str(),
+            "{line}"
+        );
+        assert_eq!(
+            Some(line["record_key"].as_str().unwrap_or_default()),
+            record.client_token.as_deref()
+        );
+        assert!(line["attempts"].as_i64().unwrap_or(0) >= 1, "{line}");
+    }
+    assert_eq!(
+        lines.len(),
+        billed.len(),
+        "one line per billed record, none missing"
+    );
+    assert!(
+        meter_usage_errors(&h)
+            .iter()
+            .any(|e| e == "ThrottlingException"),
+        "faults were injected"
+    );
+}

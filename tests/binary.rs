@@ -578,3 +578,212 @@ async fn listing_check_sends_one_record_per_dimension_and_prints_the_ids() {
         .count();
     assert_eq!(dry_runs, 6, "two DryRuns per run and two records");
 }
+
+fn meterd(args: &[&str], config: &Path) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("meterd")
+}
+
+/// Damage the agent refuses: a meta row gone (the records stay readable).
+fn damage(ledger: &Path) {
+    let c = rusqlite::Connection::open(ledger).expect("open");
+    c.execute("DELETE FROM meta WHERE key = 'instance_id'", [])
+        .expect("damage");
+}
+
+/// A damaged ledger is refused (74) by default; `meterd ledger quarantine` moves it aside
+/// intact, the agent starts empty, and the old file's records stay readable. Opted in, the
+/// agent does the same at start-up and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_ledger_is_kept_intact_and_readable_and_the_agent_starts_empty() {
+    let s = setup().await;
+    let mut child = spawn_ready(&s).await;
+    let report = meterd(
+        &["report", "--dimension", "requests", "--quantity", "9"],
+        &s.config_path,
+    );
+    assert!(report.status.success(), "{report:?}");
+    sigterm(&child);
+    let status = child.wait().await.expect("wait");
+    assert!(status.success(), "{status}");
+    let billed = s.emulator.records();
+    assert_eq!(billed.len(), 2);
+
+    let live = meterd::ledger::ledger_path(&s.state_dir());
+    damage(&live);
+    let damaged = std::fs::read(&live).expect("read");
+    refused_with_74(
+        &s.config_path,
+        s.dir.path(),
+        "damaged",
+        "is corrupt or unreadable",
+    )
+    .await;
+    assert_eq!(
+        std::fs::read(&live).expect("read"),
+        damaged,
+        "refused untouched"
+    );
+
+    let out = meterd(&["ledger", "quarantine"], &s.config_path);
+    assert!(out.status.success(), "{out:?}");
+    let moved = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        moved
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(meterd::ledger::QUARANTINE_PREFIX)),
+        "{}",
+        moved.display()
+    );
+    assert_eq!(
+        std::fs::read(&moved).expect("quarantined"),
+        damaged,
+        "intact"
+    );
+    assert!(!live.exists());
+
+    child = spawn_ready(&s).await;
+    let (_, metrics) = local_client::call(
+        &Target::Tcp(s.addr.clone()),
+        Method::GET,
+        "/metrics",
+        None,
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics).to_string();
+    assert!(
+        metrics.contains("meterd_ledger_quarantined_files 1\n"),
+        "{metrics}"
+    );
+    sigterm(&child);
+    assert!(child.wait().await.expect("wait").success());
+    assert_eq!(
+        std::fs::read(&moved).expect("quarantined"),
+        damaged,
+        "still intact"
+    );
+
+    let moved_arg = moved.display().to_string();
+    let out = meterd(
+        &["records", "--ledger", &moved_arg, "--format", "json"],
+        &s.config_path,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let old: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(old.len(), 2, "{old:?}");
+    for r in &billed {
+        assert!(
+            old.iter()
+                .any(|o| o["metering_record_id"] == r.metering_record_id.as_str()
+                    && o["quantity"] == r.quantity
+                    && o["state"] == "sent"),
+            "{old:?}"
+        );
+    }
+    let hour = meterd::clock::rfc3339(billed[0].hour);
+    let after = meterd::clock::rfc3339(billed[0].hour + 3600);
+    let out = meterd(
+        &[
+            "records", "--ledger", &moved_arg, "--format", "csv", "--since", &hour, "--until",
+            &after,
+        ],
+        &s.config_path,
+    );
+    let csv = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(csv.lines().count(), 3, "a header and two records: {csv}");
+    assert!(csv.starts_with("hour,dimension,quantity,state,"), "{csv}");
+    let out = meterd(
+        &[
+            "records", "--ledger", &moved_arg, "--format", "csv", "--since", &after,
+        ],
+        &s.config_path,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "only the header"
+    );
+
+    // Opted in: the agent quarantines the damaged ledger itself and starts, loudly.
+    damage(&live);
+    let damaged = std::fs::read(&live).expect("read");
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    let opted = s.dir.path().join("opted.toml");
+    std::fs::write(
+        &opted,
+        text.replace("[state]\n", "[state]\nquarantine_damaged = true\n"),
+    )
+    .expect("config");
+    let mut child = agent_command(&opted, s.dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    support::wait_ready(&s.addr, &mut child).await;
+    sigterm(&child);
+    let out = child.wait_with_output().await.expect("wait");
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("QUARANTINED"), "{log}");
+    let quarantined = meterd::ledger::quarantined_ledgers(&s.state_dir());
+    assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+    assert!(
+        quarantined
+            .iter()
+            .any(|q| std::fs::read(q).ok().as_ref() == Some(&damaged)),
+        "the second damaged ledger is kept intact"
+    );
+}
+
+/// `server.metrics_listen` serves the metrics for a scraper and nothing that takes usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_serves_metrics_and_probes_only() {
+    let s = setup().await;
+    let metrics_addr = format!("127.0.0.1:{}", support::free_port());
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    let config = s.dir.path().join("metrics.toml");
+    std::fs::write(
+        &config,
+        text.replace(
+            "[server]\n",
+            &format!("[server]\nmetrics_listen = {metrics_addr:?}\n"),
+        ),
+    )
+    .expect("config");
+    let mut child = agent_command(&config, s.dir.path()).spawn().expect("spawn");
+    support::wait_ready(&s.addr, &mut child).await;
+    let at = Target::Tcp(metrics_addr.clone());
+    let get = |method: Method, path: &'static str| {
+        let at = at.clone();
+        async move {
+            local_client::call(&at, method, path, None, None, Duration::from_secs(5))
+                .await
+                .expect("call")
+        }
+    };
+    let (status, body) = get(Method::GET, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        String::from_utf8_lossy(&body).contains("meterd_events_accepted_total 0"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(get(Method::GET, "/readyz").await.0, StatusCode::OK);
+    assert_eq!(
+        get(Method::POST, "/v1/usage").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(Method::GET, "/v1/status").await.0,
+        StatusCode::NOT_FOUND
+    );
+    sigterm(&child);
+    assert!(child.wait().await.expect("wait").success());
+}

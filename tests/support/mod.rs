@@ -213,6 +213,7 @@ impl InProcessAgent {
             Some(Listeners {
                 tcp: Some(listener),
                 unix,
+                metrics: None,
             }),
             ctx,
         ));

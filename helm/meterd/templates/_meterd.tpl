@@ -49,6 +49,13 @@ Amazon EKS add-on rules, which scripts/check-deploy.sh enforces.
 {{- define "meterd.socketPath" -}}{{ include "meterd.runDir" . }}/meterd.sock{{- end -}}
 {{- define "meterd.tokenDir" -}}/var/run/secrets/meterd{{- end -}}
 
+{{/* The metrics port on the pod's IP, when a PodMonitor scrapes it (monitoring.podMonitor);
+     empty otherwise. It serves only GET /metrics, /healthz and /readyz. */}}
+{{- define "meterd.metricsPort" -}}
+{{- $pm := (.Values.monitoring | default dict).podMonitor | default dict -}}
+{{- if $pm.enabled }}{{ int ($pm.port | default 9377) }}{{ end -}}
+{{- end -}}
+
 {{- define "meterd.validate" -}}
 {{- $m := .Values.meterd -}}
 {{- if and (eq $m.transport "tcp") (not $m.auth.existingSecret) -}}
@@ -88,6 +95,9 @@ unix_socket = {{ include "meterd.socketPath" . | quote }}
 {{- end }}
 auth_token_file = {{ ternary (printf "%s/token" (include "meterd.tokenDir" .)) "" (not (empty $m.auth.existingSecret)) | quote }}
 grace_period = "{{ int $m.gracePeriodSeconds }}s"
+{{- with include "meterd.metricsPort" . }}
+metrics_listen = "0.0.0.0:{{ . }}"
+{{- end }}
 
 [state]
 dir = "/var/lib/meterd"
@@ -134,6 +144,12 @@ data:
   imagePullPolicy: {{ $m.image.pullPolicy }}
   restartPolicy: Always
   args: ["run"]
+  {{- with include "meterd.metricsPort" . }}
+  ports:
+    - name: metrics
+      containerPort: {{ . }}
+      protocol: TCP
+  {{- end }}
   env:
     - name: METERD_CONFIG
       value: /etc/meterd/meterd.toml
