@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::server::{ReadRequest, Shared};
-use super::sigv4::{self, SignedRequest};
+use super::sigv4;
 
 /// Issued credentials kept at once; the earliest to expire are dropped first.
 pub const MAX_ISSUED: usize = 100_000;
@@ -533,13 +533,7 @@ fn caller_identity(
     body: &[u8],
     now: SystemTime,
 ) -> Result<String, ApiError> {
-    let signed = SignedRequest {
-        method: req.parts.method.as_str(),
-        path: req.parts.uri.path(),
-        query: req.parts.uri.query(),
-        headers: &req.parts.headers,
-        body,
-    };
+    let signed = req.signed(body);
     let config = &shared.service.config;
     let verified = sigv4::verify_with(
         &signed,

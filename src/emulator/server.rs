@@ -123,6 +123,19 @@ pub(crate) struct ReadRequest {
     pub body: Option<Bytes>,
 }
 
+impl ReadRequest {
+    /// What SigV4 signs of this request, with `body` as its payload.
+    pub fn signed<'a>(&'a self, body: &'a [u8]) -> SignedRequest<'a> {
+        SignedRequest {
+            method: self.parts.method.as_str(),
+            path: self.parts.uri.path(),
+            query: self.parts.uri.query(),
+            headers: &self.parts.headers,
+            body,
+        }
+    }
+}
+
 /// Whether the protocol waits out an injected latency on the emulator clock (`Clock`) or
 /// only records it (`Skip`, for [`answer_now`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -239,13 +252,7 @@ fn admit(
             format!("Unknown operation: {target:?}"),
         ));
     };
-    let signed = SignedRequest {
-        method: req.parts.method.as_str(),
-        path: req.parts.uri.path(),
-        query: req.parts.uri.query(),
-        headers: &req.parts.headers,
-        body,
-    };
+    let signed = req.signed(body);
     // GetAccessToken is how a buyer without AWS credentials gets some: it may come unsigned.
     let unsigned = op == Operation::GetAccessToken
         && !req.parts.headers.contains_key(http::header::AUTHORIZATION);

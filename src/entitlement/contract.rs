@@ -21,9 +21,9 @@ use std::time::{Duration, SystemTime};
 
 use aws_sdk_licensemanager::types::{CheckoutType, EntitlementData, EntitlementDataUnit};
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use super::{Backoff, EntitlementError};
+use super::{log_failure, Backoff, EntitlementError};
 use crate::aws::CallFailure;
 use crate::backoff::{retry, RetryError};
 use crate::clock::SharedClock;
@@ -107,15 +107,7 @@ pub async fn checkout_observed(
     clock: &SharedClock,
     observer: &(dyn Fn(SystemTime) + Send + Sync),
 ) -> Result<ContractCheckout, EntitlementError> {
-    let result = checkout_inner(client, settings, clock, observer).await;
-    if let Err(e) = &result {
-        error!(
-            class = e.class(),
-            exit_code = e.exit_code(),
-            "entitlement failed: {e}"
-        );
-    }
-    result
+    log_failure(checkout_inner(client, settings, clock, observer).await)
 }
 
 async fn checkout_inner(

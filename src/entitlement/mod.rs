@@ -275,6 +275,18 @@ impl EntitlementError {
     }
 }
 
+/// Logs a start-up failure once, with its class and exit code, and passes it on.
+pub(crate) fn log_failure<T>(result: Result<T, EntitlementError>) -> Result<T, EntitlementError> {
+    if let Err(e) = &result {
+        tracing::error!(
+            class = e.class(),
+            exit_code = e.exit_code(),
+            "entitlement failed: {e}"
+        );
+    }
+    result
+}
+
 /// Which call a failure came from; decides the wording of its fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Operation {

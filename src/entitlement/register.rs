@@ -18,12 +18,12 @@
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::keyring::Keyring;
 use super::nonce::new_nonce;
 use super::verify::{verify, Expected, VerifiedRegistration, VerifyError};
-use super::{check_product_code, classify_fatal, EntitlementError, Operation};
+use super::{check_product_code, classify_fatal, log_failure, EntitlementError, Operation};
 use crate::aws::CallFailure;
 use crate::backoff::Backoff;
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
@@ -132,15 +132,7 @@ pub async fn register_observed(
     clock: &SharedClock,
     observer: &(dyn Fn(&RetryEvent) + Send + Sync),
 ) -> Result<Entitlement, EntitlementError> {
-    let result = register_inner(client, settings, keyring, clock, observer).await;
-    if let Err(e) = &result {
-        error!(
-            class = e.class(),
-            exit_code = e.exit_code(),
-            "entitlement failed: {e}"
-        );
-    }
-    result
+    log_failure(register_inner(client, settings, keyring, clock, observer).await)
 }
 
 async fn register_inner(
