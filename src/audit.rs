@@ -198,8 +198,13 @@ fn last_newline_end(file: &mut File, len: u64) -> std::io::Result<u64> {
 }
 
 fn append(path: &Path, lines: &[String]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let created = !path.exists();
-    let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)?;
     if created {
         // The new file's name must survive a crash too.
         if let Some(dir) = path.parent() {
