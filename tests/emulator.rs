@@ -2281,3 +2281,48 @@ fn temporary_credentials_config_is_validated() {
     );
     assert_eq!(parsed.temporary_credentials.tasks[0].id, "t");
 }
+
+#[test]
+fn offline_calls_reach_the_credential_endpoints_as_served() {
+    let mut config = creds_config();
+    config.credentials.clear();
+    let emu = emulator::Offline::new(config, ManualClock::at_unix(T0)).expect("builds");
+    let form: &[(&[u8], &[u8])] = &[(b"content-type", b"application/x-www-form-urlencoded")];
+    let body = format!(
+        "Action=AssumeRoleWithWebIdentity&Version=2011-06-15&RoleArn={}&RoleSessionName=s1&WebIdentityToken={}",
+        ROLE.replace(':', "%3A").replace('/', "%2F"),
+        pod_token("u-1")
+    );
+    let answer = emu
+        .call(b"POST", b"/", form, body.as_bytes())
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(
+        (answer.status, answer.content_type.as_deref()),
+        (200, Some("text/xml"))
+    );
+    let xml = String::from_utf8_lossy(&answer.body);
+    assert!(xml.starts_with("<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleWithWebIdentityResult>"), "{xml}");
+    let answer = emu
+        .call(b"POST", b"/", form, b"Action=Nope&Version=2011-06-15")
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(answer.status, 400);
+    assert!(String::from_utf8_lossy(&answer.body).starts_with("<ErrorResponse"));
+    let auth: &[(&[u8], &[u8])] = &[(b"authorization", b"task-1-token")];
+    let answer = emu
+        .call(b"GET", b"/v2/credentials/task-1", auth, b"")
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(
+        (answer.status, answer.content_type.as_deref()),
+        (200, Some("application/json"))
+    );
+    // Any other path is still the Metering Service.
+    let answer = emu
+        .call(b"GET", b"/v1/credentials", auth, b"")
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(answer.status, 400);
+    assert!(String::from_utf8_lossy(&answer.body).contains("UnknownOperationException"));
+}
