@@ -277,7 +277,7 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
         .expect("static headers form a valid response")
 }
 
-pub(crate) fn xml_escape(s: &str) -> String {
+fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
