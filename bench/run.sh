@@ -18,8 +18,12 @@ if ((${#missing[@]})); then
 fi
 
 if [[ "${SKIP_BUILD:-}" != 1 ]]; then
-  echo "bench: cargo build --release" >&2
-  cargo build --release --locked --quiet
+  # The same build as the container test's and the docs check's (cargo auditable, when
+  # installed), so one does not rebuild what another just built.
+  build=(cargo build)
+  if cargo auditable --version >/dev/null 2>&1; then build=(cargo auditable build); fi
+  echo "bench: ${build[*]} --release" >&2
+  "${build[@]}" --release --locked --quiet
 fi
 mkdir -p target/bench
 if [[ ! target/bench/loadgen -nt bench/loadgen.rs ]]; then

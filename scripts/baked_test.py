@@ -196,6 +196,13 @@ def main():
         imds_url = f"http://127.0.0.1:{imds.server_address[1]}"
         key = tmp / "emulator.pem"
 
+        # `meterd keys` tells a seller checking an image which build it holds.
+        for binary, want in ((baked, f"build: locked: product {PRODUCT}, pricing hourly+custom, "
+                                     f"platform container, keys/ only, endpoint {emulator}"),
+                             (UNBAKED, "build: unlocked")):
+            out = subprocess.run([str(binary), "keys"], capture_output=True, text=True, cwd=tmp)
+            check(out.returncode == 0 and want in out.stdout, f"{binary} keys says {want!r}")
+
         # The baseline: the baked build with its own configuration reaches RegisterUsage at the
         # baked endpoint and verifies against keys/ only (the emulator's token fails: 65).
         cfg, port = config(tmp, "baseline")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Follows the deployment guides as written (docs/deploy-*.md):
+# Follows the deployment guides and the listing guide as written (docs/deploy-*.md, docs/listing.md):
 #   - every ```sh block runs, in order, one bash script per guide, from the repository root;
 #   - every ```console block (commands against AWS) parses with bash -n;
 #   - every repository path a guide names exists, and every relative link resolves.
@@ -88,12 +88,14 @@ build=(cargo build)
 if cargo auditable --version >/dev/null 2>&1; then build=(cargo auditable build); fi
 "${build[@]}" --release --locked --quiet || { echo "docs checks: ${build[*]} --release failed"; exit 1; }
 
-for doc in docs/deploy-container.md docs/deploy-eks.md docs/deploy-ecs.md docs/deploy-ec2.md; do
+for doc in docs/deploy-container.md docs/deploy-eks.md docs/deploy-ecs.md docs/deploy-ec2.md docs/listing.md; do
   check "$doc: files and links exist" paths_exist "$doc"
   check "$doc: console blocks parse" syntax_console_blocks "$doc"
   check "$doc: sh blocks pick free ports" no_fixed_ports "$doc"
   check "$doc: sh blocks run" run_sh_blocks "$doc"
 done
+# docs/listing.md builds a seller's locked binary into target/release; put the default back.
+"${build[@]}" --release --locked --quiet || { echo "docs checks: restoring the default release build failed"; exit 1; }
 
 echo "docs checks: $passed passed, $failed failed"
 ((failed == 0))

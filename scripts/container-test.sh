@@ -4,20 +4,26 @@
 #   1. base image debian:bookworm-slim made locally with debootstrap + podman import (cached);
 #      the Dockerfile's rootfs stage takes the runtime's Debian packages and their dpkg
 #      metadata from it (distroless layout: /var/lib/dpkg/status.d);
-#   2. cargo auditable build --release on the host, image built with --target runtime-prebuilt;
-#      the image's files are exported and checked (os-release, every file owned by a package
-#      entry or meterd's own, libraries, the .dep-v0 section), its SBOM written
-#      (target/meterd-image.cdx.json) and checked, its size printed;
+#   2. cargo auditable build --release on the host twice: the production binary without the
+#      emulator (--no-default-features, as the Dockerfile's from-source stage builds it) into
+#      target/production/meterd, and the default build (with the emulator) that runs the
+#      emulator container; the image is built from the production binary with
+#      --target runtime-prebuilt, its files exported and checked (os-release, every file
+#      owned by a package entry or meterd's own, libraries, the .dep-v0 section, no emulator
+#      in the binary), its SBOM written (target/meterd-image.cdx.json) and checked, its size
+#      printed;
 #   3. the same for linux/arm64 when target/aarch64-unknown-linux-gnu/release/meterd exists
 #      (ARM64=1 cross-builds it first): built and checked, not run (no emulation here);
-#   4. emulator container (network: loopback only), meterd sidecar joined to its network
-#      namespace, containers posting usage with `meterd report` over the sidecar's Unix socket
-#      (mode 0660: a container with the socket's group gets in, one without is refused) and
-#      over TCP;
+#   4. emulator container (network: loopback only; the image with the default build mounted
+#      over it), meterd sidecar joined to its network namespace, containers posting usage
+#      with `meterd report` over the sidecar's Unix socket (mode 0660: a container with the
+#      socket's group gets in, one without is refused) and over TCP; the production sidecar
+#      answers 404 on /_emulator/ and has no `emulator` command;
 #   5. SIGTERM to the sidecar; the emulator must hold the MeterUsage records.
 #
 # Env: METERD_IMAGE (default localhost/meterd:test), KEEP=1 keeps containers for debugging,
-#      SKIP_CARGO_BUILD=1 uses target/release/meterd as it is, ARM64=1 cross-builds arm64.
+#      SKIP_CARGO_BUILD=1 uses target/production/meterd and target/release/meterd as they are,
+#      ARM64=1 cross-builds arm64.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -78,11 +84,24 @@ if ! "${PODMAN[@]}" image exists "$BASE_IMAGE"; then
 fi
 
 # ---- 2. binary and image ----
+PROD_BIN=target/production/meterd
 if [[ "${SKIP_CARGO_BUILD:-}" != 1 ]]; then
-  log "cargo auditable build --release --locked"
+  log "cargo auditable build --release --locked --no-default-features (production, no emulator)"
+  cargo auditable build --release --locked --quiet --no-default-features
+  install -D -m 0755 target/release/meterd "$PROD_BIN"
+  # Last, so target/release/meterd is the default build the other suites run.
+  log "cargo auditable build --release --locked (with the emulator)"
   cargo auditable build --release --locked --quiet
 fi
+[[ -x "$PROD_BIN" ]] || fail "$PROD_BIN missing"
 [[ -x target/release/meterd ]] || fail "target/release/meterd missing"
+# The check that the production binary carries no emulator must see one in the default build.
+"$PYTHON" scripts/deploy_tests.py no-emulator "$PROD_BIN" || fail "the production binary carries the emulator"
+if "$PYTHON" scripts/deploy_tests.py no-emulator target/release/meterd 2>"$ROOT/target/no-emulator.log"; then
+  fail "the emulator check found nothing in the default build"
+fi
+grep -q "PRIVATE KEY" "$ROOT/target/no-emulator.log" || { cat "$ROOT/target/no-emulator.log" >&2; fail "the default build's key not named"; }
+log "production binary: no private key, no /_emulator/ (the default build has both)"
 
 build_image() { # tag, arch, binary, log
   # podman 4.3 cannot resolve `FROM --platform=$BUILDPLATFORM` against a local image when
@@ -127,10 +146,10 @@ PY
 }
 
 log "podman build --target runtime-prebuilt -t $IMAGE (amd64)"
-build_image "$IMAGE" amd64 target/release/meterd "$ROOT/target/container-test-build.log"
+build_image "$IMAGE" amd64 "$PROD_BIN" "$ROOT/target/container-test-build.log"
 
 size=$("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Size}}')
-log "image size: $size bytes ($(awk -v b="$size" 'BEGIN { printf "%.1f", b / 1e6 }') MB; binary $(stat -c %s target/release/meterd) bytes)"
+log "image size: $size bytes ($(awk -v b="$size" 'BEGIN { printf "%.1f", b / 1e6 }') MB; binary $(stat -c %s "$PROD_BIN") bytes)"
 ((size <= MAX_IMAGE_BYTES)) || fail "image is $size bytes, over 40 MB"
 check_image_files "$IMAGE" amd64
 cp "$ROOT/target/meterd-image-amd64.cdx.json" "$ROOT/target/meterd-image.cdx.json"
@@ -146,7 +165,7 @@ if [[ "${ARM64:-}" == 1 ]]; then
   rustup target add "$ARM64_TARGET" >/dev/null
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
     CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
-    cargo auditable build --release --locked --quiet --target "$ARM64_TARGET"
+    cargo auditable build --release --locked --quiet --no-default-features --target "$ARM64_TARGET"
 fi
 if [[ -x "$arm_bin" ]]; then
   log "podman build --target runtime-prebuilt (arm64, $arm_bin)"
@@ -241,7 +260,8 @@ AWS_ENV=(-e AWS_ACCESS_KEY_ID=AKIDMETERDTEST -e AWS_SECRET_ACCESS_KEY=meterd-tes
   -e AWS_EC2_METADATA_DISABLED=true)
 
 log "starting emulator (loopback-only network namespace)"
-"${RUN[@]}" -d --name "$RUN_ID-emulator" --network=none --no-healthcheck "$IMAGE" \
+"${RUN[@]}" -d --name "$RUN_ID-emulator" --network=none --no-healthcheck \
+  -v "$ROOT/target/release/meterd:/opt/meterd-dev/meterd:ro" --entrypoint /opt/meterd-dev/meterd "$IMAGE" \
   emulator --listen "127.0.0.1:$EMU_PORT" --public-key-out /shared/emulator.pem >/dev/null
 for _ in $(seq 1 100); do [[ -s "$shared/emulator.pem" ]] && break; sleep 0.1; done
 [[ -s "$shared/emulator.pem" ]] || fail "emulator wrote no public key"
@@ -284,6 +304,21 @@ req = urllib.request.Request(f"http://{sys.argv[1]}/v1/usage", method="POST",
 with urllib.request.urlopen(req, timeout=5) as r:
     assert 200 <= r.status < 300, r.status
 PY
+
+log "the production sidecar serves no /_emulator/ and has no emulator command"
+in_netns python3 - "$AGENT_ADDR" <<'PY' || fail "/_emulator/ on the sidecar"
+import sys, urllib.error, urllib.request
+for path in ("/_emulator/records", "/_emulator/calls", "/_emulator/faults"):
+    try:
+        with urllib.request.urlopen(f"http://{sys.argv[1]}{path}", timeout=5) as r:
+            raise SystemExit(f"{path}: {r.status}, want 404")
+    except urllib.error.HTTPError as e:
+        assert e.code == 404, f"{path}: {e.code}, want 404"
+PY
+if out=$("${CLIENT[@]}" "$IMAGE" emulator --listen 127.0.0.1:0 2>&1); then
+  fail "the production image ran \`meterd emulator\`"
+fi
+grep -q "emulator" <<<"$out" || fail "meterd emulator refused for another reason: $out"
 
 log "SIGTERM to the sidecar"
 t0=$(date +%s)

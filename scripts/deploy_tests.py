@@ -6,6 +6,7 @@
     python scripts/deploy_tests.py helm-config DIR TOKEN_FILE           # print the rendered meterd.toml
     python scripts/deploy_tests.py image TAR SBOM ARCH    # an exported image (podman export) and its SBOM
     python scripts/deploy_tests.py dockerfile             # deploy/Dockerfile's arch-dependent paths
+    python scripts/deploy_tests.py no-emulator BINARY     # a production binary: no emulator inside
 
 Each group runs as a unittest suite; the exit code is non-zero on any failure.
 """
@@ -137,6 +138,9 @@ class HelmRender(unittest.TestCase):
             self.assertEqual(cfg["platform"], m["platform"])
             self.assertEqual(cfg["pricing"], m["pricing"])
             self.assertEqual(cfg["state"]["dir"], "/var/lib/meterd")
+            if "sending" in m:
+                self.assertEqual(seconds(cfg["sending"]["spread"]), m["sending"]["spreadSeconds"])
+                self.assertEqual(cfg["sending"]["max_calls_per_second"], m["sending"]["maxCallsPerSecond"])
             # Only the keys meterd's config knows (unknown keys are errors).
             self.assertLessEqual(set(cfg), {"product_code", "pricing", "platform", "metering",
                                             "registration", "server", "state", "aws", "sending"})
@@ -331,6 +335,23 @@ OWN_FILES = {
 MULTIARCH = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 
 
+DEMO_KEY = ROOT / "src/emulator/demo-signing-key.pem"
+
+
+def emulator_traces(binary: bytes) -> list[str]:
+    """What of the emulator a binary carries: a PEM private key (the demo signing key or any
+    other), a line of the demo key's body, the admin API's path. Empty for a production build."""
+    found = []
+    for marker in (b"PRIVATE KEY-----", b"/_emulator/"):
+        if marker in binary:
+            found.append(f"{marker.decode()!r} at byte {binary.index(marker)}")
+    body = [l for l in DEMO_KEY.read_bytes().splitlines() if l and not l.startswith(b"-----")]
+    hits = [l for l in body if l in binary]
+    if hits:
+        found.append(f"{len(hits)} of {len(body)} lines of the demo signing key's body")
+    return found
+
+
 class ImageFiles(unittest.TestCase):
     """The runtime image: scannable (os-release, dpkg status.d), every file accounted for."""
 
@@ -419,6 +440,11 @@ class ImageFiles(unittest.TestCase):
             found = [d for d in (f"lib/{ma}", f"usr/lib/{ma}") if self.fs.resolve(f"{d}/{lib}")]
             self.assertTrue(found, f"{lib} (needed by meterd) is not in /lib/{ma} or /usr/lib/{ma}")
             self.assertIn(self.fs.resolve(f"{found[0]}/{lib}"), self.owner)
+
+    def test_no_emulator_in_the_binary(self):
+        # The production image is built without the emulator feature: no signing key, no
+        # admin API. (The container test also asks the running sidecar for /_emulator/.)
+        self.assertEqual(emulator_traces(self.fs.read(self.sbom_mod.METERD)), [])
 
     def test_cargo_auditable(self):
         audit = self.sbom_mod.audit_data(self.fs.read(self.sbom_mod.METERD))
@@ -538,6 +564,11 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 64
     group = sys.argv[1]
+    if group == "no-emulator":
+        traces = emulator_traces(pathlib.Path(sys.argv[2]).read_bytes())
+        for t in traces:
+            print(f"{sys.argv[2]}: emulator inside: {t}", file=sys.stderr)
+        return 1 if traces else 0
     if group == "helm-config":
         cm = only(load_render(pathlib.Path(sys.argv[2])), "ConfigMap")
         print(cm["data"]["meterd.toml"].replace("/var/run/secrets/meterd/token", sys.argv[3]), end="")

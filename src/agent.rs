@@ -372,7 +372,16 @@ pub async fn run(
         metrics.clone(),
         status.clone(),
         config.product_code.clone(),
-        backoff,
+        crate::send::Pacing {
+            backoff,
+            limiter: Arc::new(crate::rate::RateLimiter::new(
+                config.sending.max_calls_per_second,
+            )),
+            offset: crate::send::spread_offset(
+                &ledger.identity().instance_id,
+                config.sending.spread,
+            ),
+        },
     ));
 
     // Entitlement decides whether metering starts at all.

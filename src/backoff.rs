@@ -3,6 +3,10 @@
 //! The delay before retry `attempt` (0-based) starts from `base = min(max, initial * 2^attempt)`
 //! and is jittered uniformly into `[base / 2, base]` ("equal jitter"): never more than `max`,
 //! never less than half of `initial`, so retries neither stampede nor stall.
+//!
+//! Throttling uses "decorrelated jitter" instead ([`Backoff::decorrelated`]): each delay is
+//! drawn uniformly from `[initial, 3 × previous]`, capped at `max`, so a fleet throttled in the
+//! same second spreads out rather than retrying in lockstep.
 
 use std::time::Duration;
 
@@ -83,6 +87,24 @@ impl Backoff {
     /// The delay for `attempt`, jittered with `rng`.
     pub fn delay<R: Rng + ?Sized>(&self, attempt: u32, rng: &mut R) -> Duration {
         self.delay_with_jitter(attempt, rng.gen::<f64>())
+    }
+
+    /// Decorrelated jitter with `unit` in `[0, 1]` (clamped): `initial + unit × (high −
+    /// initial)` where `high = min(max, 3 × previous)`, never below `initial`. Start with
+    /// `previous = initial`.
+    pub fn decorrelated_with_jitter(&self, previous: Duration, unit: f64) -> Duration {
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let high = previous.saturating_mul(3).min(self.max).max(self.initial);
+        (self.initial + (high - self.initial).mul_f64(unit)).min(self.max)
+    }
+
+    /// The delay after `previous` with decorrelated jitter from `rng`.
+    pub fn decorrelated<R: Rng + ?Sized>(&self, previous: Duration, rng: &mut R) -> Duration {
+        self.decorrelated_with_jitter(previous, rng.gen::<f64>())
     }
 }
 
@@ -201,6 +223,22 @@ mod tests {
             prop_assert!(d >= initial / 2, "{d:?} < half the initial delay {initial:?}");
             prop_assert!(d >= b.base_delay(attempt) / 2);
             prop_assert!(d <= b.base_delay(attempt));
+        }
+
+        #[test]
+        fn decorrelated_delay_stays_within_bounds(
+            initial_ms in 1u64..=600_000,
+            extra_ms in 0u64..=3_000_000,
+            previous_ms in 0u64..=4_000_000,
+            unit in any::<f64>(),
+        ) {
+            let initial = Duration::from_millis(initial_ms);
+            let max = Duration::from_millis((initial_ms + extra_ms).min(3_600_000));
+            let b = Backoff::try_new(initial, max).expect("valid by construction");
+            let previous = Duration::from_millis(previous_ms);
+            let d = b.decorrelated_with_jitter(previous, unit);
+            prop_assert!(d >= initial && d <= max, "{d:?} outside [{initial:?}, {max:?}]");
+            prop_assert!(d <= (previous * 3).max(initial), "{d:?} above 3 × {previous:?}");
         }
 
         #[test]

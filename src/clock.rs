@@ -49,6 +49,11 @@ pub fn unix_millis(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+/// The `SystemTime` for epoch milliseconds; negative clamps to the epoch.
+pub fn from_unix_millis(epoch_millis: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(epoch_millis).unwrap_or(0))
+}
+
 /// The start (epoch seconds) of the UTC hour containing `epoch_secs`.
 pub fn hour_floor(epoch_secs: i64) -> i64 {
     epoch_secs.div_euclid(HOUR_SECS) * HOUR_SECS

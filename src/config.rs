@@ -251,6 +251,13 @@ pub struct SendingConfig {
     /// Per-call timeout for MeterUsage.
     #[serde(default = "default_call_timeout", with = "humantime_serde")]
     pub call_timeout: Duration,
+    /// A sealed hour is first sent at this agent's offset in `[0, spread)` after the hour
+    /// closes, derived from the ledger's instance id (`send::spread_offset`); `"0s"`: at once.
+    #[serde(default = "default_spread", with = "humantime_serde")]
+    pub spread: Duration,
+    /// At most this many MeterUsage calls in any rolling second, retries included.
+    #[serde(default = "default_max_calls_per_second")]
+    pub max_calls_per_second: u32,
 }
 
 impl Default for SendingConfig {
@@ -260,8 +267,22 @@ impl Default for SendingConfig {
             initial_backoff: default_initial_backoff(),
             max_backoff: default_max_backoff(),
             call_timeout: default_call_timeout(),
+            spread: default_spread(),
+            max_calls_per_second: default_max_calls_per_second(),
         }
     }
+}
+
+/// Longest `sending.spread`: an hour's sends still start within the next hour.
+pub const MAX_SPREAD: Duration = Duration::from_secs(50 * 60);
+/// Largest `sending.max_calls_per_second` (the account's whole MeterUsage quota is 10).
+pub const MAX_CALLS_PER_SECOND: u32 = 1000;
+
+fn default_spread() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn default_max_calls_per_second() -> u32 {
+    2
 }
 
 fn yes() -> bool {
@@ -517,6 +538,17 @@ impl Config {
         if s.seal_delay > Duration::from_secs(600) {
             problems.push("sending.seal_delay must be at most 10m".to_owned());
         }
+        if s.spread > MAX_SPREAD {
+            problems.push(format!(
+                "sending.spread must be at most {} (\"0s\" turns it off)",
+                humantime::format_duration(MAX_SPREAD)
+            ));
+        }
+        if !(1..=MAX_CALLS_PER_SECOND).contains(&s.max_calls_per_second) {
+            problems.push(format!(
+                "sending.max_calls_per_second must be 1 to {MAX_CALLS_PER_SECOND}"
+            ));
+        }
         problems
     }
 
@@ -684,6 +716,18 @@ listen = "nowhere"
             (
                 "[sending]\ncall_timeout = \"0s\"",
                 "sending.call_timeout must be 1s to 5m",
+            ),
+            (
+                "[sending]\nspread = \"51m\"",
+                "sending.spread must be at most 50m",
+            ),
+            (
+                "[sending]\nmax_calls_per_second = 0",
+                "sending.max_calls_per_second must be 1 to 1000",
+            ),
+            (
+                "[sending]\nmax_calls_per_second = 1001",
+                "sending.max_calls_per_second must be 1 to 1000",
             ),
             (
                 "[sending]\ncall_timeout = \"1h\"",

@@ -706,6 +706,11 @@ impl Api {
                 "first_start": rfc3339(identity.first_start),
                 "records": records,
                 "sender": self.status.sender(),
+                "sending": {
+                    "spread_seconds": self.config.sending.spread.as_secs_f64(),
+                    "offset_seconds": crate::send::spread_offset(&identity.instance_id, self.config.sending.spread).as_secs_f64(),
+                    "max_calls_per_second": self.config.sending.max_calls_per_second,
+                },
                 "ledger": ledger_json,
             }),
         )

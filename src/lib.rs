@@ -12,7 +12,8 @@
 //!
 //! Beside the agent: `emulator` (cargo feature `emulator`, on by default, off in the production
 //! image), a faithful Metering Service for tests and sellers;
-//! [`clock`], wall-clock time as a dependency; [`aws`], the SDK client and error classes.
+//! [`clock`], wall-clock time as a dependency; [`rate`], the send limit and the emulator's
+//! quotas; [`aws`], the SDK client and error classes.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod local_client;
 pub mod metrics;
 pub mod model;
 pub mod platform;
+pub mod rate;
 pub mod seal;
 pub mod send;
 pub mod serve;

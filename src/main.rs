@@ -504,6 +504,7 @@ fn keys(config_path: Option<&Path>) -> ExitCode {
     match meterd::entitlement::Keyring::load(&files, version) {
         Ok(keyring) => {
             print!("{}", keyring.report().render());
+            println!("{}", meterd::entitlement::baked::BAKED.describe());
             ExitCode::SUCCESS
         }
         Err(e) => {

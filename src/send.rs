@@ -5,9 +5,16 @@
 //! original MeteringRecordId back instead of a second charge.
 //!
 //! Retries live here only (SDK retries are off). Throttling, server faults and transport
-//! failures back off exponentially with jitter; other errors are logged at ERROR once and
-//! retried at the longest back-off. A record whose timestamp leaves the service's 6-hour
-//! window is dead-lettered: kept in the ledger, counted in metrics, shown in status.
+//! failures back off with decorrelated jitter on the injected clock; other errors are logged
+//! at ERROR once and retried at the longest back-off. A record whose timestamp leaves the
+//! service's 6-hour window is dead-lettered: kept in the ledger, counted in metrics, shown in
+//! status.
+//!
+//! Fleet manners: a buyer's whole fleet shares the account's 10 MeterUsage calls a second.
+//! A sealed hour is first sent at this agent's offset in `[0, sending.spread)` after the hour
+//! closes ([`spread_offset`], from the ledger's instance id, so a restart keeps its slot); the
+//! shutdown flush ignores it. Every call, retries included, first takes a slot from one
+//! [`RateLimiter`] (`sending.max_calls_per_second`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,15 +29,32 @@ use tracing::Instrument;
 
 use crate::aws::CallFailure;
 use crate::backoff::Backoff;
-use crate::clock::{rfc3339, unix_seconds, SharedClock};
+use crate::clock::{rfc3339, unix_millis, unix_seconds, SharedClock, HOUR_SECS};
 use crate::ledger::{Delivery, Ledger, LedgerError, RecordState, StoredRecord, REPORT_WINDOW_SECS};
 use crate::metrics::Metrics;
+use crate::rate::RateLimiter;
 use crate::status::StatusBoard;
+
+/// This agent's send offset in `[0, spread)`: a uniform hash of the ledger's instance id
+/// scaled onto the spread, in whole milliseconds. The same id always gets the same offset.
+pub fn spread_offset(instance_id: &str, spread: Duration) -> Duration {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"meterd spread\0")
+        .chain_update(instance_id.as_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let spread_ms = spread.as_millis().min(u128::from(u64::MAX));
+    // `hash / 2^64` is uniform in [0, 1); times the spread, truncated, stays below it.
+    let offset_ms = (u128::from(u64::from_be_bytes(first)) * spread_ms) >> 64;
+    Duration::from_millis(u64::try_from(offset_ms).unwrap_or(0))
+}
 
 /// How one pass over the pending records ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pass {
-    /// Nothing is pending any more.
+    /// Nothing is pending any more (or nothing is due yet: see [`Sender::next_due`]).
     Done,
     /// Something failed in a way worth retrying soon.
     RetrySoon,
@@ -46,8 +70,29 @@ pub struct Sender {
     pub status: Arc<StatusBoard>,
     pub product_code: String,
     pub backoff: Backoff,
+    /// Every MeterUsage waits here first.
+    pub limiter: Arc<RateLimiter>,
+    /// How long after its hour closes a sealed record is first due ([`spread_offset`]).
+    pub offset: Duration,
     /// Records whose current permanent error was already logged at ERROR.
     logged: std::sync::Mutex<HashSet<(i64, String, String)>>,
+    /// Epoch milliseconds when the earliest record the last pass held back becomes due.
+    next_due: std::sync::Mutex<Option<i64>>,
+}
+
+/// How the sender paces its calls: retries, the call limit and the spread offset.
+pub struct Pacing {
+    pub backoff: Backoff,
+    pub limiter: Arc<RateLimiter>,
+    pub offset: Duration,
+}
+
+/// Whether a pass holds back records whose hour closed less than the offset ago.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    Honour,
+    /// The shutdown flush: everything goes now.
+    Ignore,
 }
 
 impl Sender {
@@ -58,7 +103,7 @@ impl Sender {
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
         product_code: String,
-        backoff: Backoff,
+        pacing: Pacing,
     ) -> Self {
         Self {
             client,
@@ -67,50 +112,74 @@ impl Sender {
             metrics,
             status,
             product_code,
-            backoff,
+            backoff: pacing.backoff,
+            limiter: pacing.limiter,
+            offset: pacing.offset,
             logged: Default::default(),
+            next_due: Default::default(),
         }
     }
 
-    /// Delivers until stopped, waking when `wake` is notified (a new seal) or a back-off ends.
+    /// Delivers until stopped, waking when `wake` is notified (a new seal), a held-back
+    /// record falls due, or a back-off ends. Every wait is on the injected clock.
     pub async fn run(&self, wake: Arc<Notify>, stop: CancellationToken) {
-        let mut attempt = 0u32;
+        let mut previous: Option<Duration> = None;
         loop {
-            // After a refusal of one record, a newly sealed hour is sent at once; after a
+            let pass = self.pass_with(Spread::Honour).await;
+            let now = self.clock.now();
+            let due = self.next_due().map(crate::clock::from_unix_millis);
+            // After a refusal of one record, a newly sealed hour is sent once due; after a
             // throttle or an outage, the back-off holds for every record.
-            let (delay, new_seal_wakes) = match self.pass().await {
+            let (until, new_seal_wakes) = match pass {
                 Ok(Pass::Done) => {
-                    attempt = 0;
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = wake.notified() => continue,
-                    }
+                    previous = None;
+                    (due, true)
                 }
                 Ok(Pass::RetrySoon) => {
-                    let d = self.backoff.delay(attempt, &mut rand::thread_rng());
-                    attempt = attempt.saturating_add(1);
-                    (d, false)
+                    let last = previous.unwrap_or(self.backoff.initial());
+                    let d = self.backoff.decorrelated(last, &mut rand::thread_rng());
+                    previous = Some(d);
+                    (Some(now + d), false)
                 }
-                Ok(Pass::RetryLate) => (self.backoff.max(), true),
+                Ok(Pass::RetryLate) => {
+                    let late = now + self.backoff.max();
+                    (Some(due.map_or(late, |d| d.min(late))), true)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read or update pending records");
-                    (self.backoff.max(), false)
+                    (Some(now + self.backoff.max()), false)
+                }
+            };
+            let sleep = async {
+                match until {
+                    Some(t) => self.clock.sleep_until(t).await,
+                    None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = sleep => {}
                 _ = wake.notified(), if new_seal_wakes => {}
             }
         }
     }
 
-    /// Retries passes until nothing is pending or `budget` is spent (the shutdown flush).
+    /// When the earliest record the last pass held back for the spread falls due.
+    pub fn next_due(&self) -> Option<i64> {
+        *self.next_due.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Retries passes until nothing is pending or `budget` is spent (the shutdown flush,
+    /// which ignores the spread).
     pub async fn drain(&self, budget: Duration) -> Result<Pass, LedgerError> {
         let deadline = tokio::time::Instant::now() + budget;
         let mut attempt = 0u32;
         loop {
-            let pass = self.pass().await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Ok(pass) = tokio::time::timeout(left, self.pass_with(Spread::Ignore)).await else {
+                return Ok(Pass::RetrySoon);
+            };
+            let pass = pass?;
             if pass == Pass::Done {
                 return Ok(pass);
             }
@@ -126,18 +195,40 @@ impl Sender {
         }
     }
 
-    /// One attempt at every pending record, oldest first.
+    /// One attempt at every pending record that is due, oldest first.
     pub async fn pass(&self) -> Result<Pass, LedgerError> {
+        self.pass_with(Spread::Honour).await
+    }
+
+    /// One attempt at every pending record, oldest first; with [`Spread::Honour`], only
+    /// those whose hour closed at least the offset ago (the rest set [`Self::next_due`]).
+    pub async fn pass_with(&self, spread: Spread) -> Result<Pass, LedgerError> {
         let pending = self.ledger.pending_records().await?;
         self.metrics.records_pending.set(pending.len() as i64);
+        let now_ms = unix_millis(self.clock.now());
+        let offset_ms = i64::try_from(self.offset.as_millis()).unwrap_or(i64::MAX);
+        let mut next_due: Option<i64> = None;
         let mut result = Pass::Done;
         for record in pending {
+            let due = record
+                .hour
+                .saturating_add(HOUR_SECS)
+                .saturating_mul(1000)
+                .saturating_add(offset_ms);
+            if spread == Spread::Honour && due > now_ms {
+                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                continue;
+            }
             match self.deliver(&record).await? {
                 Pass::Done => {}
-                Pass::RetrySoon => return Ok(Pass::RetrySoon),
+                Pass::RetrySoon => {
+                    result = Pass::RetrySoon;
+                    break;
+                }
                 Pass::RetryLate => result = Pass::RetryLate,
             }
         }
+        *self.next_due.lock().unwrap_or_else(|e| e.into_inner()) = next_due;
         Ok(result)
     }
 
@@ -244,6 +335,7 @@ impl Sender {
                 request = request.usage_allocations(allocation);
             }
         }
+        self.limiter.acquire(&self.clock).await;
         match request.send().await {
             Ok(out) => Ok(out.metering_record_id.unwrap_or_default()),
             Err(e) => Err(CallFailure::from_sdk(&e)),
@@ -256,5 +348,63 @@ fn local_failure(message: &str) -> CallFailure {
         code: Some("LocalValidation".to_owned()),
         message: message.to_owned(),
         status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_offset_is_deterministic_and_inside_the_spread() {
+        let spread = Duration::from_secs(300);
+        let a = spread_offset("3f2a9c0e-instance", spread);
+        assert_eq!(a, spread_offset("3f2a9c0e-instance", spread));
+        assert!(a < spread);
+        assert_ne!(a, spread_offset("3f2a9c0e-instancf", spread));
+        assert_eq!(spread_offset("anything", Duration::ZERO), Duration::ZERO);
+        assert!(spread_offset("x", Duration::from_millis(1)) < Duration::from_millis(1));
+    }
+
+    /// 20,000 ids over 50 buckets of a 5-minute spread: chi-square with 49 degrees of freedom
+    /// stays below 85 (p ≈ 0.001), and no bucket is far from its 400.
+    #[test]
+    fn offsets_are_uniform_across_instance_ids() {
+        let spread = Duration::from_secs(300);
+        let (n, buckets) = (20_000u32, 50usize);
+        let mut counts = vec![0u32; buckets];
+        for _ in 0..n {
+            let id = uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .to_string();
+            let offset = spread_offset(&id, spread);
+            let b = (offset.as_millis() * buckets as u128 / spread.as_millis()) as usize;
+            counts[b.min(buckets - 1)] += 1;
+        }
+        let expected = f64::from(n) / buckets as f64;
+        let chi2: f64 = counts
+            .iter()
+            .map(|c| (f64::from(*c) - expected).powi(2) / expected)
+            .sum();
+        assert!(chi2 < 85.0, "chi-square {chi2:.1}: {counts:?}");
+        assert!(counts.iter().all(|c| (300..=500).contains(c)), "{counts:?}");
+    }
+
+    #[tokio::test]
+    async fn a_restarted_ledger_keeps_its_offset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spread = Duration::from_secs(300);
+        let ledger = Ledger::open(dir.path(), "prod-a", 1_800_000_000).expect("open");
+        let first = spread_offset(&ledger.identity().instance_id, spread);
+        ledger.closed().await;
+        let again = Ledger::open(dir.path(), "prod-a", 1_800_003_600).expect("reopen");
+        assert_eq!(spread_offset(&again.identity().instance_id, spread), first);
+        let other = tempfile::tempdir().expect("tempdir");
+        let stranger = Ledger::open(other.path(), "prod-a", 1_800_000_000).expect("open");
+        assert_ne!(
+            stranger.identity().instance_id,
+            again.identity().instance_id,
+            "each ledger has its own slot"
+        );
     }
 }

@@ -22,7 +22,8 @@ use serde_json::{json, Value};
 use meterd::aws::{build_client, AwsSettings, CallFailure};
 use meterd::clock::{hour_floor, Clock, ManualClock};
 use meterd::emulator::config::{
-    CustomerConfig, KeyConfig, RegistrationTokenConfig, DEMO_SIGNING_KEY_PEM,
+    CustomerConfig, KeyConfig, LicenseConfig, RegistrationTokenConfig, DEMO_LICENSE_ARN,
+    DEMO_SIGNING_KEY_PEM,
 };
 use meterd::emulator::sigv4::Signer;
 use meterd::emulator::{
@@ -1061,6 +1062,252 @@ async fn batch_meter_usage_per_record_statuses() {
     );
 }
 
+/// BatchMeterUsage's window follows the newest SDK models: a record up to 24 hours old is
+/// taken, one 24 hours old is not, the window is configurable (6 hours in the API model given
+/// with the project), and the previous billing month closes at 06:00 UTC on the 1st.
+#[tokio::test]
+async fn batch_meter_usage_windows() {
+    let one = |t: i64| record(Some("cust-demo-1"), None, "requests", t, 1);
+    let send = |c: Client, t: i64| async move {
+        c.batch_meter_usage()
+            .product_code(PRODUCT)
+            .usage_records(one(t))
+            .send()
+            .await
+    };
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    send(c.clone(), T0 - 24 * 3600 + 60)
+        .await
+        .expect("23h59m old");
+    let e = send(c.clone(), T0 - 24 * 3600).await.expect_err("24h old");
+    assert_eq!(code(&e), "TimestampOutOfBoundsException");
+
+    let mut config = EmulatorConfig::demo();
+    config.batch_timestamp_max_age = Duration::from_secs(6 * 3600);
+    let six = start(config).await;
+    let c6 = six.default_client().await;
+    send(c6.clone(), T0 - 6 * 3600 + 60)
+        .await
+        .expect("5h59m old");
+    let e = send(c6, T0 - 6 * 3600).await.expect_err("6h old");
+    assert_eq!(code(&e), "TimestampOutOfBoundsException");
+
+    // 2027-02-01T00:00:00Z: February's first six hours still take January's records.
+    let feb1 = 1_801_440_000;
+    let month = start(EmulatorConfig::demo()).await;
+    let cm = month.default_client().await;
+    month
+        .clock
+        .set(meterd::clock::from_unix_seconds(feb1 + 5 * 3600));
+    send(cm.clone(), feb1 - 3600)
+        .await
+        .expect("January in the grace");
+    month
+        .clock
+        .set(meterd::clock::from_unix_seconds(feb1 + 6 * 3600));
+    let e = send(cm.clone(), feb1 - 1800)
+        .await
+        .expect_err("January after the grace");
+    assert_eq!(code(&e), "TimestampOutOfBoundsException");
+    send(cm, feb1 + 3600).await.expect("February");
+}
+
+fn licensed(account: &str, license: &str, dimension: &str, t: i64, quantity: i32) -> UsageRecord {
+    UsageRecord::builder()
+        .customer_aws_account_id(account)
+        .license_arn(license)
+        .dimension(dimension)
+        .timestamp(DateTime::from_secs(t))
+        .quantity(quantity)
+        .build()
+        .expect("record")
+}
+
+/// Concurrent agreements: records name a LicenseArn instead of the request's ProductCode,
+/// are deduplicated per (account, license, dimension, hour), and a license that is unknown,
+/// another customer's, another product's or outside its activation period answers
+/// InvalidLicenseException. ResolveCustomer returns the license and its agreement.
+#[tokio::test]
+async fn batch_meter_usage_by_license_arn() {
+    let mut config = EmulatorConfig::demo();
+    let other = "arn:aws:license-manager::111122223333:license:l-expired00000000000000000000002";
+    config.licenses.push(LicenseConfig {
+        arn: other.to_owned(),
+        customer_aws_account_id: "111122223333".to_owned(),
+        product_code: PRODUCT.to_owned(),
+        agreement_id: None,
+        begins_at: None,
+        ends_at: Some(meterd::clock::from_unix_seconds(T0 - 7200)),
+    });
+    let env = start(config).await;
+    let c = env.default_client().await;
+    let t = T0 - 60;
+
+    let resolved = c
+        .resolve_customer()
+        .registration_token("demo-token-1")
+        .send()
+        .await
+        .expect("resolve");
+    assert_eq!(resolved.license_arn(), Some(DEMO_LICENSE_ARN));
+    assert_eq!(
+        resolved.metadata().and_then(|m| m.agreement_id()),
+        Some("agmt-demo1234")
+    );
+
+    // No ProductCode: the license names the product.
+    let out = c
+        .batch_meter_usage()
+        .usage_records(licensed("111122223333", DEMO_LICENSE_ARN, "requests", t, 4))
+        .send()
+        .await
+        .expect("license-based batch");
+    let first = out.results()[0]
+        .metering_record_id()
+        .expect("id")
+        .to_owned();
+    let stored = env.emu.batch_records();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].license_arn.as_deref(), Some(DEMO_LICENSE_ARN));
+    assert_eq!(stored[0].product_code, PRODUCT);
+    // The same record again: the same id; another quantity: a duplicate.
+    let again = c
+        .batch_meter_usage()
+        .usage_records(licensed("111122223333", DEMO_LICENSE_ARN, "requests", t, 4))
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(
+        again.results()[0].metering_record_id(),
+        Some(first.as_str())
+    );
+    let dup = c
+        .batch_meter_usage()
+        .usage_records(licensed("111122223333", DEMO_LICENSE_ARN, "requests", t, 5))
+        .send()
+        .await
+        .expect("duplicate");
+    assert_eq!(
+        dup.results()[0].status().map(|s| s.as_str()),
+        Some("DuplicateRecord")
+    );
+
+    let invalid = [
+        (
+            "unknown license",
+            licensed(
+                "111122223333",
+                "arn:aws:license-manager::111122223333:license:l-nope",
+                "requests",
+                t,
+                1,
+            ),
+        ),
+        (
+            "another customer's",
+            licensed("444455556666", DEMO_LICENSE_ARN, "requests", t, 1),
+        ),
+        ("expired", licensed("111122223333", other, "requests", t, 1)),
+    ];
+    for (name, rec) in invalid {
+        let e = c
+            .batch_meter_usage()
+            .usage_records(rec)
+            .send()
+            .await
+            .expect_err(name);
+        assert_eq!(code(&e), "InvalidLicenseException", "{name}");
+    }
+    // A record without a license needs the ProductCode.
+    let e = c
+        .batch_meter_usage()
+        .usage_records(record(None, Some("111122223333"), "requests", t, 1))
+        .send()
+        .await
+        .expect_err("no product, no license");
+    assert_eq!(code(&e), "ValidationException");
+    // A malformed ARN fails the model's pattern, and the message names the pattern.
+    let (status, body) = raw_call(
+        &env,
+        "BatchMeterUsage",
+        &json!({"UsageRecords": [{"Timestamp": t, "Dimension": "requests",
+            "CustomerAWSAccountId": "111122223333", "LicenseArn": "not-an-arn"}]}),
+        Some(("AKIDTASK1", "secret")),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("ValidationException"))
+    );
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("usageRecords.1.member.licenseArn")
+            && message.contains("must satisfy regular expression pattern: ^arn:aws")
+            && !message.contains("length"),
+        "{message}"
+    );
+    assert!(env.emu.double_billed().is_empty());
+}
+
+/// The same customer, dimension and hour metered by ProductCode and by LicenseArn is billed
+/// twice: AWS takes both, and the emulator lists the pair so a test can catch it.
+#[tokio::test]
+async fn metering_one_customer_hour_both_ways_is_double_billing() {
+    let env = start(EmulatorConfig::demo()).await;
+    let c = env.default_client().await;
+    let t = T0 - 60;
+    let by_product = c
+        .batch_meter_usage()
+        .product_code(PRODUCT)
+        .usage_records(record(None, Some("111122223333"), "requests", t, 2))
+        .send()
+        .await
+        .expect("by product");
+    let by_license = c
+        .batch_meter_usage()
+        .usage_records(licensed(
+            "111122223333",
+            DEMO_LICENSE_ARN,
+            "requests",
+            t + 1,
+            2,
+        ))
+        .send()
+        .await
+        .expect("by license");
+    // Another dimension or hour is not a double charge.
+    c.batch_meter_usage()
+        .usage_records(licensed(
+            "111122223333",
+            DEMO_LICENSE_ARN,
+            "gigabytes",
+            t,
+            1,
+        ))
+        .send()
+        .await
+        .expect("another dimension");
+    let ids =
+        |o: &aws_sdk_marketplacemetering::operation::batch_meter_usage::BatchMeterUsageOutput| {
+            o.results()[0]
+                .metering_record_id()
+                .unwrap_or_default()
+                .to_owned()
+        };
+    let doubles = env.emu.double_billed();
+    assert_eq!(doubles.len(), 1, "{doubles:?}");
+    assert_eq!(doubles[0].customer_aws_account_id, "111122223333");
+    assert_eq!(doubles[0].dimension, "requests");
+    assert_eq!(doubles[0].hour, hour_floor(t));
+    assert_eq!(
+        doubles[0].metering_record_ids,
+        [ids(&by_product), ids(&by_license)]
+    );
+    assert_eq!(env.emu.batch_records().len(), 3);
+}
+
 #[tokio::test]
 async fn batch_meter_usage_whole_batch_errors() {
     let env = start(EmulatorConfig::demo()).await;
@@ -1108,10 +1355,11 @@ async fn batch_meter_usage_whole_batch_errors() {
             "InvalidCustomerIdentifierException",
         ),
         (
-            "one timestamp 6 hours old",
+            // The newest SDK models' window (botocore 1.44, JS v3): 24 hours.
+            "one timestamp 24 hours old",
             vec![
                 good(),
-                record(Some("cust-demo-1"), None, "gigabytes", T0 - 6 * 3600, 1),
+                record(Some("cust-demo-1"), None, "gigabytes", T0 - 24 * 3600, 1),
             ],
             "TimestampOutOfBoundsException",
         ),
@@ -1498,10 +1746,235 @@ async fn meter_many(env: &Env, n: usize, prefix: &str) -> Vec<Option<(u16, Value
     answers
 }
 
+/// The response `Date` is the emulator's clock, not the wall clock: SDKs correct their skew
+/// from it. The test clock stands at T0, years from the wall clock.
+#[tokio::test]
+async fn the_date_header_is_the_emulator_clock() {
+    let env = start(EmulatorConfig::demo()).await;
+    for path in ["/", "/_emulator/records"] {
+        let stream = tokio::net::TcpStream::connect(env.emu.addr())
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let method = if path == "/" { "POST" } else { "GET" };
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", env.emu.addr().to_string())
+            .header("x-amz-target", "AWSMPMeteringService.MeterUsage")
+            .header("content-type", "application/x-amz-json-1.1")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("response");
+        let date = resp
+            .headers()
+            .get(http::header::DATE)
+            .expect("a Date header");
+        let date = httpdate::parse_http_date(date.to_str().expect("ascii")).expect("an HTTP date");
+        assert_eq!(meterd::clock::unix_seconds(date), T0, "{path}");
+    }
+}
+
+/// ClientToken reuse compares what the request means, not its bytes: the same report with
+/// tags and allocations in another order, `UsageQuantity: 0` against none, `DryRun: false`
+/// against none, gets the first MeteringRecordId; another quantity is a conflict.
+#[tokio::test]
+async fn client_token_reuse_compares_meaning_not_bytes() {
+    let env = start(EmulatorConfig::demo()).await;
+    let key = Some(("AKIDTOKEN1", "s"));
+    let call = |body: Value| {
+        let env = &env;
+        async move { raw_call(env, "MeterUsage", &body, key).await }
+    };
+    let base = |token: &str| {
+        json!({"ProductCode": PRODUCT, "UsageDimension": "requests",
+        "Timestamp": T0, "ClientToken": token})
+    };
+    let with = |token: &str, extra: Value| {
+        let mut b = base(token);
+        if let (Some(o), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        b
+    };
+    let id = |answer: Option<(u16, Value)>| {
+        let (status, body) = answer.expect("answer");
+        assert_eq!(status, 200, "{body}");
+        body["MeteringRecordId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let zero = id(call(base("tok-zero")).await);
+    assert_eq!(
+        zero,
+        id(call(with("tok-zero", json!({"UsageQuantity": 0}))).await)
+    );
+    assert_eq!(
+        zero,
+        id(call(with("tok-zero", json!({"DryRun": false}))).await)
+    );
+
+    let a = json!({"AllocatedUsageQuantity": 1, "Tags": [{"Key": "t", "Value": "a"}, {"Key": "u", "Value": "1"}]});
+    let a_swapped = json!({"Tags": [{"Key": "u", "Value": "1"}, {"Key": "t", "Value": "a"}], "AllocatedUsageQuantity": 1});
+    let b = json!({"AllocatedUsageQuantity": 2, "Tags": [{"Key": "t", "Value": "b"}]});
+    let hour = T0 - 3600;
+    let first = id(call(with(
+        "tok-alloc",
+        json!({"Timestamp": hour, "UsageDimension": "gigabytes",
+        "UsageQuantity": 3, "UsageAllocations": [a.clone(), b.clone()]}),
+    ))
+    .await);
+    let reordered = id(call(with(
+        "tok-alloc",
+        json!({"Timestamp": hour, "UsageDimension": "gigabytes",
+        "UsageQuantity": 3, "UsageAllocations": [b, a_swapped]}),
+    ))
+    .await);
+    assert_eq!(first, reordered);
+
+    let (status, body) = call(with("tok-zero", json!({"UsageQuantity": 1})))
+        .await
+        .expect("answer");
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("IdempotencyConflictException"))
+    );
+    assert_eq!(env.emu.records().len(), 2);
+}
+
+/// The newest model's decimal quantities (`…AsDecimal`): stored with their value, compared
+/// by value (17, "17.0" and "17.00" are one quantity), never mixed with an integer one.
+#[tokio::test]
+async fn decimal_quantities_are_served_and_compared_by_value() {
+    let env = start(EmulatorConfig::demo()).await;
+    let key = Some(("AKIDDECIMAL1", "s"));
+    let meter = |extra: Value| {
+        let env = &env;
+        async move {
+            let mut body =
+                json!({"ProductCode": PRODUCT, "UsageDimension": "requests", "Timestamp": T0});
+            if let (Some(o), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            raw_call(env, "MeterUsage", &body, key)
+                .await
+                .expect("answer")
+        }
+    };
+    let (status, first) = meter(json!({"UsageQuantityAsDecimal": "17.420"})).await;
+    assert_eq!(status, 200, "{first}");
+    let stored = env.emu.records();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        (stored[0].quantity, stored[0].quantity_as_decimal.as_deref()),
+        (17, Some("17.42"))
+    );
+    let (status, again) = meter(json!({"UsageQuantityAsDecimal": "17.42"})).await;
+    assert_eq!(
+        (status, &again["MeteringRecordId"]),
+        (200, &first["MeteringRecordId"])
+    );
+    let (status, other) = meter(json!({"UsageQuantityAsDecimal": "17.43"})).await;
+    assert_eq!(
+        (status, other["__type"].as_str()),
+        (400, Some("DuplicateRequestException"))
+    );
+
+    let refused = [
+        (
+            json!({"UsageQuantity": 1, "UsageQuantityAsDecimal": "1"}),
+            "ValidationException",
+        ),
+        (
+            json!({"UsageQuantityAsDecimal": "017"}),
+            "ValidationException",
+        ),
+        (
+            json!({"UsageQuantityAsDecimal": "2", "UsageAllocations": [
+            {"AllocatedUsageQuantity": 2, "Tags": [{"Key": "t", "Value": "a"}]}]}),
+            "InvalidUsageAllocationsException",
+        ),
+        (
+            json!({"UsageQuantityAsDecimal": "2.5", "UsageAllocations": [
+            {"AllocatedUsageQuantityAsDecimal": "2.4", "Tags": [{"Key": "t", "Value": "a"}]}]}),
+            "InvalidUsageAllocationsException",
+        ),
+    ];
+    for (mut extra, want) in refused {
+        extra["UsageDimension"] = json!("gigabytes");
+        let (status, body) = meter(extra).await;
+        assert_eq!(
+            (status, body["__type"].as_str()),
+            (400, Some(want)),
+            "{body}"
+        );
+    }
+    let (status, body) = meter(
+        json!({"UsageDimension": "gigabytes", "UsageQuantityAsDecimal": "2.5",
+        "UsageAllocations": [
+            {"AllocatedUsageQuantityAsDecimal": "2.25", "Tags": [{"Key": "t", "Value": "a"}]},
+            {"AllocatedUsageQuantityAsDecimal": "0.25", "Tags": [{"Key": "t", "Value": "b"}]}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // BatchMeterUsage: Quantity 3 and QuantityAsDecimal "3.00" are the same record.
+    let batch = |q: Value| {
+        let env = &env;
+        async move {
+            let mut rec = json!({"Timestamp": T0, "Dimension": "requests", "CustomerIdentifier": "cust-demo-1"});
+            if let (Some(o), Some(e)) = (rec.as_object_mut(), q.as_object()) {
+                o.extend(e.clone());
+            }
+            let body = json!({"ProductCode": PRODUCT, "UsageRecords": [rec]});
+            raw_call(env, "BatchMeterUsage", &body, key)
+                .await
+                .expect("answer")
+        }
+    };
+    let (_, a) = batch(json!({"Quantity": 3})).await;
+    let (_, b) = batch(json!({"QuantityAsDecimal": "3.00"})).await;
+    assert_eq!(a["Results"][0]["Status"], "Success", "{a}");
+    assert_eq!(
+        a["Results"][0]["MeteringRecordId"], b["Results"][0]["MeteringRecordId"],
+        "{b}"
+    );
+    let (_, c) = batch(json!({"QuantityAsDecimal": "3.5"})).await;
+    assert_eq!(c["Results"][0]["Status"], "DuplicateRecord", "{c}");
+}
+
+/// MeteringRecordIds are random unless a seed is given: two fresh emulators never repeat each
+/// other's ids (a client storing them as unique keys survives a restart), two seeded ones do.
+#[tokio::test]
+async fn record_ids_are_random_unless_a_seed_is_given() {
+    async fn ids(seed: Option<u64>) -> Vec<String> {
+        let mut config = EmulatorConfig::demo();
+        config.seed = seed;
+        let env = start(config).await;
+        meter_many(&env, 5, "AKIDIDS").await;
+        env.emu
+            .records()
+            .into_iter()
+            .map(|r| r.metering_record_id)
+            .collect()
+    }
+    let (a, b) = (ids(None).await, ids(None).await);
+    assert_eq!((a.len(), b.len()), (5, 5));
+    assert!(
+        a.iter().all(|id| !b.contains(id)),
+        "{a:?} and {b:?} share ids"
+    );
+    assert_eq!(ids(Some(42)).await, ids(Some(42)).await);
+}
+
 #[tokio::test]
 async fn seeded_fault_rates_and_faulted_calls_store_nothing() {
     let mut config = EmulatorConfig::demo();
-    config.seed = 1234;
+    config.seed = Some(1234);
     config.faults.all = FaultRule {
         throttle_rate: 0.2,
         error_rate: 0.1,
@@ -1556,7 +2029,7 @@ async fn seeded_fault_rates_and_faulted_calls_store_nothing() {
 
     // The same seed reproduces the same faults.
     let mut config = EmulatorConfig::demo();
-    config.seed = 1234;
+    config.seed = Some(1234);
     config.faults.all = FaultRule {
         throttle_rate: 0.2,
         error_rate: 0.1,
@@ -1978,6 +2451,34 @@ fn creds_config() -> EmulatorConfig {
         authorization_token: "task-1-token".to_owned(),
     }];
     config
+}
+
+/// A fleet on temporary credentials shares its role account's quota: the pods' rotating
+/// keys are one buyer account to the service, not one account per key.
+#[tokio::test]
+async fn temporary_credentials_count_against_their_roles_account_quota() {
+    let mut config = creds_config();
+    config.quotas = meterd::emulator::quotas::QuotaConfig::default();
+    let env = start(config).await;
+    let hour = hour_floor(T0) - 3600;
+    let mut answers = Vec::new();
+    for pod in 0..12 {
+        let creds = assume_role(&env, "fleet", &pod_token(&format!("pod-{pod}"))).await;
+        let c = temp_client(&env, &creds, Some(&creds.token));
+        answers.push(meter(&c, "requests", hour, 1, None).await);
+    }
+    let throttled = answers
+        .iter()
+        .filter(|a| a.as_ref().err().map(String::as_str) == Some("ThrottlingException"))
+        .count();
+    assert_eq!(
+        (answers.len() - throttled, throttled),
+        (10, 2),
+        "{answers:?}"
+    );
+    let rates = env.emu.rates();
+    let meter_rates = &rates["123456789012"]["MeterUsage"];
+    assert_eq!((meter_rates.accepted, meter_rates.throttled), (10, 2));
 }
 
 #[tokio::test]

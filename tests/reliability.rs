@@ -478,7 +478,7 @@ impl World {
             listen: "127.0.0.1:0",
             server_extra: extra_server,
             metering: None,
-            sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"2s\"",
+            sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"2s\"\nspread = \"0s\"\nmax_calls_per_second = 1000",
         });
         Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -1129,7 +1129,7 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
 // The real binary
 
 async fn bin_rig(clock: SharedClock, server_extra: &str) -> BinaryRig {
-    let sending = "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\ncall_timeout = \"5s\"";
+    let sending = "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\ncall_timeout = \"5s\"\nspread = \"0s\"\nmax_calls_per_second = 1000";
     BinaryRig::new(clock, server_extra, sending).await
 }
 

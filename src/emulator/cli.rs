@@ -77,11 +77,14 @@ impl EmulatorArgs {
     pub fn load_config(&self) -> anyhow::Result<EmulatorConfig> {
         let mut config = match &self.config {
             Some(path) => EmulatorConfig::load(path)?,
-            None => EmulatorConfig::demo(),
+            None => EmulatorConfig {
+                quotas: super::quotas::QuotaConfig::default(),
+                ..EmulatorConfig::demo()
+            },
         };
         let mut problems = Vec::new();
         if let Some(seed) = self.seed {
-            config.seed = seed;
+            config.seed = Some(seed);
         }
         if let Some(region) = &self.region {
             config.region = region.clone();
@@ -206,7 +209,7 @@ mod tests {
         ])
         .expect("parses");
         let config = cli.args.load_config().expect("valid");
-        assert_eq!(config.seed, 9);
+        assert_eq!(config.seed, Some(9));
         assert_eq!(config.region, "eu-west-1");
         assert_eq!(
             config.credentials.get("AKID").map(String::as_str),

@@ -12,11 +12,15 @@ use serde::{Deserialize, Serialize};
 use super::credentials::TemporaryCredentialsConfig;
 use super::faults::FaultProfile;
 use super::model::{Operation, MODEL_MAX_ALLOCATIONS};
+use super::quotas::QuotaConfig;
 
 /// The demo's signing key for PublicKeyVersion 1. It is public on purpose: it signs only
 /// emulator tokens, and a fixed key lets an agent trust the demo across restarts.
 pub const DEMO_SIGNING_KEY_PEM: &str = include_str!("demo-signing-key.pem");
 pub const DEMO_PRODUCT_CODE: &str = "prod-demo1234";
+/// The demo customer's license for the demo product (concurrent agreements).
+pub const DEMO_LICENSE_ARN: &str =
+    "arn:aws:license-manager::111122223333:license:l-demo0000000000000000000000000001";
 
 /// The longest `timestamp_future_skew`, `timestamp_max_age` or `signature_max_skew`: a year
 /// keeps every usage Timestamp the emulator accepts within what its hour arithmetic holds.
@@ -29,15 +33,22 @@ pub struct EmulatorConfig {
     /// The region of the endpoint and of the caller's resources.
     #[serde(default = "default_region")]
     pub region: String,
-    /// Seeds fault injection and generated ids/keys, so runs are reproducible.
+    /// Seeds fault injection, generated keys and MeteringRecordIds, so runs are reproducible.
+    /// Without it the ids are random (two fresh emulators never hand out the same ones), and
+    /// faults and generated keys use seed 0.
     #[serde(default)]
-    pub seed: u64,
+    pub seed: Option<u64>,
     /// How far in the future a usage Timestamp may be.
     #[serde(default = "default_future_skew", with = "humantime_serde")]
     pub timestamp_future_skew: Duration,
-    /// How old a usage Timestamp may be (AWS: 6 hours).
+    /// How old a MeterUsage Timestamp may be (AWS: 6 hours).
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub timestamp_max_age: Duration,
+    /// How old a BatchMeterUsage record's Timestamp may be: 24 hours in the newest SDK models
+    /// (botocore 1.44, the JS SDK v3), 6 hours in the API model given with the project. Either
+    /// way, a record for the previous billing month is refused from 06:00 UTC on the 1st.
+    #[serde(default = "default_batch_max_age", with = "humantime_serde")]
+    pub batch_timestamp_max_age: Duration,
     /// Allocations allowed per usage record (AWS documents 500; the model allows 2500).
     #[serde(default = "default_max_allocations")]
     pub max_usage_allocations: usize,
@@ -58,6 +69,10 @@ pub struct EmulatorConfig {
     /// SaaS customers for BatchMeterUsage and ResolveCustomer.
     #[serde(default)]
     pub customers: Vec<CustomerConfig>,
+    /// Granted licenses (concurrent agreements): a BatchMeterUsage record may name one with
+    /// `LicenseArn` in place of the request's ProductCode.
+    #[serde(default)]
+    pub licenses: Vec<LicenseConfig>,
     #[serde(default)]
     pub registration_tokens: Vec<RegistrationTokenConfig>,
     #[serde(default)]
@@ -65,6 +80,9 @@ pub struct EmulatorConfig {
     /// Operations answered `DisabledApiException` ("The API is disabled in the Region").
     #[serde(default)]
     pub disabled_operations: Vec<Operation>,
+    /// Per-account call quotas (on by default: 10, 10 and 5 a second).
+    #[serde(default)]
+    pub quotas: QuotaConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +151,23 @@ pub struct CustomerConfig {
     pub subscribed: bool,
 }
 
+/// One license granted to a buyer's account for a product (one agreement).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LicenseConfig {
+    pub arn: String,
+    pub customer_aws_account_id: String,
+    pub product_code: String,
+    /// Returned by ResolveCustomer in `Metadata.AgreementId`.
+    #[serde(default)]
+    pub agreement_id: Option<String>,
+    /// The activation period: usage outside it answers `InvalidLicenseException`.
+    #[serde(default, with = "humantime_serde")]
+    pub begins_at: Option<SystemTime>,
+    #[serde(default, with = "humantime_serde")]
+    pub ends_at: Option<SystemTime>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistrationTokenConfig {
@@ -150,6 +185,9 @@ fn default_future_skew() -> Duration {
 }
 fn default_max_age() -> Duration {
     Duration::from_secs(6 * 3600)
+}
+fn default_batch_max_age() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 fn default_max_allocations() -> usize {
     500
@@ -169,9 +207,10 @@ impl Default for EmulatorConfig {
     fn default() -> Self {
         Self {
             region: default_region(),
-            seed: 0,
+            seed: None,
             timestamp_future_skew: default_future_skew(),
             timestamp_max_age: default_max_age(),
+            batch_timestamp_max_age: default_batch_max_age(),
             max_usage_allocations: default_max_allocations(),
             signature_max_skew: None,
             credentials: BTreeMap::new(),
@@ -179,9 +218,11 @@ impl Default for EmulatorConfig {
             products: Vec::new(),
             keys: Vec::new(),
             customers: Vec::new(),
+            licenses: Vec::new(),
             registration_tokens: Vec::new(),
             faults: FaultProfile::default(),
             disabled_operations: Vec::new(),
+            quotas: QuotaConfig::default(),
         }
     }
 }
@@ -189,7 +230,10 @@ impl Default for EmulatorConfig {
 impl EmulatorConfig {
     /// A demo product `prod-demo1234` (dimensions `requests`, `gigabytes`) in us-east-1,
     /// entitled, signed with the fixed demo key as PublicKeyVersion 1, with two SaaS
-    /// customers and registration tokens `demo-token-1` … `demo-token-3`. No credential check.
+    /// customers (the first with the license [`DEMO_LICENSE_ARN`]) and registration tokens
+    /// `demo-token-1` … `demo-token-3`. No credential check, and quotas counted but not
+    /// enforced: tests make many calls at one instant of a manual clock (`meterd emulator`
+    /// without a file turns them on).
     pub fn demo() -> Self {
         Self {
             products: vec![ProductConfig {
@@ -218,6 +262,14 @@ impl EmulatorConfig {
                     subscribed: false,
                 },
             ],
+            licenses: vec![LicenseConfig {
+                arn: DEMO_LICENSE_ARN.to_owned(),
+                customer_aws_account_id: "111122223333".to_owned(),
+                product_code: DEMO_PRODUCT_CODE.to_owned(),
+                agreement_id: Some("agmt-demo1234".to_owned()),
+                begins_at: None,
+                ends_at: None,
+            }],
             registration_tokens: (1..=3)
                 .map(|i| RegistrationTokenConfig {
                     token: format!("demo-token-{i}"),
@@ -225,6 +277,7 @@ impl EmulatorConfig {
                     expires_at: None,
                 })
                 .collect(),
+            quotas: QuotaConfig::off(),
             ..Self::default()
         }
     }
@@ -255,6 +308,10 @@ impl EmulatorConfig {
         Ok(config)
     }
 
+    pub fn license(&self, arn: &str) -> Option<&LicenseConfig> {
+        self.licenses.iter().find(|l| l.arn == arn)
+    }
+
     pub fn product(&self, code: &str) -> Option<&ProductConfig> {
         self.products.iter().find(|p| p.code == code)
     }
@@ -276,12 +333,20 @@ impl EmulatorConfig {
                 self.max_usage_allocations
             ));
         }
+        problems.extend(self.quotas.problems());
         if self.timestamp_max_age.is_zero() {
             problems.push("timestamp_max_age must be positive".to_owned());
+        }
+        if self.batch_timestamp_max_age.is_zero() {
+            problems.push("batch_timestamp_max_age must be positive".to_owned());
         }
         for (name, window) in [
             ("timestamp_future_skew", Some(self.timestamp_future_skew)),
             ("timestamp_max_age", Some(self.timestamp_max_age)),
+            (
+                "batch_timestamp_max_age",
+                Some(self.batch_timestamp_max_age),
+            ),
             ("signature_max_skew", self.signature_max_skew),
         ] {
             if let Some(d) = window.filter(|d| *d > MAX_TIME_WINDOW) {
@@ -388,6 +453,40 @@ impl EmulatorConfig {
                     "customer {:?}: product {:?} is not configured",
                     c.identifier, c.product_code
                 ));
+            }
+        }
+        let mut arns = BTreeSet::new();
+        for l in &self.licenses {
+            if !super::model::license_arn_ok(&l.arn) {
+                problems.push(format!("license {:?} is not a license ARN", l.arn));
+            }
+            if !arns.insert(l.arn.as_str()) {
+                problems.push(format!("license {:?} is listed twice", l.arn));
+            }
+            if l.customer_aws_account_id.is_empty()
+                || !l
+                    .customer_aws_account_id
+                    .chars()
+                    .all(|ch| ch.is_ascii_digit())
+            {
+                problems.push(format!(
+                    "license {:?}: customer_aws_account_id must be digits",
+                    l.arn
+                ));
+            }
+            if self.product(&l.product_code).is_none() {
+                problems.push(format!(
+                    "license {:?}: product {:?} is not configured",
+                    l.arn, l.product_code
+                ));
+            }
+            if let (Some(begins), Some(ends)) = (l.begins_at, l.ends_at) {
+                if ends <= begins {
+                    problems.push(format!(
+                        "license {:?}: ends_at is not after begins_at",
+                        l.arn
+                    ));
+                }
             }
         }
         let mut tokens = BTreeSet::new();

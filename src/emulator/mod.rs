@@ -8,6 +8,7 @@
 //! - [`credentials`]: a minimal STS and an ECS-style container credentials endpoint.
 //! - [`jwt`]: RegisterUsage's PS256 token and the published public keys.
 //! - [`faults`]: seeded fault injection.
+//! - [`quotas`]: the per-account call quotas (token buckets) and the per-second counts.
 //! - `server`: the HTTP protocol and the admin API under `/_emulator/`.
 //! - [`cli`]: `meterd emulator`.
 //!
@@ -21,9 +22,11 @@ pub mod faults;
 pub mod jwt;
 pub mod model;
 pub mod ops;
+pub mod quotas;
 mod server;
 pub mod sigv4;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -39,7 +42,7 @@ pub use config::{ConfigError, EmulatorConfig, Entitlement};
 pub use faults::{FaultProfile, FaultRule, InjectedFault};
 pub use jwt::PublicKeyInfo;
 pub use model::{Allocation, Operation, Tag};
-pub use ops::{CallRecord, Outcome, StoredMeterRecord};
+pub use ops::{CallRecord, DoubleBilled, Outcome, StoredMeterRecord};
 
 /// A running emulator. Dropping it without [`EmulatorHandle::shutdown`] stops it too.
 pub struct EmulatorHandle {
@@ -51,11 +54,14 @@ pub struct EmulatorHandle {
 /// Validates `config` and loads or generates the signing keys: everything but the socket.
 fn build(config: EmulatorConfig, clock: SharedClock) -> anyhow::Result<server::Shared> {
     config.validate()?;
-    let keyring = jwt::Keyring::from_config(&config.keys, config.seed)?;
-    let faults = faults::FaultInjector::new(config.faults.clone(), config.seed, clock.now())?;
+    let seed = config.seed.unwrap_or(0);
+    let keyring = jwt::Keyring::from_config(&config.keys, seed)?;
+    let faults = faults::FaultInjector::new(config.faults.clone(), seed, clock.now())?;
+    let quotas = quotas::Quotas::new(config.quotas.clone());
     Ok(server::Shared {
         service: ops::Service::new(config, keyring),
         faults: Mutex::new(faults),
+        quotas: Mutex::new(quotas),
         temporary: credentials::TemporaryCredentials::default(),
         clock,
         cancel: CancellationToken::new(),
@@ -193,9 +199,25 @@ impl EmulatorHandle {
         self.shared.service.batch_records()
     }
 
+    /// Customer-hours metered both by ProductCode and by LicenseArn (billed twice).
+    pub fn double_billed(&self) -> Vec<DoubleBilled> {
+        self.shared.service.double_billed()
+    }
+
     /// Every protocol call received (the newest [`ops::MAX_CALLS_KEPT`]).
     pub fn calls(&self) -> Vec<CallRecord> {
         self.shared.service.calls()
+    }
+
+    /// Calls accepted and throttled per second, per account and operation name, as
+    /// `GET /_emulator/rates` reports them.
+    pub fn rates(&self) -> BTreeMap<String, BTreeMap<String, quotas::OperationRates>> {
+        self.shared.quotas().rates()
+    }
+
+    /// How many protocol calls passed SigV4 so far (cheap: for polling).
+    pub fn calls_counted(&self) -> u64 {
+        self.shared.quotas().total()
     }
 
     /// Replaces the fault profile through the same validation as `POST /_emulator/faults`

@@ -61,6 +61,9 @@ pub const MAX_INT: i64 = 2_147_483_647;
 pub const MODEL_MAX_ALLOCATIONS: usize = 2500;
 pub const MAX_BATCH_RECORDS: usize = 25;
 const PRODUCT_CODE_PATTERN: &str = "^[-a-zA-Z0-9/=:_.@]*$";
+const DECIMAL_QUANTITY_PATTERN: &str = "^(0|[1-9][0-9]{0,9})(\\.[0-9]{1,6})?$";
+const NON_EMPTY_PATTERN: &str = "[\\s\\S]+";
+const LICENSE_ARN_PATTERN: &str = "^arn:aws[a-zA-Z-]*:[A-Za-z0-9][A-Za-z0-9_/.-]{0,62}:[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9][A-Za-z0-9:_/+=,@.-]{0,1023}$";
 const ACCOUNT_ID_PATTERN: &str = "^[0-9]+$";
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -69,10 +72,58 @@ pub struct Tag {
     pub value: String,
 }
 
+/// Millionths of a unit: the `…AsDecimal` quantities carry up to 6 fraction digits.
+pub const MICROS_PER_UNIT: i64 = 1_000_000;
+
+/// The model's decimal quantity: `^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$`, at most 17
+/// characters; its value in millionths.
+pub fn decimal_micros(text: &str) -> Option<i64> {
+    let (whole, fraction) = match text.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (text, None),
+    };
+    let whole_ok = whole == "0"
+        || (!whole.is_empty()
+            && whole.len() <= 10
+            && !whole.starts_with('0')
+            && whole.bytes().all(|b| b.is_ascii_digit()));
+    let fraction_ok = fraction
+        .is_none_or(|f| (1..=6).contains(&f.len()) && f.bytes().all(|b| b.is_ascii_digit()));
+    if !whole_ok || !fraction_ok || text.len() > 17 {
+        return None;
+    }
+    let whole: i64 = whole.parse().ok()?;
+    let fraction = fraction.unwrap_or("");
+    let padded: i64 = format!("{fraction:0<6}").parse().ok()?;
+    whole.checked_mul(MICROS_PER_UNIT)?.checked_add(padded)
+}
+
+/// A value in millionths as the shortest decimal: `17`, `17.42`.
+pub fn decimal_text(micros: i64) -> String {
+    let (whole, fraction) = (micros / MICROS_PER_UNIT, micros % MICROS_PER_UNIT);
+    if fraction == 0 {
+        whole.to_string()
+    } else {
+        let digits = format!("{fraction:06}");
+        format!("{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+/// A quantity's value in millionths: the decimal member when it was sent, else the whole one.
+pub fn quantity_micros(whole: i64, decimal: Option<&str>) -> i64 {
+    decimal
+        .and_then(decimal_micros)
+        .unwrap_or_else(|| whole.saturating_mul(MICROS_PER_UNIT))
+}
+
 /// One usage allocation as sent. Tag rules are checked later, by the operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
+    /// `AllocatedUsageQuantity`; for a decimal allocation, its whole part.
     pub quantity: i64,
+    /// `AllocatedUsageQuantityAsDecimal`, canonical (`17.0` is `17`), when it was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity_as_decimal: Option<String>,
     /// `None` when the member was absent (the untagged bucket).
     pub tags: Option<Vec<Tag>>,
 }
@@ -89,12 +140,49 @@ pub struct MeterUsageInput {
     pub product_code: String,
     pub timestamp: f64,
     pub usage_dimension: String,
+    /// `UsageQuantity` (the model's default 0); for a decimal report, its whole part.
     pub usage_quantity: i64,
+    /// `UsageQuantityAsDecimal`, canonical, when it was sent.
+    pub usage_quantity_as_decimal: Option<String>,
     pub dry_run: bool,
     pub usage_allocations: Option<Vec<Allocation>>,
     pub client_token: Option<String>,
-    /// The members that define the request for ClientToken comparison (all but the token).
-    pub fingerprint: String,
+}
+
+impl MeterUsageInput {
+    /// What the request means, for ClientToken reuse: every member but the token, after the
+    /// model's defaults (no quantity is 0, no DryRun is false) and with the allocations and
+    /// their tags as sets, so the same report written another way compares equal.
+    pub fn meaning(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}|{:?}",
+            self.product_code,
+            self.timestamp,
+            self.usage_dimension,
+            quantity_micros(
+                self.usage_quantity,
+                self.usage_quantity_as_decimal.as_deref()
+            ),
+            self.dry_run,
+            normalized_allocations(self.usage_allocations.as_deref().unwrap_or_default())
+        )
+    }
+}
+
+/// Allocations in a canonical order (tags sorted, then allocations sorted), so that equal
+/// sets compare equal.
+/// Quantities by value (in millionths), so `17` and `"17.00"` compare equal.
+pub fn normalized_allocations(allocations: &[Allocation]) -> Vec<(Vec<Tag>, i64)> {
+    let mut out: Vec<(Vec<Tag>, i64)> = allocations
+        .iter()
+        .map(|a| {
+            let mut tags = a.tags.clone().unwrap_or_default();
+            tags.sort();
+            (tags, a.micros())
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -103,15 +191,23 @@ pub struct UsageRecordInput {
     pub customer_identifier: Option<String>,
     pub customer_aws_account_id: Option<String>,
     pub dimension: String,
+    /// `Quantity`; for a decimal record, its whole part.
     pub quantity: i64,
+    /// `QuantityAsDecimal`, canonical, when it was sent.
+    pub quantity_as_decimal: Option<String>,
     pub usage_allocations: Option<Vec<Allocation>>,
+    /// The granted license the record is for (concurrent agreements): names the product and
+    /// the agreement, in place of the request's ProductCode.
+    pub license_arn: Option<String>,
     /// The record as sent, echoed back in `Results` and `UnprocessedRecords`.
     pub raw: Value,
 }
 
 #[derive(Debug, Clone)]
 pub struct BatchMeterUsageInput {
-    pub product_code: String,
+    /// Optional since the concurrent-agreements model: license-based batches leave it out
+    /// (or send it empty, which the model's minimum length 0 lets botocore do).
+    pub product_code: Option<String>,
     pub usage_records: Vec<UsageRecordInput>,
 }
 
@@ -341,19 +437,65 @@ fn product_code_ok(s: &str) -> bool {
         .all(|c| c.is_ascii_alphanumeric() || "-/=:_.@".contains(c))
 }
 
+fn decimal_quantity_ok(s: &str) -> bool {
+    decimal_micros(s).is_some()
+}
+
+fn non_empty(s: &str) -> bool {
+    !s.is_empty()
+}
+
+/// The model's LicenseArn pattern: `arn:aws…:service:region:account:resource`.
+pub(crate) fn license_arn_ok(s: &str) -> bool {
+    let parts: Vec<&str> = s.splitn(6, ':').collect();
+    let [arn, partition, service, region, account, resource] = parts[..] else {
+        return false;
+    };
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_/.-".contains(c);
+    let first_alnum = |t: &str| t.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    arn == "arn"
+        && partition
+            .strip_prefix("aws")
+            .is_some_and(|rest| rest.chars().all(|c| c.is_ascii_alphabetic() || c == '-'))
+        && first_alnum(service)
+        && service.len() <= 63
+        && service.chars().all(plain)
+        && region.len() <= 63
+        && region.chars().all(plain)
+        && account.len() <= 63
+        && account.chars().all(plain)
+        && first_alnum(resource)
+        && resource.len() <= 1024
+        && resource
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ":_/+=,@.-".contains(c))
+}
+
 fn account_id_ok(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_digit())
 }
 
+/// Minimum length 0 since the concurrent-agreements model (it was 1).
 const PRODUCT_CODE: StringRule = StringRule {
-    min: 1,
+    min: 0,
     max: Some(255),
     pattern: Some((PRODUCT_CODE_PATTERN, product_code_ok)),
 };
 const DIMENSION: StringRule = StringRule {
     min: 1,
     max: Some(255),
-    pattern: None,
+    pattern: Some((NON_EMPTY_PATTERN, non_empty)),
+};
+const DECIMAL_QUANTITY: StringRule = StringRule {
+    min: 1,
+    max: Some(17),
+    pattern: Some((DECIMAL_QUANTITY_PATTERN, decimal_quantity_ok)),
+};
+/// A pattern-only shape: a violation names the pattern, never a length.
+const LICENSE_ARN: StringRule = StringRule {
+    min: 0,
+    max: None,
+    pattern: Some((LICENSE_ARN_PATTERN, license_arn_ok)),
 };
 
 /// Tag keys and values: `^[a-zA-Z0-9+ -=._:\/@]+$`, where ` -=` is the range space..'='.
@@ -391,16 +533,12 @@ fn parse_allocations(
         let item_path = format!("{path}.{}.member", i + 1);
         let alloc = as_object(item, "UsageAllocation")?;
         let quantity_path = member_path(&item_path, "AllocatedUsageQuantity");
-        let quantity = match int_member(alloc, "AllocatedUsageQuantity")? {
-            Some(q) => {
-                check_range(v, q, &quantity_path, 0, Some(MAX_INT));
-                q
-            }
-            None => {
-                v.push(None, &quantity_path, "must not be null");
-                0
-            }
-        };
+        let (quantity, quantity_as_decimal) =
+            quantity_members(v, alloc, "AllocatedUsageQuantity", &item_path)?;
+        if quantity.is_none() && quantity_as_decimal.is_none() {
+            v.push(None, &quantity_path, "must not be null");
+        }
+        let quantity = quantity.unwrap_or(0);
         let tags = match list_member(alloc, "Tags")? {
             None => None,
             Some(tag_items) => {
@@ -430,9 +568,46 @@ fn parse_allocations(
                 Some(tags)
             }
         };
-        out.push(Allocation { quantity, tags });
+        out.push(Allocation {
+            quantity,
+            quantity_as_decimal,
+            tags,
+        });
     }
     Ok(Some(out))
+}
+
+impl Allocation {
+    pub fn micros(&self) -> i64 {
+        quantity_micros(self.quantity, self.quantity_as_decimal.as_deref())
+    }
+}
+
+/// A quantity and its decimal twin (`Name` and `NameAsDecimal`): at most one may be sent. The
+/// decimal comes back canonical, and the whole quantity then holds its whole part.
+fn quantity_members(
+    v: &mut Violations,
+    obj: &Map<String, Value>,
+    name: &str,
+    prefix: &str,
+) -> Result<(Option<i64>, Option<String>), ApiError> {
+    let whole = int_member(obj, name)?;
+    if let Some(q) = whole {
+        check_range(v, q, &member_path(prefix, name), 0, Some(MAX_INT));
+    }
+    let decimal_name = format!("{name}AsDecimal");
+    let decimal = optional_string(v, obj, &decimal_name, prefix, &DECIMAL_QUANTITY)?;
+    let decimal = decimal.and_then(|d| decimal_micros(&d));
+    if whole.is_some() && decimal.is_some() {
+        return Err(ApiError::new(
+            "ValidationException",
+            format!("You can't specify both {name} and {decimal_name}."),
+        ));
+    }
+    Ok(match decimal {
+        Some(micros) => (Some(micros / MICROS_PER_UNIT), Some(decimal_text(micros))),
+        None => (whole, None),
+    })
 }
 
 fn root(body: &Value) -> Result<&Map<String, Value>, ApiError> {
@@ -481,8 +656,9 @@ pub fn parse_meter_usage(body: &Value) -> Result<MeterUsageInput, ApiError> {
         v.push(None, "timestamp", "must not be null");
     }
     let usage_dimension = required_string(&mut v, obj, "UsageDimension", "", &DIMENSION)?;
-    let usage_quantity = int_member(obj, "UsageQuantity")?.unwrap_or(0);
-    check_range(&mut v, usage_quantity, "usageQuantity", 0, Some(MAX_INT));
+    let (usage_quantity, usage_quantity_as_decimal) =
+        quantity_members(&mut v, obj, "UsageQuantity", "")?;
+    let usage_quantity = usage_quantity.unwrap_or(0);
     let dry_run = bool_member(obj, "DryRun")?.unwrap_or(false);
     let usage_allocations = parse_allocations(&mut v, obj, "")?;
     let client_token = optional_string(
@@ -497,24 +673,23 @@ pub fn parse_meter_usage(body: &Value) -> Result<MeterUsageInput, ApiError> {
         },
     )?;
     v.into_result()?;
-    let mut without_token = obj.clone();
-    without_token.remove("ClientToken");
     Ok(MeterUsageInput {
         product_code,
         timestamp: timestamp.unwrap_or_default(),
         usage_dimension,
         usage_quantity,
+        usage_quantity_as_decimal,
         dry_run,
         usage_allocations,
         client_token,
-        fingerprint: Value::Object(without_token).to_string(),
     })
 }
 
 pub fn parse_batch_meter_usage(body: &Value) -> Result<BatchMeterUsageInput, ApiError> {
     let obj = root(body)?;
     let mut v = Violations::default();
-    let product_code = required_string(&mut v, obj, "ProductCode", "", &PRODUCT_CODE)?;
+    let product_code = optional_string(&mut v, obj, "ProductCode", "", &PRODUCT_CODE)?
+        .filter(|code| !code.is_empty());
     let items = list_member(obj, "UsageRecords")?;
     let mut usage_records = Vec::new();
     match items {
@@ -557,22 +732,21 @@ pub fn parse_batch_meter_usage(body: &Value) -> Result<BatchMeterUsageInput, Api
                     },
                 )?;
                 let dimension = required_string(&mut v, rec, "Dimension", &prefix, &DIMENSION)?;
-                let quantity = int_member(rec, "Quantity")?.unwrap_or(0);
-                check_range(
-                    &mut v,
-                    quantity,
-                    &member_path(&prefix, "Quantity"),
-                    0,
-                    Some(MAX_INT),
-                );
+                let (quantity, quantity_as_decimal) =
+                    quantity_members(&mut v, rec, "Quantity", &prefix)?;
+                let quantity = quantity.unwrap_or(0);
                 let usage_allocations = parse_allocations(&mut v, rec, &prefix)?;
+                let license_arn =
+                    optional_string(&mut v, rec, "LicenseArn", &prefix, &LICENSE_ARN)?;
                 usage_records.push(UsageRecordInput {
                     timestamp: timestamp.unwrap_or_default(),
                     customer_identifier,
                     customer_aws_account_id,
                     dimension,
                     quantity,
+                    quantity_as_decimal,
                     usage_allocations,
+                    license_arn,
                     raw: item.clone(),
                 });
             }
@@ -594,9 +768,9 @@ pub fn parse_resolve_customer(body: &Value) -> Result<ResolveCustomerInput, ApiE
         "RegistrationToken",
         "",
         &StringRule {
-            min: 1,
+            min: 0,
             max: None,
-            pattern: None,
+            pattern: Some((NON_EMPTY_PATTERN, non_empty)),
         },
     )?;
     v.into_result()?;
@@ -669,7 +843,7 @@ mod tests {
     }
 
     #[test]
-    fn client_token_is_excluded_from_the_fingerprint() {
+    fn client_token_is_excluded_from_the_meaning() {
         let a = parse_meter_usage(
             &json!({"ProductCode": "p", "Timestamp": 1, "UsageDimension": "d", "ClientToken": "a"}),
         )
@@ -678,6 +852,83 @@ mod tests {
             &json!({"ProductCode": "p", "Timestamp": 1, "UsageDimension": "d", "ClientToken": "b"}),
         )
         .expect("valid");
-        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_eq!(a.meaning(), b.meaning());
+    }
+
+    #[test]
+    fn decimal_quantities_follow_the_model_pattern() {
+        for (text, micros) in [
+            ("0", Some(0)),
+            ("17", Some(17_000_000)),
+            ("17.42", Some(17_420_000)),
+            ("17.000001", Some(17_000_001)),
+            ("9999999999.999999", Some(9_999_999_999_999_999)),
+            ("017", None),
+            ("17.", None),
+            (".5", None),
+            ("17.1234567", None),
+            ("-1", None),
+            ("1e3", None),
+            ("99999999999", None),
+            ("", None),
+        ] {
+            assert_eq!(decimal_micros(text), micros, "{text:?}");
+        }
+        assert_eq!(decimal_text(17_420_000), "17.42");
+        assert_eq!(decimal_text(17_000_000), "17");
+        assert_eq!(decimal_text(1), "0.000001");
+    }
+
+    /// The same report written another way means the same; another value does not.
+    #[test]
+    fn meaning_follows_defaults_and_sets_not_bytes() {
+        let meaning = |body: Value| parse_meter_usage(&body).expect("valid").meaning();
+        let base = json!({"ProductCode": "p", "Timestamp": 1, "UsageDimension": "d"});
+        let with = |extra: Value| {
+            let mut b = base.clone();
+            if let (Some(o), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            b
+        };
+        assert_eq!(
+            meaning(base.clone()),
+            meaning(with(json!({"UsageQuantity": 0})))
+        );
+        assert_eq!(
+            meaning(base.clone()),
+            meaning(with(json!({"DryRun": false})))
+        );
+        assert_eq!(
+            meaning(base.clone()),
+            meaning(with(json!({"Timestamp": 1.0})))
+        );
+        let a1 = json!({"Tags": [{"Key": "a", "Value": "1"}, {"Key": "b", "Value": "2"}], "AllocatedUsageQuantity": 1});
+        let a1_swapped = json!({"AllocatedUsageQuantity": 1, "Tags": [{"Key": "b", "Value": "2"}, {"Key": "a", "Value": "1"}]});
+        let a2 = json!({"Tags": [{"Key": "a", "Value": "3"}], "AllocatedUsageQuantity": 2});
+        assert_eq!(
+            meaning(with(
+                json!({"UsageQuantity": 3, "UsageAllocations": [a1.clone(), a2.clone()]})
+            )),
+            meaning(with(
+                json!({"UsageQuantity": 3, "UsageAllocations": [a2.clone(), a1_swapped]})
+            )),
+        );
+        assert_ne!(
+            meaning(base.clone()),
+            meaning(with(json!({"UsageQuantity": 1})))
+        );
+        assert_ne!(
+            meaning(base.clone()),
+            meaning(with(json!({"DryRun": true})))
+        );
+        assert_ne!(
+            meaning(with(
+                json!({"UsageQuantity": 3, "UsageAllocations": [a1.clone(), a2]})
+            )),
+            meaning(with(
+                json!({"UsageQuantity": 3, "UsageAllocations": [a1, json!({"Tags": [{"Key": "a", "Value": "4"}], "AllocatedUsageQuantity": 2})]})
+            )),
+        );
     }
 }

@@ -12,13 +12,17 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::config::{CustomerConfig, EmulatorConfig, Entitlement, RegistrationTokenConfig};
+use super::config::{
+    CustomerConfig, EmulatorConfig, Entitlement, LicenseConfig, ProductConfig,
+    RegistrationTokenConfig,
+};
 use super::error::ApiError;
 use super::faults::InjectedFault;
 use super::jwt::Keyring;
 use super::model::{
-    tag_text_ok, Allocation, BatchMeterUsageInput, MeterUsageInput, RegisterUsageInput,
-    ResolveCustomerInput, Tag, UsageRecordInput,
+    decimal_text, normalized_allocations, quantity_micros, tag_text_ok, Allocation,
+    BatchMeterUsageInput, MeterUsageInput, RegisterUsageInput, ResolveCustomerInput,
+    UsageRecordInput,
 };
 use super::sigv4::Caller;
 use crate::clock::{hour_floor, unix_millis};
@@ -40,7 +44,11 @@ pub struct StoredMeterRecord {
     pub hour: i64,
     /// The Timestamp as sent, epoch seconds.
     pub timestamp: f64,
+    /// The quantity; for a decimal one (`…AsDecimal`), its whole part.
     pub quantity: i64,
+    /// The decimal quantity, canonical (`17.00` is `17`), when it was sent as one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantity_as_decimal: Option<String>,
     pub allocations: Vec<Allocation>,
     pub metering_record_id: String,
     pub client_token: Option<String>,
@@ -49,6 +57,44 @@ pub struct StoredMeterRecord {
     pub customer_identifier: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub customer_aws_account_id: Option<String>,
+    /// A BatchMeterUsage record billed to a license (concurrent agreements).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license_arn: Option<String>,
+}
+
+impl StoredMeterRecord {
+    /// The quantity's value in millionths (decimal or whole, compared by value).
+    pub fn micros(&self) -> i64 {
+        quantity_micros(self.quantity, self.quantity_as_decimal.as_deref())
+    }
+}
+
+/// The same customer, product, dimension and hour metered by ProductCode and by LicenseArn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DoubleBilled {
+    pub customer_aws_account_id: String,
+    pub product_code: String,
+    pub dimension: String,
+    pub hour: i64,
+    /// The product-based record's id and the license-based one's, in the order they came.
+    pub metering_record_ids: [String; 2],
+}
+
+/// What BatchMeterUsage deduplicates on: the legacy key, or the concurrent-agreements one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum BatchKey {
+    Product {
+        customer: String,
+        product_code: String,
+        dimension: String,
+        hour: i64,
+    },
+    License {
+        account: String,
+        license_arn: String,
+        dimension: String,
+        hour: i64,
+    },
 }
 
 /// How a call ended.
@@ -88,7 +134,8 @@ impl CallRecord {
 }
 
 struct TokenUse {
-    fingerprint: String,
+    /// [`MeterUsageInput::meaning`] of the first request with the token.
+    meaning: String,
     metering_record_id: String,
 }
 
@@ -100,7 +147,8 @@ struct State {
     meter_index: HashMap<HourKey, usize>,
     client_tokens: HashMap<(String, String), TokenUse>,
     batch_records: Vec<StoredMeterRecord>,
-    batch_index: HashMap<HourKey, usize>,
+    batch_index: HashMap<BatchKey, usize>,
+    double_billed: Vec<DoubleBilled>,
     registered: HashSet<(String, String)>,
     tokens: BTreeMap<String, RegistrationTokenConfig>,
     used_tokens: HashSet<String>,
@@ -136,6 +184,55 @@ fn invalid_dimension() -> ApiError {
     )
 }
 
+fn invalid_license(detail: &str) -> ApiError {
+    error(
+        "InvalidLicenseException",
+        format!(
+            "{detail} Ensure the LicenseArn is valid, matches the customer, and usage is within the license activation period."
+        ),
+    )
+}
+
+fn from_unix_secs_f64(secs: f64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs_f64(secs.max(0.0))
+}
+
+/// The start of the UTC month holding `epoch_secs`, in epoch seconds.
+fn month_start(epoch_secs: i64) -> i64 {
+    let days = epoch_secs.div_euclid(86_400);
+    let (year, month, _) = civil_from_days(days);
+    days_from_civil(year, month, 1) * 86_400
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// (year, month, day) to days since 1970-01-01.
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let mp = i64::from((month + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The billing month's grace: records for the previous month are taken until 06:00 UTC on
+/// the 1st.
+const MONTH_GRACE_SECS: i64 = 6 * 3600;
+
 fn timestamp_out_of_bounds() -> ApiError {
     error(
         "TimestampOutOfBoundsException",
@@ -154,29 +251,28 @@ fn invalid_allocations(detail: String) -> ApiError {
     error("InvalidUsageAllocationsException", detail)
 }
 
-/// Allocations in a canonical order, so that equal sets compare equal.
-fn normalized(allocations: &[Allocation]) -> Vec<(Vec<Tag>, i64)> {
-    let mut out: Vec<(Vec<Tag>, i64)> = allocations
-        .iter()
-        .map(|a| {
-            let mut tags = a.tags.clone().unwrap_or_default();
-            tags.sort();
-            (tags, a.quantity)
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 /// The allocation and tag rules shared by MeterUsage and BatchMeterUsage.
+/// `quantity` in millionths; `decimal`: the record's quantity was sent as a decimal, and its
+/// allocations must be too (and integer ones with an integer record).
 pub fn check_allocations(
     allocations: Option<&[Allocation]>,
     quantity: i64,
+    decimal: bool,
     limit: usize,
 ) -> Result<(), ApiError> {
     let Some(allocations) = allocations else {
         return Ok(());
     };
+    if allocations
+        .iter()
+        .any(|a| a.quantity_as_decimal.is_some() != decimal)
+    {
+        return Err(invalid_allocations(
+            "Allocations must use the same type of quantity as the usage record: AllocatedUsageQuantity \
+             with an integer quantity, AllocatedUsageQuantityAsDecimal with a decimal one."
+                .to_owned(),
+        ));
+    }
     if allocations.len() > limit {
         return Err(invalid_allocations(format!(
             "The usage allocation objects are invalid, or the number of allocations is greater than {limit} for a single usage record."
@@ -228,17 +324,19 @@ pub fn check_allocations(
         )));
     }
     let mut tag_sets = BTreeSet::new();
-    for (tags, _) in normalized(allocations) {
+    for (tags, _) in normalized_allocations(allocations) {
         if !tag_sets.insert(tags) {
             return Err(invalid_allocations(
                 "Each usage allocation must have a unique set of tags.".to_owned(),
             ));
         }
     }
-    let sum: i64 = allocations.iter().map(|a| a.quantity).sum();
+    let sum: i64 = allocations.iter().map(Allocation::micros).sum();
     if sum != quantity {
         return Err(invalid_allocations(format!(
-            "The sum of allocated usage quantities ({sum}) is not equal to the usage quantity ({quantity})."
+            "The sum of allocated usage quantities ({}) is not equal to the usage quantity ({}).",
+            decimal_text(sum),
+            decimal_text(quantity)
         )));
     }
     Ok(())
@@ -257,6 +355,7 @@ impl Service {
             client_tokens: HashMap::new(),
             batch_records: Vec::new(),
             batch_index: HashMap::new(),
+            double_billed: Vec::new(),
             registered: HashSet::new(),
             tokens: config
                 .registration_tokens
@@ -265,7 +364,10 @@ impl Service {
                 .collect(),
             used_tokens: HashSet::new(),
             calls: VecDeque::new(),
-            ids: StdRng::seed_from_u64(config.seed.wrapping_add(0x6d65_7465_7264)),
+            ids: match config.seed {
+                Some(seed) => StdRng::seed_from_u64(seed.wrapping_add(0x6d65_7465_7264)),
+                None => StdRng::from_entropy(),
+            },
         };
         Self {
             config,
@@ -278,24 +380,30 @@ impl Service {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Emulator-side timestamp window: at most `timestamp_max_age` old (`inclusive`: an age
-    /// equal to it is already too old), at most `timestamp_future_skew` ahead.
-    fn check_timestamp(
-        &self,
-        timestamp: f64,
-        now: SystemTime,
-        inclusive: bool,
-    ) -> Result<(), ApiError> {
+    /// MeterUsage's window: at most `timestamp_max_age` old, at most `timestamp_future_skew`
+    /// ahead.
+    fn check_timestamp(&self, timestamp: f64, now: SystemTime) -> Result<(), ApiError> {
         let now = now_secs(now);
-        let age = now - timestamp;
-        let max_age = self.config.timestamp_max_age.as_secs_f64();
-        let too_old = if inclusive {
-            age >= max_age
-        } else {
-            age > max_age
-        };
+        let too_old = now - timestamp > self.config.timestamp_max_age.as_secs_f64();
         let too_new = timestamp - now > self.config.timestamp_future_skew.as_secs_f64();
         if too_old || too_new {
+            Err(timestamp_out_of_bounds())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// BatchMeterUsage's window: at most `batch_timestamp_max_age` old (an age equal to it
+    /// is too old), at most `timestamp_future_skew` ahead, and not in an earlier billing month
+    /// once that month's grace is over.
+    fn check_batch_timestamp(&self, timestamp: f64, now: SystemTime) -> Result<(), ApiError> {
+        let now = now_secs(now);
+        let too_old = now - timestamp >= self.config.batch_timestamp_max_age.as_secs_f64();
+        let too_new = timestamp - now > self.config.timestamp_future_skew.as_secs_f64();
+        let this_month = month_start(now.floor() as i64);
+        let closed_month = (timestamp.floor() as i64) < this_month
+            && (now.floor() as i64) >= this_month + MONTH_GRACE_SECS;
+        if too_old || too_new || closed_month {
             Err(timestamp_out_of_bounds())
         } else {
             Ok(())
@@ -396,12 +504,17 @@ impl Service {
         if !product.dimensions.contains(&input.usage_dimension) {
             return Err(invalid_dimension());
         }
+        let micros = quantity_micros(
+            input.usage_quantity,
+            input.usage_quantity_as_decimal.as_deref(),
+        );
         check_allocations(
             input.usage_allocations.as_deref(),
-            input.usage_quantity,
+            micros,
+            input.usage_quantity_as_decimal.is_some(),
             self.config.max_usage_allocations,
         )?;
-        self.check_timestamp(input.timestamp, now, false)?;
+        self.check_timestamp(input.timestamp, now)?;
         let mut state = self.state();
         if state.entitlement.get(&product.code) == Some(&Entitlement::NotEntitled) {
             return Err(error(
@@ -418,7 +531,7 @@ impl Service {
         let identity = caller.access_key_id.clone();
         if let Some(token) = &input.client_token {
             if let Some(used) = state.client_tokens.get(&(identity.clone(), token.clone())) {
-                if used.fingerprint != input.fingerprint {
+                if used.meaning != input.meaning() {
                     return Err(error(
                         "IdempotencyConflictException",
                         "The ClientToken is being used for multiple requests with different parameters.",
@@ -438,8 +551,9 @@ impl Service {
         let id = match state.meter_index.get(&key) {
             Some(&i) => {
                 let existing = &state.meter_records[i];
-                if existing.quantity != input.usage_quantity
-                    || normalized(&existing.allocations) != normalized(&allocations)
+                if existing.micros() != micros
+                    || normalized_allocations(&existing.allocations)
+                        != normalized_allocations(&allocations)
                 {
                     return Err(error(
                         "DuplicateRequestException",
@@ -458,11 +572,13 @@ impl Service {
                     hour,
                     timestamp: input.timestamp,
                     quantity: input.usage_quantity,
+                    quantity_as_decimal: input.usage_quantity_as_decimal.clone(),
                     allocations,
                     metering_record_id: id.clone(),
                     client_token: input.client_token.clone(),
                     customer_identifier: None,
                     customer_aws_account_id: None,
+                    license_arn: None,
                 });
                 let index = state.meter_records.len() - 1;
                 state.meter_index.insert(key, index);
@@ -473,7 +589,7 @@ impl Service {
             state.client_tokens.insert(
                 (identity, token.clone()),
                 TokenUse {
-                    fingerprint: input.fingerprint.clone(),
+                    meaning: input.meaning(),
                     metering_record_id: id.clone(),
                 },
             );
@@ -482,6 +598,12 @@ impl Service {
     }
 
     /// `unprocessed[i]` (drawn by fault injection) leaves record `i` unprocessed.
+    ///
+    /// A record is billed either to the request's ProductCode and its customer (the legacy
+    /// integration) or to its own `LicenseArn` (concurrent agreements, no ProductCode needed).
+    /// The two are deduplicated apart, as AWS does, so metering the same customer, dimension
+    /// and hour both ways bills it twice: both are accepted, and the pair is listed in
+    /// [`Service::double_billed`].
     pub fn batch_meter_usage(
         &self,
         input: &BatchMeterUsageInput,
@@ -489,10 +611,11 @@ impl Service {
         now: SystemTime,
         unprocessed: &[bool],
     ) -> Result<Value, ApiError> {
-        let product = self
-            .config
-            .product(&input.product_code)
-            .ok_or_else(invalid_product)?;
+        let request_product = match &input.product_code {
+            Some(code) => Some(self.config.product(code).ok_or_else(invalid_product)?),
+            None => None,
+        };
+        let mut billed = Vec::with_capacity(input.usage_records.len());
         for record in &input.usage_records {
             if customer_identifier(record).is_some() == record.customer_aws_account_id.is_some() {
                 return Err(error(
@@ -501,22 +624,55 @@ impl Service {
                      they are mutually exclusive.",
                 ));
             }
+            let (product, license) =
+                match &record.license_arn {
+                    Some(arn) => {
+                        let license = self.license_for(arn, record, request_product)?;
+                        let product = self
+                            .config
+                            .product(&license.product_code)
+                            .ok_or_else(invalid_product)?;
+                        (product, Some(license))
+                    }
+                    None => match request_product {
+                        Some(product) => (product, None),
+                        None => return Err(error(
+                            "ValidationException",
+                            "A usage record without a LicenseArn needs the request's ProductCode.",
+                        )),
+                    },
+                };
             if !product.dimensions.contains(&record.dimension) {
                 return Err(invalid_dimension());
             }
             check_allocations(
                 record.usage_allocations.as_deref(),
-                record.quantity,
+                quantity_micros(record.quantity, record.quantity_as_decimal.as_deref()),
+                record.quantity_as_decimal.is_some(),
                 self.config.max_usage_allocations,
             )?;
+            billed.push((product, license));
         }
         for record in &input.usage_records {
-            self.check_timestamp(record.timestamp, now, true)?;
+            self.check_batch_timestamp(record.timestamp, now)?;
+        }
+        for (record, (_, license)) in input.usage_records.iter().zip(&billed) {
+            if let Some(license) = license {
+                let at = from_unix_secs_f64(record.timestamp);
+                let active = license.begins_at.is_none_or(|b| at >= b)
+                    && license.ends_at.is_none_or(|e| at < e);
+                if !active {
+                    return Err(invalid_license(
+                        "The usage is outside the license's activation period.",
+                    ));
+                }
+            }
         }
         let mut state = self.state();
         let mut results = Vec::new();
         let mut left = Vec::new();
-        for (i, record) in input.usage_records.iter().enumerate() {
+        for (i, (record, (product, license))) in input.usage_records.iter().zip(&billed).enumerate()
+        {
             if unprocessed.get(i).copied().unwrap_or(false) {
                 left.push(record.raw.clone());
                 continue;
@@ -526,60 +682,154 @@ impl Service {
                 customer_identifier(record),
                 record.customer_aws_account_id.as_deref(),
             );
-            let Some(customer) = customer.filter(|c| c.subscribed) else {
-                results.push(json!({"UsageRecord": record.raw, "Status": "CustomerNotSubscribed"}));
-                continue;
+            let (identifier, account, key) = match license {
+                // The license is the entitlement: its account is the customer.
+                Some(license) => (
+                    customer.map(|c| c.identifier.clone()),
+                    license.customer_aws_account_id.clone(),
+                    BatchKey::License {
+                        account: license.customer_aws_account_id.clone(),
+                        license_arn: license.arn.clone(),
+                        dimension: record.dimension.clone(),
+                        hour: hour_floor(record.timestamp.floor() as i64),
+                    },
+                ),
+                None => {
+                    let Some(customer) = customer.filter(|c| c.subscribed) else {
+                        results.push(
+                            json!({"UsageRecord": record.raw, "Status": "CustomerNotSubscribed"}),
+                        );
+                        continue;
+                    };
+                    (
+                        Some(customer.identifier.clone()),
+                        customer.aws_account_id.clone(),
+                        BatchKey::Product {
+                            customer: customer.identifier.clone(),
+                            product_code: product.code.clone(),
+                            dimension: record.dimension.clone(),
+                            hour: hour_floor(record.timestamp.floor() as i64),
+                        },
+                    )
+                }
             };
             let hour = hour_floor(record.timestamp.floor() as i64);
-            let key = (
-                customer.identifier.clone(),
-                product.code.clone(),
-                record.dimension.clone(),
-                hour,
-            );
             let allocations = record.usage_allocations.clone().unwrap_or_default();
-            match state.batch_index.get(&key) {
-                Some(&j) => {
-                    let existing = &state.batch_records[j];
-                    if existing.quantity == record.quantity
-                        && normalized(&existing.allocations) == normalized(&allocations)
-                    {
-                        results.push(json!({
-                            "UsageRecord": record.raw,
-                            "MeteringRecordId": existing.metering_record_id,
-                            "Status": "Success",
-                        }));
-                    } else {
-                        results
-                            .push(json!({"UsageRecord": record.raw, "Status": "DuplicateRecord"}));
-                    }
-                }
-                None => {
-                    let id = new_id(&mut state.ids);
-                    state.batch_records.push(StoredMeterRecord {
-                        identity: caller.access_key_id.clone(),
-                        product_code: product.code.clone(),
-                        dimension: record.dimension.clone(),
-                        hour,
-                        timestamp: record.timestamp,
-                        quantity: record.quantity,
-                        allocations,
-                        metering_record_id: id.clone(),
-                        client_token: None,
-                        customer_identifier: Some(customer.identifier.clone()),
-                        customer_aws_account_id: Some(customer.aws_account_id.clone()),
-                    });
-                    let index = state.batch_records.len() - 1;
-                    state.batch_index.insert(key, index);
+            if let Some(&j) = state.batch_index.get(&key) {
+                let existing = &state.batch_records[j];
+                if existing.micros()
+                    == quantity_micros(record.quantity, record.quantity_as_decimal.as_deref())
+                    && normalized_allocations(&existing.allocations)
+                        == normalized_allocations(&allocations)
+                {
                     results.push(json!({
                         "UsageRecord": record.raw,
-                        "MeteringRecordId": id,
+                        "MeteringRecordId": existing.metering_record_id,
                         "Status": "Success",
                     }));
+                } else {
+                    results.push(json!({"UsageRecord": record.raw, "Status": "DuplicateRecord"}));
                 }
+                continue;
             }
+            let id = new_id(&mut state.ids);
+            let stored = StoredMeterRecord {
+                identity: caller.access_key_id.clone(),
+                product_code: product.code.clone(),
+                dimension: record.dimension.clone(),
+                hour,
+                timestamp: record.timestamp,
+                quantity: record.quantity,
+                quantity_as_decimal: record.quantity_as_decimal.clone(),
+                allocations,
+                metering_record_id: id.clone(),
+                client_token: None,
+                customer_identifier: identifier,
+                customer_aws_account_id: Some(account),
+                license_arn: license.map(|l| l.arn.clone()),
+            };
+            // The same customer, product, dimension and hour billed the other way as well.
+            let twin = state
+                .batch_records
+                .iter()
+                .find(|r| {
+                    r.license_arn.is_some() != stored.license_arn.is_some()
+                        && r.customer_aws_account_id == stored.customer_aws_account_id
+                        && r.product_code == stored.product_code
+                        && r.dimension == stored.dimension
+                        && r.hour == stored.hour
+                })
+                .map(|r| r.metering_record_id.clone());
+            if let Some(twin) = twin {
+                tracing::warn!(
+                    account = stored.customer_aws_account_id.as_deref().unwrap_or_default(),
+                    product = %stored.product_code,
+                    dimension = %stored.dimension,
+                    hour = stored.hour,
+                    "the same customer and hour metered by ProductCode and by LicenseArn: billed twice"
+                );
+                state.double_billed.push(DoubleBilled {
+                    customer_aws_account_id: stored
+                        .customer_aws_account_id
+                        .clone()
+                        .unwrap_or_default(),
+                    product_code: stored.product_code.clone(),
+                    dimension: stored.dimension.clone(),
+                    hour,
+                    metering_record_ids: [twin, id.clone()],
+                });
+            }
+            state.batch_records.push(stored);
+            let index = state.batch_records.len() - 1;
+            state.batch_index.insert(key, index);
+            results.push(json!({
+                "UsageRecord": record.raw,
+                "MeteringRecordId": id,
+                "Status": "Success",
+            }));
         }
         Ok(json!({ "Results": results, "UnprocessedRecords": left }))
+    }
+
+    /// The license a record names, if it is one this emulator granted to the record's customer
+    /// (and, when the request names a product, for that product).
+    fn license_for(
+        &self,
+        arn: &str,
+        record: &UsageRecordInput,
+        request_product: Option<&ProductConfig>,
+    ) -> Result<&LicenseConfig, ApiError> {
+        let license = self
+            .config
+            .license(arn)
+            .ok_or_else(|| invalid_license("The LicenseArn is not a granted license."))?;
+        let account = match (customer_identifier(record), &record.customer_aws_account_id) {
+            (_, Some(account)) => Some(account.clone()),
+            (Some(id), None) => self
+                .config
+                .customers
+                .iter()
+                .find(|c| c.identifier == id && c.product_code == license.product_code)
+                .map(|c| c.aws_account_id.clone()),
+            (None, None) => None,
+        };
+        if account.as_deref() != Some(license.customer_aws_account_id.as_str()) {
+            return Err(invalid_license(
+                "The LicenseArn does not match the customer.",
+            ));
+        }
+        if request_product.is_some_and(|p| p.code != license.product_code) {
+            return Err(invalid_license(
+                "The LicenseArn is for another product than the request's ProductCode.",
+            ));
+        }
+        Ok(license)
+    }
+
+    /// Pairs of records that bill the same customer, dimension and hour twice (once by
+    /// ProductCode, once by LicenseArn).
+    pub fn double_billed(&self) -> Vec<DoubleBilled> {
+        self.state().double_billed.clone()
     }
 
     fn customer(
@@ -631,11 +881,22 @@ impl Service {
             ));
         };
         state.used_tokens.insert(token.token.clone());
-        Ok(json!({
+        let mut result = json!({
             "CustomerIdentifier": customer.identifier,
             "CustomerAWSAccountId": customer.aws_account_id,
             "ProductCode": customer.product_code,
-        }))
+        });
+        // Concurrent agreements: the customer's license for the product, and its agreement.
+        if let Some(license) = self.config.licenses.iter().find(|l| {
+            l.customer_aws_account_id == customer.aws_account_id
+                && l.product_code == customer.product_code
+        }) {
+            result["LicenseArn"] = json!(license.arn);
+            if let Some(agreement) = &license.agreement_id {
+                result["Metadata"] = json!({ "AgreementId": agreement });
+            }
+        }
+        Ok(result)
     }
 
     pub fn meter_records(&self) -> Vec<StoredMeterRecord> {
@@ -715,10 +976,12 @@ fn new_id(rng: &mut StdRng) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::emulator::model::{Tag, MICROS_PER_UNIT};
 
     fn alloc(quantity: i64, tags: &[(&str, &str)]) -> Allocation {
         Allocation {
             quantity,
+            quantity_as_decimal: None,
             tags: if tags.is_empty() {
                 None
             } else {
@@ -735,7 +998,8 @@ mod tests {
     }
 
     fn check(allocs: &[Allocation], quantity: i64) -> Result<(), String> {
-        check_allocations(Some(allocs), quantity, 500).map_err(|e| e.error_type)
+        check_allocations(Some(allocs), quantity * MICROS_PER_UNIT, false, 500)
+            .map_err(|e| e.error_type)
     }
 
     #[test]
@@ -836,6 +1100,7 @@ mod tests {
                 "empty tag list",
                 vec![Allocation {
                     quantity: 1,
+                    quantity_as_decimal: None,
                     tags: Some(vec![]),
                 }],
                 1,
@@ -862,8 +1127,9 @@ mod tests {
         let allocs: Vec<Allocation> = (0..3)
             .map(|i| alloc(1, &[("k", &format!("v{i}"))]))
             .collect();
-        assert!(check_allocations(Some(&allocs), 3, 3).is_ok());
-        let err = check_allocations(Some(&allocs), 3, 2).expect_err("over limit");
+        let three = 3 * MICROS_PER_UNIT;
+        assert!(check_allocations(Some(&allocs), three, false, 3).is_ok());
+        let err = check_allocations(Some(&allocs), three, false, 2).expect_err("over limit");
         assert_eq!(err.error_type, "InvalidUsageAllocationsException");
         assert!(err.message.contains("greater than 2"));
     }

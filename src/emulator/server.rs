@@ -36,6 +36,7 @@ const JSON_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 pub(crate) struct Shared {
     pub service: Service,
     pub faults: Mutex<FaultInjector>,
+    pub quotas: Mutex<super::quotas::Quotas>,
     pub temporary: super::credentials::TemporaryCredentials,
     pub clock: SharedClock,
     pub cancel: CancellationToken,
@@ -44,6 +45,10 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn faults(&self) -> MutexGuard<'_, FaultInjector> {
         self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn quotas(&self) -> MutexGuard<'_, super::quotas::Quotas> {
+        self.quotas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Validates a fault profile and applies it from the emulator clock's now: the one path
@@ -130,13 +135,20 @@ pub(crate) async fn answer(
     req: ReadRequest,
     latency: Latency,
 ) -> Result<HttpResponse, DropConnection> {
-    if req.parts.uri.path().starts_with("/_emulator/") {
-        return Ok(admin(shared, &req));
+    let mut response = if req.parts.uri.path().starts_with("/_emulator/") {
+        admin(shared, &req)
+    } else if let Some(answered) = super::credentials::route(shared, &req) {
+        answered
+    } else {
+        protocol(shared, req, latency).await?
+    };
+    // SDKs correct their clock skew from `Date`: it must be the emulator's clock, or a
+    // shifted emulator with a signature skew check refuses every correctly-clocked client.
+    let date = httpdate::fmt_http_date(shared.clock.now());
+    if let Ok(value) = http::HeaderValue::from_str(&date) {
+        response.headers_mut().insert(http::header::DATE, value);
     }
-    if let Some(answered) = super::credentials::route(shared, &req) {
-        return Ok(answered);
-    }
-    protocol(shared, req, latency).await
+    Ok(response)
 }
 
 /// [`answer`] without waiting, synchronously: the protocol and admin paths exactly as
@@ -174,7 +186,7 @@ fn claimed_identity(headers: &http::HeaderMap) -> Option<String> {
 }
 
 /// The operation's checks before any latency: body size, operation, SigV4, disabled
-/// operations, then the fault decision (which is recorded in `call`).
+/// operations, the account's quota, then the fault decision (which is recorded in `call`).
 fn admit(
     shared: &Shared,
     req: &ReadRequest,
@@ -202,20 +214,32 @@ fn admit(
         headers: &req.parts.headers,
         body,
     };
-    let caller = sigv4::verify_with(
+    let verified = sigv4::verify_with(
         &signed,
         sigv4::SERVICE,
         &shared.service.config.credentials,
         Some(&shared.temporary),
         now,
         shared.service.config.signature_max_skew,
-    )?
-    .caller;
+    )?;
+    let caller = verified.caller;
     if shared.service.config.disabled_operations.contains(&op) {
         return Err(ApiError::new(
             "DisabledApiException",
             "The API is disabled in the Region.",
         ));
+    }
+    // The account's quota, on the emulator's clock, before any injected fault.
+    let admitted = {
+        let mut quotas = shared.quotas();
+        let account = match &verified.session {
+            Some(session) => session.account.clone(),
+            None => quotas.account_of(&caller.access_key_id).to_owned(),
+        };
+        quotas.admit_account(account, op, now)
+    };
+    if !admitted {
+        return Err(ApiError::throttling());
     }
     let decision = shared.faults().decide(op, now);
     if let Some(latency) = decision.latency {
@@ -412,7 +436,11 @@ fn admin(shared: &Shared, req: &ReadRequest) -> HttpResponse {
         (Method::GET, "/_emulator/batch-records") => {
             admin_json(StatusCode::OK, &service.batch_records())
         }
+        (Method::GET, "/_emulator/double-billing") => {
+            admin_json(StatusCode::OK, &service.double_billed())
+        }
         (Method::GET, "/_emulator/calls") => admin_json(StatusCode::OK, &service.calls()),
+        (Method::GET, "/_emulator/rates") => admin_json(StatusCode::OK, &shared.quotas().rates()),
         (Method::GET, "/_emulator/public-keys") => {
             admin_json(StatusCode::OK, &service.keyring.public_keys())
         }
@@ -454,7 +482,7 @@ fn admin(shared: &Shared, req: &ReadRequest) -> HttpResponse {
         }
         _ => admin_error(
             StatusCode::NOT_FOUND,
-            "unknown admin endpoint; see GET /_emulator/{health,records,batch-records,calls,public-keys,faults}, \
+            "unknown admin endpoint; see GET /_emulator/{health,records,batch-records,calls,rates,public-keys,faults}, \
              POST /_emulator/{faults,entitlement,registration-tokens}",
         ),
     }

@@ -165,6 +165,24 @@ impl Baked {
     pub fn may_probe_imds(&self) -> bool {
         !(self.is_locked() && self.family() == Some(PlatformFamily::Container))
     }
+
+    /// One line saying what this build fixes, for `meterd keys` (a seller checks the image).
+    pub fn describe(&self) -> String {
+        if !self.is_locked() {
+            return "build: unlocked (development): product code, pricing, platform, keys and endpoint come from the configuration".to_owned();
+        }
+        let mut line = format!(
+            "build: locked: product {}, pricing {}, platform {}, keys/ only",
+            self.product_code.unwrap_or_default(),
+            self.pricing.unwrap_or_default(),
+            self.platform.unwrap_or_default()
+        );
+        match self.baked_endpoint() {
+            Some(e) => line.push_str(&format!(", endpoint {e} (a test build)")),
+            None => line.push_str(", AWS endpoints only"),
+        }
+        line
+    }
 }
 
 fn platform_name(p: PlatformSetting) -> &'static str {
@@ -209,6 +227,26 @@ mod tests {
 
     fn refused(baked: Baked, config: &Config) -> Vec<&'static str> {
         baked.refusals(config).iter().map(|r| r.setting).collect()
+    }
+
+    #[test]
+    fn describe_names_what_the_build_fixes() {
+        assert_eq!(
+            LOCKED.describe(),
+            "build: locked: product prod-seller1234, pricing hourly+custom, platform container, keys/ only, AWS endpoints only"
+        );
+        let test_build = Baked {
+            endpoint_url: Some("http://127.0.0.1:9"),
+            ..LOCKED
+        };
+        assert!(test_build
+            .describe()
+            .ends_with("endpoint http://127.0.0.1:9 (a test build)"));
+        let unbaked = Baked {
+            product_code: None,
+            ..LOCKED
+        };
+        assert!(unbaked.describe().starts_with("build: unlocked"));
     }
 
     #[test]

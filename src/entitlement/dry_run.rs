@@ -120,6 +120,7 @@ pub async fn dry_run_check_with(
     let fail_closed_at = started + policy.ami_fail_closed_after.max(AMI_MIN_FAIL_CLOSED);
     let mut degraded = false;
     let mut attempt: u32 = 0;
+    let mut previous = policy.container_backoff.initial();
     loop {
         attempt += 1;
         let failure = match dry_run_once(client, product_code, dimension, clock.now()).await {
@@ -148,10 +149,12 @@ pub async fn dry_run_check_with(
                     error!(class = err.class(), exit_code = err.exit_code(), "{err}");
                     return Err(err);
                 }
-                let next = now
-                    + policy
-                        .container_backoff
-                        .delay(attempt - 1, &mut rand::thread_rng());
+                // Decorrelated jitter, as for RegisterUsage.
+                let delay = policy
+                    .container_backoff
+                    .decorrelated(previous, &mut rand::thread_rng());
+                previous = delay;
+                let next = now + delay;
                 if next > container_deadline {
                     let err = EntitlementError::BudgetExhausted {
                         operation: Operation::MeterUsageDryRun.name(),

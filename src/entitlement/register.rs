@@ -9,7 +9,7 @@
 //!   `InvalidPublicKeyVersionException`, a token that fails verification, credential and
 //!   permission errors, and any other non-retryable answer.
 //! - **Transient** ([`CallFailure::is_retryable`]: throttling, 5xx, network): retried with
-//!   [`Backoff`] until the start-up budget, measured on the [`Clock`], would be exceeded; then
+//!   [`Backoff`]'s decorrelated jitter (a fleet rolling out at once spreads) until the start-up budget, measured on the [`Clock`], would be exceeded; then
 //!   [`EntitlementError::BudgetExhausted`].
 //! - On EC2 the call is never made: AWS does not support RegisterUsage there.
 //!
@@ -177,6 +177,7 @@ async fn register_inner(
     let started = clock.now();
     let deadline = started + settings.startup_budget;
     let mut attempt: u32 = 0;
+    let mut previous = settings.backoff.initial();
     loop {
         attempt += 1;
         let nonce = new_nonce().map_err(|e| EntitlementError::Random(e.to_string()))?;
@@ -250,7 +251,11 @@ async fn register_inner(
             ));
         }
         let now = clock.now();
-        let delay = settings.backoff.delay(attempt - 1, &mut rand::thread_rng());
+        // Decorrelated jitter: a fleet throttled at once does not retry in lockstep.
+        let delay = settings
+            .backoff
+            .decorrelated(previous, &mut rand::thread_rng());
+        previous = delay;
         let next = now + delay;
         if next > deadline {
             return Err(EntitlementError::BudgetExhausted {

@@ -200,6 +200,8 @@ def test_boto3_documented_errors(emulator):
     emulator.admin("/_emulator/registration-tokens", {"token": "tok-once", "customer_identifier": "cust-demo-1"})
     client.resolve_customer(RegistrationToken="tok-once")
     old = datetime.now(timezone.utc) - timedelta(hours=7)
+    # BatchMeterUsage takes records up to 24 hours old (the newest SDK models).
+    batch_old = datetime.now(timezone.utc) - timedelta(hours=25)
 
     cases = [
         ("duplicate quantity", client.meter_usage,
@@ -236,7 +238,7 @@ def test_boto3_documented_errors(emulator):
         ("one old record", client.batch_meter_usage,
          dict(ProductCode=PRODUCT, UsageRecords=[
              {"Timestamp": hour, "CustomerIdentifier": "cust-demo-1", "Dimension": "gigabytes"},
-             {"Timestamp": old, "CustomerIdentifier": "cust-demo-1", "Dimension": "requests"}]),
+             {"Timestamp": batch_old, "CustomerIdentifier": "cust-demo-1", "Dimension": "requests"}]),
          "TimestampOutOfBoundsException"),
     ]
     for name, call, params, want in cases:

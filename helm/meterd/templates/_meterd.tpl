@@ -95,6 +95,12 @@ dir = "/var/lib/meterd"
 [aws]
 region = {{ $m.region | quote }}
 endpoint_url = ""
+{{- with $m.sending }}
+
+[sending]
+spread = "{{ int .spreadSeconds }}s"
+max_calls_per_second = {{ int .maxCallsPerSecond }}
+{{- end }}
 {{- end -}}
 
 {{- define "meterd.configMap" -}}
