@@ -2445,6 +2445,10 @@ fn temp_client(env: &Env, creds: &TempCreds, token: Option<&str>) -> Client {
 fn creds_config() -> EmulatorConfig {
     let mut config = EmulatorConfig::demo();
     config.credentials = BTreeMap::from([("AKIDGOOD".to_owned(), "right-secret".to_owned())]);
+    config
+        .quotas
+        .accounts
+        .insert("AKIDGOOD".to_owned(), "444455556666".to_owned());
     config.temporary_credentials.tasks = vec![meterd::emulator::credentials::ContainerTask {
         id: "task-1".to_owned(),
         role_arn: ROLE.to_owned(),
@@ -2564,7 +2568,7 @@ async fn web_identity_credentials_are_checked_and_keyed_on_the_pod_across_rotati
     assert_eq!(status, 200, "{xml}");
     assert_eq!(
         xml_text(&xml, "Arn").as_deref(),
-        Some("arn:aws:iam::123456789012:user/AKIDGOOD")
+        Some("arn:aws:iam::444455556666:user/AKIDGOOD")
     );
     let (status, xml) = sts_call(&env, &who, Some(("AKIDGOOD", "wrong", None))).await;
     assert_eq!(
@@ -2759,7 +2763,6 @@ async fn container_credentials_check_the_authorization_token_and_keep_the_task()
 #[test]
 fn temporary_credentials_config_is_validated() {
     let mut config = creds_config();
-    config.temporary_credentials.account_id = "12".to_owned();
     config.temporary_credentials.duration = Duration::ZERO;
     config
         .temporary_credentials
@@ -2770,7 +2773,7 @@ fn temporary_credentials_config_is_validated() {
             authorization_token: String::new(),
         });
     let problems = config.validate().expect_err("invalid").problems;
-    assert_eq!(problems.len(), 5, "{problems:?}");
+    assert_eq!(problems.len(), 4, "{problems:?}");
     let toml = format!(
         "{}\n[temporary_credentials]\nduration = \"15m\"\n[[temporary_credentials.tasks]]\nid = \"t\"\nrole_arn = \"{ROLE}\"\nauthorization_token = \"x\"\n",
         "region = \"us-east-1\""
