@@ -9,11 +9,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # The Go SDKs come from Debian (GOPATH mode, offline): tests/python/test_compat.py builds tests/go.
+# node runs tests/js.
 if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
 missing=()
 for pkg in golang-go golang-github-aws-aws-sdk-go-dev golang-github-aws-aws-sdk-go-v2-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+command -v npm >/dev/null || missing+=(nodejs npm)
 if ((${#missing[@]})); then
   echo "python-tests: apt-get install ${missing[*]}" >&2
   $SUDO apt-get update -qq

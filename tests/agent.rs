@@ -1803,6 +1803,35 @@ async fn a_fleet_shares_one_accounts_quota_across_two_hour_boundaries() {
 
 const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/meterd";
 
+/// An emulator that accepts only credentials it issued (a long-term key is configured that
+/// nobody uses), living 5 s, with one container task.
+fn issued_credentials_only() -> EmulatorConfig {
+    let mut config = EmulatorConfig::demo();
+    config.credentials = BTreeMap::from([("AKIDNOBODYUSES".to_owned(), "x".to_owned())]);
+    config.temporary_credentials.duration = Duration::from_secs(5);
+    config.temporary_credentials.tasks = vec![meterd::emulator::credentials::ContainerTask {
+        id: "task-1".to_owned(),
+        role_arn: ROLE_ARN.to_owned(),
+        authorization_token: "task-1-token".to_owned(),
+    }];
+    config
+}
+
+/// An unsigned EKS-style projected token for pod `uid` (the emulator reads its claims only).
+fn pod_token(uid: &str) -> String {
+    use base64::Engine;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.c2ln",
+        b64(json!({"alg": "RS256", "kid": "k"})),
+        b64(json!({
+            "sub": "system:serviceaccount:billing:meterd",
+            "aud": ["sts.amazonaws.com"],
+            "kubernetes.io": {"pod": {"name": "meterd-0", "uid": uid}},
+        }))
+    )
+}
+
 /// The real binary (credential variables are process-global) on an emulator that accepts
 /// only credentials it issued, living 5 s: the Rust SDK's cache refreshes 10 s before expiry
 /// less a jitter under 5 s, so every call fetches new keys, a rotation inside the hour.
@@ -1813,14 +1842,7 @@ async fn agent_on_issued_credentials(
     Vec<meterd::emulator::StoredMeterRecord>,
     Vec<meterd::emulator::CallRecord>,
 ) {
-    let mut config = EmulatorConfig::demo();
-    config.credentials = BTreeMap::from([("AKIDNOBODYUSES".to_owned(), "x".to_owned())]);
-    config.temporary_credentials.duration = Duration::from_secs(5);
-    config.temporary_credentials.tasks = vec![meterd::emulator::credentials::ContainerTask {
-        id: "task-1".to_owned(),
-        role_arn: ROLE_ARN.to_owned(),
-        authorization_token: "task-1-token".to_owned(),
-    }];
+    let config = issued_credentials_only();
     let sending = "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\n";
     let rig = support::BinaryRig::with_metering(
         Arc::new(meterd::clock::SystemClock),
@@ -1914,19 +1936,8 @@ fn assert_one_instance_across_rotation(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_starts_and_sends_on_irsa_credentials_from_the_emulator() {
     let (records, calls) = agent_on_issued_credentials(|rig, cmd| {
-        use base64::Engine;
-        let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-        let token = format!(
-            "{}.{}.c2ln",
-            b64(json!({"alg": "RS256", "kid": "k"})),
-            b64(json!({
-                "sub": "system:serviceaccount:billing:meterd",
-                "aud": ["sts.amazonaws.com"],
-                "kubernetes.io": {"pod": {"name": "meterd-0", "uid": "pod-uid-7"}},
-            }))
-        );
         let token_file = rig.dir.path().join("eks-token");
-        std::fs::write(&token_file, token).expect("token file");
+        std::fs::write(&token_file, pod_token("pod-uid-7")).expect("token file");
         cmd.env("AWS_WEB_IDENTITY_TOKEN_FILE", &token_file)
             .env("AWS_ROLE_ARN", ROLE_ARN)
             .env("AWS_ENDPOINT_URL_STS", rig.emulator.endpoint_url());
@@ -2126,4 +2137,119 @@ async fn the_audit_trail_holds_one_final_line_per_billed_record_across_faults_an
             .any(|e| e == "ThrottlingException"),
         "faults were injected"
     );
+}
+
+/// Closed hours sent on the injected clock, by the agent in-process with meterd's own client
+/// (`AwsSettings::from_config`: the SDK chain). The chain reads process-global variables, so
+/// each flow runs [`child_sends_closed_hours_on_issued_credentials`] in a process of its own.
+#[test]
+fn closed_hours_are_sent_on_irsa_and_ecs_credentials_in_processes_of_their_own() {
+    for flow in ["irsa", "ecs"] {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "child_sends_closed_hours_on_issued_credentials",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("METERD_TEST_CREDENTIAL_FLOW", flow)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .output()
+            .expect("run the child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&format!("credential flow {flow}: ok")),
+            "{flow}: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "a child of closed_hours_are_sent_on_irsa_and_ecs_credentials_in_processes_of_their_own"]
+async fn child_sends_closed_hours_on_issued_credentials() {
+    let Ok(flow) = std::env::var("METERD_TEST_CREDENTIAL_FLOW") else {
+        panic!(
+            "run by closed_hours_are_sent_on_irsa_and_ecs_credentials_in_processes_of_their_own"
+        );
+    };
+    // The injected clock runs years before the wall clock, which the SDK's credential cache
+    // reads: every issued credential looks expired to it, so every call fetches new keys,
+    // valid on the emulator's clock however far the test moves it.
+    const P0: i64 = 1_600_000_000 - 1_600_000_000 % HOUR_SECS;
+    let h = Harness::with_emulator(P0 + 600, issued_credentials_only()).await;
+    let url = h.emulator.endpoint_url();
+    // This process runs this one test on one thread: nothing else reads the environment.
+    let identity = match flow.as_str() {
+        "irsa" => {
+            let token_file = h.dir.path().join("eks-token");
+            std::fs::write(&token_file, pod_token("pod-uid-9")).expect("token file");
+            std::env::set_var("AWS_WEB_IDENTITY_TOKEN_FILE", &token_file);
+            std::env::set_var("AWS_ROLE_ARN", ROLE_ARN);
+            std::env::set_var("AWS_ENDPOINT_URL_STS", &url);
+            "123456789012:assumed-role/meterd/pod-uid-9"
+        }
+        _ => {
+            std::env::set_var(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                format!("{url}/v2/credentials/task-1"),
+            );
+            std::env::set_var("AWS_CONTAINER_AUTHORIZATION_TOKEN", "task-1-token");
+            "123456789012:assumed-role/meterd/task-1"
+        }
+    };
+    let config = h.config("");
+    let client = build_client(&AwsSettings::from_config(&config)).await;
+    let agent = Agent::spawn_with(
+        config,
+        h.clock.clone(),
+        &url,
+        "AKIDNOTUSED",
+        Duration::from_secs(5),
+        move |ctx| ctx.client = client,
+    )
+    .await;
+    wait_for("agent ready", || agent.handles.status.is_ready()).await;
+    agent.post(ev("requests", 3, None)).await;
+    h.advance_to(P0 + HOUR_SECS + 300);
+    wait_for("hour 0 billed", || h.billed().len() == 2).await;
+    agent.post(ev("gigabytes", 4, None)).await;
+    h.advance_to(P0 + 2 * HOUR_SECS + 300);
+    wait_for("hour 1 billed", || h.billed().len() == 4).await;
+    agent.stop().await;
+
+    let billed = h.billed();
+    let quantities: Vec<(i64, &str, i64)> = billed
+        .values()
+        .map(|r| ((r.hour - P0) / HOUR_SECS, r.dimension.as_str(), r.quantity))
+        .collect();
+    assert_eq!(
+        quantities,
+        [
+            (0, "gigabytes", 0),
+            (0, "requests", 3),
+            (1, "gigabytes", 4),
+            (1, "requests", 0),
+            // The open hour, flushed at stop.
+            (2, "gigabytes", 0),
+            (2, "requests", 0)
+        ]
+    );
+    assert!(
+        billed.values().all(|r| r.identity == identity),
+        "{billed:?}"
+    );
+    let calls = h.emulator.calls();
+    assert!(calls.iter().all(|c| c.error_type().is_none()), "{calls:?}");
+    let keys: std::collections::BTreeSet<&str> =
+        calls.iter().filter_map(|c| c.identity.as_deref()).collect();
+    assert!(keys.iter().all(|k| k.starts_with("ASIA")), "{keys:?}");
+    assert!(keys.len() >= 2, "the credentials rotated: {keys:?}");
+    println!("credential flow {flow}: ok");
 }

@@ -2444,6 +2444,10 @@ fn temp_client(env: &Env, creds: &TempCreds, token: Option<&str>) -> Client {
 fn creds_config() -> EmulatorConfig {
     let mut config = EmulatorConfig::demo();
     config.credentials = BTreeMap::from([("AKIDGOOD".to_owned(), "right-secret".to_owned())]);
+    config
+        .quotas
+        .accounts
+        .insert("AKIDGOOD".to_owned(), "444455556666".to_owned());
     config.temporary_credentials.tasks = vec![meterd::emulator::credentials::ContainerTask {
         id: "task-1".to_owned(),
         role_arn: ROLE.to_owned(),
@@ -2563,7 +2567,7 @@ async fn web_identity_credentials_are_checked_and_keyed_on_the_pod_across_rotati
     assert_eq!(status, 200, "{xml}");
     assert_eq!(
         xml_text(&xml, "Arn").as_deref(),
-        Some("arn:aws:iam::123456789012:user/AKIDGOOD")
+        Some("arn:aws:iam::444455556666:user/AKIDGOOD")
     );
     let (status, xml) = sts_call(&env, &who, Some(("AKIDGOOD", "wrong", None))).await;
     assert_eq!(
@@ -2758,7 +2762,6 @@ async fn container_credentials_check_the_authorization_token_and_keep_the_task()
 #[test]
 fn temporary_credentials_config_is_validated() {
     let mut config = creds_config();
-    config.temporary_credentials.account_id = "12".to_owned();
     config.temporary_credentials.duration = Duration::ZERO;
     config
         .temporary_credentials
@@ -2769,7 +2772,7 @@ fn temporary_credentials_config_is_validated() {
             authorization_token: String::new(),
         });
     let problems = config.validate().expect_err("invalid").problems;
-    assert_eq!(problems.len(), 5, "{problems:?}");
+    assert_eq!(problems.len(), 4, "{problems:?}");
     let toml = format!(
         "{}\n[temporary_credentials]\nduration = \"15m\"\n[[temporary_credentials.tasks]]\nid = \"t\"\nrole_arn = \"{ROLE}\"\nauthorization_token = \"x\"\n",
         "region = \"us-east-1\""
@@ -3086,4 +3089,49 @@ async fn license_manager_get_access_token() {
         .expect("answer");
     assert_eq!(status, 200, "{answer}");
     assert!(answer["AccessToken"].is_string());
+}
+
+#[test]
+fn offline_calls_reach_the_credential_endpoints_as_served() {
+    let mut config = creds_config();
+    config.credentials.clear();
+    let emu = emulator::Offline::new(config, ManualClock::at_unix(T0)).expect("builds");
+    let form: &[(&[u8], &[u8])] = &[(b"content-type", b"application/x-www-form-urlencoded")];
+    let body = format!(
+        "Action=AssumeRoleWithWebIdentity&Version=2011-06-15&RoleArn={}&RoleSessionName=s1&WebIdentityToken={}",
+        ROLE.replace(':', "%3A").replace('/', "%2F"),
+        pod_token("u-1")
+    );
+    let answer = emu
+        .call(b"POST", b"/", form, body.as_bytes())
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(
+        (answer.status, answer.content_type.as_deref()),
+        (200, Some("text/xml"))
+    );
+    let xml = String::from_utf8_lossy(&answer.body);
+    assert!(xml.starts_with("<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleWithWebIdentityResult>"), "{xml}");
+    let answer = emu
+        .call(b"POST", b"/", form, b"Action=Nope&Version=2011-06-15")
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(answer.status, 400);
+    assert!(String::from_utf8_lossy(&answer.body).starts_with("<ErrorResponse"));
+    let auth: &[(&[u8], &[u8])] = &[(b"authorization", b"task-1-token")];
+    let answer = emu
+        .call(b"GET", b"/v2/credentials/task-1", auth, b"")
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(
+        (answer.status, answer.content_type.as_deref()),
+        (200, Some("application/json"))
+    );
+    // Any other path is still the Metering Service.
+    let answer = emu
+        .call(b"GET", b"/v1/credentials", auth, b"")
+        .expect("valid HTTP")
+        .expect("answered");
+    assert_eq!(answer.status, 400);
+    assert!(String::from_utf8_lossy(&answer.body).contains("UnknownOperationException"));
 }

@@ -1,6 +1,6 @@
-//! Emulator requests: headers, SigV4, JSON bodies and the admin API, through
-//! `meterd::emulator::Offline`, the served path without a socket. Nothing may panic, every
-//! answer is JSON, and a protocol error names its `__type`.
+//! Emulator requests: headers, SigV4, JSON bodies, the admin API and the credential endpoints,
+//! through `meterd::emulator::Offline`, the served path without a socket. Nothing may panic,
+//! every answer is JSON (STS: XML), and a protocol error names its `__type` (STS: its `Code`).
 //!
 //! The input is a small HTTP/1 request: `METHOD TARGET`, then `name: value` lines, an empty
 //! line and the body (`\n` or `\r\n`). An odd first byte sends it to an emulator that checks
@@ -72,6 +72,20 @@ fuzz_target!(|data: &[u8]| {
     let Some(answer) = answer else {
         return; // an injected dropped connection
     };
+    if answer.content_type.as_deref() == Some("text/xml") {
+        // STS (a form-encoded POST without X-Amz-Target): a result, or an ErrorResponse with a Code.
+        let xml = String::from_utf8_lossy(&answer.body);
+        match answer.status {
+            200 => assert!(xml.contains("Result>") && xml.contains("Response xmlns="), "{xml}"),
+            400 | 500 => assert!(
+                xml.starts_with("<ErrorResponse") && !xml.contains("<Code></Code>"),
+                "{xml}"
+            ),
+            other => panic!("STS answered {other}: {xml}"),
+        }
+        return;
+    }
+    let container = target.windows(16).any(|w| w == b"/v2/credentials/");
     let json: serde_json::Value = serde_json::from_slice(&answer.body)
         .unwrap_or_else(|e| panic!("status {} answered non-JSON: {e}", answer.status));
     assert!(
@@ -79,6 +93,15 @@ fuzz_target!(|data: &[u8]| {
         "status {}: {json}",
         answer.status
     );
+    if container && method == b"GET" && json.get("__type").is_none() {
+        // The container credentials endpoint: the document, or a JSON code.
+        match answer.status {
+            200 => assert!(json["AccessKeyId"].is_string(), "{json}"),
+            401 | 403 | 404 => assert!(json["code"].is_string(), "{json}"),
+            other => panic!("container endpoint answered {other}: {json}"),
+        }
+        return;
+    }
     let admin = target.starts_with(b"/_emulator/");
     if !admin && answer.status != 200 {
         let kind = json["__type"].as_str().unwrap_or_default();

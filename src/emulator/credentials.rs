@@ -35,9 +35,6 @@ pub const STS_SERVICE: &str = "sts";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemporaryCredentialsConfig {
-    /// The account of long-term keys in `GetCallerIdentity`.
-    #[serde(default = "default_account")]
-    pub account_id: String,
     /// Lifetime of issued credentials without `DurationSeconds` (STS: 1 hour), and of every
     /// container credential.
     #[serde(default = "default_duration", with = "humantime_serde")]
@@ -56,9 +53,6 @@ pub struct ContainerTask {
     pub authorization_token: String,
 }
 
-fn default_account() -> String {
-    "123456789012".to_owned()
-}
 fn default_duration() -> Duration {
     Duration::from_secs(3600)
 }
@@ -66,7 +60,6 @@ fn default_duration() -> Duration {
 impl Default for TemporaryCredentialsConfig {
     fn default() -> Self {
         Self {
-            account_id: default_account(),
             duration: default_duration(),
             tasks: Vec::new(),
         }
@@ -75,9 +68,6 @@ impl Default for TemporaryCredentialsConfig {
 
 impl TemporaryCredentialsConfig {
     pub(crate) fn validate(&self, problems: &mut Vec<String>) {
-        if self.account_id.len() != 12 || !self.account_id.chars().all(|c| c.is_ascii_digit()) {
-            problems.push("temporary_credentials.account_id must be 12 digits".to_owned());
-        }
         if self.duration.is_zero() || self.duration > MAX_DURATION {
             problems.push("temporary_credentials.duration must be 1s..=12h".to_owned());
         }
@@ -277,7 +267,7 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
         .expect("static headers form a valid response")
 }
 
-pub(crate) fn xml_escape(s: &str) -> String {
+fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -544,7 +534,11 @@ fn caller_identity(
         config.signature_max_skew,
     )?;
     let session = verified.session.unwrap_or_else(|| {
-        let account = config.temporary_credentials.account_id.clone();
+        // A long-term key's account is the one its quotas are counted in.
+        let account = shared
+            .quotas()
+            .account_of(&verified.caller.access_key_id)
+            .to_owned();
         Session {
             arn: format!(
                 "arn:aws:iam::{account}:user/{}",

@@ -65,6 +65,11 @@ product_code = "prod-demo1234"
 token = "tok-once"
 customer_identifier = "cust-demo-1"
 
+# The sequences run faster than the per-account quotas (10 MeterUsage a second): counted, not
+# throttled, so every ThrottlingException here is the injected fault.
+[quotas]
+enabled = false
+
 [temporary_credentials]
 [[temporary_credentials.tasks]]
 id = "task-1"
@@ -132,8 +137,8 @@ def main_sequence():
     ]
 
 
-# Needs #15 item 1 (LicenseArn rules, the model branch): a batch without ProductCode naming a
-# license the emulator does not know.
+# #15 item 1 (LicenseArn rules): a batch without ProductCode naming a license the emulator does
+# not know.
 LICENSE_SEQUENCE = [
     ("unknown license", "BatchMeterUsage",
      dict(UsageRecords=[dict(Timestamp=hour_start(), CustomerAWSAccountId="111122223333", Dimension="requests",
@@ -307,8 +312,8 @@ def test_an_unknown_license_is_the_typed_invalid_license_exception(client, emula
 
 
 # ------------------------------------------------------------------ ClientToken reuse
-# Needs #15 item 2 (semantic ClientToken comparison, the model branch): on a branch without it
-# the three "written differently" calls answer IdempotencyConflictException.
+# #15 item 2 (ClientToken reuse compares meaning): without it the three "written differently"
+# calls answer IdempotencyConflictException.
 
 
 def token_sequence():
@@ -347,7 +352,7 @@ def test_client_token_reuse_returns_the_first_record(client, emulator):
 
 
 # ------------------------------------------------------------------ clock shift
-# Needs #15 item 3 (the response Date from the emulator clock, the model branch).
+# #15 item 3 (the response Date is the emulator's clock): without it the JS SDK's retry fails too.
 
 
 def test_js_sdk_corrects_its_clock_from_a_shifted_emulator(tmp_path):
