@@ -2030,7 +2030,8 @@ async fn metering_health_walks_through_each_level_while_the_service_is_down_and_
 
     h.emulator.set_faults(FaultProfile::default());
     h.advance_to(closed + 4 * HOUR_SECS + 60);
-    h.wait_advancing("every hour billed", || h.billed().len() == 2 * 5).await;
+    h.wait_advancing("every hour billed", || h.billed().len() == 2 * 5)
+        .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while health().await != ("ok".to_owned(), 0) {
         assert!(
@@ -2083,7 +2084,8 @@ async fn the_audit_trail_holds_one_final_line_per_billed_record_across_faults_an
     }
     h.advance_to(H0 + 3 * HOUR_SECS + 60);
     // Throttled calls back off on the injected clock: move it while waiting.
-    h.wait_advancing("three hours billed", || h.billed().len() == 6).await;
+    h.wait_advancing("three hours billed", || h.billed().len() == 6)
+        .await;
     // Killed at once: outcomes final in the ledger need not be in the file yet.
     agent.task.abort();
     let _ = agent.task.await;
@@ -2095,7 +2097,8 @@ async fn the_audit_trail_holds_one_final_line_per_billed_record_across_faults_an
     let agent = h.start_agent(h.config(&extra)).await;
     agent.post(ev("requests", 7, None)).await;
     h.advance_to(H0 + 4 * HOUR_SECS + 60);
-    h.wait_advancing("hour 3 billed", || h.billed().len() == 8).await;
+    h.wait_advancing("hour 3 billed", || h.billed().len() == 8)
+        .await;
     h.advance_to(H0 + 4 * HOUR_SECS + 900);
     agent.post(ev("gigabytes", 2, None)).await;
     agent.stop().await;

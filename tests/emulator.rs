@@ -3135,3 +3135,25 @@ fn offline_calls_reach_the_credential_endpoints_as_served() {
     assert_eq!(answer.status, 400);
     assert!(String::from_utf8_lossy(&answer.body).contains("UnknownOperationException"));
 }
+
+/// The Rust SDK against an emulator whose clock is weeks from the wall clock, with a
+/// signature skew check: the first call, signed by the wall clock, is refused; the SDK takes
+/// the skew from that answer's `Date` (the emulator's clock) and its next call passes.
+#[tokio::test]
+async fn the_rust_sdk_corrects_its_clock_from_a_shifted_emulator() {
+    let mut config = EmulatorConfig::demo();
+    config.signature_max_skew = Some(Duration::from_secs(15 * 60));
+    let env = start(config).await;
+    let wall = meterd::clock::unix_seconds(std::time::SystemTime::now());
+    assert!(
+        (T0 - wall).abs() > 24 * 3600,
+        "the test clock must be far from the wall clock"
+    );
+    let c = env.default_client().await;
+    let hour = hour_floor(T0) - 3600;
+    let first = meter(&c, "requests", hour, 1, None).await;
+    assert_eq!(first, Err("InvalidSignatureException".to_owned()));
+    let second = meter(&c, "requests", hour, 1, None).await;
+    assert!(second.is_ok(), "after the skew correction: {second:?}");
+    assert_eq!(env.emu.records().len(), 1);
+}
