@@ -17,8 +17,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::aws::AwsSettings;
 use crate::clock::{from_unix_seconds, hour_floor, rfc3339, unix_seconds, SharedClock, HOUR_SECS};
 use crate::config::{Config, PlatformSetting, Pricing};
+use crate::entitlement::contract::{ContractHolder, ContractSettings, WantedEntitlement};
 use crate::entitlement::{
     self, Backoff, DryRunMode, DryRunPolicy, EntitlementError, Keyring, RegistrationSettings,
 };
@@ -239,6 +241,9 @@ pub struct RunContext {
     pub body_read_timeout: Duration,
     /// Called once the API is serving, with live handles; for tests and the demo.
     pub on_started: Option<Box<dyn FnOnce(Handles) + Send>>,
+    /// Contract pricing's License Manager client settings; `None`: from `[aws]` and the SDK's
+    /// credential chain, as the Metering Service client's.
+    pub license_aws: Option<AwsSettings>,
 }
 
 impl RunContext {
@@ -250,6 +255,7 @@ impl RunContext {
             env: None,
             body_read_timeout: crate::serve::BODY_READ_TIMEOUT,
             on_started: None,
+            license_aws: None,
         }
     }
 }
@@ -421,9 +427,12 @@ pub async fn run(
         DryRunPolicy::default(),
         &status,
         &metrics,
+        &ledger,
+        ctx.license_aws.as_ref(),
     );
     tokio::pin!(admission);
     let mut background_check: Option<tokio::task::JoinHandle<Result<(), EntitlementError>>>;
+    let contract: Option<Arc<ContractHolder>>;
     tokio::select! {
         _ = ctx.shutdown.cancelled() => {
             tracing::info!("shutdown before entitlement was established; nothing is sealed or sent");
@@ -431,7 +440,10 @@ pub async fn run(
             return Ok(());
         }
         result = &mut admission => match result {
-            Ok(check) => background_check = check,
+            Ok(admitted) => {
+                background_check = admitted.background_check;
+                contract = admitted.contract;
+            }
             Err(e) => {
                 status.set_entitlement(EntitlementStatus { state: EntitlementState::Failed, details: serde_json::json!({"error": e.to_string()}) });
                 stop_intake(&api, &http_stop, &mut servers).await;
@@ -446,6 +458,23 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let mut workers = JoinSet::new();
     let meters = config.pricing.meters();
+    if let Some(holder) = &contract {
+        let (holder, stop, status) = (holder.clone(), workers_stop.clone(), status.clone());
+        workers.spawn(
+            async move {
+                holder
+                    .keep_alive(stop, |e| {
+                        tracing::error!("the license checkout could not be renewed: {e}");
+                        status.set_entitlement(EntitlementStatus {
+                            state: EntitlementState::Failed,
+                            details: serde_json::json!({"error": e.to_string()}),
+                        });
+                    })
+                    .await
+            }
+            .instrument(tracing::info_span!("contract")),
+        );
+    }
     // A JoinSet, so the task ends with the agent (its ledger handle goes with it).
     let mut audit_task = JoinSet::new();
     // Heartbeat dimensions bill the time from here (entitled and metering) to the exit.
@@ -518,7 +547,10 @@ pub async fn run(
         return Err(e.into());
     }
     if !meters {
-        tracing::info!("pricing = \"hourly\": nothing to seal or send; exiting");
+        if let Some(holder) = &contract {
+            holder.release().await;
+        }
+        tracing::info!(pricing = %config.pricing, "no custom dimensions: nothing to seal or send; exiting");
         return Ok(());
     }
 
@@ -559,6 +591,10 @@ pub async fn run(
         if let Err(e) = trail.export().await {
             tracing::error!(error = %e, "the final outcomes could not be written to the audit trail; they are written at the next start");
         }
+    }
+    // The license consumption last, within the grace period: its units return to the pool.
+    if let Some(holder) = &contract {
+        holder.release().await;
     }
     match unsealed {
         Some(e) => Err(AgentError::FinalSeal(e)),
@@ -613,11 +649,16 @@ enum Route {
     /// The MeterUsage DryRun: fatal on any error but throttling (containers), or the AMI's
     /// background check that never fails closed within 2 hours.
     DryRun(DryRunMode),
+    /// Contract pricing: CheckoutLicense with License Manager, on any platform.
+    Contract,
 }
 
 /// README's pricing table: `hourly` and `hourly+custom` register on containers; `custom` and
 /// everything on EC2 meters, with the DryRun as its check; `hourly` on EC2 has nothing to do.
 fn entitlement_route(pricing: Pricing, platform: Platform) -> Result<Route, EntitlementError> {
+    if pricing.checks_out() {
+        return Ok(Route::Contract);
+    }
     if platform == Platform::Ec2 {
         if !pricing.meters() {
             return Err(EntitlementError::PricingNotOnPlatform {
@@ -649,8 +690,30 @@ async fn establish_entitlement(
     dry_run_policy: DryRunPolicy,
     status: &Arc<StatusBoard>,
     metrics: &Arc<Metrics>,
-) -> Result<Option<tokio::task::JoinHandle<Result<(), EntitlementError>>>, EntitlementError> {
+    ledger: &Ledger,
+    license_aws: Option<&AwsSettings>,
+) -> Result<Admission, EntitlementError> {
     let mode = match entitlement_route(config.pricing, platform)? {
+        Route::Contract => {
+            let holder =
+                Arc::new(contract_holder(config, ledger, clock, status, license_aws).await);
+            let checkout = counted(
+                metrics,
+                "CheckoutLicense",
+                holder
+                    .establish(&|_| metrics.call("CheckoutLicense", "retried"))
+                    .await,
+            )?;
+            metrics.entitled.set(1);
+            status.set_entitlement(EntitlementStatus {
+                state: EntitlementState::Entitled,
+                details: serde_json::to_value(&checkout).unwrap_or_default(),
+            });
+            return Ok(Admission {
+                background_check: None,
+                contract: Some(holder),
+            });
+        }
         Route::Register => {
             let mut settings = RegistrationSettings::new(
                 config.product_code.clone(),
@@ -680,7 +743,7 @@ async fn establish_entitlement(
                 state: EntitlementState::Entitled,
                 details: serde_json::to_value(&entitlement).unwrap_or_default(),
             });
-            return Ok(None);
+            return Ok(Admission::default());
         }
         Route::DryRun(mode) => mode,
     };
@@ -709,7 +772,7 @@ async fn establish_entitlement(
             state: EntitlementState::PermissionsVerified,
             details: serde_json::to_value(&passed).unwrap_or_default(),
         });
-        return Ok(None);
+        return Ok(Admission::default());
     }
     // AMI: keep accepting and persisting usage while the check retries; fail closed only
     // when the policy gives up (never sooner than 2 hours).
@@ -746,7 +809,59 @@ async fn establish_entitlement(
         }
         .instrument(tracing::info_span!("dry_run")),
     );
-    Ok(Some(handle))
+    Ok(Admission {
+        background_check: Some(handle),
+        contract: None,
+    })
+}
+
+/// What start-up admitted the agent with.
+#[derive(Default)]
+struct Admission {
+    /// The AMI's DryRun, still retrying in the background.
+    background_check: Option<tokio::task::JoinHandle<Result<(), EntitlementError>>>,
+    /// Contract pricing: the checkout held for the agent's life.
+    contract: Option<Arc<ContractHolder>>,
+}
+
+/// Contract pricing's holder: `[contract]`, the License Manager client from `[aws]`, the
+/// ledger that keeps the checkout, and the status board that shows it.
+async fn contract_holder(
+    config: &Config,
+    ledger: &Ledger,
+    clock: &SharedClock,
+    status: &Arc<StatusBoard>,
+    license_aws: Option<&AwsSettings>,
+) -> ContractHolder {
+    let c = &config.contract;
+    let settings = ContractSettings {
+        product_sku: c.product_sku.clone(),
+        key_fingerprint: c.key_fingerprint.clone(),
+        entitlements: c
+            .entitlements
+            .iter()
+            .map(|e| WantedEntitlement {
+                name: e.name.clone(),
+                unit: e.unit.clone(),
+                count: e.count.or((e.unit != "None").then_some(1)),
+            })
+            .collect(),
+        perpetual: c.checkout_type == "perpetual",
+        client_token: String::new(),
+        startup_budget: config.registration.startup_budget,
+        backoff: Backoff::default(),
+    };
+    let client = match license_aws {
+        Some(settings) => crate::aws::build_license_client(settings).await,
+        None => crate::aws::build_license_client(&AwsSettings::from_config(config)).await,
+    };
+    ContractHolder::new(
+        client,
+        settings,
+        ledger.clone(),
+        clock.clone(),
+        status.clone(),
+    )
 }
 
 /// The `operation` label of the start-up DryRun in `meterd_aws_calls_total`.
@@ -922,9 +1037,9 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
 
 /// `meterd doctor`: prints the report; true when no check failed.
 pub async fn doctor(config: &Config) -> anyhow::Result<bool> {
-    let client = crate::aws::build_client(&crate::aws::AwsSettings {
+    let client = crate::aws::build_client(&AwsSettings {
         operation_timeout: Some(Duration::from_secs(10)),
-        ..crate::aws::AwsSettings::from_config(config)
+        ..AwsSettings::from_config(config)
     })
     .await;
     let keyring = Keyring::load(
@@ -972,6 +1087,10 @@ mod tests {
             (HourlyCustom, Ecs, Some(Route::Register)),
             (HourlyCustom, Eks, Some(Route::Register)),
             (HourlyCustom, Ec2, Some(Route::DryRun(DryRunMode::Ami))),
+            (Contract, Ecs, Some(Route::Contract)),
+            (Contract, Ec2, Some(Route::Contract)),
+            (ContractCustom, Eks, Some(Route::Contract)),
+            (ContractCustom, Unknown, Some(Route::Contract)),
         ];
         for (pricing, platform, want) in table {
             match (entitlement_route(pricing, platform), want) {

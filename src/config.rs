@@ -37,6 +37,12 @@ pub enum Pricing {
     /// Both: RegisterUsage at start-up, then MeterUsage every hour.
     #[serde(rename = "hourly+custom")]
     HourlyCustom,
+    /// A contract: CheckoutLicense with AWS License Manager at start-up (`[contract]`).
+    #[serde(rename = "contract")]
+    Contract,
+    /// A contract, plus MeterUsage every hour for custom dimensions.
+    #[serde(rename = "contract+custom")]
+    ContractCustom,
 }
 
 impl Pricing {
@@ -45,7 +51,14 @@ impl Pricing {
             Pricing::Hourly => "hourly",
             Pricing::Custom => "custom",
             Pricing::HourlyCustom => "hourly+custom",
+            Pricing::Contract => "contract",
+            Pricing::ContractCustom => "contract+custom",
         }
+    }
+
+    /// Whether the entitlement is a License Manager checkout.
+    pub fn checks_out(self) -> bool {
+        matches!(self, Pricing::Contract | Pricing::ContractCustom)
     }
 
     /// Whether containers call RegisterUsage at start-up.
@@ -55,7 +68,10 @@ impl Pricing {
 
     /// Whether there are custom dimensions to meter every hour.
     pub fn meters(self) -> bool {
-        matches!(self, Pricing::Custom | Pricing::HourlyCustom)
+        matches!(
+            self,
+            Pricing::Custom | Pricing::HourlyCustom | Pricing::ContractCustom
+        )
     }
 }
 
@@ -72,8 +88,10 @@ impl std::str::FromStr for Pricing {
             "hourly" => Ok(Pricing::Hourly),
             "custom" => Ok(Pricing::Custom),
             "hourly+custom" => Ok(Pricing::HourlyCustom),
+            "contract" => Ok(Pricing::Contract),
+            "contract+custom" => Ok(Pricing::ContractCustom),
             other => Err(format!(
-                "unknown pricing {other:?}; expected \"hourly\", \"custom\" or \"hourly+custom\""
+                "unknown pricing {other:?}; expected \"hourly\", \"custom\", \"hourly+custom\", \"contract\" or \"contract+custom\""
             )),
         }
     }
@@ -102,7 +120,62 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub contract: ContractConfig,
 }
+
+/// `[contract]`: what contract pricing checks out from AWS License Manager at start-up.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractConfig {
+    /// The product's SKU in License Manager (the listing's product id).
+    #[serde(default)]
+    pub product_sku: String,
+    /// The license issuer's key fingerprint: AWS Marketplace's unless a seller's own issuer.
+    #[serde(default = "marketplace_fingerprint")]
+    pub key_fingerprint: String,
+    /// `provisional` (floating: returned to the pool by check-in or expiry; meterd extends it
+    /// and checks it in on shutdown) or `perpetual` (drawn down for good).
+    #[serde(default = "provisional")]
+    pub checkout_type: String,
+    #[serde(default)]
+    pub entitlements: Vec<ContractEntitlement>,
+}
+
+/// One entitlement to check out: a feature (`unit = "None"`, no count) or `count` units.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractEntitlement {
+    pub name: String,
+    #[serde(default = "count_unit")]
+    pub unit: String,
+    #[serde(default)]
+    pub count: Option<i64>,
+}
+
+fn marketplace_fingerprint() -> String {
+    crate::entitlement::contract::MARKETPLACE_KEY_FINGERPRINT.to_owned()
+}
+fn provisional() -> String {
+    "provisional".to_owned()
+}
+fn count_unit() -> String {
+    "Count".to_owned()
+}
+
+impl Default for ContractConfig {
+    fn default() -> Self {
+        Self {
+            product_sku: String::new(),
+            key_fingerprint: marketplace_fingerprint(),
+            checkout_type: provisional(),
+            entitlements: Vec::new(),
+        }
+    }
+}
+
+/// Entitlements `[contract]` may list.
+pub const MAX_CONTRACT_ENTITLEMENTS: usize = 20;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -442,7 +515,15 @@ impl Config {
             ));
         }
         let m = &self.metering;
-        if !self.pricing.meters() {
+        problems.extend(self.contract_problems());
+        if self.pricing == Pricing::Contract {
+            if !m.dimensions.is_empty() {
+                problems.push(format!(
+                    "pricing = \"contract\" has no custom dimensions, but metering.dimensions lists {}; remove them, or set pricing = \"contract+custom\"",
+                    m.dimensions.len()
+                ));
+            }
+        } else if !self.pricing.meters() {
             if !m.dimensions.is_empty() {
                 problems.push(format!(
                     "pricing = \"hourly\" has no custom dimensions (AWS meters the task hours itself), but metering.dimensions lists {}; remove them, or set pricing = \"hourly+custom\"",
@@ -645,6 +726,74 @@ impl Config {
                 "health.warn_after, health.degraded_after and health.failing_after must not decrease"
                     .to_owned(),
             );
+        }
+        problems
+    }
+
+    /// `[contract]`: required and checked for contract pricing, refused otherwise.
+    fn contract_problems(&self) -> Vec<String> {
+        let c = &self.contract;
+        let mut problems = Vec::new();
+        if !self.pricing.checks_out() {
+            if !c.product_sku.is_empty() || !c.entitlements.is_empty() {
+                problems.push(format!(
+                    "[contract] is for pricing = \"contract\" or \"contract+custom\", not \"{}\"; remove it or change the pricing",
+                    self.pricing
+                ));
+            }
+            return problems;
+        }
+        if c.product_sku.is_empty() || c.product_sku.len() > 255 {
+            problems.push(format!(
+                "contract.product_sku must be the product's SKU in License Manager (1 to 255 characters), got {:?}",
+                c.product_sku
+            ));
+        }
+        if c.key_fingerprint.is_empty() {
+            problems.push(
+                "contract.key_fingerprint must not be empty (AWS Marketplace's is the default)"
+                    .to_owned(),
+            );
+        }
+        if !["provisional", "perpetual"].contains(&c.checkout_type.as_str()) {
+            problems.push(format!(
+                "contract.checkout_type must be \"provisional\" or \"perpetual\", got {:?}",
+                c.checkout_type
+            ));
+        }
+        if c.entitlements.is_empty() || c.entitlements.len() > MAX_CONTRACT_ENTITLEMENTS {
+            problems.push(format!(
+                "contract.entitlements must list 1 to {MAX_CONTRACT_ENTITLEMENTS} entitlements to check out, got {}",
+                c.entitlements.len()
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for e in &c.entitlements {
+            if e.name.is_empty() || e.name.len() > 255 || !names.insert(e.name.as_str()) {
+                problems.push(format!(
+                    "contract.entitlements: name {:?} must be 1 to 255 characters and listed once",
+                    e.name
+                ));
+            }
+            if !aws_sdk_licensemanager::types::EntitlementDataUnit::values()
+                .contains(&e.unit.as_str())
+            {
+                problems.push(format!(
+                    "contract.entitlements {:?}: unit {:?} is not a License Manager unit (Count, None, Gigabytes, ...)",
+                    e.name, e.unit
+                ));
+            }
+            match (e.unit.as_str(), e.count) {
+                ("None", Some(_)) => problems.push(format!(
+                    "contract.entitlements {:?}: a feature (unit \"None\") has no count",
+                    e.name
+                )),
+                (_, Some(n)) if !(1..=1_000_000_000).contains(&n) => problems.push(format!(
+                    "contract.entitlements {:?}: count must be 1 to 1000000000, got {n}",
+                    e.name
+                )),
+                _ => {}
+            }
         }
         problems
     }

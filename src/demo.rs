@@ -38,7 +38,8 @@ pub struct DemoArgs {
     #[arg(long)]
     pub no_load: bool,
     /// The pricing model to show: hourly (RegisterUsage only), custom (MeterUsage, its DryRun
-    /// at start-up) or hourly+custom (both).
+    /// at start-up), hourly+custom (both), contract (a License Manager checkout) or
+    /// contract+custom.
     #[arg(long, default_value = "hourly+custom")]
     pub pricing: Pricing,
 }
@@ -97,6 +98,7 @@ endpoint_url = "{endpoint}"
 seal_delay = "30s"
 initial_backoff = "100ms"
 max_backoff = "2s"
+{contract}
 "#,
         product = emulator::config::DEMO_PRODUCT_CODE,
         pricing = args.pricing,
@@ -105,21 +107,31 @@ max_backoff = "2s"
         } else {
             ""
         },
+        // The emulator's demo license: a Tier feature and a pool of 10 Seats.
+        contract = if args.pricing.checks_out() {
+            format!(
+                "[contract]\nproduct_sku = \"{}\"\n[[contract.entitlements]]\nname = \"Tier\"\nunit = \"None\"\n[[contract.entitlements]]\nname = \"Seats\"\ncount = 2\n",
+                emulator::config::DEMO_PRODUCT_CODE
+            )
+        } else {
+            String::new()
+        },
         key = key_path.display().to_string(),
         state = work.path().join("state").display().to_string(),
         endpoint = emulator.endpoint_url(),
     ))
     .map_err(|e| anyhow::anyhow!("{e}"))?;
 
-    let client = build_client(&AwsSettings {
+    let settings = AwsSettings {
         region: Some("us-east-1".to_owned()),
         endpoint_url: Some(emulator.endpoint_url()),
         static_credentials: Some((DEMO_ACCESS_KEY.to_owned(), DEMO_SECRET_KEY.to_owned())),
         operation_timeout: Some(Duration::from_secs(10)),
-    })
-    .await;
+    };
+    let client = build_client(&settings).await;
     let shutdown = CancellationToken::new();
     let mut ctx = RunContext::new(clock.clone(), client, shutdown.clone());
+    ctx.license_aws = Some(settings);
     // Not on ECS, EKS or EC2: detection finds nothing, and IMDS is never probed.
     ctx.env = Some(Arc::new(|name| {
         (name == "AWS_EC2_METADATA_DISABLED").then(|| "true".to_owned())
@@ -157,8 +169,25 @@ max_backoff = "2s"
             Pricing::Hourly => "agent registered with RegisterUsage (PS256 token verified) and is ready; AWS meters the task hours itself, so no usage is posted and no MeterUsage is sent",
             Pricing::Custom => "agent passed the MeterUsage DryRun (the entitlement check for custom pricing) and is ready",
             Pricing::HourlyCustom => "agent registered with RegisterUsage (PS256 token verified) and is ready",
+            Pricing::Contract | Pricing::ContractCustom => "agent checked out the demo license's entitlements from the emulator's License Manager and is ready (GET /v1/entitlements shows them)",
         }
     );
+
+    if args.pricing.checks_out() {
+        let (status, body) = local_client::call(
+            &target,
+            Method::GET,
+            "/v1/entitlements",
+            None,
+            None,
+            Duration::from_secs(5),
+        )
+        .await?;
+        println!(
+            "meterd demo: GET /v1/entitlements ({status}): {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
 
     let acknowledged = Arc::new(AtomicI64::new(0));
     let load_stop = CancellationToken::new();
@@ -203,6 +232,18 @@ max_backoff = "2s"
         count("MeterUsage"),
         emulator.records().len()
     );
+    if args.pricing.checks_out() {
+        let consumptions = emulator.license_consumptions();
+        let checked_in = consumptions.iter().filter(|c| c.checked_in).count();
+        println!(
+            "meterd demo: License Manager: {} checkout(s), {checked_in} checked in at shutdown (the seats are back in the pool)",
+            consumptions.len()
+        );
+        anyhow::ensure!(
+            checked_in == consumptions.len(),
+            "a license consumption was left checked out: this is a bug, please report it"
+        );
+    }
     let billed: i64 = emulator.records().iter().map(|r| r.quantity).sum();
     let acked = acknowledged.load(Ordering::Relaxed);
     println!("meterd demo: acknowledged {acked} units; the emulator billed {billed} units across {} records", emulator.records().len());

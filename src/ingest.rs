@@ -512,6 +512,7 @@ impl Api {
             (&Method::POST, "/v1/usage") => self.post_usage(req).await,
             (&Method::GET, "/v1/usage/current") => self.current_usage().await,
             (&Method::GET, "/v1/status") => self.status().await,
+            (&Method::GET, "/v1/entitlements") => self.entitlements(),
             (&Method::GET, "/healthz") => {
                 json_response(StatusCode::OK, &json!({"status": "alive"}))
             }
@@ -519,8 +520,8 @@ impl Api {
             (&Method::GET, "/metrics") => self.metrics_response(req.headers()).await,
             (
                 _,
-                "/v1/usage" | "/v1/usage/current" | "/v1/status" | "/healthz" | "/readyz"
-                | "/metrics",
+                "/v1/usage" | "/v1/usage/current" | "/v1/status" | "/v1/entitlements" | "/healthz"
+                | "/readyz" | "/metrics",
             ) => {
                 let mut resp = error_response(&Rejection::new(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -741,6 +742,38 @@ impl Api {
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"error": e.to_string(), "details": []}),
             ),
+        }
+    }
+
+    /// Contract pricing: what the buyer is entitled to, from the license checkout meterd holds
+    /// (the application gates features on it). Other pricing models have none: 404.
+    fn entitlements(&self) -> Response<Body> {
+        if !self.config.pricing.checks_out() {
+            return error_response(&Rejection::new(
+                StatusCode::NOT_FOUND,
+                "no_contract",
+                format!(
+                    "pricing = \"{}\" has no license entitlements (contract pricing has)",
+                    self.config.pricing
+                ),
+            ));
+        }
+        match self.status.contract() {
+            Some(held) => json_response(
+                StatusCode::OK,
+                &json!({
+                    "license_arn": held.license_arn,
+                    "checkout_type": held.checkout_type,
+                    "entitlements": held.entitlements,
+                    "expiration": held.expiration,
+                    "issued_at": held.issued_at,
+                }),
+            ),
+            None => error_response(&Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_entitled_yet",
+                "no license checkout is held (start-up has not checked out, or it was checked in)",
+            )),
         }
     }
 

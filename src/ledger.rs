@@ -463,6 +463,12 @@ enum Command {
         now: i64,
         reply: oneshot::Sender<Result<(), LedgerError>>,
     },
+    /// Sets (or, with `None`, removes) an agent state entry (`meta` key `state.<key>`).
+    PutState {
+        key: String,
+        value: Option<String>,
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
 }
 
 /// Facts fixed when the ledger was created.
@@ -764,6 +770,26 @@ impl Ledger {
     pub async fn check_writable(&self, now: i64) -> Result<(), LedgerError> {
         self.call(|reply| Command::CheckWritable { now, reply })
             .await
+    }
+
+    /// Durably sets (`Some`) or removes (`None`) the agent state entry `key`: what must
+    /// survive a crash besides usage, such as the License Manager checkouts held.
+    pub async fn put_state(&self, key: &str, value: Option<String>) -> Result<(), LedgerError> {
+        let key = format!("state.{key}");
+        self.call(|reply| Command::PutState { key, value, reply })
+            .await
+    }
+
+    /// The agent state entry `key`, if set.
+    pub async fn state(&self, key: &str) -> Result<Option<String>, LedgerError> {
+        let key = format!("state.{key}");
+        self.read(move |c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+        .await
     }
 
     pub async fn record_delivery(
@@ -1492,6 +1518,18 @@ impl Writer {
                             .map_err(|e| LedgerError::from_sqlite(&e));
                         replies.push(Reply::Deliver(reply, result));
                     }
+                    Command::PutState { key, value, reply } => {
+                        let result = match &value {
+                            Some(v) => tx.execute(
+                                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                                [&key, v],
+                            ),
+                            None => tx.execute("DELETE FROM meta WHERE key = ?1", [&key]),
+                        }
+                        .map(|_| ())
+                        .map_err(|e| LedgerError::from_sqlite(&e));
+                        replies.push(Reply::Deliver(reply, result));
+                    }
                     Command::CheckWritable { now, reply } => {
                         let result = tx
                             .execute(
@@ -2021,6 +2059,28 @@ mod tests {
             total(&ledger.usage_of_hour(H).await.expect("usage"), "requests"),
             7
         );
+    }
+
+    #[tokio::test]
+    async fn agent_state_survives_reopen_and_can_be_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+            assert_eq!(ledger.state("contract").await.expect("read"), None);
+            ledger
+                .put_state("contract", Some("{\"token\":\"t-1\"}".to_owned()))
+                .await
+                .expect("put");
+        }
+        let ledger = reopen(dir.path(), H + 20).await;
+        assert_eq!(
+            ledger.state("contract").await.expect("read").as_deref(),
+            Some("{\"token\":\"t-1\"}")
+        );
+        // Entries live apart from the ledger's own meta keys.
+        assert_eq!(ledger.state("instance_id").await.expect("read"), None);
+        ledger.put_state("contract", None).await.expect("remove");
+        assert_eq!(ledger.state("contract").await.expect("read"), None);
     }
 
     /// Events that each add a new, long tag set: every commit writes fresh pages.

@@ -2805,8 +2805,14 @@ fn license_client(env: &Env, key: &str) -> aws_sdk_licensemanager::Client {
     aws_sdk_licensemanager::Client::from_conf(conf)
 }
 
+/// The demo configuration, with `AKIDSTRANGER` in an account that holds no license (every
+/// other key is the demo buyer's).
 fn license_config() -> EmulatorConfig {
     let mut config = EmulatorConfig::demo();
+    config
+        .quotas
+        .accounts
+        .insert("AKIDSTRANGER".to_owned(), "999988887777".to_owned());
     for key in ["AKIDPODA", "AKIDPODB"] {
         config
             .quotas

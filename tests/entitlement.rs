@@ -383,13 +383,14 @@ mod contract {
         .await
     }
 
-    /// The demo license's account for `AKIDBUYER`; other keys are another account.
+    /// The demo configuration (every key the demo buyer's, who holds the demo license), with
+    /// `AKIDSTRANGER` in an account without one.
     fn config() -> EmulatorConfig {
         let mut config = EmulatorConfig::demo();
         config
             .quotas
             .accounts
-            .insert("AKIDBUYER".to_owned(), "111122223333".to_owned());
+            .insert("AKIDSTRANGER".to_owned(), "999988887777".to_owned());
         config
     }
 

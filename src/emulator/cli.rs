@@ -78,7 +78,10 @@ impl EmulatorArgs {
         let mut config = match &self.config {
             Some(path) => EmulatorConfig::load(path)?,
             None => EmulatorConfig {
-                quotas: super::quotas::QuotaConfig::default(),
+                quotas: super::quotas::QuotaConfig {
+                    default_account: super::config::DEMO_BUYER_ACCOUNT.to_owned(),
+                    ..super::quotas::QuotaConfig::default()
+                },
                 ..EmulatorConfig::demo()
             },
         };

@@ -18,6 +18,9 @@ use super::quotas::QuotaConfig;
 /// emulator tokens, and a fixed key lets an agent trust the demo across restarts.
 pub const DEMO_SIGNING_KEY_PEM: &str = include_str!("demo-signing-key.pem");
 pub const DEMO_PRODUCT_CODE: &str = "prod-demo1234";
+/// The demo buyer's account: the demo customer's, the demo license's, and the account of every
+/// access key the demo configuration does not map (so a first try sees the demo license).
+pub const DEMO_BUYER_ACCOUNT: &str = "111122223333";
 /// The demo license's token for GetAccessToken (License Manager for Anywhere).
 pub const DEMO_LICENSE_TOKEN: &str = "demo-license-token";
 /// The demo customer's license for the demo product (concurrent agreements; contract
@@ -376,7 +379,10 @@ impl EmulatorConfig {
                     expires_at: None,
                 })
                 .collect(),
-            quotas: QuotaConfig::off(),
+            quotas: QuotaConfig {
+                default_account: DEMO_BUYER_ACCOUNT.to_owned(),
+                ..QuotaConfig::off()
+            },
             ..Self::default()
         }
     }

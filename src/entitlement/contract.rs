@@ -20,7 +20,7 @@
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_licensemanager::types::{CheckoutType, EntitlementData, EntitlementDataUnit};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::{log_failure, Backoff, EntitlementError};
@@ -55,7 +55,7 @@ pub struct ContractSettings {
 }
 
 /// One entitlement the checkout allowed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllowedEntitlement {
     pub name: String,
     pub unit: String,
@@ -63,7 +63,7 @@ pub struct AllowedEntitlement {
 }
 
 /// A successful checkout: what `GET /v1/entitlements` reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContractCheckout {
     pub license_arn: String,
     pub checkout_type: String,
@@ -263,4 +263,234 @@ mod tests {
         assert!(failure("RateLimitExceededException").is_retryable());
         assert!(!failure("NoEntitlementsAllowedException").is_retryable());
     }
+}
+
+/// The ledger's state entry holding the checkout (JSON of [`ContractCheckout`]).
+const HELD_KEY: &str = "contract";
+/// The ledger's state entry with the ClientToken generation (see [`ContractHolder`]).
+const GENERATION_KEY: &str = "contract.generation";
+
+fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(text).ok()
+}
+
+/// The checkout an agent holds for its life, kept in the ledger so a restart reuses it.
+///
+/// - At start-up a held PROVISIONAL checkout is extended and reused, a held PERPETUAL one
+///   reused as it is; otherwise a new checkout is made and written to the ledger.
+/// - The ClientToken is `<instance id>-<generation>`: a crash between a checkout and its
+///   write to the ledger checks out again with the same token and gets the same consumption
+///   back. The generation moves on (durably, before the call) whenever that consumption can
+///   no longer be used: checked in at shutdown, or found expired.
+/// - While the agent runs, the checkout is extended at half its remaining time; one that was
+///   lost (expired, say, while the service was unreachable) is checked out anew.
+/// - On shutdown a PROVISIONAL checkout is checked in, so its units return to the pool at
+///   once instead of an hour later.
+pub struct ContractHolder {
+    client: aws_sdk_licensemanager::Client,
+    settings: ContractSettings,
+    ledger: crate::ledger::Ledger,
+    clock: SharedClock,
+    /// Shows the checkout (`GET /v1/entitlements`).
+    status: std::sync::Arc<crate::status::StatusBoard>,
+    held: std::sync::Mutex<Option<ContractCheckout>>,
+}
+
+impl ContractHolder {
+    /// `settings.client_token` is replaced by the holder's own.
+    pub fn new(
+        client: aws_sdk_licensemanager::Client,
+        settings: ContractSettings,
+        ledger: crate::ledger::Ledger,
+        clock: SharedClock,
+        status: std::sync::Arc<crate::status::StatusBoard>,
+    ) -> Self {
+        Self {
+            client,
+            settings,
+            ledger,
+            clock,
+            status,
+            held: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// What the agent holds now (for `GET /v1/entitlements`).
+    pub fn held(&self) -> Option<ContractCheckout> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn store(&self, checkout: &ContractCheckout) -> Result<(), EntitlementError> {
+        let json =
+            serde_json::to_string(checkout).map_err(|e| EntitlementError::Held(e.to_string()))?;
+        self.ledger
+            .put_state(HELD_KEY, Some(json))
+            .await
+            .map_err(|e| EntitlementError::Held(e.to_string()))?;
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(checkout.clone());
+        self.status.set_contract(Some(checkout.clone()));
+        Ok(())
+    }
+
+    async fn generation(&self) -> Result<u64, EntitlementError> {
+        let stored = self
+            .ledger
+            .state(GENERATION_KEY)
+            .await
+            .map_err(|e| EntitlementError::Held(e.to_string()))?;
+        Ok(stored.and_then(|g| g.parse().ok()).unwrap_or(0))
+    }
+
+    async fn next_generation(&self) -> Result<(), EntitlementError> {
+        let next = self.generation().await?.saturating_add(1);
+        self.ledger
+            .put_state(GENERATION_KEY, Some(next.to_string()))
+            .await
+            .map_err(|e| EntitlementError::Held(e.to_string()))
+    }
+
+    async fn checkout_now(
+        &self,
+        observer: &(dyn Fn(SystemTime) + Send + Sync),
+    ) -> Result<ContractCheckout, EntitlementError> {
+        let mut settings = self.settings.clone();
+        settings.client_token = format!(
+            "{}-{}",
+            self.ledger.identity().instance_id,
+            self.generation().await?
+        );
+        let checkout = checkout_observed(&self.client, &settings, &self.clock, observer).await?;
+        self.store(&checkout).await?;
+        Ok(checkout)
+    }
+
+    /// The start-up check: reuse what the ledger says is held, else check out.
+    pub async fn establish(
+        &self,
+        observer: &(dyn Fn(SystemTime) + Send + Sync),
+    ) -> Result<ContractCheckout, EntitlementError> {
+        let stored = self
+            .ledger
+            .state(HELD_KEY)
+            .await
+            .map_err(|e| EntitlementError::Held(e.to_string()))?
+            .and_then(|json| serde_json::from_str::<ContractCheckout>(&json).ok());
+        if let Some(mut held) = stored {
+            if held.checkout_type == "PERPETUAL" {
+                info!(license = %held.license_arn, "reusing the perpetual checkout in the ledger");
+                self.store(&held).await?;
+                return Ok(held);
+            }
+            match extend_once(&self.client, &held.consumption_token).await {
+                Ok(expiration) => {
+                    info!(license = %held.license_arn, "reusing the checkout in the ledger (extended)");
+                    held.expiration = expiration.or(held.expiration);
+                    self.store(&held).await?;
+                    return Ok(held);
+                }
+                Err(failure) => {
+                    warn!("the checkout in the ledger cannot be extended ({failure}); checking out anew");
+                    self.next_generation().await?;
+                }
+            }
+        }
+        log_failure(self.checkout_now(observer).await)
+    }
+
+    /// Extends the checkout at half its remaining time until `stop`; a lost one is checked out
+    /// anew. `on_lost` hears of a checkout that could not be renewed.
+    pub async fn keep_alive(
+        &self,
+        stop: tokio_util::sync::CancellationToken,
+        on_lost: impl Fn(&EntitlementError),
+    ) {
+        loop {
+            let Some(held) = self.held() else { return };
+            let Some(expires) = held.expiration.as_deref().and_then(parse_rfc3339) else {
+                return; // PERPETUAL: nothing to extend.
+            };
+            let now = self.clock.now();
+            let remaining = expires.duration_since(now).unwrap_or_default();
+            let at = now + (remaining / 2).max(Duration::from_secs(30));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.clock.sleep_until(at) => {}
+            }
+            match extend_once(&self.client, &held.consumption_token).await {
+                Ok(expiration) => {
+                    let renewed = ContractCheckout {
+                        expiration: expiration.or(held.expiration.clone()),
+                        ..held
+                    };
+                    if let Err(e) = self.store(&renewed).await {
+                        on_lost(&e);
+                    }
+                }
+                Err(failure) if failure.is_retryable() && self.clock.now() < expires => {
+                    warn!("ExtendLicenseConsumption will be retried: {failure}");
+                }
+                Err(failure) => {
+                    warn!("the checkout was lost ({failure}); checking out anew");
+                    let renewed = match self.next_generation().await {
+                        Ok(()) => self.checkout_now(&|_| {}).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = renewed {
+                        on_lost(&e);
+                        // Try again at the next pass, a back-off later.
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = self.clock.sleep_until(self.clock.now() + self.settings.backoff.max()) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks in a PROVISIONAL checkout (shutdown): its units go back to the pool now.
+    pub async fn release(&self) {
+        let Some(held) = self.held() else { return };
+        if held.checkout_type != "PROVISIONAL" {
+            return;
+        }
+        // The generation moves first: a crash after the check-in must not reuse its token.
+        if let Err(e) = self.next_generation().await {
+            warn!("could not record the check-in's generation: {e}");
+            return;
+        }
+        match self
+            .client
+            .check_in_license()
+            .license_consumption_token(&held.consumption_token)
+            .send()
+            .await
+        {
+            Ok(_) => {
+                info!(license = %held.license_arn, "checked in the license consumption");
+                self.status.set_contract(None);
+                if let Err(e) = self.ledger.put_state(HELD_KEY, None).await {
+                    warn!("checked in, but the ledger still names the checkout: {e}");
+                }
+            }
+            Err(e) => warn!(
+                "CheckInLicense failed ({}); the units return to the pool when the consumption expires",
+                CallFailure::from_sdk(&e)
+            ),
+        }
+    }
+}
+
+/// One ExtendLicenseConsumption: the new expiration.
+async fn extend_once(
+    client: &aws_sdk_licensemanager::Client,
+    token: &str,
+) -> Result<Option<String>, CallFailure> {
+    client
+        .extend_license_consumption()
+        .license_consumption_token(token)
+        .send()
+        .await
+        .map(|out| out.expiration().map(str::to_owned))
+        .map_err(|e| CallFailure::from_sdk(&e))
 }

@@ -453,6 +453,16 @@ fn pricing_route(pricing: Pricing, platform: Platform) -> DoctorCheck {
             "hourly+custom: RegisterUsage at start-up, then MeterUsage every hour",
             None,
         ),
+        (Pricing::Contract, _) => (
+            CheckStatus::Ok,
+            "contract: CheckoutLicense with AWS License Manager at start-up (extended while it runs, checked in on shutdown), no MeterUsage",
+            None,
+        ),
+        (Pricing::ContractCustom, _) => (
+            CheckStatus::Ok,
+            "contract+custom: CheckoutLicense with AWS License Manager at start-up, then MeterUsage every hour",
+            None,
+        ),
     };
     check("pricing", status, detail.to_owned(), fix)
 }

@@ -232,6 +232,9 @@ pub enum EntitlementError {
     )]
     ContractConfiguration { code: String, message: String },
 
+    #[error("the ledger could not keep the license checkout: {0}; fix: see the ledger's error (disk, permissions)")]
+    Held(String),
+
     #[error("the operating system's random source failed: {0}; fix: check /dev/urandom or getrandom(2) in the container's sandbox")]
     Random(String),
 }
@@ -259,6 +262,7 @@ impl EntitlementError {
             EntitlementError::BudgetExhausted { .. } => EXIT_TRANSIENT_BUDGET,
             EntitlementError::GaveUp { last, .. } => last.exit_code(),
             EntitlementError::Random(_) => EXIT_INTERNAL,
+            EntitlementError::Held(_) => crate::agent::EXIT_LEDGER,
         }
     }
 

@@ -189,16 +189,17 @@ impl InProcessAgent {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let client = build_client(&AwsSettings {
+        let settings = AwsSettings {
             region: Some("us-east-1".into()),
             endpoint_url: Some(endpoint.to_owned()),
             static_credentials: Some((access_key.into(), "secret".into())),
             operation_timeout: Some(call_timeout),
-        })
-        .await;
+        };
+        let client = build_client(&settings).await;
         let shutdown = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut ctx = RunContext::new(clock, client, shutdown.clone());
+        ctx.license_aws = Some(settings);
         ctx.env = Some(Arc::new(|_| None));
         ctx.on_started = Some(Box::new(move |h| {
             let _ = tx.send(h);
