@@ -188,6 +188,7 @@ impl Sender {
                 .delay(attempt, &mut rand::thread_rng())
                 .min(self.backoff.initial() * 4);
             attempt = attempt.saturating_add(1);
+            // The grace period is real time (the orchestrator's kill), so this wait is too.
             if tokio::time::Instant::now() + delay >= deadline {
                 return Ok(pass);
             }
