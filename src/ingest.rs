@@ -638,7 +638,11 @@ impl Api {
             return Err(Rejection::new(
                 StatusCode::BAD_REQUEST,
                 "no_custom_dimensions",
-                "this product is priced per task or pod hour (pricing = \"hourly\"): it has no custom dimensions, so meterd takes no usage; AWS meters the hours itself",
+                if self.config.pricing.checks_out() {
+                    "this product is priced by contract (pricing = \"contract\"): it has no custom dimensions, so meterd takes no usage; pricing = \"contract+custom\" meters dimensions as well"
+                } else {
+                    "this product is priced per task or pod hour (pricing = \"hourly\"): it has no custom dimensions, so meterd takes no usage; AWS meters the hours itself"
+                },
             ));
         }
         if !self.accepting.load(Ordering::Acquire) {

@@ -13,7 +13,7 @@
 //! Fleet manners: a buyer's whole fleet shares the account's 10 MeterUsage calls a second.
 //! A sealed hour is first sent at this agent's offset in `[0, sending.spread)` after the hour
 //! closes ([`spread_offset`], from the ledger's instance id, so a restart keeps its slot); the
-//! shutdown flush ignores it. Every call, retries included, first takes a slot from one
+//! shutdown flush ignores it, and so does a record the flush sealed early but did not send. Every call, retries included, first takes a slot from one
 //! [`RateLimiter`] (`sending.max_calls_per_second`).
 
 use std::collections::HashSet;
@@ -211,12 +211,12 @@ impl Sender {
         let mut next_due: Option<i64> = None;
         let mut result = Pass::Done;
         for record in pending {
-            let due = record
-                .hour
-                .saturating_add(HOUR_SECS)
-                .saturating_mul(1000)
-                .saturating_add(offset_ms);
-            if spread == Spread::Honour && due > now_ms {
+            let closes = record.hour.saturating_add(HOUR_SECS);
+            let due = closes.saturating_mul(1000).saturating_add(offset_ms);
+            // Only the hourly seal is spread: a record sealed before its hour closed (by a
+            // shutdown flush that did not finish) goes out at once, as the flush would have.
+            let hourly = record.sealed_at >= closes;
+            if spread == Spread::Honour && hourly && due > now_ms {
                 next_due = Some(next_due.map_or(due, |d| d.min(due)));
                 continue;
             }

@@ -2257,3 +2257,170 @@ async fn child_sends_closed_hours_on_issued_credentials() {
     assert!(keys.len() >= 2, "the credentials rotated: {keys:?}");
     println!("credential flow {flow}: ok");
 }
+
+// ---------------------------------------------------------------- contract pricing
+
+/// A contract-priced agent for the emulator's demo license (every key is the demo buyer's):
+/// the Tier feature and `seats` of its pool of 10.
+fn contract_config(h: &Harness, seats: i64) -> Config {
+    let mut config = h.config("");
+    config.pricing = meterd::config::Pricing::Contract;
+    config.metering.dimensions.clear();
+    config.metering.tag_keys.clear();
+    config.contract = meterd::config::ContractConfig {
+        product_sku: PRODUCT.to_owned(),
+        entitlements: vec![
+            meterd::config::ContractEntitlement {
+                name: "Tier".to_owned(),
+                unit: "None".to_owned(),
+                count: None,
+            },
+            meterd::config::ContractEntitlement {
+                name: "Seats".to_owned(),
+                unit: "Count".to_owned(),
+                count: Some(seats),
+            },
+        ],
+        ..meterd::config::ContractConfig::default()
+    };
+    assert_eq!(config.problems(), Vec::<String>::new());
+    config
+}
+
+fn consumptions(h: &Harness) -> Vec<emulator::license_manager::Consumption> {
+    h.emulator.license_consumptions()
+}
+
+/// Contract pricing: ready once CheckoutLicense answers, the entitlements at
+/// `GET /v1/entitlements`, the checkout extended before it expires (so it outlives its first
+/// hour), and checked in at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_agent_checks_out_extends_and_checks_in() {
+    let h = Harness::new(H0 + 300).await;
+    let agent = h.start_agent(contract_config(&h, 3)).await;
+    let (status, body) = agent.get("/v1/entitlements").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["checkout_type"], "PROVISIONAL");
+    assert_eq!(body["license_arn"], emulator::config::DEMO_LICENSE_ARN);
+    assert_eq!(
+        body["entitlements"],
+        json!([
+            {"name": "Tier", "unit": "None", "value": "Premium"},
+            {"name": "Seats", "unit": "Count", "value": "3"},
+        ])
+    );
+    let (status, usage) = agent.post(ev("requests", 1, None)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        usage["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("contract")),
+        "{usage}"
+    );
+    assert_eq!(consumptions(&h).len(), 1);
+
+    // Extended at half its hour, it still holds after the first hour.
+    h.advance_to(H0 + 300 + 1800);
+    wait_for("the extension", || {
+        consumptions(&h).first().is_some_and(|c| c.extensions >= 1)
+    })
+    .await;
+    h.advance_to(H0 + 300 + 3600 + 60);
+    let now = H0 + 300 + 3600 + 60;
+    assert!(consumptions(&h)[0].holds(now), "{:?}", consumptions(&h));
+    assert!(agent.handles.status.is_ready());
+
+    agent.stop().await;
+    let after = consumptions(&h);
+    assert_eq!(after.len(), 1);
+    assert!(after[0].checked_in, "checked in at shutdown: {after:?}");
+    assert_eq!(
+        h.emulator
+            .calls()
+            .iter()
+            .filter(|c| c.operation == "RegisterUsage")
+            .count(),
+        0
+    );
+}
+
+/// A crash (the task aborted, nothing checked in) and a restart: the agent extends the
+/// checkout the ledger names instead of taking more seats; a clean stop then returns them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_contract_agent_reuses_its_checkout_and_leaks_no_seat() {
+    let h = Harness::new(H0 + 300).await;
+    let config = contract_config(&h, 6);
+    let agent = h.start_agent(config.clone()).await;
+    agent.task.abort();
+    let _ = agent.task.await;
+    agent.handles.ledger.closed().await;
+    assert!(!consumptions(&h)[0].checked_in);
+
+    h.advance_to(H0 + 600);
+    let again = h.start_agent(config.clone()).await;
+    let held = consumptions(&h);
+    assert_eq!(held.len(), 1, "no second checkout: {held:?}");
+    assert_eq!(held[0].extensions, 1, "the held checkout was extended");
+    again.stop().await;
+    let after = consumptions(&h);
+    assert_eq!(after.len(), 1);
+    assert!(after[0].checked_in);
+
+    // The next start checks out anew (the checked-in token is not reused).
+    h.advance_to(H0 + 900);
+    let third = h.start_agent(config).await;
+    let now = consumptions(&h);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.iter().any(|c| c.holds(H0 + 900)));
+    third.stop().await;
+}
+
+/// No license, or more seats than the pool has left: exit 77, never ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contract_agent_without_its_entitlements_exits_77() {
+    let mut emulator_config = EmulatorConfig::demo();
+    emulator_config
+        .quotas
+        .accounts
+        .insert(ACCESS_KEY.to_owned(), "999988887777".to_owned());
+    let h = Harness::with_emulator(H0 + 300, emulator_config).await;
+    let (exit, ever_ready) = fatal_start(&h, contract_config(&h, 1)).await;
+    assert_eq!(
+        (exit, ever_ready),
+        (77, false),
+        "another account has no license"
+    );
+
+    let h = Harness::new(H0 + 300).await;
+    let (exit, ever_ready) = fatal_start(&h, contract_config(&h, 11)).await;
+    assert_eq!((exit, ever_ready), (77, false), "11 seats of a pool of 10");
+    assert!(consumptions(&h).is_empty());
+}
+
+/// A record the shutdown flush sealed early but could not send (the service was down) goes
+/// out at once after a restart, spread or not: only the hourly seal waits for the offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_sealed_record_left_unsent_goes_out_at_once_after_a_restart() {
+    let h = Harness::new(H0 + 300).await;
+    let mut config = h.config("");
+    config.sending.spread = Duration::from_secs(1800);
+    config.server.grace_period = Duration::from_secs(1);
+    let agent = h.start_agent(config.clone()).await;
+    agent.post(ev("requests", 4, None)).await;
+    h.emulator.set_faults(FaultProfile {
+        all: FaultRule {
+            error_rate: 1.0,
+            ..FaultRule::default()
+        },
+        ..FaultProfile::default()
+    });
+    agent.stop().await;
+    assert!(h.billed().is_empty(), "the service refused the flush");
+
+    h.emulator.set_faults(FaultProfile::default());
+    let again = h.start_agent(config).await;
+    // The clock stays in hour 0: an hourly record would wait until 01:00 plus the offset.
+    wait_for("the flushed record sent", || h.billed().len() == 2).await;
+    assert_eq!(h.billed()[&(H0, "requests".to_owned())].quantity, 4);
+    again.stop().await;
+}

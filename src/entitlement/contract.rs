@@ -233,38 +233,6 @@ fn classify(product_sku: &str, failure: CallFailure) -> EntitlementError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::entitlement::{EXIT_CONFIGURATION, EXIT_NOT_ENTITLED, EXIT_SERVICE_REFUSED};
-
-    fn failure(code: &str) -> CallFailure {
-        CallFailure {
-            code: Some(code.to_owned()),
-            message: "m".to_owned(),
-            status: Some(400),
-        }
-    }
-
-    #[test]
-    fn each_documented_answer_has_its_exit_code() {
-        for (code, exit) in [
-            ("NoEntitlementsAllowedException", EXIT_NOT_ENTITLED),
-            ("ResourceNotFoundException", EXIT_NOT_ENTITLED),
-            ("AccessDeniedException", EXIT_CONFIGURATION),
-            ("AuthorizationException", EXIT_CONFIGURATION),
-            ("ValidationException", EXIT_CONFIGURATION),
-            ("InvalidParameterValueException", EXIT_CONFIGURATION),
-            ("RedirectException", EXIT_CONFIGURATION),
-            ("SomethingNew", EXIT_SERVICE_REFUSED),
-        ] {
-            assert_eq!(classify("sku", failure(code)).exit_code(), exit, "{code}");
-        }
-        assert!(failure("RateLimitExceededException").is_retryable());
-        assert!(!failure("NoEntitlementsAllowedException").is_retryable());
-    }
-}
-
 /// The ledger's state entry holding the checkout (JSON of [`ContractCheckout`]).
 const HELD_KEY: &str = "contract";
 /// The ledger's state entry with the ClientToken generation (see [`ContractHolder`]).
@@ -493,4 +461,36 @@ async fn extend_once(
         .await
         .map(|out| out.expiration().map(str::to_owned))
         .map_err(|e| CallFailure::from_sdk(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entitlement::{EXIT_CONFIGURATION, EXIT_NOT_ENTITLED, EXIT_SERVICE_REFUSED};
+
+    fn failure(code: &str) -> CallFailure {
+        CallFailure {
+            code: Some(code.to_owned()),
+            message: "m".to_owned(),
+            status: Some(400),
+        }
+    }
+
+    #[test]
+    fn each_documented_answer_has_its_exit_code() {
+        for (code, exit) in [
+            ("NoEntitlementsAllowedException", EXIT_NOT_ENTITLED),
+            ("ResourceNotFoundException", EXIT_NOT_ENTITLED),
+            ("AccessDeniedException", EXIT_CONFIGURATION),
+            ("AuthorizationException", EXIT_CONFIGURATION),
+            ("ValidationException", EXIT_CONFIGURATION),
+            ("InvalidParameterValueException", EXIT_CONFIGURATION),
+            ("RedirectException", EXIT_CONFIGURATION),
+            ("SomethingNew", EXIT_SERVICE_REFUSED),
+        ] {
+            assert_eq!(classify("sku", failure(code)).exit_code(), exit, "{code}");
+        }
+        assert!(failure("RateLimitExceededException").is_retryable());
+        assert!(!failure("NoEntitlementsAllowedException").is_retryable());
+    }
 }
