@@ -347,34 +347,28 @@ pub async fn run(
         }
     };
     let mut servers = JoinSet::new();
-    if let Some(tcp) = listeners.tcp.take() {
-        if let Ok(addr) = tcp.local_addr() {
-            tracing::info!(%addr, "serving the local API");
+    let tcp = [
+        (listeners.tcp.take(), Via::Tcp, "serving the local API"),
+        (listeners.metrics.take(), Via::Metrics, "serving metrics"),
+    ];
+    for (listener, via, what) in tcp {
+        let Some(listener) = listener else { continue };
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "{what}");
         }
-        servers.spawn(
-            serve(
-                tcp,
-                limits.clone(),
-                settings,
-                http_stop.clone(),
-                handler(Via::Tcp),
-            )
-            .instrument(tracing::info_span!("http", via = "tcp")),
+        let span = tracing::info_span!(
+            "http",
+            via = if via == Via::Tcp { "tcp" } else { "metrics" }
         );
-    }
-    if let Some(metrics) = listeners.metrics.take() {
-        if let Ok(addr) = metrics.local_addr() {
-            tracing::info!(%addr, "serving metrics");
-        }
         servers.spawn(
             serve(
-                metrics,
+                listener,
                 limits.clone(),
                 settings,
                 http_stop.clone(),
-                handler(Via::Metrics),
+                handler(via),
             )
-            .instrument(tracing::info_span!("http", via = "metrics")),
+            .instrument(span),
         );
     }
     if let Some(unix) = listeners.unix.as_mut().and_then(UnixSocket::take_listener) {
