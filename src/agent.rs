@@ -818,6 +818,20 @@ struct Admission {
     contract: Option<Arc<ContractHolder>>,
 }
 
+/// `[contract]`'s entitlements as checkouts ask for them (a counted unit defaults to 1).
+fn contract_entitlements(config: &Config) -> Vec<WantedEntitlement> {
+    config
+        .contract
+        .entitlements
+        .iter()
+        .map(|e| WantedEntitlement {
+            name: e.name.clone(),
+            unit: e.unit.clone(),
+            count: e.count.or((e.unit != "None").then_some(1)),
+        })
+        .collect()
+}
+
 /// Contract pricing's holder: `[contract]`, the License Manager client from `[aws]`, the
 /// ledger that keeps the checkout, and the status board that shows it.
 async fn contract_holder(
@@ -831,15 +845,7 @@ async fn contract_holder(
     let settings = ContractSettings {
         product_sku: c.product_sku.clone(),
         key_fingerprint: c.key_fingerprint.clone(),
-        entitlements: c
-            .entitlements
-            .iter()
-            .map(|e| WantedEntitlement {
-                name: e.name.clone(),
-                unit: e.unit.clone(),
-                count: e.count.or((e.unit != "None").then_some(1)),
-            })
-            .collect(),
+        entitlements: contract_entitlements(config),
         perpetual: c.checkout_type == "perpetual",
         client_token: String::new(),
         startup_budget: config.registration.startup_budget,
@@ -1043,6 +1049,18 @@ pub async fn doctor(config: &Config) -> anyhow::Result<bool> {
     let region = client.config().region().map(|r| r.to_string());
     let clock: SharedClock = Arc::new(crate::clock::SystemClock);
     let env = platform::process_env;
+    let license_client = if config.pricing.checks_out() {
+        Some(
+            crate::aws::build_license_client(&AwsSettings {
+                operation_timeout: Some(Duration::from_secs(10)),
+                ..AwsSettings::from_config(config)
+            })
+            .await,
+        )
+    } else {
+        None
+    };
+    let wanted = contract_entitlements(config);
     let report = entitlement::doctor(entitlement::DoctorInputs {
         product_code: &config.product_code,
         dimension: config.metering.dimensions.first().map(String::as_str),
@@ -1056,6 +1074,14 @@ pub async fn doctor(config: &Config) -> anyhow::Result<bool> {
         clock: &clock,
         env: &env,
         imds: platform::ImdsSettings::from_env(&env),
+        contract: license_client
+            .as_ref()
+            .map(|client| entitlement::ContractProbe {
+                client,
+                product_sku: &config.contract.product_sku,
+                key_fingerprint: &config.contract.key_fingerprint,
+                entitlements: &wanted,
+            }),
     })
     .await;
     print!("{report}");

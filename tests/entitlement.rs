@@ -439,6 +439,46 @@ mod contract {
         (task.await.expect("checkout task"), retries)
     }
 
+    /// `meterd doctor`'s contract check: the license is seen, an entitlement it lacks is named,
+    /// another account sees none; nothing is checked out.
+    #[tokio::test]
+    async fn find_license_sees_the_license_and_names_what_it_lacks() {
+        use meterd::entitlement::contract::{find_license, LicenseFinding};
+        let rig = rig(config()).await;
+        let buyer = license_client(&rig, "AKIDBUYER").await;
+        let wanted = settings(1, "-").entitlements;
+        assert_eq!(
+            find_license(&buyer, PRODUCT, MARKETPLACE_KEY_FINGERPRINT, &wanted).await,
+            LicenseFinding::Found {
+                license_arn: emulator::config::DEMO_LICENSE_ARN.to_owned()
+            }
+        );
+        let mut lacking = wanted.clone();
+        lacking.push(WantedEntitlement {
+            name: "Cores".to_owned(),
+            unit: "Count".to_owned(),
+            count: Some(1),
+        });
+        assert_eq!(
+            find_license(&buyer, PRODUCT, MARKETPLACE_KEY_FINGERPRINT, &lacking).await,
+            LicenseFinding::Missing {
+                license_arn: emulator::config::DEMO_LICENSE_ARN.to_owned(),
+                missing: vec!["Cores (Count)".to_owned()],
+            }
+        );
+        let stranger = license_client(&rig, "AKIDSTRANGER").await;
+        assert_eq!(
+            find_license(&stranger, PRODUCT, MARKETPLACE_KEY_FINGERPRINT, &wanted).await,
+            LicenseFinding::NoLicense
+        );
+        assert_eq!(
+            find_license(&buyer, PRODUCT, "aws:000000000000:someone-else", &wanted).await,
+            LicenseFinding::NoLicense,
+            "another issuer's fingerprint"
+        );
+        assert!(rig.emu.license_consumptions().is_empty());
+    }
+
     #[tokio::test]
     async fn a_contract_checkout_returns_the_entitlements() {
         let rig = rig(config()).await;

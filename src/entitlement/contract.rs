@@ -233,6 +233,66 @@ fn classify(product_sku: &str, failure: CallFailure) -> EntitlementError {
     }
 }
 
+/// What `meterd doctor` finds of the contract's license, without checking anything out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LicenseFinding {
+    /// The license is visible and has every configured entitlement.
+    Found { license_arn: String },
+    /// No license for the SKU and fingerprint in this account.
+    NoLicense,
+    /// The license lacks these configured entitlements (name and unit).
+    Missing {
+        license_arn: String,
+        missing: Vec<String>,
+    },
+    /// ListReceivedLicenses failed.
+    Failed(CallFailure),
+}
+
+/// ListReceivedLicenses for the SKU and fingerprint: is the license visible, and does it have
+/// every entitlement `wanted` names (by name and unit)?
+pub async fn find_license(
+    client: &aws_sdk_licensemanager::Client,
+    product_sku: &str,
+    key_fingerprint: &str,
+    wanted: &[WantedEntitlement],
+) -> LicenseFinding {
+    use aws_sdk_licensemanager::types::Filter;
+    let filter = |name: &str, value: &str| Filter::builder().name(name).values(value).build();
+    let listed = client
+        .list_received_licenses()
+        .filters(filter("ProductSKU", product_sku))
+        .filters(filter("Fingerprint", key_fingerprint))
+        .send()
+        .await;
+    let out = match listed {
+        Ok(out) => out,
+        Err(e) => return LicenseFinding::Failed(CallFailure::from_sdk(&e)),
+    };
+    let Some(license) = out.licenses().first() else {
+        return LicenseFinding::NoLicense;
+    };
+    let license_arn = license.license_arn().unwrap_or_default().to_owned();
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|w| {
+            !license
+                .entitlements()
+                .iter()
+                .any(|e| e.name() == w.name && e.unit().as_str() == w.unit)
+        })
+        .map(|w| format!("{} ({})", w.name, w.unit))
+        .collect();
+    if missing.is_empty() {
+        LicenseFinding::Found { license_arn }
+    } else {
+        LicenseFinding::Missing {
+            license_arn,
+            missing,
+        }
+    }
+}
+
 /// The ledger's state entry holding the checkout (JSON of [`ContractCheckout`]).
 const HELD_KEY: &str = "contract";
 /// The ledger's state entry with the ClientToken generation (see [`ContractHolder`]).

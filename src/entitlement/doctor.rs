@@ -49,6 +49,16 @@ pub struct DoctorInputs<'a> {
     pub clock: &'a SharedClock,
     pub env: Env<'a>,
     pub imds: ImdsSettings,
+    /// Contract pricing: License Manager and `[contract]`, to see the license.
+    pub contract: Option<ContractProbe<'a>>,
+}
+
+/// What the contract check needs (`pricing = "contract"`).
+pub struct ContractProbe<'a> {
+    pub client: &'a aws_sdk_licensemanager::Client,
+    pub product_sku: &'a str,
+    pub key_fingerprint: &'a str,
+    pub entitlements: &'a [super::contract::WantedEntitlement],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -184,6 +194,9 @@ pub async fn doctor(inputs: DoctorInputs<'_>) -> DoctorReport {
         ));
     }
     checks.push(pricing_route(inputs.pricing, info.platform));
+    if let Some(probe) = &inputs.contract {
+        checks.push(contract_check(probe).await);
+    }
     let warnings = info.credential_warnings();
     if warnings.is_empty() {
         checks.push(check(
@@ -424,6 +437,51 @@ async fn plain_http_date(endpoint: &str) -> Option<String> {
         .flatten()
 }
 
+/// Contract pricing: the license is visible and has the configured entitlements (nothing is
+/// checked out).
+async fn contract_check(probe: &ContractProbe<'_>) -> DoctorCheck {
+    use super::contract::{find_license, LicenseFinding};
+    match find_license(
+        probe.client,
+        probe.product_sku,
+        probe.key_fingerprint,
+        probe.entitlements,
+    )
+    .await
+    {
+        LicenseFinding::Found { license_arn } => check(
+            "contract",
+            CheckStatus::Ok,
+            format!("license {license_arn} has every entitlement in [contract]"),
+            None,
+        ),
+        LicenseFinding::NoLicense => check(
+            "contract",
+            CheckStatus::Fail,
+            format!(
+                "no license for product SKU {:?} from issuer {:?} in this account",
+                probe.product_sku, probe.key_fingerprint
+            ),
+            Some("the buyer accepts the contract offer (and the license grant in License Manager) from this account; check contract.product_sku"),
+        ),
+        LicenseFinding::Missing {
+            license_arn,
+            missing,
+        } => check(
+            "contract",
+            CheckStatus::Fail,
+            format!("license {license_arn} lacks {}", missing.join(", ")),
+            Some("configure in [contract] the entitlement names and units the listing has"),
+        ),
+        LicenseFinding::Failed(failure) => check(
+            "contract",
+            CheckStatus::Fail,
+            format!("ListReceivedLicenses failed: {failure}"),
+            Some("give the role license-manager:ListReceivedLicenses (and the checkout permissions: README, pricing models)"),
+        ),
+    }
+}
+
 /// The calls the pricing model makes on this platform, and whether it can run there.
 fn pricing_route(pricing: Pricing, platform: Platform) -> DoctorCheck {
     let ec2 = platform == Platform::Ec2;
@@ -500,6 +558,7 @@ mod tests {
             clock: &clock,
             env,
             imds: dead_imds().await,
+            contract: None,
         })
         .await
     }
@@ -610,6 +669,7 @@ mod tests {
             clock: &clock,
             env: &env,
             imds: dead_imds().await,
+            contract: None,
         })
         .await;
         let route = report.check("pricing").expect("pricing check");

@@ -42,7 +42,7 @@ use std::time::Duration;
 use crate::aws::CallFailure;
 
 pub use crate::backoff::{Backoff, BackoffError};
-pub use doctor::{doctor, CheckStatus, DoctorCheck, DoctorInputs, DoctorReport};
+pub use doctor::{doctor, CheckStatus, ContractProbe, DoctorCheck, DoctorInputs, DoctorReport};
 pub use dry_run::{dry_run_check_with, DryRunMode, DryRunPassed, DryRunPolicy};
 pub use keyring::{KeyEntry, Keyring, KeyringError, KeysReport};
 pub use nonce::{new_nonce, NONCE_BYTES};
