@@ -330,6 +330,7 @@ pub async fn run(
         auth_token,
         listen_ip: config.listen_addr().map(|a| a.ip()),
         body_read_timeout: ctx.body_read_timeout,
+        contract: std::sync::OnceLock::new(),
     });
 
     let http_stop = CancellationToken::new();
@@ -437,6 +438,9 @@ pub async fn run(
             Ok(admitted) => {
                 background_check = admitted.background_check;
                 contract = admitted.contract;
+                if let Some(holder) = &contract {
+                    let _ = api.contract.set(holder.clone());
+                }
             }
             Err(e) => {
                 status.set_entitlement(EntitlementStatus { state: EntitlementState::Failed, details: serde_json::json!({"error": e.to_string()}) });

@@ -357,6 +357,8 @@ pub struct Api {
     pub listen_ip: Option<IpAddr>,
     /// How long a body may take to arrive ([`crate::serve::BODY_READ_TIMEOUT`]).
     pub body_read_timeout: Duration,
+    /// Contract pricing: the checkout holder, once start-up has checked out.
+    pub contract: std::sync::OnceLock<Arc<crate::entitlement::contract::ContractHolder>>,
 }
 
 type Body = Full<Bytes>;
@@ -512,7 +514,9 @@ impl Api {
             (&Method::POST, "/v1/usage") => self.post_usage(req).await,
             (&Method::GET, "/v1/usage/current") => self.current_usage().await,
             (&Method::GET, "/v1/status") => self.status().await,
-            (&Method::GET, "/v1/entitlements") => self.entitlements(),
+            (&Method::GET, "/v1/entitlements") => self.entitlements().await,
+            (&Method::POST, "/v1/entitlements/checkout") => self.floating(req, true).await,
+            (&Method::POST, "/v1/entitlements/checkin") => self.floating(req, false).await,
             (&Method::GET, "/healthz") => {
                 json_response(StatusCode::OK, &json!({"status": "alive"}))
             }
@@ -520,8 +524,15 @@ impl Api {
             (&Method::GET, "/metrics") => self.metrics_response(req.headers()).await,
             (
                 _,
-                "/v1/usage" | "/v1/usage/current" | "/v1/status" | "/v1/entitlements" | "/healthz"
-                | "/readyz" | "/metrics",
+                "/v1/usage"
+                | "/v1/usage/current"
+                | "/v1/status"
+                | "/v1/entitlements"
+                | "/v1/entitlements/checkout"
+                | "/v1/entitlements/checkin"
+                | "/healthz"
+                | "/readyz"
+                | "/metrics",
             ) => {
                 let mut resp = error_response(&Rejection::new(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -529,7 +540,12 @@ impl Api {
                     format!("{} is not allowed on {path}", req.method()),
                 ));
                 // RFC 9110: a 405 names the methods the resource supports.
-                let allow = if path == "/v1/usage" { "POST" } else { "GET" };
+                let allow = match path.as_str() {
+                    "/v1/usage" | "/v1/entitlements/checkout" | "/v1/entitlements/checkin" => {
+                        "POST"
+                    }
+                    _ => "GET",
+                };
                 resp.headers_mut()
                     .insert(header::ALLOW, header::HeaderValue::from_static(allow));
                 resp
@@ -652,37 +668,7 @@ impl Api {
                 "meterd is shutting down; retry against the next instance",
             ));
         }
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let essence = content_type.split(';').next().unwrap_or("").trim();
-        if !essence.eq_ignore_ascii_case("application/json") {
-            return Err(Rejection::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "content_type",
-                format!("Content-Type must be application/json, got {content_type:?}"),
-            ));
-        }
-        let (parts, body) = req.into_parts();
-        let body = read_body(&parts.headers, body, MAX_BODY_BYTES, self.body_read_timeout)
-            .await
-            .map_err(|e| match e {
-                BodyError::TooLarge { .. } => Rejection::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("{e}; split it into smaller batches"),
-                ),
-                BodyError::Timeout(_) => Rejection::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    format!("{e}; nothing of this request was recorded"),
-                ),
-                BodyError::Read(_) => {
-                    Rejection::new(StatusCode::BAD_REQUEST, "body_read", e.to_string())
-                }
-            })?;
+        let body = self.json_body(req).await?;
         let events = parse_usage(&body, &self.vocabulary)?;
         let received_at = unix_seconds(self.clock.now());
         match self.ledger.append(events, received_at).await {
@@ -749,19 +735,28 @@ impl Api {
         }
     }
 
+    fn no_contract(&self) -> Rejection {
+        Rejection::new(
+            StatusCode::NOT_FOUND,
+            "no_contract",
+            format!(
+                "pricing = \"{}\" has no license entitlements (contract pricing has)",
+                self.config.pricing
+            ),
+        )
+    }
+
     /// Contract pricing: what the buyer is entitled to, from the license checkout meterd holds
-    /// (the application gates features on it). Other pricing models have none: 404.
-    fn entitlements(&self) -> Response<Body> {
+    /// (the application gates features on it), and the application's floating checkouts.
+    /// Other pricing models have none: 404.
+    async fn entitlements(&self) -> Response<Body> {
         if !self.config.pricing.checks_out() {
-            return error_response(&Rejection::new(
-                StatusCode::NOT_FOUND,
-                "no_contract",
-                format!(
-                    "pricing = \"{}\" has no license entitlements (contract pricing has)",
-                    self.config.pricing
-                ),
-            ));
+            return error_response(&self.no_contract());
         }
+        let floating = match self.contract.get() {
+            Some(holder) => holder.floating().await,
+            None => Vec::new(),
+        };
         match self.status.contract() {
             Some(held) => json_response(
                 StatusCode::OK,
@@ -771,6 +766,7 @@ impl Api {
                     "entitlements": held.entitlements,
                     "expiration": held.expiration,
                     "issued_at": held.issued_at,
+                    "floating": floating,
                 }),
             ),
             None => error_response(&Rejection::new(
@@ -779,6 +775,142 @@ impl Api {
                 "no license checkout is held (start-up has not checked out, or it was checked in)",
             )),
         }
+    }
+
+    /// `POST /v1/entitlements/checkout` (`checkout`) and `/checkin`: the application takes and
+    /// gives back units of a floating entitlement through meterd, which extends them and checks
+    /// them in when it stops.
+    async fn floating(&self, req: Request<Incoming>, checkout: bool) -> Response<Body> {
+        let result = async {
+            if !self.config.pricing.checks_out() {
+                return Err(self.no_contract());
+            }
+            let Some(holder) = self.contract.get() else {
+                return Err(Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_entitled_yet",
+                    "start-up has not checked out the license yet",
+                ));
+            };
+            let body = self.json_body(req).await?;
+            let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    format!("not JSON: {e}"),
+                )
+            })?;
+            let bad =
+                |msg: &str| Rejection::new(StatusCode::BAD_REQUEST, "bad_request", msg.to_owned());
+            use crate::entitlement::contract::FloatingError as E;
+            let to_rejection = |e: E| {
+                let status = match &e {
+                    E::NoneLeft { .. } => StatusCode::CONFLICT,
+                    E::NotHeld(_) => StatusCode::NOT_FOUND,
+                    E::Unavailable(_) | E::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    E::Refused(_) => StatusCode::BAD_GATEWAY,
+                };
+                Rejection::new(status, "floating", e.to_string())
+            };
+            if checkout {
+                let name = value["name"]
+                    .as_str()
+                    .filter(|n| !n.is_empty() && n.len() <= 255)
+                    .ok_or_else(|| {
+                        bad("\"name\" must be the entitlement's name (1 to 255 characters)")
+                    })?;
+                let unit = match &value["unit"] {
+                    serde_json::Value::Null => "Count",
+                    v => v.as_str().ok_or_else(|| bad("\"unit\" must be a string"))?,
+                };
+                if !aws_sdk_licensemanager::types::EntitlementDataUnit::values().contains(&unit)
+                    || unit == "None"
+                {
+                    return Err(bad(
+                        "\"unit\" must be a counted License Manager unit (Count, Gigabytes, ...)",
+                    ));
+                }
+                let count = match &value["count"] {
+                    serde_json::Value::Null => 1,
+                    v => v
+                        .as_i64()
+                        .filter(|c| (1..=1_000_000).contains(c))
+                        .ok_or_else(|| bad("\"count\" must be a whole number from 1 to 1000000"))?,
+                };
+                let id = match &value["id"] {
+                    serde_json::Value::Null => None,
+                    v => Some(
+                        v.as_str()
+                            .filter(|id| {
+                                (1..=64).contains(&id.len())
+                                    && id
+                                        .chars()
+                                        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+                            })
+                            .ok_or_else(|| {
+                                bad("\"id\" must be 1 to 64 characters of A-Z a-z 0-9 - _ . :")
+                            })?,
+                    ),
+                };
+                let held = holder
+                    .checkout_floating(name, unit, count, id)
+                    .await
+                    .map_err(to_rejection)?;
+                Ok(json_response(StatusCode::OK, &json!(held)))
+            } else {
+                let token = value["token"]
+                    .as_str()
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| {
+                        bad("\"token\" must be a token from /v1/entitlements/checkout")
+                    })?;
+                holder
+                    .check_in_floating(token)
+                    .await
+                    .map_err(to_rejection)?;
+                Ok(json_response(StatusCode::OK, &json!({"checked_in": token})))
+            }
+        }
+        .await;
+        result.unwrap_or_else(|r| {
+            self.metrics.reject(r.reason);
+            error_response(&r)
+        })
+    }
+
+    /// A JSON request's body: `application/json`, within the size and time bounds.
+    async fn json_body(&self, req: Request<Incoming>) -> Result<Bytes, Rejection> {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(Rejection::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "content_type",
+                format!("Content-Type must be application/json, got {content_type:?}"),
+            ));
+        }
+        let (parts, body) = req.into_parts();
+        read_body(&parts.headers, body, MAX_BODY_BYTES, self.body_read_timeout)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge { .. } => Rejection::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("{e}; split it into smaller batches"),
+                ),
+                BodyError::Timeout(_) => Rejection::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!("{e}; nothing of this request was recorded"),
+                ),
+                BodyError::Read(_) => {
+                    Rejection::new(StatusCode::BAD_REQUEST, "body_read", e.to_string())
+                }
+            })
     }
 
     async fn status(&self) -> Response<Body> {

@@ -2424,3 +2424,89 @@ async fn a_flush_sealed_record_left_unsent_goes_out_at_once_after_a_restart() {
     assert_eq!(h.billed()[&(H0, "requests".to_owned())].quantity, 4);
     again.stop().await;
 }
+
+async fn take(agent: &Agent, count: i64, id: Option<&str>) -> (StatusCode, Value) {
+    let mut body = json!({"name": "Seats", "count": count});
+    if let Some(id) = id {
+        body["id"] = json!(id);
+    }
+    agent
+        .call(
+            Method::POST,
+            "/v1/entitlements/checkout",
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+}
+
+async fn give_back(agent: &Agent, token: &str) -> (StatusCode, Value) {
+    agent
+        .call(
+            Method::POST,
+            "/v1/entitlements/checkin",
+            Some(json!({"token": token}).to_string().into_bytes()),
+        )
+        .await
+}
+
+/// Floating seats for the application: two agents share the license's pool of 10 (each holds
+/// 3 itself); the last seat goes to whoever asks first, a check-in frees seats for the other,
+/// a retried request with the same id is the same checkout, a crash and a restart keep the
+/// application's seats (extended, not taken again), and a stop checks everything in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_compete_for_floating_seats_and_none_leaks() {
+    let h = Harness::new(H0 + 300).await;
+    let config_a = contract_config(&h, 3);
+    let mut config_b = contract_config(&h, 3);
+    config_b.state.dir = h.dir.path().join("state-b");
+    let a = h.start_agent(config_a.clone()).await;
+    let b = h.start_agent(config_b).await;
+
+    let (status, first) = take(&a, 3, Some("req-1")).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (_, again) = take(&a, 3, Some("req-1")).await;
+    assert_eq!(
+        again["token"], first["token"],
+        "the same id is the same checkout"
+    );
+    let (status, refused) = take(&b, 2, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "9 of 10 are held: {refused}");
+    let (status, last) = take(&b, 1, None).await;
+    assert_eq!(status, StatusCode::OK, "the last seat: {last}");
+    let (status, _) = take(&a, 1, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the pool is empty");
+
+    let token = first["token"].as_str().expect("token").to_owned();
+    let (status, body) = give_back(&a, &token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = give_back(&a, &token).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "no longer held");
+    let (status, _) = take(&b, 2, None).await;
+    assert_eq!(status, StatusCode::OK, "the returned seats");
+
+    // A takes the last seat, crashes, and restarts: its seat is still held, once.
+    let (status, kept) = take(&a, 1, Some("req-2")).await;
+    assert_eq!(status, StatusCode::OK, "{kept}");
+    let (status, _) = take(&b, 1, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "all 10 held");
+    a.task.abort();
+    let _ = a.task.await;
+    a.handles.ledger.closed().await;
+    let held_before = consumptions(&h).iter().filter(|c| !c.checked_in).count();
+    let a = h.start_agent(config_a).await;
+    assert_eq!(
+        consumptions(&h).iter().filter(|c| !c.checked_in).count(),
+        held_before,
+        "no new checkout at the restart"
+    );
+    let (_, listed) = a.get("/v1/entitlements").await;
+    assert_eq!(listed["floating"][0]["token"], kept["token"], "{listed}");
+
+    a.stop().await;
+    b.stop().await;
+    let left: Vec<_> = consumptions(&h)
+        .into_iter()
+        .filter(|c| !c.checked_in)
+        .collect();
+    assert!(left.is_empty(), "nothing stays checked out: {left:?}");
+}

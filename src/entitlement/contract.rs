@@ -297,6 +297,34 @@ pub async fn find_license(
 const HELD_KEY: &str = "contract";
 /// The ledger's state entry with the ClientToken generation (see [`ContractHolder`]).
 const GENERATION_KEY: &str = "contract.generation";
+/// The ledger's state entry with the application's floating checkouts (JSON, by token).
+const FLOATING_KEY: &str = "contract.floating";
+
+/// Units of a floating entitlement the application checked out through meterd
+/// (`POST /v1/entitlements/checkout`): held until it checks them in, or meterd stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Floating {
+    pub token: String,
+    pub name: String,
+    pub unit: String,
+    pub count: i64,
+    pub expiration: Option<String>,
+}
+
+/// Why a floating checkout or check-in did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum FloatingError {
+    #[error("no {name} left in the license's pool ({failure})")]
+    NoneLeft { name: String, failure: CallFailure },
+    #[error("meterd holds no checkout with token {0:?}")]
+    NotHeld(String),
+    #[error("License Manager did not answer: {0}")]
+    Unavailable(CallFailure),
+    #[error("License Manager refused: {0}")]
+    Refused(CallFailure),
+    #[error("{0}")]
+    Ledger(String),
+}
 
 fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(text).ok()
@@ -322,6 +350,8 @@ pub struct ContractHolder {
     /// Shows the checkout (`GET /v1/entitlements`).
     status: std::sync::Arc<crate::status::StatusBoard>,
     held: std::sync::Mutex<Option<ContractCheckout>>,
+    /// The application's floating checkouts, by token; written through to the ledger.
+    floating: tokio::sync::Mutex<std::collections::BTreeMap<String, Floating>>,
 }
 
 impl ContractHolder {
@@ -340,6 +370,155 @@ impl ContractHolder {
             clock,
             status,
             held: std::sync::Mutex::new(None),
+            floating: tokio::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// The application's floating checkouts.
+    pub async fn floating(&self) -> Vec<Floating> {
+        self.floating.lock().await.values().cloned().collect()
+    }
+
+    async fn store_floating(
+        &self,
+        floating: &std::collections::BTreeMap<String, Floating>,
+    ) -> Result<(), String> {
+        let value = if floating.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(floating).map_err(|e| e.to_string())?)
+        };
+        self.ledger
+            .put_state(FLOATING_KEY, value)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Checks out `count` units of a floating entitlement for the application (PROVISIONAL).
+    /// `request_id` makes a retried request the same checkout; without it every call is new.
+    pub async fn checkout_floating(
+        &self,
+        name: &str,
+        unit: &str,
+        count: i64,
+        request_id: Option<&str>,
+    ) -> Result<Floating, FloatingError> {
+        let wanted = entitlement_data(&WantedEntitlement {
+            name: name.to_owned(),
+            unit: unit.to_owned(),
+            count: Some(count),
+        })
+        .map_err(|e| {
+            FloatingError::Refused(CallFailure {
+                code: Some("ValidationException".to_owned()),
+                message: e.to_string(),
+                status: None,
+            })
+        })?;
+        let token = match request_id {
+            Some(id) => format!("{}-app-{id}", self.ledger.identity().instance_id),
+            None => {
+                let random: [u8; 16] = rand::random();
+                format!(
+                    "{}-app-{}",
+                    self.ledger.identity().instance_id,
+                    hex::encode(random)
+                )
+            }
+        };
+        let answer = self
+            .client
+            .checkout_license()
+            .product_sku(&self.settings.product_sku)
+            .checkout_type(CheckoutType::Provisional)
+            .key_fingerprint(&self.settings.key_fingerprint)
+            .entitlements(wanted)
+            .client_token(token)
+            .send()
+            .await
+            .map_err(|e| CallFailure::from_sdk(&e));
+        let out = match answer {
+            Ok(out) => out,
+            Err(f) if f.code_is("NoEntitlementsAllowedException") => {
+                return Err(FloatingError::NoneLeft {
+                    name: name.to_owned(),
+                    failure: f,
+                })
+            }
+            Err(f) if f.is_retryable() => return Err(FloatingError::Unavailable(f)),
+            Err(f) => return Err(FloatingError::Refused(f)),
+        };
+        let held = Floating {
+            token: out
+                .license_consumption_token()
+                .unwrap_or_default()
+                .to_owned(),
+            name: name.to_owned(),
+            unit: unit.to_owned(),
+            count,
+            expiration: out.expiration().map(str::to_owned),
+        };
+        let mut floating = self.floating.lock().await;
+        floating.insert(held.token.clone(), held.clone());
+        self.store_floating(&floating)
+            .await
+            .map_err(FloatingError::Ledger)?;
+        Ok(held)
+    }
+
+    /// Checks in a floating checkout the application holds through meterd.
+    pub async fn check_in_floating(&self, token: &str) -> Result<(), FloatingError> {
+        let mut floating = self.floating.lock().await;
+        if !floating.contains_key(token) {
+            return Err(FloatingError::NotHeld(token.to_owned()));
+        }
+        match self
+            .client
+            .check_in_license()
+            .license_consumption_token(token)
+            .send()
+            .await
+            .map_err(|e| CallFailure::from_sdk(&e))
+        {
+            Ok(_) => {}
+            // Gone already (expired, say): it holds nothing either way.
+            Err(f) if f.code_is("ResourceNotFoundException") || f.code_is("ConflictException") => {}
+            Err(f) if f.is_retryable() => return Err(FloatingError::Unavailable(f)),
+            Err(f) => return Err(FloatingError::Refused(f)),
+        }
+        floating.remove(token);
+        self.store_floating(&floating)
+            .await
+            .map_err(FloatingError::Ledger)
+    }
+
+    /// Extends every floating checkout; those that cannot be extended any more are dropped.
+    async fn extend_floating(&self) {
+        let mut floating = self.floating.lock().await;
+        let mut changed = false;
+        let tokens: Vec<String> = floating.keys().cloned().collect();
+        for token in tokens {
+            match extend_once(&self.client, &token).await {
+                Ok(expiration) => {
+                    if let Some(f) = floating.get_mut(&token) {
+                        f.expiration = expiration.or(f.expiration.take());
+                        changed = true;
+                    }
+                }
+                Err(failure) if failure.is_retryable() => {
+                    warn!("ExtendLicenseConsumption for a floating checkout will be retried: {failure}");
+                }
+                Err(failure) => {
+                    warn!("a floating checkout was lost ({failure}); the application must check out again");
+                    floating.remove(&token);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            if let Err(e) = self.store_floating(&floating).await {
+                warn!("the ledger could not keep the floating checkouts: {e}");
+            }
         }
     }
 
@@ -392,8 +571,26 @@ impl ContractHolder {
         Ok(checkout)
     }
 
-    /// The start-up check: reuse what the ledger says is held, else check out.
+    /// The start-up check: reuse what the ledger says is held, else check out. The
+    /// application's floating checkouts a previous run held are extended (or dropped if gone).
     pub async fn establish(
+        &self,
+        observer: &(dyn Fn(SystemTime) + Send + Sync),
+    ) -> Result<ContractCheckout, EntitlementError> {
+        let floating = self
+            .ledger
+            .state(FLOATING_KEY)
+            .await
+            .map_err(|e| EntitlementError::Held(e.to_string()))?
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default();
+        *self.floating.lock().await = floating;
+        self.extend_floating().await;
+        let checkout = self.establish_main(observer).await?;
+        Ok(checkout)
+    }
+
+    async fn establish_main(
         &self,
         observer: &(dyn Fn(SystemTime) + Send + Sync),
     ) -> Result<ContractCheckout, EntitlementError> {
@@ -434,16 +631,37 @@ impl ContractHolder {
     ) {
         loop {
             let Some(held) = self.held() else { return };
-            let Some(expires) = held.expiration.as_deref().and_then(parse_rfc3339) else {
-                return; // PERPETUAL: nothing to extend.
-            };
             let now = self.clock.now();
-            let remaining = expires.duration_since(now).unwrap_or_default();
+            // The nearest expiry among the agent's checkout and the application's floating ones.
+            let expiries: Vec<SystemTime> = held
+                .expiration
+                .iter()
+                .cloned()
+                .chain(
+                    self.floating()
+                        .await
+                        .into_iter()
+                        .filter_map(|f| f.expiration),
+                )
+                .filter_map(|e| parse_rfc3339(&e))
+                .collect();
+            let Some(nearest) = expiries.iter().min().copied() else {
+                // PERPETUAL and nothing floating: wake once a while for floating checkouts.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.clock.sleep_until(now + Duration::from_secs(60)) => continue,
+                }
+            };
+            let remaining = nearest.duration_since(now).unwrap_or_default();
             let at = now + (remaining / 2).max(Duration::from_secs(30));
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = self.clock.sleep_until(at) => {}
             }
+            self.extend_floating().await;
+            let Some(expires) = held.expiration.as_deref().and_then(parse_rfc3339) else {
+                continue; // PERPETUAL: nothing to extend.
+            };
             match extend_once(&self.client, &held.consumption_token).await {
                 Ok(expiration) => {
                     let renewed = ContractCheckout {
@@ -476,8 +694,14 @@ impl ContractHolder {
         }
     }
 
-    /// Checks in a PROVISIONAL checkout (shutdown): its units go back to the pool now.
+    /// Checks in the application's floating checkouts and a PROVISIONAL checkout (shutdown):
+    /// their units go back to the pool now.
     pub async fn release(&self) {
+        for f in self.floating().await {
+            if let Err(e) = self.check_in_floating(&f.token).await {
+                warn!("a floating checkout was not checked in ({e}); it expires on its own");
+            }
+        }
         let Some(held) = self.held() else { return };
         if held.checkout_type != "PROVISIONAL" {
             return;

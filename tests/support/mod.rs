@@ -231,7 +231,12 @@ impl InProcessAgent {
         Target::Tcp(self.addr.to_string())
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, Value) {
         let (status, bytes) = local_client::call(
             &self.target(),
             method,
