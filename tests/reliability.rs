@@ -1507,3 +1507,89 @@ async fn no_secret_appears_in_debug_logs() {
         logs.lines().count()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Contract pricing: floating seats through kill -9
+
+/// The real binary on contract pricing, killed with SIGKILL again and again while the
+/// application takes floating seats through it (some requests cut off mid-way): after every
+/// restart the license holds at most the agent's own checkout and one consumption per seat
+/// request ever answered or in flight, never two of either; once the agent is gone for good,
+/// no seat stays checked out past the consumptions' expiry (emulator clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh"]
+async fn kill9_while_holding_floating_seats_leaks_and_doubles_no_seat() {
+    let iterations = env_usize("METERD_RELIABILITY_KILLS", 20).min(30);
+    let clock = ManualClock::new(SystemTime::now());
+    let s = BinaryRig::new(clock.clone(), "", "spread = \"0s\"").await;
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    let text = text
+        .replace("pricing = \"hourly+custom\"", "pricing = \"contract\"")
+        .replace(
+            &format!("[metering]\n{}", support::DEMO_METERING),
+            "[metering]",
+        );
+    let contract = format!(
+        "\n[contract]\nproduct_sku = \"{}\"\n[[contract.entitlements]]\nname = \"Tier\"\nunit = \"None\"\n",
+        support::PRODUCT
+    );
+    std::fs::write(&s.config_path, text + &contract).expect("contract config");
+
+    let holding = |s: &BinaryRig| -> Vec<meterd::emulator::license_manager::Consumption> {
+        let now = unix_seconds(clock.now());
+        s.emulator
+            .license_consumptions()
+            .into_iter()
+            .filter(|c| c.holds(now))
+            .collect()
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let mut asked = 0usize;
+    for i in 0..iterations {
+        let mut child = s.command(BIN, ACCESS_KEY).spawn().expect("spawn agent");
+        support::wait_ready(&s.addr, &mut child).await;
+        let held = holding(&s);
+        let own = held
+            .iter()
+            .filter(|c| c.entitlements.iter().any(|e| e.name == "Tier"))
+            .count();
+        assert_eq!(
+            own, 1,
+            "iteration {i}: the agent's own checkout, once: {held:?}"
+        );
+        assert!(
+            held.len() <= 1 + asked,
+            "iteration {i}: {} consumptions for {asked} seat requests: {held:?}",
+            held.len()
+        );
+        // A seat request, killed at a random point (before, during or after its answer).
+        asked += 1;
+        let body = json!({"name": "Seats", "count": 1, "id": format!("seat-{i}")}).to_string();
+        let target = Target::Tcp(s.addr.clone());
+        let request = tokio::spawn(async move {
+            local_client::call(
+                &target,
+                Method::POST,
+                "/v1/entitlements/checkout",
+                Some(body.into_bytes()),
+                None,
+                Duration::from_secs(5),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..40))).await;
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        let _ = request.await;
+    }
+    let held = holding(&s);
+    assert!(held.len() <= 1 + asked, "{held:?}");
+    // Gone for good: an hour and a minute later (the consumptions' lifetime), nothing holds.
+    clock.advance(Duration::from_secs(3660));
+    let left = holding(&s);
+    assert!(left.is_empty(), "seats still checked out: {left:?}");
+    println!(
+        "RELIABILITY contract_kill9: {iterations} kills, {} consumptions in all, none held twice, none left",
+        s.emulator.license_consumptions().len()
+    );
+}
