@@ -69,6 +69,8 @@ check "helm template (defaults)" render defaults
 check "helm template (ci/example-values.yaml)" render example -f "$CHART/ci/example-values.yaml"
 check "helm lint --strict (ci/tcp-values.yaml)" "$HELM" lint --strict "$CHART" -f "$CHART/ci/tcp-values.yaml"
 check "helm template (ci/tcp-values.yaml)" render tcp -f "$CHART/ci/tcp-values.yaml"
+check "helm lint --strict (ci/contract-values.yaml)" "$HELM" lint --strict "$CHART" -f "$CHART/ci/contract-values.yaml"
+check "helm template (ci/contract-values.yaml)" render contract -f "$CHART/ci/contract-values.yaml"
 for r in defaults example tcp; do
   check "kubernetes-validate --strict ${K8S_VERSIONS[0]}..${K8S_VERSIONS[-1]} ($r)" kv_all "$WORK/$r"
 done
@@ -209,13 +211,16 @@ configs_valid() {
   echo "token-for-check" >"$dir/token"
   sed -e 's/@PRODUCT_CODE@/prod-1234abcd/' -e 's/@PRICING@/hourly+custom/' deploy/container/meterd.toml >"$dir/container.toml"
   cp deploy/systemd/meterd.toml "$dir/systemd.toml"
-  for r in defaults example tcp monitoring seller/out; do
+  for r in defaults example tcp monitoring contract seller/out; do
     "$PYTHON" scripts/deploy_tests.py helm-config "$WORK/$r" "$dir/token" >"$dir/helm-${r%%/*}.toml" || return 1
   done
   for f in "$dir"/*.toml; do
     "$bin" check-config --config "$f" || return 1
   done
-  ls "$dir"/helm-*.toml >/dev/null
+  ls "$dir"/helm-*.toml >/dev/null &&
+    grep -q '^pricing = "contract"' "$dir/helm-contract.toml" &&
+    grep -q '^\[\[contract.entitlements\]\]' "$dir/helm-contract.toml" &&
+    ! grep -q '^\[metering\]' "$dir/helm-contract.toml"
 }
 check "meterd check-config on the image, systemd and rendered Helm configs" configs_valid
 

@@ -72,7 +72,7 @@ Amazon EKS add-on rules, which scripts/check-deploy.sh enforces.
 product_code = {{ include "meterd.productCode" . | quote }}
 pricing = {{ $m.pricing | quote }}
 platform = {{ $m.platform | quote }}
-{{- if ne $m.pricing "hourly" }}
+{{- if not (has $m.pricing (list "hourly" "contract")) }}
 
 [metering]
 dimensions = [{{ range $i, $d := $m.dimensions }}{{ if $i }}, {{ end }}{{ $d | quote }}{{ end }}]
@@ -110,6 +110,24 @@ endpoint_url = ""
 [sending]
 spread = "{{ int .spreadSeconds }}s"
 max_calls_per_second = {{ int .maxCallsPerSecond }}
+{{- end }}
+{{- if has $m.pricing (list "contract" "contract+custom") }}
+{{- with $m.contract }}
+
+[contract]
+product_sku = {{ .productSku | quote }}
+key_fingerprint = {{ .keyFingerprint | quote }}
+checkout_type = {{ .checkoutType | quote }}
+{{- range .entitlements }}
+
+[[contract.entitlements]]
+name = {{ .name | quote }}
+unit = {{ .unit | default "Count" | quote }}
+{{- if hasKey . "count" }}
+count = {{ int .count }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
