@@ -822,6 +822,31 @@ struct Admission {
     contract: Option<Arc<ContractHolder>>,
 }
 
+/// License Manager's client: credentials from the license token for a buyer outside AWS
+/// (`contract.license_token_file`), else from the SDK's chain (or the given settings).
+async fn license_client(
+    config: &Config,
+    settings: Option<&AwsSettings>,
+) -> aws_sdk_licensemanager::Client {
+    let from_config = AwsSettings::from_config(config);
+    let settings = settings.unwrap_or(&from_config);
+    let c = &config.contract;
+    if c.license_token_file.is_empty() {
+        crate::aws::build_license_client(settings).await
+    } else {
+        let settings = AwsSettings {
+            static_credentials: None,
+            ..settings.clone()
+        };
+        crate::aws::build_license_client_from_token(
+            &settings,
+            std::path::Path::new(&c.license_token_file),
+            &c.role_arn,
+        )
+        .await
+    }
+}
+
 /// `[contract]`'s entitlements as checkouts ask for them (a counted unit defaults to 1).
 fn contract_entitlements(config: &Config) -> Vec<WantedEntitlement> {
     config
@@ -855,10 +880,7 @@ async fn contract_holder(
         startup_budget: config.registration.startup_budget,
         backoff: Backoff::default(),
     };
-    let client = match license_aws {
-        Some(settings) => crate::aws::build_license_client(settings).await,
-        None => crate::aws::build_license_client(&AwsSettings::from_config(config)).await,
-    };
+    let client = license_client(config, license_aws).await;
     ContractHolder::new(
         client,
         settings,
@@ -1054,13 +1076,11 @@ pub async fn doctor(config: &Config) -> anyhow::Result<bool> {
     let clock: SharedClock = Arc::new(crate::clock::SystemClock);
     let env = platform::process_env;
     let license_client = if config.pricing.checks_out() {
-        Some(
-            crate::aws::build_license_client(&AwsSettings {
-                operation_timeout: Some(Duration::from_secs(10)),
-                ..AwsSettings::from_config(config)
-            })
-            .await,
-        )
+        let settings = AwsSettings {
+            operation_timeout: Some(Duration::from_secs(10)),
+            ..AwsSettings::from_config(config)
+        };
+        Some(license_client(config, Some(&settings)).await)
     } else {
         None
     };

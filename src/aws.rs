@@ -44,6 +44,10 @@ impl AwsSettings {
 /// The SDK configuration every client shares: SDK retries disabled (meterd retries itself),
 /// timeouts, region, endpoint and credentials from `settings`.
 async fn sdk_config(settings: &AwsSettings) -> aws_config::SdkConfig {
+    loader(settings).load().await
+}
+
+fn loader(settings: &AwsSettings) -> aws_config::ConfigLoader {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .retry_config(RetryConfig::disabled())
         .timeout_config(
@@ -71,7 +75,7 @@ async fn sdk_config(settings: &AwsSettings) -> aws_config::SdkConfig {
             "meterd-static",
         ));
     }
-    loader.load().await
+    loader
 }
 
 /// The Metering Service client.
@@ -82,6 +86,108 @@ pub async fn build_client(settings: &AwsSettings) -> Client {
 /// The License Manager client (contract pricing), from the same settings.
 pub async fn build_license_client(settings: &AwsSettings) -> aws_sdk_licensemanager::Client {
     aws_sdk_licensemanager::Client::new(&sdk_config(settings).await)
+}
+
+/// The License Manager client of a buyer outside AWS (License Manager for Anywhere): its
+/// credentials come from the buyer's license token ([`LicenseTokenCredentials`]), not from
+/// the SDK's chain; region and endpoint from `settings`.
+pub async fn build_license_client_from_token(
+    settings: &AwsSettings,
+    token_file: &std::path::Path,
+    role_arn: &str,
+) -> aws_sdk_licensemanager::Client {
+    let anonymous = loader(settings).no_credentials().load().await;
+    let provider = LicenseTokenCredentials {
+        token_file: token_file.to_owned(),
+        role_arn: role_arn.to_owned(),
+        // GetAccessToken is modelled as signed, but the token is the buyer's only credential.
+        license_manager: aws_sdk_licensemanager::Client::from_conf(
+            aws_sdk_licensemanager::config::Builder::from(&anonymous)
+                .allow_no_auth()
+                .build(),
+        ),
+        sts: aws_sdk_sts::Client::new(&anonymous),
+    };
+    let config = aws_sdk_licensemanager::config::Builder::from(&anonymous)
+        .credentials_provider(provider)
+        .build();
+    aws_sdk_licensemanager::Client::from_conf(config)
+}
+
+/// Credentials from a License Manager license token, the way AWS describes it for buyers
+/// without the AWS credential chain: the token (a file the buyer provides) goes to
+/// GetAccessToken, unsigned; the access token to STS AssumeRoleWithWebIdentity for the role
+/// (`AWSLicenseManagerConsumptionRole`); the role's temporary credentials sign the calls. The
+/// SDK caches them and asks again before they expire.
+#[derive(Debug)]
+pub struct LicenseTokenCredentials {
+    token_file: std::path::PathBuf,
+    role_arn: String,
+    license_manager: aws_sdk_licensemanager::Client,
+    sts: aws_sdk_sts::Client,
+}
+
+impl LicenseTokenCredentials {
+    async fn fetch(&self) -> aws_credential_types::provider::Result {
+        use aws_credential_types::provider::error::CredentialsError;
+        let token = std::fs::read_to_string(&self.token_file).map_err(|e| {
+            CredentialsError::not_loaded(format!(
+                "contract.license_token_file {}: {e}",
+                self.token_file.display()
+            ))
+        })?;
+        let access = self
+            .license_manager
+            .get_access_token()
+            .token(token.trim())
+            .send()
+            .await
+            .map_err(|e| {
+                CredentialsError::provider_error(format!(
+                    "GetAccessToken: {}",
+                    CallFailure::from_sdk(&e)
+                ))
+            })?;
+        let access = access.access_token().unwrap_or_default();
+        let assumed = self
+            .sts
+            .assume_role_with_web_identity()
+            .role_arn(&self.role_arn)
+            .role_session_name("meterd")
+            .web_identity_token(access)
+            .send()
+            .await
+            .map_err(|e| {
+                CredentialsError::provider_error(format!(
+                    "AssumeRoleWithWebIdentity: {}",
+                    CallFailure::from_sdk(&e)
+                ))
+            })?;
+        let Some(c) = assumed.credentials() else {
+            return Err(CredentialsError::provider_error(
+                "AssumeRoleWithWebIdentity returned no credentials",
+            ));
+        };
+        let expires = std::time::SystemTime::try_from(*c.expiration()).ok();
+        Ok(aws_credential_types::Credentials::new(
+            c.access_key_id(),
+            c.secret_access_key(),
+            Some(c.session_token().to_owned()),
+            expires,
+            "meterd-license-token",
+        ))
+    }
+}
+
+impl aws_credential_types::provider::ProvideCredentials for LicenseTokenCredentials {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(self.fetch())
+    }
 }
 
 /// Why a call to the Metering Service did not succeed, reduced to what callers branch on.

@@ -140,6 +140,14 @@ pub struct ContractConfig {
     pub checkout_type: String,
     #[serde(default)]
     pub entitlements: Vec<ContractEntitlement>,
+    /// License Manager for Anywhere (a buyer outside AWS): the file holding the buyer's
+    /// license token. With it, the License Manager calls are signed with the credentials of
+    /// `role_arn`, got through GetAccessToken and AssumeRoleWithWebIdentity.
+    #[serde(default)]
+    pub license_token_file: String,
+    /// The role the license token's access token assumes (`AWSLicenseManagerConsumptionRole`).
+    #[serde(default)]
+    pub role_arn: String,
 }
 
 /// One entitlement to check out: a feature (`unit = "None"`, no count) or `count` units.
@@ -170,6 +178,8 @@ impl Default for ContractConfig {
             key_fingerprint: marketplace_fingerprint(),
             checkout_type: provisional(),
             entitlements: Vec::new(),
+            license_token_file: String::new(),
+            role_arn: String::new(),
         }
     }
 }
@@ -766,6 +776,35 @@ impl Config {
                 "contract.entitlements must list 1 to {MAX_CONTRACT_ENTITLEMENTS} entitlements to check out, got {}",
                 c.entitlements.len()
             ));
+        }
+        match (c.license_token_file.is_empty(), c.role_arn.is_empty()) {
+            (true, true) => {}
+            (false, false) => {
+                if !Path::new(&c.license_token_file).is_absolute() {
+                    problems.push(format!(
+                        "contract.license_token_file {:?} must be an absolute path",
+                        c.license_token_file
+                    ));
+                }
+                let role = c.role_arn.split(':').collect::<Vec<_>>();
+                let is_role = role.len() == 6
+                    && role[0] == "arn"
+                    && role[1].starts_with("aws")
+                    && role[2] == "iam"
+                    && role[4].len() == 12
+                    && role[4].bytes().all(|b| b.is_ascii_digit())
+                    && role[5].starts_with("role/");
+                if !is_role {
+                    problems.push(format!(
+                        "contract.role_arn {:?} is not a role ARN (arn:aws:iam::123456789012:role/AWSLicenseManagerConsumptionRole)",
+                        c.role_arn
+                    ));
+                }
+            }
+            _ => problems.push(
+                "contract.license_token_file and contract.role_arn go together (License Manager for Anywhere): set both or neither"
+                    .to_owned(),
+            ),
         }
         let mut names = BTreeSet::new();
         for e in &c.entitlements {

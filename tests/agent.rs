@@ -2510,3 +2510,50 @@ async fn two_agents_compete_for_floating_seats_and_none_leaks() {
         .collect();
     assert!(left.is_empty(), "nothing stays checked out: {left:?}");
 }
+
+/// License Manager for Anywhere: a buyer outside AWS has no credential chain, only a license
+/// token. meterd exchanges it (GetAccessToken, unsigned; AssumeRoleWithWebIdentity for the
+/// consumption role) and checks out with the role's temporary credentials; the emulator
+/// takes no other signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anywhere_buyer_checks_out_with_credentials_from_its_license_token() {
+    let mut emulator_config = EmulatorConfig::demo();
+    emulator_config.credentials = BTreeMap::from([("AKIDNOBODYUSES".to_owned(), "x".to_owned())]);
+    let h = Harness::with_emulator(H0 + 300, emulator_config).await;
+    let token_file = h.dir.path().join("license-token");
+    std::fs::write(&token_file, emulator::config::DEMO_LICENSE_TOKEN).expect("token file");
+    let mut config = contract_config(&h, 1);
+    config.contract.license_token_file = token_file.display().to_string();
+    config.contract.role_arn =
+        "arn:aws:iam::111122223333:role/AWSLicenseManagerConsumptionRole".to_owned();
+    assert_eq!(config.problems(), Vec::<String>::new());
+    let agent = h.start_agent(config).await;
+    let (status, body) = agent.get("/v1/entitlements").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let calls = h.emulator.calls();
+    let op = |name: &str| calls.iter().find(|c| c.operation == name).cloned();
+    let exchange = op("GetAccessToken").expect("the token was exchanged");
+    assert_eq!(exchange.identity, None, "GetAccessToken goes unsigned");
+    let checkout = op("CheckoutLicense").expect("checked out");
+    assert!(
+        checkout
+            .identity
+            .as_deref()
+            .is_some_and(|k| k.starts_with("ASIA")),
+        "signed with the role's temporary credentials: {checkout:?}"
+    );
+    let held = consumptions(&h);
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].account, "111122223333");
+    agent.stop().await;
+    assert!(consumptions(&h)[0].checked_in);
+
+    // A config with one of the two keys is refused, naming both.
+    let mut half = contract_config(&h, 1);
+    half.contract.license_token_file = token_file.display().to_string();
+    assert!(half
+        .problems()
+        .iter()
+        .any(|p| p.contains("contract.license_token_file and contract.role_arn")));
+}
