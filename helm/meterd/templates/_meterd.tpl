@@ -118,6 +118,10 @@ max_calls_per_second = {{ int .maxCallsPerSecond }}
 product_sku = {{ .productSku | quote }}
 key_fingerprint = {{ .keyFingerprint | quote }}
 checkout_type = {{ .checkoutType | quote }}
+{{- if .licenseTokenSecret }}
+license_token_file = "/var/run/secrets/meterd-license/license_token"
+role_arn = {{ .roleArn | quote }}
+{{- end }}
 {{- range .entitlements }}
 
 [[contract.entitlements]]
@@ -213,6 +217,11 @@ data:
       mountPath: {{ include "meterd.tokenDir" . }}
       readOnly: true
     {{- end }}
+    {{- if ($m.contract | default dict).licenseTokenSecret }}
+    - name: meterd-license
+      mountPath: /var/run/secrets/meterd-license
+      readOnly: true
+    {{- end }}
 {{- end -}}
 
 {{/* Environment for the application: where meterd listens (METERD_SOCKET, or METERD_URL
@@ -268,6 +277,12 @@ data:
 - name: meterd-token
   secret:
     secretName: {{ $m.auth.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- with ($m.contract | default dict).licenseTokenSecret }}
+- name: meterd-license
+  secret:
+    secretName: {{ . }}
     defaultMode: 0440
 {{- end }}
 {{- end -}}
