@@ -284,7 +284,9 @@ class Rig:
                 f'[server]\nlisten = "{addr}"\ngrace_period = "60s"\n'
                 f"[state]\ndir = {json.dumps(state)}\n"
                 f'[aws]\nregion = "us-east-1"\nendpoint_url = "http://{self.emu_addr}"\n'
-                f'[sending]\nseal_delay = "2s"\n'
+                # The pipeline's own speed: not the fleet's call limit (2 a second by default,
+                # which alone makes 24 records take 12 s; docs/PERFORMANCE.md).
+                f'[sending]\nseal_delay = "2s"\nmax_calls_per_second = 1000\n'
             )
         return path
 
