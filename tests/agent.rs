@@ -2557,3 +2557,30 @@ async fn an_anywhere_buyer_checks_out_with_credentials_from_its_license_token() 
         .iter()
         .any(|p| p.contains("contract.license_token_file and contract.role_arn")));
 }
+
+/// A PERPETUAL checkout draws units down for good: the agent is ready on it, a restart reuses
+/// it from the ledger instead of drawing down again, and a stop does not check it in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_perpetual_checkout_is_drawn_down_once_across_restarts() {
+    let h = Harness::new(H0 + 300).await;
+    let mut config = contract_config(&h, 4);
+    config.contract.checkout_type = "perpetual".to_owned();
+    let agent = h.start_agent(config.clone()).await;
+    let (_, body) = agent.get("/v1/entitlements").await;
+    assert_eq!(body["checkout_type"], "PERPETUAL", "{body}");
+    assert_eq!(body["expiration"], Value::Null);
+    agent.stop().await;
+    let after = consumptions(&h);
+    assert_eq!(after.len(), 1);
+    assert!(!after[0].checked_in, "a drawdown is not checked in");
+
+    h.advance_to(H0 + 10 * HOUR_SECS);
+    let again = h.start_agent(config).await;
+    assert_eq!(consumptions(&h).len(), 1, "no second drawdown");
+    // 4 of 10 seats drawn down for good: 7 more do not fit.
+    let (status, _) = take(&again, 7, None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = take(&again, 6, None).await;
+    assert_eq!(status, StatusCode::OK);
+    again.stop().await;
+}
