@@ -80,28 +80,20 @@ pub struct Listeners {
 impl Listeners {
     /// Binds what the configuration asks for. The Unix socket gets mode 0660.
     pub async fn bind(config: &Config) -> Result<Self, AgentError> {
+        let bind = |addr: std::net::SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| AgentError::Listen {
+                    what: addr.to_string(),
+                    detail: e.to_string(),
+                })
+        };
         let mut listeners = Listeners::default();
         if let Some(addr) = config.listen_addr() {
-            listeners.tcp =
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|e| AgentError::Listen {
-                            what: addr.to_string(),
-                            detail: e.to_string(),
-                        })?,
-                );
+            listeners.tcp = Some(bind(addr).await?);
         }
         if let Ok(addr) = config.server.metrics_listen.parse::<std::net::SocketAddr>() {
-            listeners.metrics =
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|e| AgentError::Listen {
-                            what: addr.to_string(),
-                            detail: e.to_string(),
-                        })?,
-                );
+            listeners.metrics = Some(bind(addr).await?);
         }
         if !config.server.unix_socket.is_empty() {
             listeners.unix = Some(UnixSocket::bind(&PathBuf::from(
