@@ -685,8 +685,7 @@ async fn establish_entitlement(
 ) -> Result<Admission, EntitlementError> {
     let mode = match entitlement_route(config.pricing, platform)? {
         Route::Contract => {
-            let holder =
-                Arc::new(contract_holder(config, ledger, clock, status, license_aws).await);
+            let holder = Arc::new(contract_holder(config, ledger, clock, license_aws).await);
             let checkout = counted(
                 metrics,
                 "CheckoutLicense",
@@ -853,13 +852,12 @@ fn contract_entitlements(config: &Config) -> Vec<WantedEntitlement> {
         .collect()
 }
 
-/// Contract pricing's holder: `[contract]`, the License Manager client from `[aws]`, the
-/// ledger that keeps the checkout, and the status board that shows it.
+/// Contract pricing's holder: `[contract]`, the License Manager client from `[aws]`, and the
+/// ledger that keeps the checkout (`GET /v1/entitlements` reads the holder).
 async fn contract_holder(
     config: &Config,
     ledger: &Ledger,
     clock: &SharedClock,
-    status: &Arc<StatusBoard>,
     license_aws: Option<&AwsSettings>,
 ) -> ContractHolder {
     let c = &config.contract;
@@ -873,13 +871,7 @@ async fn contract_holder(
         backoff: Backoff::default(),
     };
     let client = license_client(config, license_aws).await;
-    ContractHolder::new(
-        client,
-        settings,
-        ledger.clone(),
-        clock.clone(),
-        status.clone(),
-    )
+    ContractHolder::new(client, settings, ledger.clone(), clock.clone())
 }
 
 /// The `operation` label of the start-up DryRun in `meterd_aws_calls_total`.

@@ -753,11 +753,15 @@ impl Api {
         if !self.config.pricing.checks_out() {
             return error_response(&self.no_contract());
         }
-        let floating = match self.contract.get() {
-            Some(holder) => holder.floating().await,
-            None => Vec::new(),
+        let Some(holder) = self.contract.get() else {
+            return error_response(&Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_entitled_yet",
+                "no license checkout is held (start-up has not checked out yet)",
+            ));
         };
-        match self.status.contract() {
+        let floating = holder.floating().await;
+        match holder.held() {
             Some(held) => json_response(
                 StatusCode::OK,
                 &json!({

@@ -99,8 +99,6 @@ pub struct StatusBoard {
     ready: AtomicBool,
     /// The ledger's own flag ([`crate::ledger::Ledger::writable_flag`]).
     ledger_writable: Arc<AtomicBool>,
-    /// Contract pricing: the license checkout the agent holds.
-    contract: RwLock<Option<crate::entitlement::contract::ContractCheckout>>,
 }
 
 impl StatusBoard {
@@ -114,19 +112,7 @@ impl StatusBoard {
             sender: RwLock::new(SenderStatus::default()),
             ready: AtomicBool::new(false),
             ledger_writable,
-            contract: RwLock::new(None),
         }
-    }
-
-    pub fn contract(&self) -> Option<crate::entitlement::contract::ContractCheckout> {
-        self.contract
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub fn set_contract(&self, held: Option<crate::entitlement::contract::ContractCheckout>) {
-        *self.contract.write().unwrap_or_else(|e| e.into_inner()) = held;
     }
 
     pub fn entitlement(&self) -> EntitlementStatus {

@@ -1876,12 +1876,7 @@ async fn agent_on_issued_credentials(
     .expect("usage accepted");
     assert_eq!(status, StatusCode::OK);
     // SIGTERM: the agent sends the open hour before it exits.
-    let pid = child.id().expect("running");
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    support::sigterm(&child);
     let exit = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .expect("exits within grace")

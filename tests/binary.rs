@@ -41,16 +41,6 @@ async fn spawn_ready(s: &BinaryRig) -> Child {
     child
 }
 
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("running child");
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
 /// Every acknowledged count is billed exactly once, however often the agent is SIGKILLed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
@@ -121,7 +111,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     for c in clients {
         c.await.expect("client");
     }
-    sigterm(&child);
+    support::sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exits within grace")
@@ -197,7 +187,7 @@ async fn sigterm_flushes_the_open_hour_and_a_second_process_is_refused() {
         .expect("health");
     assert!(health.success());
 
-    sigterm(&child);
+    support::sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exit in grace")
@@ -293,7 +283,7 @@ async fn no_second_agent_by_a_deleted_lock_file_a_linked_ledger_or_another_users
         println!("skipped the other-uid case: it needs root to chown to uid 65534");
     }
 
-    sigterm(&child);
+    support::sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exit in grace")
@@ -330,7 +320,7 @@ async fn a_final_flush_that_cannot_seal_the_open_hour_exits_74() {
     assert_eq!(changed, 1);
     drop(ledger);
 
-    sigterm(&child);
+    support::sigterm(&child);
     let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .expect("exit in grace")
@@ -607,7 +597,7 @@ async fn a_quarantined_ledger_is_kept_intact_and_readable_and_the_agent_starts_e
         &s.config_path,
     );
     assert!(report.status.success(), "{report:?}");
-    sigterm(&child);
+    support::sigterm(&child);
     let status = child.wait().await.expect("wait");
     assert!(status.success(), "{status}");
     let billed = s.emulator.records();
@@ -663,7 +653,7 @@ async fn a_quarantined_ledger_is_kept_intact_and_readable_and_the_agent_starts_e
         metrics.contains("meterd_ledger_quarantined_files 1\n"),
         "{metrics}"
     );
-    sigterm(&child);
+    support::sigterm(&child);
     assert!(child.wait().await.expect("wait").success());
     assert_eq!(
         std::fs::read(&moved).expect("quarantined"),
@@ -727,7 +717,7 @@ async fn a_quarantined_ledger_is_kept_intact_and_readable_and_the_agent_starts_e
         .spawn()
         .expect("spawn");
     support::wait_ready(&s.addr, &mut child).await;
-    sigterm(&child);
+    support::sigterm(&child);
     let out = child.wait_with_output().await.expect("wait");
     assert!(out.status.success(), "{out:?}");
     let log = String::from_utf8_lossy(&out.stderr);
@@ -784,7 +774,7 @@ async fn the_metrics_listener_serves_metrics_and_probes_only() {
         get(Method::GET, "/v1/status").await.0,
         StatusCode::NOT_FOUND
     );
-    sigterm(&child);
+    support::sigterm(&child);
     assert!(child.wait().await.expect("wait").success());
 }
 
@@ -828,7 +818,7 @@ async fn the_audit_file_has_one_line_per_billed_record_after_faults_and_sigkill(
     );
     assert!(report.status.success(), "{report:?}");
     // SIGTERM starts the flush; SIGKILL lands somewhere in it (sent, not yet exported, ...).
-    sigterm(&child);
+    support::sigterm(&child);
     let pause = rand::thread_rng().gen_range(5..80);
     tokio::time::sleep(Duration::from_millis(pause)).await;
     let _ = child.start_kill();

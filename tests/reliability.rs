@@ -1133,18 +1133,8 @@ async fn bin_rig(clock: SharedClock, server_extra: &str) -> BinaryRig {
     BinaryRig::new(clock, server_extra, sending).await
 }
 
-fn signal(child: &Child, sig: &str) {
-    let pid = child.id().expect("running child");
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
 async fn sigterm_and_wait(mut child: Child) -> (std::process::ExitStatus, String) {
-    signal(&child, "TERM");
+    support::sigterm(&child);
     let mut stderr = child.stderr.take();
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await

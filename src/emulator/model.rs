@@ -97,6 +97,12 @@ impl Operation {
         }
     }
 
+    /// Whether a call may come without a signature: GetAccessToken, whose license token is
+    /// the caller's only credential (License Manager for Anywhere).
+    pub fn may_be_unsigned(self) -> bool {
+        self == Operation::GetAccessToken
+    }
+
     /// Parses the `X-Amz-Target` header value.
     pub fn from_target(target: &str) -> Option<Self> {
         Self::ALL

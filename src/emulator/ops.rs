@@ -682,6 +682,7 @@ impl Service {
                 customer_identifier(record),
                 record.customer_aws_account_id.as_deref(),
             );
+            let hour = hour_floor(record.timestamp.floor() as i64);
             let (identifier, account, key) = match license {
                 // The license is the entitlement: its account is the customer.
                 Some(license) => (
@@ -691,7 +692,7 @@ impl Service {
                         account: license.customer_aws_account_id.clone(),
                         license_arn: license.arn.clone(),
                         dimension: record.dimension.clone(),
-                        hour: hour_floor(record.timestamp.floor() as i64),
+                        hour,
                     },
                 ),
                 None => {
@@ -708,12 +709,11 @@ impl Service {
                             customer: customer.identifier.clone(),
                             product_code: product.code.clone(),
                             dimension: record.dimension.clone(),
-                            hour: hour_floor(record.timestamp.floor() as i64),
+                            hour,
                         },
                     )
                 }
             };
-            let hour = hour_floor(record.timestamp.floor() as i64);
             let allocations = record.usage_allocations.clone().unwrap_or_default();
             if let Some(&j) = state.batch_index.get(&key) {
                 let existing = &state.batch_records[j];

@@ -253,9 +253,8 @@ fn admit(
         ));
     };
     let signed = req.signed(body);
-    // GetAccessToken is how a buyer without AWS credentials gets some: it may come unsigned.
-    let unsigned = op == Operation::GetAccessToken
-        && !req.parts.headers.contains_key(http::header::AUTHORIZATION);
+    let unsigned =
+        op.may_be_unsigned() && !req.parts.headers.contains_key(http::header::AUTHORIZATION);
     let verified = if unsigned {
         sigv4::Verified {
             caller: sigv4::Caller {

@@ -347,8 +347,6 @@ pub struct ContractHolder {
     settings: ContractSettings,
     ledger: crate::ledger::Ledger,
     clock: SharedClock,
-    /// Shows the checkout (`GET /v1/entitlements`).
-    status: std::sync::Arc<crate::status::StatusBoard>,
     held: std::sync::Mutex<Option<ContractCheckout>>,
     /// The application's floating checkouts, by token; written through to the ledger.
     floating: tokio::sync::Mutex<std::collections::BTreeMap<String, Floating>>,
@@ -361,14 +359,12 @@ impl ContractHolder {
         settings: ContractSettings,
         ledger: crate::ledger::Ledger,
         clock: SharedClock,
-        status: std::sync::Arc<crate::status::StatusBoard>,
     ) -> Self {
         Self {
             client,
             settings,
             ledger,
             clock,
-            status,
             held: std::sync::Mutex::new(None),
             floating: tokio::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
@@ -535,7 +531,6 @@ impl ContractHolder {
             .await
             .map_err(|e| EntitlementError::Held(e.to_string()))?;
         *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(checkout.clone());
-        self.status.set_contract(Some(checkout.clone()));
         Ok(())
     }
 
@@ -720,7 +715,7 @@ impl ContractHolder {
         {
             Ok(_) => {
                 info!(license = %held.license_arn, "checked in the license consumption");
-                self.status.set_contract(None);
+                *self.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 if let Err(e) = self.ledger.put_state(HELD_KEY, None).await {
                     warn!("checked in, but the ledger still names the checkout: {e}");
                 }

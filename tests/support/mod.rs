@@ -84,6 +84,17 @@ endpoint_url = "{endpoint}"
     )
 }
 
+/// Sends SIGTERM to a running child (the agent's shutdown path).
+pub fn sigterm(child: &Child) {
+    let pid = child.id().expect("running child");
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
 /// `meterd run` with a cleared environment, static credentials and IMDS disabled, so nothing
 /// leaves loopback. Callers may add variables.
 pub fn agent_command(bin: &str, config: &Path, cwd: &Path, access_key: &str) -> Command {
