@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::aws::AwsSettings;
-use crate::clock::{from_unix_seconds, hour_floor, rfc3339, unix_seconds, SharedClock, HOUR_SECS};
+use crate::clock::{from_unix_seconds, rfc3339, unix_seconds, SharedClock, HOUR_SECS};
 use crate::config::{Config, PlatformSetting, Pricing};
 use crate::entitlement::contract::{ContractHolder, ContractSettings, WantedEntitlement};
 use crate::entitlement::{
@@ -28,6 +28,7 @@ use crate::ingest::{Api, Via, Vocabulary};
 use crate::ledger::{Ledger, LedgerError, SealPolicy};
 use crate::metrics::Metrics;
 use crate::platform::{self, Platform};
+use crate::seal::schedule::{report_seal, seal_loop};
 use crate::send::Sender;
 use crate::serve::{serve, ConnectionLimits, ServeSettings};
 use crate::status::{EntitlementState, EntitlementStatus, StatusBoard};
@@ -951,51 +952,6 @@ async fn heartbeat_loop(timer: Arc<RunTimer>, clock: SharedClock, stop: Cancella
     }
 }
 
-/// Seals each hour shortly after it closes (and any closed hours left from before a restart).
-#[allow(clippy::too_many_arguments)]
-async fn seal_loop(
-    ledger: Ledger,
-    clock: SharedClock,
-    policy: SealPolicy,
-    seal_delay: Duration,
-    wake: Arc<Notify>,
-    metrics: Arc<Metrics>,
-    run_timer: Option<Arc<RunTimer>>,
-    stop: CancellationToken,
-) {
-    let delay = i64::try_from(seal_delay.as_secs()).unwrap_or(0);
-    loop {
-        if let Some(timer) = &run_timer {
-            // The closing hours' running time is complete before they are sealed.
-            if let Err(e) = timer.record().await {
-                tracing::warn!(error = %e, "could not record running time before sealing");
-            }
-        }
-        let now = unix_seconds(clock.now());
-        let closed_before = hour_floor(now - delay);
-        let next_check = match ledger
-            .seal_through(closed_before, now, policy.clone())
-            .await
-        {
-            Ok(outcome) => {
-                if !outcome.hours.is_empty() {
-                    report_seal(&outcome, &metrics);
-                    wake.notify_one();
-                }
-                from_unix_seconds(closed_before + HOUR_SECS + delay)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "sealing failed; retrying shortly");
-                clock.now() + Duration::from_secs(5)
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = clock.sleep_until(next_check) => {}
-        }
-    }
-}
-
 /// How often a ledger that refused a write is tried again with a small write.
 const WRITABLE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -1012,28 +968,6 @@ async fn watch_writable(ledger: Ledger, clock: SharedClock, stop: CancellationTo
                 tracing::warn!(error = %e, "the ledger still refuses writes");
             }
         }
-    }
-}
-
-fn report_seal(outcome: &crate::ledger::SealOutcome, metrics: &Metrics) {
-    metrics.records_sealed.inc_by(outcome.records as u64);
-    metrics
-        .tag_sets_folded
-        .inc_by(outcome.folded_tag_sets as u64);
-    for hour in &outcome.hours {
-        tracing::info!(hour = %rfc3339(*hour), "hour sealed");
-    }
-    if outcome.ignored_rows > 0 {
-        tracing::warn!(
-            rows = outcome.ignored_rows,
-            "usage recorded under another aggregation than the configured one (metering.aggregation or metering.heartbeat changed within the hour) was not billed"
-        );
-    }
-    if outcome.folded_tag_sets > 0 {
-        tracing::warn!(
-            folded = outcome.folded_tag_sets,
-            "tag sets beyond metering.max_allocations were folded into the untagged allocation"
-        );
     }
 }
 

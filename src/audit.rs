@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::rfc3339;
 use crate::config::AuditConfig;
-use crate::ledger::{Ledger, LedgerError, StoredRecord};
+use crate::ledger::{Ledger, LedgerError};
+use crate::model::StoredRecord;
 
 /// How often the trail looks for newly final records while the agent runs.
 pub const EXPORT_INTERVAL: Duration = Duration::from_secs(1);

@@ -25,9 +25,11 @@ use subtle::ConstantTimeEq;
 
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::config::Config;
-use crate::ledger::{Event, Ledger, LedgerError, Measure};
+use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{unsent_age_seconds, DiskSpace, Metrics};
-use crate::model::{self, Aggregation, TagSet, DISTINCT_MAX_CHARS, MAX_QUANTITY, MAX_TAG_KEYS};
+use crate::model::{
+    self, Aggregation, Event, Measure, TagSet, DISTINCT_MAX_CHARS, MAX_QUANTITY, MAX_TAG_KEYS,
+};
 use crate::serve::{read_body, BodyError, Slot};
 use crate::status::{MeteringHealth, StatusBoard};
 

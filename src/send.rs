@@ -30,8 +30,9 @@ use tracing::Instrument;
 use crate::aws::CallFailure;
 use crate::backoff::Backoff;
 use crate::clock::{rfc3339, unix_millis, unix_seconds, SharedClock, HOUR_SECS};
-use crate::ledger::{Delivery, Ledger, LedgerError, RecordState, StoredRecord, REPORT_WINDOW_SECS};
+use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
+use crate::model::{Delivery, RecordState, StoredRecord, REPORT_WINDOW_SECS};
 use crate::rate::RateLimiter;
 use crate::status::StatusBoard;
 

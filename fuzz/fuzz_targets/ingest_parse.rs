@@ -7,8 +7,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use meterd::ingest::{parse_usage, Vocabulary, MAX_BATCH_EVENTS, MAX_ID_CHARS};
-use meterd::ledger::Measure;
-use meterd::model::{Aggregation, DISTINCT_MAX_CHARS};
+use meterd::model::{Aggregation, Measure, DISTINCT_MAX_CHARS};
 
 fn vocabulary() -> &'static Vocabulary {
     static V: OnceLock<Vocabulary> = OnceLock::new();

@@ -40,6 +40,9 @@ use rustix::io::Errno;
 
 use super::{LedgerError, LEDGER_FILE};
 
+#[cfg(test)]
+mod tests;
+
 /// The agent's private directory inside `state.dir`.
 pub const PRIVATE_DIR: &str = "private";
 /// The files SQLite keeps beside a database, by suffix.

@@ -1,7 +1,15 @@
 //! Sealing: a closed hour's counters become one record per configured dimension.
 //!
-//! Pure functions only; the ledger calls them inside the transaction that persists the result,
-//! so a sealed record exists on disk before its first send and never changes afterwards.
+//! Everything about sealing starts here. "Why was hour X (not) sealed, and with what?":
+//! - *when*: [`schedule`], the hourly loop (`seal_loop`): each hour is sealed `sending.seal_delay`
+//!   after it closes, closed hours left from before a restart at once, the open hour by the
+//!   shutdown flush; it logs every sealed hour (`report_seal`).
+//! - *what*: this module, pure functions: the quantity and allocations of each dimension-hour,
+//!   the record timestamp and the ClientToken.
+//! - *how it is stored*: the transaction in `ledger/seal.rs` (`Ledger::seal_through`), which calls
+//!   [`seal_hour`] inside the transaction that persists the result, so a sealed record exists on
+//!   disk before its first send and never changes afterwards; it then runs the ledger's
+//!   retention step in the same transaction.
 //!
 //! # How each aggregation becomes a quantity and its UsageAllocations
 //! The allocations of a record always add up to its quantity (a property test says so):
@@ -28,39 +36,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::HOUR_SECS;
-use crate::model::{Aggregation, TagSet};
+use crate::model::{Aggregation, Allocation, TagSet, UsageRow};
 
-/// One counter row of an hour: a dimension and tag set with its value under an aggregation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRow {
-    pub dimension: String,
-    pub tags: TagSet,
-    /// `sum`: the total; `max`: the tag set's largest quantity; `last`: its last quantity;
-    /// `unique`: the distinct values first seen with this tag set.
-    pub quantity: i64,
-    /// The aggregation the row was recorded under.
-    pub aggregation: Aggregation,
-    /// `max`: the receive sequence at which `quantity` was first reached; `last`: the receive
-    /// sequence of the last event; 0 otherwise. Sequences grow with every event received.
-    pub seq: i64,
-}
-
-impl UsageRow {
-    /// A `sum` row.
-    pub fn sum(dimension: &str, tags: TagSet, quantity: i64) -> Self {
-        Self {
-            dimension: dimension.to_owned(),
-            tags,
-            quantity,
-            aggregation: Aggregation::Sum,
-            seq: 0,
-        }
-    }
-}
+pub mod schedule;
 
 /// What sealing needs besides the counters.
 #[derive(Debug, Clone, Default)]
@@ -78,13 +59,6 @@ impl SealPolicy {
     pub fn aggregation_of(&self, dimension: &str) -> Aggregation {
         self.aggregation.get(dimension).copied().unwrap_or_default()
     }
-}
-
-/// A bucket of a record's quantity. Empty `tags` is the untagged bucket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Allocation {
-    pub quantity: i64,
-    pub tags: TagSet,
 }
 
 /// What one MeterUsage call will carry for a dimension-hour.
