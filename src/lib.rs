@@ -5,7 +5,8 @@
 //! - [`config`]: the agent's TOML configuration, validated in full before anything starts.
 //! - [`ingest`]: the local HTTP API (`POST /v1/usage` and friends) on TCP and a Unix socket.
 //! - [`ledger`]: the durable SQLite ledger with group commit; a 200 means fsynced.
-//! - [`seal`]: turns a closed hour's counters into one record per dimension, with allocations.
+//! - [`seal`]: turns a closed hour's counters into one record per dimension, with allocations;
+//!   [`seal::schedule`] decides when each hour is sealed.
 //! - [`send`]: delivers sealed records with MeterUsage, retrying until AWS confirms.
 //! - [`entitlement`]: RegisterUsage at start-up and PS256 verification against the keyring.
 //! - [`audit`]: each record's final outcome exported once as a JSON line and/or log event.
@@ -13,7 +14,8 @@
 //!
 //! Beside the agent: `emulator` (cargo feature `emulator`, on by default, off in the production
 //! image), a faithful Metering Service for tests and sellers;
-//! [`clock`], wall-clock time as a dependency; [`rate`], the send limit and the emulator's
+//! [`model`], the value types the steps share and the service's rules; [`clock`], wall-clock
+//! time as a dependency; [`rate`], the send limit and the emulator's
 //! quotas; [`aws`], the SDK client and error classes.
 
 #![forbid(unsafe_code)]

@@ -1,4 +1,6 @@
-//! Value types shared by ingest, ledger and seal, with the Metering Service's own limits.
+//! Value types shared by ingest, ledger, seal and send, with the Metering Service's own limits
+//! and rules: what an event is, what a sealed record is and which delivery states it takes,
+//! how long ids and timestamps stay valid, and which hour usage counts in ([`attributed_hour`]).
 
 use std::collections::BTreeMap;
 
