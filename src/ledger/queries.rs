@@ -132,3 +132,45 @@ fn record_state(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Reco
         rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::clock::HOUR_SECS;
+    use crate::ledger::test_support::*;
+    use crate::ledger::{ledger_path, read_records_of_file, Ledger, LedgerError, RecordFilter};
+
+    #[tokio::test]
+    async fn a_record_state_this_meterd_does_not_know_is_an_error_not_pending() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+        ledger
+            .seal_through(H + HOUR_SECS, H + HOUR_SECS, policy())
+            .await
+            .expect("seal");
+        ledger.closed().await;
+        // Only something other than meterd could write it: the schema's CHECK refuses it.
+        let conn = rusqlite::Connection::open(ledger_path(dir.path())).expect("connection");
+        conn.pragma_update(None, "ignore_check_constraints", true)
+            .expect("pragma");
+        conn.execute(
+            "UPDATE records SET state = 'refunded' WHERE dimension = 'requests'",
+            [],
+        )
+        .expect("plant");
+        drop(conn);
+        let ledger = reopen(dir.path(), H + HOUR_SECS).await;
+        let unknown = |e: LedgerError| match e {
+            LedgerError::UnknownRecordState(why) => why,
+            other => panic!("another error: {other}"),
+        };
+        let why = unknown(ledger.recent_records(10).await.expect_err("unknown"));
+        assert!(why.contains("\"refunded\""), "{why}");
+        unknown(ledger.stats().await.expect_err("unknown"));
+        unknown(
+            read_records_of_file(&ledger_path(dir.path()), &RecordFilter::newest(10))
+                .expect_err("unknown"),
+        );
+        // Records in known states are still read where the query does not meet it.
+        assert_eq!(ledger.pending_records().await.expect("pending").len(), 1);
+    }
+}
