@@ -457,7 +457,9 @@ impl Ledger {
         .await
     }
 
-    /// Seals every unsealed hour that starts before `end_exclusive`.
+    /// Seals every unsealed hour that starts before `end_exclusive`, then runs the retention
+    /// step, in the writer's next group ([`seal`]). Called by [`crate::seal::schedule`] each
+    /// hour and by the shutdown flush; what a record holds is [`crate::seal::seal_hour`].
     pub async fn seal_through(
         &self,
         end_exclusive: i64,
