@@ -38,17 +38,12 @@ pub(super) fn deliver_in(
 mod tests {
     use crate::clock::HOUR_SECS;
     use crate::ledger::test_support::*;
-    use crate::ledger::Ledger;
     use crate::model::{Delivery, RecordState};
 
     #[tokio::test]
     async fn delivery_states_are_recorded() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
-        ledger
-            .seal_through(H + HOUR_SECS, H + HOUR_SECS, policy())
-            .await
-            .expect("seal");
+        let ledger = sealed_first_hour(dir.path()).await;
         ledger
             .record_delivery(
                 H,

@@ -91,9 +91,7 @@ fn query_filtered(conn: &Connection, f: &RecordFilter) -> Result<Vec<StoredRecor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::HOUR_SECS;
     use crate::ledger::test_support::*;
-    use crate::ledger::Ledger;
 
     #[tokio::test]
     async fn records_are_read_where_the_agent_keeps_them_and_never_through_a_link() {
@@ -103,11 +101,7 @@ mod tests {
         assert!(read_records_at(dir.path(), 10)
             .expect("old layout")
             .is_empty());
-        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
-        ledger
-            .seal_through(H + HOUR_SECS, H + HOUR_SECS, policy())
-            .await
-            .expect("seal");
+        let _ledger = sealed_first_hour(dir.path()).await;
         assert_eq!(read_records_at(dir.path(), 10).expect("records").len(), 2);
 
         let other = tempfile::tempdir().expect("tempdir");

@@ -137,16 +137,12 @@ fn record_state(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Reco
 mod tests {
     use crate::clock::HOUR_SECS;
     use crate::ledger::test_support::*;
-    use crate::ledger::{ledger_path, read_records_of_file, Ledger, LedgerError, RecordFilter};
+    use crate::ledger::{ledger_path, read_records_of_file, LedgerError, RecordFilter};
 
     #[tokio::test]
     async fn a_record_state_this_meterd_does_not_know_is_an_error_not_pending() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
-        ledger
-            .seal_through(H + HOUR_SECS, H + HOUR_SECS, policy())
-            .await
-            .expect("seal");
+        let ledger = sealed_first_hour(dir.path()).await;
         ledger.closed().await;
         // Only something other than meterd could write it: the schema's CHECK refuses it.
         let conn = rusqlite::Connection::open(ledger_path(dir.path())).expect("connection");

@@ -115,3 +115,14 @@ pub(crate) async fn old_layout_ledger(dir: &Path) -> LedgerIdentity {
     }
     identity
 }
+
+/// A new ledger in the state dir `dir` whose first hour, H, is sealed: two pending zero records
+/// (`requests`, `gigabytes`).
+pub(crate) async fn sealed_first_hour(dir: &Path) -> Ledger {
+    let ledger = Ledger::open(dir, "prod-a", H).expect("open");
+    ledger
+        .seal_through(H + HOUR_SECS, H + HOUR_SECS, policy())
+        .await
+        .expect("seal");
+    ledger
+}
