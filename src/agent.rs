@@ -402,6 +402,7 @@ pub async fn run(
                 &ledger.identity().instance_id,
                 config.sending.spread,
             ),
+            spread: config.sending.spread,
         },
     ));
 

@@ -59,6 +59,8 @@ pub enum Pass {
     Done,
     /// Something failed in a way worth retrying soon.
     RetrySoon,
+    /// The service throttled a call: the fleet has spent the account's quota for now.
+    Throttled,
     /// Only errors that retrying soon will not fix remain; try again at the longest back-off.
     RetryLate,
 }
@@ -71,6 +73,8 @@ pub struct Sender {
     pub status: Arc<StatusBoard>,
     pub product_code: String,
     pub backoff: Backoff,
+    /// After a ThrottlingException ([`throttle_backoff`]).
+    pub throttle: Backoff,
     /// Every MeterUsage waits here first.
     pub limiter: Arc<RateLimiter>,
     /// How long after its hour closes a sealed record is first due ([`spread_offset`]).
@@ -86,6 +90,19 @@ pub struct Pacing {
     pub backoff: Backoff,
     pub limiter: Arc<RateLimiter>,
     pub offset: Duration,
+    /// `sending.spread`: a throttled call waits at least a tenth of it ([`throttle_backoff`]).
+    pub spread: Duration,
+}
+
+/// The back-off after a ThrottlingException: decorrelated jitter from a floor of a tenth of
+/// the spread (at least `backoff`'s initial delay, at most its cap), capped like `backoff`.
+/// A throttle says the account's quota is spent by the fleet right now, and the fleet's sends
+/// for the hour span the spread: a retry one to three seconds later lands in the same crowded
+/// seconds and is throttled again, one a tenth of the spread later lands where the crowd has
+/// moved on. With the spread off the floor is the initial delay, as for any other failure.
+pub fn throttle_backoff(backoff: Backoff, spread: Duration) -> Backoff {
+    let floor = (spread / 10).clamp(backoff.initial(), backoff.max());
+    Backoff::try_new(floor, backoff.max()).unwrap_or(backoff)
 }
 
 /// Whether a pass holds back records whose hour closed less than the offset ago.
@@ -114,6 +131,7 @@ impl Sender {
             status,
             product_code,
             backoff: pacing.backoff,
+            throttle: throttle_backoff(pacing.backoff, pacing.spread),
             limiter: pacing.limiter,
             offset: pacing.offset,
             logged: Default::default(),
@@ -136,9 +154,14 @@ impl Sender {
                     previous = None;
                     (due, true)
                 }
-                Ok(Pass::RetrySoon) => {
-                    let last = previous.unwrap_or(self.backoff.initial());
-                    let d = self.backoff.decorrelated(last, &mut rand::thread_rng());
+                Ok(pass @ (Pass::RetrySoon | Pass::Throttled)) => {
+                    let backoff = if pass == Pass::Throttled {
+                        &self.throttle
+                    } else {
+                        &self.backoff
+                    };
+                    let last = previous.unwrap_or(backoff.initial()).max(backoff.initial());
+                    let d = backoff.decorrelated(last, &mut rand::thread_rng());
                     previous = Some(d);
                     (Some(now + d), false)
                 }
@@ -223,8 +246,8 @@ impl Sender {
             }
             match self.deliver(&record).await? {
                 Pass::Done => {}
-                Pass::RetrySoon => {
-                    result = Pass::RetrySoon;
+                pass @ (Pass::RetrySoon | Pass::Throttled) => {
+                    result = pass;
                     break;
                 }
                 Pass::RetryLate => result = Pass::RetryLate,
@@ -285,7 +308,10 @@ impl Sender {
                     self.ledger
                         .record_delivery(record.hour, &record.dimension, Delivery::Failed { error: text.clone() }, now)
                         .await?;
-                    if failure.is_retryable() {
+                    if failure.code_is("ThrottlingException") {
+                        tracing::warn!(error = %text, "MeterUsage throttled: the account's quota is in use; will retry later");
+                        Ok(Pass::Throttled)
+                    } else if failure.is_retryable() {
                         tracing::warn!(error = %text, "MeterUsage failed; will retry");
                         Ok(Pass::RetrySoon)
                     } else {
@@ -390,6 +416,37 @@ mod tests {
             .sum();
         assert!(chi2 < 85.0, "chi-square {chi2:.1}: {counts:?}");
         assert!(counts.iter().all(|c| (300..=500).contains(c)), "{counts:?}");
+    }
+
+    #[test]
+    fn a_throttle_backs_off_from_a_tenth_of_the_spread() {
+        let b = Backoff::try_new(Duration::from_secs(1), Duration::from_secs(300)).expect("valid");
+        let t = throttle_backoff(b, Duration::from_secs(300));
+        assert_eq!((t.initial(), t.max()), (Duration::from_secs(30), b.max()));
+        // Decorrelated from the floor: the first retry is 30 s to 90 s later.
+        assert_eq!(
+            t.decorrelated_with_jitter(t.initial(), 0.0),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            t.decorrelated_with_jitter(t.initial(), 1.0),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            throttle_backoff(b, Duration::ZERO),
+            b,
+            "spread off: as any failure"
+        );
+        assert_eq!(
+            throttle_backoff(b, Duration::from_secs(5)).initial(),
+            b.initial()
+        );
+        let long = throttle_backoff(b, Duration::from_secs(3600));
+        assert_eq!(
+            (long.initial(), long.max()),
+            (b.max(), b.max()),
+            "never past the cap"
+        );
     }
 
     #[tokio::test]

@@ -2579,3 +2579,56 @@ async fn a_perpetual_checkout_is_drawn_down_once_across_restarts() {
     assert_eq!(status, StatusCode::OK);
     again.stop().await;
 }
+
+/// Issue 16: a throttled MeterUsage waits at least a tenth of the spread (30 s of a 5-minute
+/// spread, at most three times that) before it tries again, on the agent's clock; with a
+/// floor of the 1 s initial back-off the retry would come 1 to 3 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_meter_usage_retries_a_tenth_of_the_spread_later() {
+    let h = Harness::new(H0 + 300).await;
+    let mut config = h.config("");
+    config.sending.spread = Duration::from_secs(300);
+    config.sending.initial_backoff = Duration::from_secs(1);
+    config.sending.max_backoff = Duration::from_secs(300);
+    let agent = h.start_agent(config).await;
+    let throttle = |rate: f64| FaultProfile {
+        operations: BTreeMap::from([(
+            emulator::Operation::MeterUsage,
+            FaultRule {
+                throttle_rate: rate,
+                ..FaultRule::default()
+            },
+        )]),
+        ..FaultProfile::default()
+    };
+    h.emulator.set_faults(throttle(1.0));
+    agent.post(ev("requests", 3, None)).await;
+    // Past any offset in the spread: the record is due.
+    h.advance_to(H0 + HOUR_SECS + 300);
+    let meter_calls = || {
+        h.emulator
+            .calls()
+            .into_iter()
+            .filter(|c| c.operation == "MeterUsage")
+            .collect::<Vec<_>>()
+    };
+    wait_for("a throttled MeterUsage", || !meter_calls().is_empty()).await;
+    h.emulator.set_faults(throttle(0.0));
+    // Two records: `requests` and the zero record of the other dimension.
+    h.wait_advancing("the hour billed", || h.billed().len() == 2)
+        .await;
+    let calls = meter_calls();
+    assert_eq!(
+        calls.len(),
+        3,
+        "one throttled call, two accepted: {calls:?}"
+    );
+    assert_eq!(calls[0].error_type(), Some("ThrottlingException"));
+    assert_eq!((calls[1].error_type(), calls[2].error_type()), (None, None));
+    let gap = calls[1].time_ms - calls[0].time_ms;
+    assert!(
+        (30_000..=91_000).contains(&gap),
+        "the retry came {gap} ms after the throttle"
+    );
+    agent.stop().await;
+}
