@@ -5,7 +5,8 @@
 //! original MeteringRecordId back instead of a second charge.
 //!
 //! Retries live here only (SDK retries are off). Throttling, server faults and transport
-//! failures back off with decorrelated jitter on the injected clock; other errors are logged
+//! failures back off with decorrelated jitter on the injected clock (a throttle from a tenth
+//! of the spread, [`throttle_backoff`]); other errors are logged
 //! at ERROR once and retried at the longest back-off. A record whose timestamp leaves the
 //! service's 6-hour window is dead-lettered: kept in the ledger, counted in metrics, shown in
 //! status.

@@ -146,6 +146,20 @@ fn allocations(r: &emulator::StoredMeterRecord) -> BTreeMap<String, i64> {
         .collect()
 }
 
+/// Faults that throttle `operation` at `rate` (0 to 1).
+fn throttling(operation: emulator::Operation, rate: f64) -> FaultProfile {
+    FaultProfile {
+        operations: BTreeMap::from([(
+            operation,
+            FaultRule {
+                throttle_rate: rate,
+                ..FaultRule::default()
+            },
+        )]),
+        ..FaultProfile::default()
+    }
+}
+
 fn meter_usage_errors(h: &Harness) -> Vec<String> {
     h.emulator
         .calls()
@@ -1010,16 +1024,7 @@ async fn each_fatal_entitlement_class_exits_with_its_code_and_never_turns_ready(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_registration_retries_and_ends_ready() {
     let h = Harness::new(H0 + 300).await;
-    let throttle = |rate: f64| FaultProfile {
-        operations: BTreeMap::from([(
-            emulator::Operation::RegisterUsage,
-            FaultRule {
-                throttle_rate: rate,
-                ..FaultRule::default()
-            },
-        )]),
-        ..FaultProfile::default()
-    };
+    let throttle = |rate| throttling(emulator::Operation::RegisterUsage, rate);
     h.emulator.set_faults(throttle(1.0));
     let agent = h.spawn_agent(h.config("")).await;
     let throttled = || {
@@ -2591,16 +2596,7 @@ async fn a_throttled_meter_usage_retries_a_tenth_of_the_spread_later() {
     config.sending.initial_backoff = Duration::from_secs(1);
     config.sending.max_backoff = Duration::from_secs(300);
     let agent = h.start_agent(config).await;
-    let throttle = |rate: f64| FaultProfile {
-        operations: BTreeMap::from([(
-            emulator::Operation::MeterUsage,
-            FaultRule {
-                throttle_rate: rate,
-                ..FaultRule::default()
-            },
-        )]),
-        ..FaultProfile::default()
-    };
+    let throttle = |rate| throttling(emulator::Operation::MeterUsage, rate);
     h.emulator.set_faults(throttle(1.0));
     agent.post(ev("requests", 3, None)).await;
     // Past any offset in the spread: the record is due.
