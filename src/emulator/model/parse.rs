@@ -1,6 +1,5 @@
 //! The four operations' request bodies, parsed against the model's constraints.
 
-
 use serde_json::{Map, Value};
 
 use crate::emulator::error::ApiError;
