@@ -3,9 +3,19 @@
 //! Naming rule (checked by `promtool check metrics` in CI, `scripts/prometheus-checks.sh`):
 //! `meterd_<noun>[_<unit>]`, with the unit in base units (`_seconds`, `_bytes`) whenever the
 //! value has one, `_timestamp_seconds` for a Unix time, and `_total` on counters only (the
-//! encoder adds it). A gauge that counts things (`meterd_ledger_records`) has no unit. Labels
-//! stay low-cardinality: a state, an operation, an outcome or error code, a configured
-//! dimension; never a tag value or a customer.
+//! encoder adds it). A gauge that counts things (`meterd_ledger_records`) has no unit; a gauge
+//! that is 0 or 1 says whether something holds (`meterd_entitled`, `meterd_ledger_writable`),
+//! and a family of them has exactly one series at 1 (`meterd_entitlement_state`,
+//! `meterd_metering_health`). Labels stay low-cardinality: a state, an operation, an outcome or
+//! error code, a configured dimension; never a tag value or a customer.
+//!
+//! When gauges change: the ledger's (records by state, `meterd_records_pending`, the unsent
+//! age, the last send, sizes, free space, quarantined files, writability) and the health and
+//! entitlement-state families are read afresh on each scrape; `meterd_records_pending` is also
+//! set by the send loop; `meterd_ledger_wal_pages` and the writer's counters are copied from the
+//! ledger writer at each scrape; `meterd_entitled` and
+//! `meterd_public_key_rotation_timestamp_seconds` are set by the start-up entitlement check
+//! (and its retries) and not cleared.
 //!
 //! `/metrics` answers OpenMetrics to a scraper that asks for it (Prometheus does) and the
 //! classic text format 0.0.4 otherwise ([`Metrics::render_text`]), which is what `promtool`
@@ -198,17 +208,17 @@ impl Metrics {
         );
         r.register(
             "meterd_ledger_commits",
-            "Ledger transactions committed (one fsync each)",
+            "Ledger transactions committed (one fsync each); a failed commit is not counted",
             m.ledger_commits.clone(),
         );
         r.register(
             "meterd_ledger_commands",
-            "Ledger commands applied (requests, seals, deliveries)",
+            "Ledger commands the writer ran (requests, seals, deliveries), those of a failed commit included",
             m.ledger_commands.clone(),
         );
         r.register(
             "meterd_ledger_commit_seconds",
-            "Time spent committing ledger transactions, fsync included",
+            "Time spent committing ledger transactions, fsync included (failed commits too)",
             m.ledger_commit_seconds.clone(),
         );
         r.register(
@@ -308,7 +318,7 @@ impl Metrics {
         );
         r.register(
             "meterd_aws_calls",
-            "Calls to the Metering Service, by operation and outcome (success or error code)",
+            "Calls to AWS by operation (MeterUsage, RegisterUsage, MeterUsageDryRun, CheckoutLicense) and outcome (success, an error code or class, transport; retried for a checkout retry)",
             m.aws_calls.clone(),
         );
         r.register(
@@ -318,7 +328,7 @@ impl Metrics {
         );
         r.register(
             "meterd_entitled",
-            "1 once RegisterUsage (or the DryRun check) passed",
+            "1 once the start-up entitlement check passed (RegisterUsage, the DryRun check, or the contract's license checkout)",
             m.entitled.clone(),
         );
         r.register(
@@ -328,7 +338,7 @@ impl Metrics {
         );
         r.register(
             "meterd_public_key_rotation_timestamp_seconds",
-            "PublicKeyRotationTimestamp from RegisterUsage; 0 when the key version is current",
+            "PublicKeyRotationTimestamp from RegisterUsage; 0 when it gave none (the key version is current) or was not called",
             m.public_key_rotation_timestamp_seconds.clone(),
         );
         for state in RECORD_STATES {
@@ -513,198 +523,4 @@ fn to_text_format(openmetrics: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_render_with_total_suffix_and_labels() {
-        let m = Metrics::new();
-        m.events_accepted.inc_by(3);
-        m.reject("unknown_dimension");
-        let stats = CommitStats::default();
-        stats.commit_nanos.store(1_500_000_000, Ordering::Relaxed);
-        stats.checkpoints.store(4, Ordering::Relaxed);
-        stats.wal_pages.store(17, Ordering::Relaxed);
-        let text = m.render(&stats);
-        assert!(text.contains("meterd_ledger_checkpoints_total 4"), "{text}");
-        assert!(text.contains("meterd_ledger_wal_pages 17"), "{text}");
-        assert!(
-            text.contains("meterd_ledger_commit_seconds_total 1.5"),
-            "{text}"
-        );
-        assert!(text.contains("meterd_events_accepted_total 3"), "{text}");
-        assert!(
-            text.contains("meterd_requests_rejected_total{reason=\"unknown_dimension\"} 1"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn text_format_names_each_counter_by_its_samples_and_drops_openmetrics_lines() {
-        let m = Metrics::new();
-        m.record_sent("requests", 7);
-        m.observe_ledger(
-            &LedgerStats {
-                pending: 2,
-                oldest_pending_hour: Some(7200),
-                last_sent_at: Some(5000),
-                ..LedgerStats::default()
-            },
-            7200 + HOUR_SECS + 90,
-        );
-        let text = m.render_text(&CommitStats::default());
-        assert!(
-            !text.contains("# EOF") && !text.contains("# UNIT"),
-            "{text}"
-        );
-        assert!(
-            text.contains("# TYPE meterd_records_sent_total counter\n"),
-            "{text}"
-        );
-        assert!(text.contains("# HELP meterd_records_sent_total "), "{text}");
-        assert!(
-            text.contains("# TYPE meterd_records_pending gauge\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meterd_usage_units_sent_total{dimension=\"requests\"} 7"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meterd_aws_calls_total{operation=\"MeterUsage\",outcome=\"success\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meterd_ledger_records{state=\"pending\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meterd_ledger_records{state=\"dead\"} 0"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meterd_oldest_unsent_record_age_seconds 90"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meterd_last_successful_send_timestamp_seconds 5000"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meterd_entitlement_state{state=\"pending\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("meterd_entitlement_state{state=\"entitled\"} 0"),
-            "{text}"
-        );
-        // Every sample line belongs to the family declared just before it.
-        let mut family = String::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                family = rest.split(' ').next().unwrap_or_default().to_owned();
-            } else if !line.starts_with('#') {
-                let name = line.split(['{', ' ']).next().unwrap_or_default();
-                let base = ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .find_map(|s| name.strip_suffix(s))
-                    .filter(|b| *b == family)
-                    .unwrap_or(name);
-                assert_eq!(base, family, "{line}");
-            }
-        }
-    }
-
-    #[test]
-    fn unsent_age_counts_from_the_end_of_the_oldest_pending_hour() {
-        assert_eq!(unsent_age_seconds(None, 10_000), 0);
-        assert_eq!(unsent_age_seconds(Some(3600), 7200), 0);
-        assert_eq!(unsent_age_seconds(Some(3600), 7000), 0);
-        assert_eq!(unsent_age_seconds(Some(3600), 7260), 60);
-    }
-
-    /// Every series name the agent exports: each family's samples (`_total` for a counter,
-    /// `_bucket`, `_sum` and `_count` for a histogram).
-    fn exported_names() -> HashSet<String> {
-        let mut names = HashSet::new();
-        for line in Metrics::new().render_text(&CommitStats::default()).lines() {
-            let Some(rest) = line.strip_prefix("# TYPE ") else {
-                continue;
-            };
-            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
-            if kind == "histogram" {
-                for s in ["_bucket", "_sum", "_count"] {
-                    names.insert(format!("{name}{s}"));
-                }
-            } else {
-                names.insert(name.to_owned());
-            }
-        }
-        names
-    }
-
-    /// `meterd_…` identifiers in a text (a PromQL expression, a dashboard, a rules file).
-    fn metric_names(text: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut rest = text;
-        while let Some(i) = rest.find("meterd_") {
-            let tail = &rest[i..];
-            let end = tail
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len());
-            let before = rest[..i].chars().next_back();
-            if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
-                out.push(tail[..end].to_owned());
-            }
-            rest = &tail[end..];
-        }
-        out
-    }
-
-    #[test]
-    fn every_metric_the_dashboard_and_the_alerts_name_is_exported() {
-        let exported = exported_names();
-        assert!(
-            exported.contains("meterd_records_sent_total"),
-            "{exported:?}"
-        );
-        assert!(exported.contains("meterd_ingest_request_duration_seconds_bucket"));
-        assert!(
-            !exported.contains("meterd_records_sent"),
-            "a counter is named by its samples"
-        );
-        let dashboard = include_str!("../deploy/grafana/meterd-dashboard.json");
-        let rules = include_str!("../helm/meterd/files/prometheus-rules.yaml");
-        let json: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard JSON");
-        let panels = json["panels"].as_array().expect("panels");
-        assert!(panels.len() >= 10);
-        for panel in panels {
-            let exprs: Vec<&str> = panel["targets"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|t| t["expr"].as_str())
-                .collect();
-            assert!(
-                exprs.iter().any(|e| !metric_names(e).is_empty()),
-                "panel {} queries no meterd metric",
-                panel["title"]
-            );
-        }
-        for (what, text) in [("dashboard", dashboard), ("alert rules", rules)] {
-            let named = metric_names(text);
-            assert!(!named.is_empty(), "{what}");
-            for name in named {
-                assert!(
-                    exported.contains(&name),
-                    "the {what} name {name}, which the agent does not export"
-                );
-            }
-        }
-        assert_eq!(
-            metric_names("x{a=\"b\"} + meterd_a_total/meterd_b"),
-            ["meterd_a_total", "meterd_b"]
-        );
-        assert!(metric_names("not_meterd_x").is_empty());
-    }
-}
+mod tests;

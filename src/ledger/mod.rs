@@ -235,7 +235,9 @@ pub struct LedgerIdentity {
 /// Commit counters, for the cost-of-durability metrics.
 #[derive(Debug, Default)]
 pub struct CommitStats {
+    /// Transactions committed; one that failed counts in `failures` only.
     pub commits: AtomicU64,
+    /// Commands run by the writer, those of failed transactions included.
     pub commands: AtomicU64,
     pub failures: AtomicU64,
     /// Time spent in COMMIT (the fsync), summed over all commits.

@@ -248,7 +248,6 @@ impl Writer {
             took = started.elapsed();
             result
         })();
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats
             .commit_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
@@ -256,6 +255,7 @@ impl Writer {
         self.writable.store(commit.is_ok(), Ordering::Release);
         match &commit {
             Ok(()) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.sealed_floor.store(floor_after, Ordering::Release);
                 self.counters.retain_from(floor_after);
             }
