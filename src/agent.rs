@@ -24,6 +24,7 @@ use crate::entitlement::contract::{ContractHolder, ContractSettings, WantedEntit
 use crate::entitlement::{
     self, Backoff, DryRunMode, DryRunPolicy, EntitlementError, Keyring, RegistrationSettings,
 };
+use crate::exit::Exit;
 use crate::ingest::{Api, Via, Vocabulary};
 use crate::ledger::{Ledger, LedgerError, SealPolicy};
 use crate::metrics::Metrics;
@@ -32,11 +33,6 @@ use crate::seal::schedule::{report_seal, seal_loop};
 use crate::send::Sender;
 use crate::serve::{serve, ConnectionLimits, ServeSettings};
 use crate::status::{EntitlementState, EntitlementStatus, StatusBoard};
-
-/// The ledger could not be opened or used (`EX_IOERR`).
-pub const EXIT_LEDGER: i32 = 74;
-/// A listener could not be bound (`EX_OSERR`).
-pub const EXIT_LISTEN: i32 = 71;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -59,12 +55,13 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    pub fn exit_code(&self) -> i32 {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> Exit {
         match self {
-            AgentError::Ledger(_) | AgentError::FinalSeal(_) | AgentError::Audit(_) => EXIT_LEDGER,
+            AgentError::Ledger(_) | AgentError::FinalSeal(_) | AgentError::Audit(_) => Exit::Ledger,
             AgentError::Entitlement(e) => e.exit_code(),
-            AgentError::Listen { .. } => EXIT_LISTEN,
-            AgentError::Keyring(_) | AgentError::Config(_) => crate::config::EXIT_BAD_CONFIG,
+            AgentError::Listen { .. } => Exit::Listen,
+            AgentError::Keyring(_) | AgentError::Config(_) => Exit::BadConfig,
         }
     }
 }
@@ -1059,7 +1056,7 @@ mod tests {
             match (entitlement_route(pricing, platform), want) {
                 (Ok(route), Some(want)) => assert_eq!(route, want, "{pricing} on {platform}"),
                 (Err(e), None) => {
-                    assert_eq!(e.exit_code(), crate::entitlement::EXIT_CONFIGURATION, "{e}");
+                    assert_eq!(e.exit_code(), crate::exit::Exit::Configuration, "{e}");
                     assert!(e.to_string().contains("cannot run on EC2"), "{e}");
                 }
                 (got, want) => panic!("{pricing} on {platform}: {got:?}, want {want:?}"),

@@ -12,9 +12,6 @@ use crate::model::{
 };
 use crate::serve::MAX_CONNECTIONS_CEILING;
 
-/// Exit code for a configuration the agent cannot run with (`EX_USAGE`).
-pub const EXIT_BAD_CONFIG: i32 = 64;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PlatformSetting {
@@ -1235,7 +1232,6 @@ heartbeat = { requests = 0, ghost = 1 }
             assert!(text.contains(needed), "{needed}: {text}");
         }
         assert_eq!(err.problems.len(), 6, "{err}");
-        assert_eq!(EXIT_BAD_CONFIG, 64);
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod demo;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod entitlement;
+pub mod exit;
 pub mod ingest;
 pub mod ledger;
 pub mod listing;

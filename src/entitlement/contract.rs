@@ -745,7 +745,7 @@ async fn extend_once(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entitlement::{EXIT_CONFIGURATION, EXIT_NOT_ENTITLED, EXIT_SERVICE_REFUSED};
+    use crate::exit::Exit;
 
     fn failure(code: &str) -> CallFailure {
         CallFailure {
@@ -758,14 +758,14 @@ mod tests {
     #[test]
     fn each_documented_answer_has_its_exit_code() {
         for (code, exit) in [
-            ("NoEntitlementsAllowedException", EXIT_NOT_ENTITLED),
-            ("ResourceNotFoundException", EXIT_NOT_ENTITLED),
-            ("AccessDeniedException", EXIT_CONFIGURATION),
-            ("AuthorizationException", EXIT_CONFIGURATION),
-            ("ValidationException", EXIT_CONFIGURATION),
-            ("InvalidParameterValueException", EXIT_CONFIGURATION),
-            ("RedirectException", EXIT_CONFIGURATION),
-            ("SomethingNew", EXIT_SERVICE_REFUSED),
+            ("NoEntitlementsAllowedException", Exit::NotEntitled),
+            ("ResourceNotFoundException", Exit::NotEntitled),
+            ("AccessDeniedException", Exit::Configuration),
+            ("AuthorizationException", Exit::Configuration),
+            ("ValidationException", Exit::Configuration),
+            ("InvalidParameterValueException", Exit::Configuration),
+            ("RedirectException", Exit::Configuration),
+            ("SomethingNew", Exit::ServiceRefused),
         ] {
             assert_eq!(classify("sku", failure(code)).exit_code(), exit, "{code}");
         }

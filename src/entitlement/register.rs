@@ -280,9 +280,7 @@ mod tests {
     use crate::entitlement::test_support::{
         error_reply, register_ok, test_keyring, trusted_key, untrusted_key, Reply, Stub,
     };
-    use crate::entitlement::{
-        EXIT_CONFIGURATION, EXIT_NOT_ENTITLED, EXIT_TRANSIENT_BUDGET, EXIT_VERIFICATION_FAILED,
-    };
+    use crate::exit::Exit;
     use std::sync::{Arc, Mutex};
     use tokio::sync::mpsc;
 
@@ -385,7 +383,7 @@ mod tests {
             ),
             "{err}"
         );
-        assert_eq!(err.exit_code(), EXIT_VERIFICATION_FAILED);
+        assert_eq!(err.exit_code(), Exit::VerificationFailed);
     }
 
     #[tokio::test]
@@ -400,7 +398,7 @@ mod tests {
         .await
         .0
         .unwrap_err();
-        assert_eq!(err.exit_code(), EXIT_VERIFICATION_FAILED);
+        assert_eq!(err.exit_code(), Exit::VerificationFailed);
         assert_eq!(
             stub.seen().len(),
             1,
@@ -429,11 +427,11 @@ mod tests {
     #[tokio::test]
     async fn each_fatal_answer_has_its_class_and_is_not_retried() {
         let cases = [
-            ("CustomerNotEntitledException", EXIT_NOT_ENTITLED),
-            ("PlatformNotSupportedException", EXIT_CONFIGURATION),
-            ("InvalidProductCodeException", EXIT_CONFIGURATION),
-            ("InvalidRegionException", EXIT_CONFIGURATION),
-            ("InvalidPublicKeyVersionException", EXIT_CONFIGURATION),
+            ("CustomerNotEntitledException", Exit::NotEntitled),
+            ("PlatformNotSupportedException", Exit::Configuration),
+            ("InvalidProductCodeException", Exit::Configuration),
+            ("InvalidRegionException", Exit::Configuration),
+            ("InvalidPublicKeyVersionException", Exit::Configuration),
         ];
         for (code, exit) in cases {
             let stub = Stub::start(error_reply(400, code)).await;
@@ -478,7 +476,7 @@ mod tests {
         let clock = ManualClock::at_unix(START);
         let (result, events) = drive(&stub, settings(), test_keyring(1), clock.clone()).await;
         let err = result.unwrap_err();
-        assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET, "{err}");
+        assert_eq!(err.exit_code(), Exit::TransientBudget, "{err}");
         let elapsed = clock
             .now()
             .duration_since(crate::clock::from_unix_seconds(START))
@@ -526,7 +524,7 @@ mod tests {
             clock.set(at);
         }
         let err = task.await.expect("task").unwrap_err();
-        assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET, "{err}");
+        assert_eq!(err.exit_code(), Exit::TransientBudget, "{err}");
     }
 
     #[tokio::test]
@@ -539,7 +537,7 @@ mod tests {
             .0
             .unwrap_err();
         assert!(matches!(err, EntitlementError::PlatformNotSupported { .. }));
-        assert_eq!(err.exit_code(), EXIT_CONFIGURATION);
+        assert_eq!(err.exit_code(), Exit::Configuration);
         assert!(stub.seen().is_empty());
     }
 
