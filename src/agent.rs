@@ -32,7 +32,9 @@ use crate::platform::{self, Platform};
 use crate::seal::schedule::{report_seal, seal_loop};
 use crate::send::Sender;
 use crate::serve::{serve, ConnectionLimits, ServeSettings};
-use crate::status::{EntitlementState, EntitlementStatus, StatusBoard};
+use crate::status::{
+    DryRunProgress, EntitlementDetails, EntitlementState, EntitlementStatus, StatusBoard,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -434,7 +436,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                status.set_entitlement(EntitlementStatus { state: EntitlementState::Failed, details: serde_json::json!({"error": e.to_string()}) });
+                status.set_entitlement(EntitlementStatus::failed(&e));
                 stop_intake(&api, &http_stop, &mut servers).await;
                 return Err(e.into());
             }
@@ -454,10 +456,7 @@ pub async fn run(
                 holder
                     .keep_alive(stop, |e| {
                         tracing::error!("the license checkout could not be renewed: {e}");
-                        status.set_entitlement(EntitlementStatus {
-                            state: EntitlementState::Failed,
-                            details: serde_json::json!({"error": e.to_string()}),
-                        });
+                        status.set_entitlement(EntitlementStatus::failed(&e));
                     })
                     .await
             }
@@ -695,7 +694,7 @@ async fn establish_entitlement(
             metrics.entitled.set(1);
             status.set_entitlement(EntitlementStatus {
                 state: EntitlementState::Entitled,
-                details: serde_json::to_value(&checkout).unwrap_or_default(),
+                details: EntitlementDetails::Contract(Box::new(checkout)),
             });
             return Ok(Admission {
                 background_check: None,
@@ -729,7 +728,7 @@ async fn establish_entitlement(
             }
             status.set_entitlement(EntitlementStatus {
                 state: EntitlementState::Entitled,
-                details: serde_json::to_value(&entitlement).unwrap_or_default(),
+                details: EntitlementDetails::Registered(Box::new(entitlement)),
             });
             return Ok(Admission::default());
         }
@@ -758,7 +757,7 @@ async fn establish_entitlement(
         metrics.entitled.set(1);
         status.set_entitlement(EntitlementStatus {
             state: EntitlementState::PermissionsVerified,
-            details: serde_json::to_value(&passed).unwrap_or_default(),
+            details: EntitlementDetails::DryRunPassed(passed),
         });
         return Ok(Admission::default());
     }
@@ -766,7 +765,9 @@ async fn establish_entitlement(
     // when the policy gives up (never sooner than 2 hours).
     status.set_entitlement(EntitlementStatus {
         state: EntitlementState::Unverified,
-        details: serde_json::json!({"dry_run": "in progress"}),
+        details: EntitlementDetails::DryRunInProgress {
+            dry_run: DryRunProgress::InProgress,
+        },
     });
     let (client, product_code, clock, status, metrics) = (
         client.clone(),
@@ -791,7 +792,7 @@ async fn establish_entitlement(
             metrics.entitled.set(1);
             status.set_entitlement(EntitlementStatus {
                 state: EntitlementState::PermissionsVerified,
-                details: serde_json::to_value(&passed).unwrap_or_default(),
+                details: EntitlementDetails::DryRunPassed(passed),
             });
             Ok(())
         }

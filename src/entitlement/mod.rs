@@ -43,13 +43,13 @@ use crate::aws::CallFailure;
 use crate::exit::Exit;
 
 pub use crate::backoff::{Backoff, BackoffError};
+pub use crate::status::EntitlementState;
 pub use doctor::{doctor, CheckStatus, ContractProbe, DoctorCheck, DoctorInputs, DoctorReport};
 pub use dry_run::{dry_run_check_with, DryRunMode, DryRunPassed, DryRunPolicy};
 pub use keyring::{KeyEntry, Keyring, KeyringError, KeysReport};
 pub use nonce::{new_nonce, NONCE_BYTES};
 pub use register::{
-    register, register_observed, Entitlement, EntitlementState, KeyRotation, RegistrationSettings,
-    RetryEvent,
+    register, register_observed, Entitlement, KeyRotation, RegistrationSettings, RetryEvent,
 };
 pub use verify::{verify, Expected, VerifiedRegistration, VerifyError};
 

@@ -28,6 +28,7 @@ use crate::aws::CallFailure;
 use crate::backoff::Backoff;
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::platform::Platform;
+use crate::status::EntitlementState;
 
 /// Default start-up budget for containers.
 pub const DEFAULT_STARTUP_BUDGET: Duration = Duration::from_secs(5 * 60);
@@ -74,20 +75,6 @@ pub struct RetryEvent {
     pub degraded: bool,
 }
 
-/// Entitlement state for `/v1/status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EntitlementState {
-    /// Registration is under way (or retrying).
-    Pending,
-    /// RegisterUsage answered with a verified token.
-    Entitled,
-    /// Registration failed fatally; the agent is never ready.
-    Failed,
-    /// RegisterUsage is not used (EC2/AMI, or `registration.enabled = false`).
-    NotRequired,
-}
-
 /// The date AWS gave in `PublicKeyRotationTimestamp`: the key version has expired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyRotation {
@@ -98,6 +85,7 @@ pub struct KeyRotation {
 /// A successful registration, serializable for `/v1/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Entitlement {
+    /// Always [`EntitlementState::Entitled`]; kept so `/v1/status` `details` keeps its shape.
     pub state: EntitlementState,
     /// The verified, non-secret claims and the key that verified them.
     pub claims: VerifiedRegistration,
