@@ -308,7 +308,7 @@ async fn run(config_path: &Path) -> ExitCode {
     let client = build_client(&AwsSettings::from_config(&config)).await;
     let shutdown = CancellationToken::new();
     let grace = config.server.grace_period;
-    tokio::spawn(watch_signals(shutdown.clone(), grace));
+    tokio::spawn(meterd::signals::watch_agent(shutdown.clone(), grace));
     let ctx = RunContext::new(Arc::new(SystemClock), client, shutdown);
     match agent::run(config, None, ctx).await {
         Ok(()) => Exit::Ok.into(),
@@ -317,30 +317,6 @@ async fn run(config_path: &Path) -> ExitCode {
             e.exit_code().into()
         }
     }
-}
-
-/// SIGTERM or SIGINT starts the graceful shutdown; if it outlasts the grace period by 5 s,
-/// or a second signal arrives, the process exits at once (the ledger keeps everything).
-async fn watch_signals(shutdown: CancellationToken, grace: Duration) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => tracing::warn!("second signal: exiting now; unsent records stay in the ledger"),
-        _ = int.recv() => tracing::warn!("second signal: exiting now; unsent records stay in the ledger"),
-        _ = tokio::time::sleep(grace + Duration::from_secs(5)) => tracing::error!("shutdown outlasted the grace period; exiting; unsent records stay in the ledger"),
-    }
-    std::process::exit(i32::from(Exit::Failure.as_code()));
 }
 
 /// The agent's bearer token for a subcommand, or the exit code after saying why it is unreadable.

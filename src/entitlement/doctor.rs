@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use aws_sdk_marketplacemetering::primitives::{DateTime, DateTimeFormat};
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 
 use crate::config::Pricing;
@@ -22,6 +21,7 @@ use crate::config::Pricing;
 use super::keyring::Keyring;
 use super::{check_product_code, classify_fatal, Operation};
 use crate::clock::SharedClock;
+use crate::http_client::{self, Authority, Connect};
 use crate::platform::{detect, DetectedBy, Env, ImdsSettings, Platform};
 
 /// Skew above which SigV4 signing fails (AWS allows 5 minutes).
@@ -402,39 +402,22 @@ fn skew_seconds(http_date: &str, local: SystemTime) -> Option<i64> {
 /// `GET /` on a plain-HTTP endpoint, for its `Date` header.
 async fn plain_http_date(endpoint: &str) -> Option<String> {
     let uri: http::Uri = endpoint.parse().ok()?;
-    let authority = uri.authority()?;
-    let address = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(80)
-    );
-    let host = authority.as_str().to_owned();
-    let request = async move {
-        let stream = tokio::net::TcpStream::connect(address.replace(['[', ']'], ""))
-            .await
-            .ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        let conn = tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method(http::Method::GET)
-            .uri("/")
-            .header(http::header::HOST, host)
-            .body(Empty::<Bytes>::new())
-            .ok()?;
-        let response = sender.send_request(req).await.ok();
-        conn.abort();
-        response?
-            .headers()
-            .get(http::header::DATE)
-            .and_then(|d| d.to_str().ok())
-            .map(str::to_owned)
-    };
-    tokio::time::timeout(PLAIN_HTTP_TIMEOUT, request)
+    let authority = Authority::of(&uri)?;
+    let request = http::Request::builder()
+        .method(http::Method::GET)
+        .uri("/")
+        .header(http::header::HOST, authority.as_str())
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let address = authority.socket_address();
+    let answer = http_client::send(Connect::Tcp(&address), request, 0, PLAIN_HTTP_TIMEOUT)
         .await
-        .ok()
-        .flatten()
+        .ok()?;
+    answer
+        .headers
+        .get(http::header::DATE)
+        .and_then(|d| d.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// Contract pricing: the license is visible and has the configured entitlements (nothing is
