@@ -5,13 +5,11 @@
 //! entitlement → ready (and `READY=1` to systemd) → seal each hour as it closes and send it →
 //! on shutdown: refuse new requests, drain in-flight ones, seal the open hour, send it.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_marketplacemetering::Client;
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +33,7 @@ use crate::serve::{serve, ConnectionLimits, ServeSettings};
 use crate::status::{
     DryRunProgress, EntitlementDetails, EntitlementState, EntitlementStatus, StatusBoard,
 };
+pub use crate::transport::{Listeners, UnixSocket};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -64,106 +63,6 @@ impl AgentError {
             AgentError::Entitlement(e) => e.exit_code(),
             AgentError::Listen { .. } => Exit::Listen,
             AgentError::Keyring(_) | AgentError::Config(_) => Exit::BadConfig,
-        }
-    }
-}
-
-/// The sockets the local API is served on.
-#[derive(Debug, Default)]
-pub struct Listeners {
-    pub tcp: Option<TcpListener>,
-    pub unix: Option<UnixSocket>,
-    /// `server.metrics_listen`: `/metrics`, `/healthz` and `/readyz` only, for a scraper.
-    pub metrics: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// Binds what the configuration asks for. The Unix socket gets mode 0660.
-    pub async fn bind(config: &Config) -> Result<Self, AgentError> {
-        let bind = |addr: std::net::SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| AgentError::Listen {
-                    what: addr.to_string(),
-                    detail: e.to_string(),
-                })
-        };
-        let mut listeners = Listeners::default();
-        if let Some(addr) = config.listen_addr() {
-            listeners.tcp = Some(bind(addr).await?);
-        }
-        if let Ok(addr) = config.server.metrics_listen.parse::<std::net::SocketAddr>() {
-            listeners.metrics = Some(bind(addr).await?);
-        }
-        if !config.server.unix_socket.is_empty() {
-            listeners.unix = Some(UnixSocket::bind(&PathBuf::from(
-                &config.server.unix_socket,
-            ))?);
-        }
-        Ok(listeners)
-    }
-}
-
-/// The local API's Unix socket. Dropping it removes the socket file, if it is still ours.
-#[derive(Debug)]
-pub struct UnixSocket {
-    listener: Option<UnixListener>,
-    path: PathBuf,
-    /// The socket file's inode, so a socket another process bound since is left alone.
-    inode: u64,
-}
-
-impl UnixSocket {
-    /// Binds with mode 0660. A socket file already there is replaced only when nothing answers
-    /// on it (left by a process that died); a live one belongs to another agent and is refused.
-    pub fn bind(path: &std::path::Path) -> Result<Self, AgentError> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-        let err = |detail: String| AgentError::Listen {
-            what: path.display().to_string(),
-            detail,
-        };
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(err("a file that is not a socket is in the way".to_owned()));
-            }
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => {
-                    return Err(err(
-                        "another process is serving on this socket (is another meterd running with the same server.unix_socket?)"
-                            .to_owned(),
-                    ))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path).map_err(|e| err(e.to_string()))?;
-                }
-                Err(e) => return Err(err(format!("cannot tell whether the socket is in use: {e}"))),
-            }
-        }
-        let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .map_err(|e| err(e.to_string()))?;
-        let inode = std::fs::symlink_metadata(path)
-            .map_err(|e| err(e.to_string()))?
-            .ino();
-        Ok(Self {
-            listener: Some(listener),
-            path: path.to_owned(),
-            inode,
-        })
-    }
-
-    fn take_listener(&mut self) -> Option<UnixListener> {
-        self.listener.take()
-    }
-}
-
-impl Drop for UnixSocket {
-    fn drop(&mut self) {
-        use std::os::unix::fs::MetadataExt;
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "could not remove the socket");
-            }
         }
     }
 }
@@ -620,7 +519,7 @@ async fn stop_intake(api: &Api, http_stop: &CancellationToken, servers: &mut Joi
     while servers.join_next().await.is_some() {}
 }
 
-fn configured_platform(setting: PlatformSetting) -> Option<Platform> {
+pub(crate) fn configured_platform(setting: PlatformSetting) -> Option<Platform> {
     match setting {
         PlatformSetting::Auto => None,
         PlatformSetting::Ecs => Some(Platform::Ecs),
@@ -815,7 +714,7 @@ struct Admission {
 
 /// License Manager's client: credentials from the license token for a buyer outside AWS
 /// (`contract.license_token_file`), else from the SDK's chain (or the given settings).
-async fn license_client(
+pub(crate) async fn license_client(
     config: &Config,
     settings: Option<&AwsSettings>,
 ) -> aws_sdk_licensemanager::Client {
@@ -839,7 +738,7 @@ async fn license_client(
 }
 
 /// `[contract]`'s entitlements as checkouts ask for them (a counted unit defaults to 1).
-fn contract_entitlements(config: &Config) -> Vec<WantedEntitlement> {
+pub(crate) fn contract_entitlements(config: &Config) -> Vec<WantedEntitlement> {
     config
         .contract
         .entitlements
@@ -976,57 +875,6 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
             tracing::warn!(error = %e, "could not notify systemd");
         }
     }
-}
-
-/// `meterd doctor`: prints the report; true when no check failed.
-pub async fn doctor(config: &Config) -> anyhow::Result<bool> {
-    let client = crate::aws::build_client(&AwsSettings {
-        operation_timeout: Some(Duration::from_secs(10)),
-        ..AwsSettings::from_config(config)
-    })
-    .await;
-    let keyring = Keyring::load(
-        &config.registration.public_key_files,
-        config.registration.public_key_version,
-    )?;
-    let region = client.config().region().map(|r| r.to_string());
-    let clock: SharedClock = Arc::new(crate::clock::SystemClock);
-    let env = platform::process_env;
-    let license_client = if config.pricing.checks_out() {
-        let settings = AwsSettings {
-            operation_timeout: Some(Duration::from_secs(10)),
-            ..AwsSettings::from_config(config)
-        };
-        Some(license_client(config, Some(&settings)).await)
-    } else {
-        None
-    };
-    let wanted = contract_entitlements(config);
-    let report = entitlement::doctor(entitlement::DoctorInputs {
-        product_code: &config.product_code,
-        dimension: config.metering.dimensions.first().map(String::as_str),
-        region: region.as_deref(),
-        endpoint: Some(config.aws.endpoint_url.as_str()).filter(|e| !e.is_empty()),
-        public_key_version: config.registration.public_key_version,
-        pricing: config.pricing,
-        configured_platform: configured_platform(config.platform),
-        keyring: &keyring,
-        client: &client,
-        clock: &clock,
-        env: &env,
-        imds: platform::ImdsSettings::from_env(&env),
-        contract: license_client
-            .as_ref()
-            .map(|client| entitlement::ContractProbe {
-                client,
-                product_sku: &config.contract.product_sku,
-                key_fingerprint: &config.contract.key_fingerprint,
-                entitlements: &wanted,
-            }),
-    })
-    .await;
-    print!("{report}");
-    Ok(report.is_healthy())
 }
 
 #[cfg(test)]

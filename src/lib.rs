@@ -46,3 +46,4 @@ pub mod send;
 pub mod serve;
 pub mod signals;
 pub mod status;
+pub mod transport;

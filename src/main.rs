@@ -645,7 +645,7 @@ async fn doctor(config_path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match agent::doctor(&config).await {
+    match meterd::entitlement::doctor::doctor_for_config(&config).await {
         Ok(true) => Exit::Ok.into(),
         Ok(false) => Exit::Failure.into(),
         Err(e) => {

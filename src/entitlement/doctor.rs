@@ -508,6 +508,56 @@ fn pricing_route(pricing: Pricing, platform: Platform) -> DoctorCheck {
     check("pricing", status, detail.to_owned(), fix)
 }
 
+/// `meterd doctor`: builds the inputs from the configuration, prints the report; true when
+/// no check failed.
+pub async fn doctor_for_config(config: &crate::config::Config) -> anyhow::Result<bool> {
+    let client = crate::aws::build_client(&crate::aws::AwsSettings {
+        operation_timeout: Some(Duration::from_secs(10)),
+        ..crate::aws::AwsSettings::from_config(config)
+    })
+    .await;
+    let keyring = Keyring::load(
+        &config.registration.public_key_files,
+        config.registration.public_key_version,
+    )?;
+    let region = client.config().region().map(|r| r.to_string());
+    let clock: SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
+    let env = crate::platform::process_env;
+    let license_client = if config.pricing.checks_out() {
+        let settings = crate::aws::AwsSettings {
+            operation_timeout: Some(Duration::from_secs(10)),
+            ..crate::aws::AwsSettings::from_config(config)
+        };
+        Some(crate::agent::license_client(config, Some(&settings)).await)
+    } else {
+        None
+    };
+    let wanted = crate::agent::contract_entitlements(config);
+    let report = doctor(DoctorInputs {
+        product_code: &config.product_code,
+        dimension: config.metering.dimensions.first().map(String::as_str),
+        region: region.as_deref(),
+        endpoint: Some(config.aws.endpoint_url.as_str()).filter(|e| !e.is_empty()),
+        public_key_version: config.registration.public_key_version,
+        pricing: config.pricing,
+        configured_platform: crate::agent::configured_platform(config.platform),
+        keyring: &keyring,
+        client: &client,
+        clock: &clock,
+        env: &env,
+        imds: ImdsSettings::from_env(&env),
+        contract: license_client.as_ref().map(|client| ContractProbe {
+            client,
+            product_sku: &config.contract.product_sku,
+            key_fingerprint: &config.contract.key_fingerprint,
+            entitlements: &wanted,
+        }),
+    })
+    .await;
+    print!("{report}");
+    Ok(report.is_healthy())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
