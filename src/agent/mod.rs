@@ -17,23 +17,25 @@ use tracing::Instrument;
 
 use crate::aws::AwsSettings;
 use crate::clock::{from_unix_seconds, rfc3339, unix_seconds, SharedClock, HOUR_SECS};
-use crate::config::{Config, PlatformSetting, Pricing};
-use crate::entitlement::contract::{ContractHolder, ContractSettings, WantedEntitlement};
-use crate::entitlement::{
-    self, Backoff, DryRunMode, DryRunPolicy, EntitlementError, Keyring, RegistrationSettings,
-};
+use crate::config::Config;
+use crate::entitlement::contract::ContractHolder;
+use crate::entitlement::{self, Backoff, DryRunPolicy, EntitlementError, Keyring};
 use crate::exit::Exit;
 use crate::ingest::{Api, Via, Vocabulary};
 use crate::ledger::{Ledger, LedgerError, SealPolicy};
 use crate::metrics::Metrics;
-use crate::platform::{self, Platform};
+use crate::platform::{self};
 use crate::seal::schedule::{report_seal, seal_loop};
 use crate::send::Sender;
 use crate::serve::{serve, ConnectionLimits, ServeSettings};
-use crate::status::{
-    DryRunProgress, EntitlementDetails, EntitlementState, EntitlementStatus, StatusBoard,
-};
+use crate::status::{EntitlementStatus, StatusBoard};
 pub use crate::transport::{Listeners, UnixSocket};
+
+mod admission;
+use admission::establish_entitlement;
+pub(crate) use admission::{configured_platform, contract_entitlements, license_client};
+#[cfg(test)]
+use admission::{entitlement_route, Route};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -519,284 +521,6 @@ async fn stop_intake(api: &Api, http_stop: &CancellationToken, servers: &mut Joi
     while servers.join_next().await.is_some() {}
 }
 
-pub(crate) fn configured_platform(setting: PlatformSetting) -> Option<Platform> {
-    match setting {
-        PlatformSetting::Auto => None,
-        PlatformSetting::Ecs => Some(Platform::Ecs),
-        PlatformSetting::Eks => Some(Platform::Eks),
-        PlatformSetting::Ec2 => Some(Platform::Ec2),
-    }
-}
-
-/// The start-up check of a pricing model on a platform.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    /// RegisterUsage, with the PS256 token verified.
-    Register,
-    /// The MeterUsage DryRun: fatal on any error but throttling (containers), or the AMI's
-    /// background check that never fails closed within 2 hours.
-    DryRun(DryRunMode),
-    /// Contract pricing: CheckoutLicense with License Manager, on any platform.
-    Contract,
-}
-
-/// README's pricing table: `hourly` and `hourly+custom` register on containers; `custom` and
-/// everything on EC2 meters, with the DryRun as its check; `hourly` on EC2 has nothing to do.
-fn entitlement_route(pricing: Pricing, platform: Platform) -> Result<Route, EntitlementError> {
-    if pricing.checks_out() {
-        return Ok(Route::Contract);
-    }
-    if platform == Platform::Ec2 {
-        if !pricing.meters() {
-            return Err(EntitlementError::PricingNotOnPlatform {
-                pricing: pricing.as_str(),
-                platform: "EC2",
-                reason: "RegisterUsage does not work on EC2, and AWS meters an AMI's hourly price itself; set platform to ecs or eks if this is a container",
-            });
-        }
-        return Ok(Route::DryRun(DryRunMode::Ami));
-    }
-    if pricing.registers() {
-        Ok(Route::Register)
-    } else {
-        Ok(Route::DryRun(DryRunMode::Container))
-    }
-}
-
-/// The start-up check the pricing model needs on this platform (README: pricing models):
-/// RegisterUsage for `hourly` and `hourly+custom` containers, the MeterUsage DryRun for
-/// `custom` containers, and on EC2 the AMI's DryRun, which never fails closed within 2 hours.
-/// Returns a background task when an AMI product starts before its check has passed.
-#[allow(clippy::too_many_arguments)]
-async fn establish_entitlement(
-    config: &Config,
-    platform: Platform,
-    client: &Client,
-    keyring: &Keyring,
-    clock: &SharedClock,
-    dry_run_policy: DryRunPolicy,
-    status: &Arc<StatusBoard>,
-    metrics: &Arc<Metrics>,
-    ledger: &Ledger,
-    license_aws: Option<&AwsSettings>,
-) -> Result<Admission, EntitlementError> {
-    let mode = match entitlement_route(config.pricing, platform)? {
-        Route::Contract => {
-            let holder = Arc::new(contract_holder(config, ledger, clock, license_aws).await);
-            let checkout = counted(
-                metrics,
-                "CheckoutLicense",
-                holder
-                    .establish(&|_| metrics.call("CheckoutLicense", "retried"))
-                    .await,
-            )?;
-            metrics.entitled.set(1);
-            status.set_entitlement(EntitlementStatus {
-                state: EntitlementState::Entitled,
-                details: EntitlementDetails::Contract(Box::new(checkout)),
-            });
-            return Ok(Admission {
-                background_check: None,
-                contract: Some(holder),
-            });
-        }
-        Route::Register => {
-            let mut settings = RegistrationSettings::new(
-                config.product_code.clone(),
-                config.registration.public_key_version,
-                platform,
-            );
-            settings.startup_budget = config.registration.startup_budget;
-            let entitlement = counted(
-                metrics,
-                "RegisterUsage",
-                entitlement::register_observed(
-                    client,
-                    &settings,
-                    keyring,
-                    clock,
-                    &count_attempts(metrics, "RegisterUsage"),
-                )
-                .await,
-            )?;
-            metrics.entitled.set(1);
-            if let Some(rotation) = &entitlement.key_rotation {
-                metrics
-                    .public_key_rotation_timestamp_seconds
-                    .set(rotation.timestamp);
-            }
-            status.set_entitlement(EntitlementStatus {
-                state: EntitlementState::Entitled,
-                details: EntitlementDetails::Registered(Box::new(entitlement)),
-            });
-            return Ok(Admission::default());
-        }
-        Route::DryRun(mode) => mode,
-    };
-    let dimension = config
-        .metering
-        .dimensions
-        .first()
-        .cloned()
-        .unwrap_or_default();
-    let mut policy = dry_run_policy;
-    policy.container_budget = config.registration.startup_budget;
-    if mode == DryRunMode::Container {
-        let passed = entitlement::dry_run_check_with(
-            client,
-            &config.product_code,
-            &dimension,
-            mode,
-            clock,
-            &policy,
-            &count_attempts(metrics, DRY_RUN),
-        )
-        .await;
-        let passed = counted(metrics, DRY_RUN, passed)?;
-        metrics.entitled.set(1);
-        status.set_entitlement(EntitlementStatus {
-            state: EntitlementState::PermissionsVerified,
-            details: EntitlementDetails::DryRunPassed(passed),
-        });
-        return Ok(Admission::default());
-    }
-    // AMI: keep accepting and persisting usage while the check retries; fail closed only
-    // when the policy gives up (never sooner than 2 hours).
-    status.set_entitlement(EntitlementStatus {
-        state: EntitlementState::Unverified,
-        details: EntitlementDetails::DryRunInProgress {
-            dry_run: DryRunProgress::InProgress,
-        },
-    });
-    let (client, product_code, clock, status, metrics) = (
-        client.clone(),
-        config.product_code.clone(),
-        clock.clone(),
-        status.clone(),
-        metrics.clone(),
-    );
-    let handle = tokio::spawn(
-        async move {
-            let passed = entitlement::dry_run_check_with(
-                &client,
-                &product_code,
-                &dimension,
-                mode,
-                &clock,
-                &policy,
-                &count_attempts(&metrics, DRY_RUN),
-            )
-            .await;
-            let passed = counted(&metrics, DRY_RUN, passed)?;
-            metrics.entitled.set(1);
-            status.set_entitlement(EntitlementStatus {
-                state: EntitlementState::PermissionsVerified,
-                details: EntitlementDetails::DryRunPassed(passed),
-            });
-            Ok(())
-        }
-        .instrument(tracing::info_span!("dry_run")),
-    );
-    Ok(Admission {
-        background_check: Some(handle),
-        contract: None,
-    })
-}
-
-/// What start-up admitted the agent with.
-#[derive(Default)]
-struct Admission {
-    /// The AMI's DryRun, still retrying in the background.
-    background_check: Option<tokio::task::JoinHandle<Result<(), EntitlementError>>>,
-    /// Contract pricing: the checkout held for the agent's life.
-    contract: Option<Arc<ContractHolder>>,
-}
-
-/// License Manager's client: credentials from the license token for a buyer outside AWS
-/// (`contract.license_token_file`), else from the SDK's chain (or the given settings).
-pub(crate) async fn license_client(
-    config: &Config,
-    settings: Option<&AwsSettings>,
-) -> aws_sdk_licensemanager::Client {
-    let from_config = AwsSettings::from_config(config);
-    let settings = settings.unwrap_or(&from_config);
-    let c = &config.contract;
-    if c.license_token_file.is_empty() {
-        crate::aws::build_license_client(settings).await
-    } else {
-        let settings = AwsSettings {
-            static_credentials: None,
-            ..settings.clone()
-        };
-        crate::aws::build_license_client_from_token(
-            &settings,
-            std::path::Path::new(&c.license_token_file),
-            &c.role_arn,
-        )
-        .await
-    }
-}
-
-/// `[contract]`'s entitlements as checkouts ask for them (a counted unit defaults to 1).
-pub(crate) fn contract_entitlements(config: &Config) -> Vec<WantedEntitlement> {
-    config
-        .contract
-        .entitlements
-        .iter()
-        .map(|e| WantedEntitlement {
-            name: e.name.clone(),
-            unit: e.unit.clone(),
-            count: e.count.or((e.unit != "None").then_some(1)),
-        })
-        .collect()
-}
-
-/// Contract pricing's holder: `[contract]`, the License Manager client from `[aws]`, and the
-/// ledger that keeps the checkout (`GET /v1/entitlements` reads the holder).
-async fn contract_holder(
-    config: &Config,
-    ledger: &Ledger,
-    clock: &SharedClock,
-    license_aws: Option<&AwsSettings>,
-) -> ContractHolder {
-    let c = &config.contract;
-    let settings = ContractSettings {
-        product_sku: c.product_sku.clone(),
-        key_fingerprint: c.key_fingerprint.clone(),
-        entitlements: contract_entitlements(config),
-        perpetual: c.checkout_type == "perpetual",
-        client_token: String::new(),
-        startup_budget: config.registration.startup_budget,
-        backoff: Backoff::default(),
-    };
-    let client = license_client(config, license_aws).await;
-    ContractHolder::new(client, settings, ledger.clone(), clock.clone())
-}
-
-/// The `operation` label of the start-up DryRun in `meterd_aws_calls_total`.
-const DRY_RUN: &str = "MeterUsageDryRun";
-
-/// Counts each failed start-up attempt that is retried, by its error code.
-fn count_attempts<'a>(
-    metrics: &'a Metrics,
-    operation: &'static str,
-) -> impl Fn(&entitlement::RetryEvent) + Send + Sync + 'a {
-    move |e| metrics.call(operation, e.failure.code.as_deref().unwrap_or("transport"))
-}
-
-/// Counts the start-up check's last call: `success`, or the class of the final failure.
-fn counted<T>(
-    metrics: &Metrics,
-    operation: &str,
-    result: Result<T, EntitlementError>,
-) -> Result<T, EntitlementError> {
-    metrics.call(
-        operation,
-        result.as_ref().map_or_else(|e| e.class(), |_| "success"),
-    );
-    result
-}
-
 /// How often the running time is recorded for heartbeat dimensions: a crash loses at most
 /// this much of it. Records fall on whole minutes, so one falls on every hour boundary.
 pub const HEARTBEAT_INTERVAL_SECS: i64 = 60;
@@ -878,38 +602,4 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_pricing_route_table() {
-        use Platform::*;
-        use Pricing::*;
-        let table = [
-            (Hourly, Ecs, Some(Route::Register)),
-            (Hourly, Eks, Some(Route::Register)),
-            (Hourly, Unknown, Some(Route::Register)),
-            (Hourly, Ec2, None),
-            (Custom, Ecs, Some(Route::DryRun(DryRunMode::Container))),
-            (Custom, Eks, Some(Route::DryRun(DryRunMode::Container))),
-            (Custom, Ec2, Some(Route::DryRun(DryRunMode::Ami))),
-            (HourlyCustom, Ecs, Some(Route::Register)),
-            (HourlyCustom, Eks, Some(Route::Register)),
-            (HourlyCustom, Ec2, Some(Route::DryRun(DryRunMode::Ami))),
-            (Contract, Ecs, Some(Route::Contract)),
-            (Contract, Ec2, Some(Route::Contract)),
-            (ContractCustom, Eks, Some(Route::Contract)),
-            (ContractCustom, Unknown, Some(Route::Contract)),
-        ];
-        for (pricing, platform, want) in table {
-            match (entitlement_route(pricing, platform), want) {
-                (Ok(route), Some(want)) => assert_eq!(route, want, "{pricing} on {platform}"),
-                (Err(e), None) => {
-                    assert_eq!(e.exit_code(), crate::exit::Exit::Configuration, "{e}");
-                    assert!(e.to_string().contains("cannot run on EC2"), "{e}");
-                }
-                (got, want) => panic!("{pricing} on {platform}: {got:?}, want {want:?}"),
-            }
-        }
-    }
-}
+mod tests;
