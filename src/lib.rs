@@ -16,7 +16,9 @@
 //! image), a faithful Metering Service for tests and sellers;
 //! [`model`], the value types the steps share and the service's rules; [`clock`], wall-clock
 //! time as a dependency; [`rate`], the send limit and the emulator's
-//! quotas; [`aws`], the SDK client and error classes.
+//! quotas; [`aws`], the SDK client and error classes; [`exit`], every process exit code;
+//! [`http_client`], the one small HTTP/1 client; [`signals`], the one signal handler;
+//! [`transport`], the agent's listeners.
 
 #![forbid(unsafe_code)]
 
