@@ -16,7 +16,9 @@
 //! image), a faithful Metering Service for tests and sellers;
 //! [`model`], the value types the steps share and the service's rules; [`clock`], wall-clock
 //! time as a dependency; [`rate`], the send limit and the emulator's
-//! quotas; [`aws`], the SDK client and error classes.
+//! quotas; [`aws`], the SDK client and error classes; [`exit`], every process exit code;
+//! [`http_client`], the one small HTTP/1 client; [`signals`], the one signal handler;
+//! [`transport`], the agent's listeners.
 
 #![forbid(unsafe_code)]
 
@@ -31,6 +33,8 @@ pub mod demo;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod entitlement;
+pub mod exit;
+pub mod http_client;
 pub mod ingest;
 pub mod ledger;
 pub mod listing;
@@ -42,4 +46,6 @@ pub mod rate;
 pub mod seal;
 pub mod send;
 pub mod serve;
+pub mod signals;
 pub mod status;
+pub mod transport;

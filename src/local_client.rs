@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 
 use crate::config::Config;
+use crate::http_client::{self, Connect, HttpError};
 
 /// Where the local API listens, as the configuration says. The Unix socket wins when set.
 #[derive(Debug, Clone)]
@@ -27,6 +27,9 @@ impl Target {
     }
 }
 
+/// The largest answer read from the local API.
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
 /// Sends one request and returns the status and body.
 pub async fn call(
     target: &Target,
@@ -36,44 +39,26 @@ pub async fn call(
     token: Option<&str>,
     timeout: Duration,
 ) -> anyhow::Result<(StatusCode, Bytes)> {
-    tokio::time::timeout(timeout, async {
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, "localhost");
-        if body.is_some() {
-            builder = builder.header(http::header::CONTENT_TYPE, "application/json");
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "localhost");
+    if body.is_some() {
+        builder = builder.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(token) = token {
+        builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let to = match target {
+        Target::Tcp(addr) => Connect::Tcp(addr),
+        Target::Unix(path) => Connect::Unix(path),
+    };
+    match http_client::send(to, request, MAX_ANSWER_BYTES, timeout).await {
+        Ok(answer) => Ok((answer.status, answer.body.unwrap_or_default())),
+        Err(HttpError::Timeout(_)) => {
+            Err(anyhow::anyhow!("no answer from meterd within {timeout:?}"))
         }
-        if let Some(token) = token {
-            builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let request = builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let response = match target {
-            Target::Tcp(addr) => {
-                let stream = tokio::net::TcpStream::connect(addr.as_str()).await?;
-                send(stream, request).await?
-            }
-            Target::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path.as_str()).await?;
-                send(stream, request).await?
-            }
-        };
-        Ok(response)
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no answer from meterd within {timeout:?}"))?
-}
-
-async fn send<S>(stream: S, request: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, Bytes)>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, body))
+        Err(e) => Err(e.into()),
+    }
 }

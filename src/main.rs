@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use meterd::agent::{self, RunContext};
 use meterd::aws::{build_client, AwsSettings};
 use meterd::clock::{rfc3339, SystemClock};
-use meterd::config::{Config, EXIT_BAD_CONFIG};
+use meterd::config::Config;
+use meterd::exit::Exit;
 use meterd::local_client::{self, Target};
 
 #[derive(Parser)]
@@ -181,12 +182,8 @@ fn init_logging(format: LogFormat, filter: &str) {
 fn load_config(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("meterd: {e}");
-        exit(EXIT_BAD_CONFIG)
+        Exit::BadConfig.into()
     })
-}
-
-fn exit(code: i32) -> ExitCode {
-    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn main() -> ExitCode {
@@ -210,7 +207,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meterd: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            return Exit::Failure.into();
         }
     };
     runtime.block_on(async move {
@@ -230,7 +227,7 @@ fn main() -> ExitCode {
                 Ok(config) => match agent::Prepared::build(&config) {
                     Err(e) => {
                         eprintln!("meterd: {}: {e}", c.config.display());
-                        exit(e.exit_code())
+                        e.exit_code().into()
                     }
                     Ok(_) => {
                         println!(
@@ -239,7 +236,7 @@ fn main() -> ExitCode {
                             config.product_code,
                             config.metering.dimensions.len()
                         );
-                        ExitCode::SUCCESS
+                        Exit::Ok.into()
                     }
                 },
                 Err(code) => code,
@@ -273,22 +270,22 @@ fn main() -> ExitCode {
             } => listing_check(&config.config, send, quantity).await,
             #[cfg(feature = "emulator")]
             Command::Emulator(args) => match meterd::emulator::run_cli(args).await {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => Exit::Ok.into(),
                 Err(e) => {
                     eprintln!("meterd emulator: {e:#}");
                     if e.downcast_ref::<meterd::emulator::ConfigError>().is_some() {
-                        exit(EXIT_BAD_CONFIG)
+                        Exit::BadConfig.into()
                     } else {
-                        ExitCode::FAILURE
+                        Exit::Failure.into()
                     }
                 }
             },
             #[cfg(feature = "emulator")]
             Command::Demo(args) => match meterd::demo::run(args).await {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => Exit::Ok.into(),
                 Err(e) => {
                     eprintln!("meterd demo: {e:#}");
-                    ExitCode::FAILURE
+                    Exit::Failure.into()
                 }
             },
             #[cfg(not(feature = "emulator"))]
@@ -297,7 +294,7 @@ fn main() -> ExitCode {
                     "meterd: this binary was built without the emulator (cargo feature `emulator`), as the production image is; \
                      run the emulator and the demo from a development build (cargo run -- emulator)"
                 );
-                exit(EXIT_BAD_CONFIG)
+                Exit::BadConfig.into()
             }
         }
     })
@@ -311,39 +308,15 @@ async fn run(config_path: &Path) -> ExitCode {
     let client = build_client(&AwsSettings::from_config(&config)).await;
     let shutdown = CancellationToken::new();
     let grace = config.server.grace_period;
-    tokio::spawn(watch_signals(shutdown.clone(), grace));
+    tokio::spawn(meterd::signals::watch_agent(shutdown.clone(), grace));
     let ctx = RunContext::new(Arc::new(SystemClock), client, shutdown);
     match agent::run(config, None, ctx).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => Exit::Ok.into(),
         Err(e) => {
-            tracing::error!(exit_code = e.exit_code(), "meterd stopped: {e}");
-            exit(e.exit_code())
+            tracing::error!(exit_code = e.exit_code().as_code(), "meterd stopped: {e}");
+            e.exit_code().into()
         }
     }
-}
-
-/// SIGTERM or SIGINT starts the graceful shutdown; if it outlasts the grace period by 5 s,
-/// or a second signal arrives, the process exits at once (the ledger keeps everything).
-async fn watch_signals(shutdown: CancellationToken, grace: Duration) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => tracing::warn!("second signal: exiting now; unsent records stay in the ledger"),
-        _ = int.recv() => tracing::warn!("second signal: exiting now; unsent records stay in the ledger"),
-        _ = tokio::time::sleep(grace + Duration::from_secs(5)) => tracing::error!("shutdown outlasted the grace period; exiting; unsent records stay in the ledger"),
-    }
-    std::process::exit(1);
 }
 
 /// The agent's bearer token for a subcommand, or the exit code after saying why it is unreadable.
@@ -353,7 +326,7 @@ fn auth_token(command: &str, config: &Config) -> Result<Option<String>, ExitCode
             "{command}: cannot read server.auth_token_file {:?}: {e}",
             config.server.auth_token_file
         );
-        ExitCode::FAILURE
+        Exit::Failure.into()
     })
 }
 
@@ -394,7 +367,7 @@ async fn report(
     match ask_agent(&config, request).await {
         Ok(body) => {
             println!("{}", String::from_utf8_lossy(&body));
-            ExitCode::SUCCESS
+            Exit::Ok.into()
         }
         Err(code) => code,
     }
@@ -430,11 +403,11 @@ async fn ask_agent(config: &Config, r: AgentRequest) -> Result<Bytes, ExitCode> 
                 r.command,
                 String::from_utf8_lossy(&body)
             );
-            Err(ExitCode::FAILURE)
+            Err(Exit::Failure.into())
         }
         Err(e) => {
             eprintln!("{}: cannot reach the agent: {e:#}", r.command);
-            Err(ExitCode::FAILURE)
+            Err(Exit::Failure.into())
         }
     }
 }
@@ -462,7 +435,7 @@ async fn status(config_path: &Path) -> ExitCode {
                 Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
                 Err(_) => println!("{}", String::from_utf8_lossy(&body)),
             }
-            ExitCode::SUCCESS
+            Exit::Ok.into()
         }
         Err(code) => code,
     }
@@ -482,7 +455,7 @@ async fn health(config_path: &Path) -> ExitCode {
         timeout: Duration::from_secs(5),
     };
     match ask_agent(&config, request).await {
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(_) => Exit::Ok.into(),
         Err(code) => code,
     }
 }
@@ -501,11 +474,11 @@ fn quarantine(config_path: &Path) -> ExitCode {
                 moved.display(),
                 moved.display()
             );
-            ExitCode::SUCCESS
+            Exit::Ok.into()
         }
         Err(e) => {
             eprintln!("meterd ledger quarantine: {e}");
-            ExitCode::from(u8::try_from(meterd::agent::EXIT_LEDGER).unwrap_or(1))
+            Exit::Ledger.into()
         }
     }
 }
@@ -540,7 +513,7 @@ fn records(
         Ok(r) => r,
         Err(e) => {
             eprintln!("meterd records: {e}");
-            return ExitCode::FAILURE;
+            return Exit::Failure.into();
         }
     };
     match format {
@@ -551,7 +524,7 @@ fn records(
         RecordsFormat::Csv => print!("{}", records_csv(&records)),
         RecordsFormat::Table => print_table(records),
     }
-    ExitCode::SUCCESS
+    Exit::Ok.into()
 }
 
 fn state_name(state: meterd::ledger::RecordState) -> String {
@@ -634,11 +607,11 @@ fn keys(config_path: Option<&Path>) -> ExitCode {
         Ok(keyring) => {
             print!("{}", keyring.report().render());
             println!("{}", meterd::entitlement::baked::BAKED.describe());
-            ExitCode::SUCCESS
+            Exit::Ok.into()
         }
         Err(e) => {
             eprintln!("meterd keys: {e}");
-            exit(EXIT_BAD_CONFIG)
+            Exit::BadConfig.into()
         }
     }
 }
@@ -661,9 +634,9 @@ async fn listing_check(config_path: &Path, send: bool, quantity: i32) -> ExitCod
     .await;
     print!("{}", report.render());
     if report.passed() {
-        ExitCode::SUCCESS
+        Exit::Ok.into()
     } else {
-        ExitCode::FAILURE
+        Exit::Failure.into()
     }
 }
 
@@ -672,12 +645,12 @@ async fn doctor(config_path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match agent::doctor(&config).await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+    match meterd::entitlement::doctor::doctor_for_config(&config).await {
+        Ok(true) => Exit::Ok.into(),
+        Ok(false) => Exit::Failure.into(),
         Err(e) => {
             eprintln!("meterd doctor: {e:#}");
-            ExitCode::FAILURE
+            Exit::Failure.into()
         }
     }
 }

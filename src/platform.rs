@@ -19,9 +19,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
+use http_body_util::Empty;
 use serde::{Deserialize, Serialize};
+
+use crate::http_client::{self, Authority, Connect};
 
 /// A read-only view of environment variables.
 pub type Env<'a> = &'a (dyn Fn(&str) -> Option<String> + Send + Sync);
@@ -333,6 +334,7 @@ pub async fn imds_instance_id(settings: &ImdsSettings) -> Result<String, ImdsErr
             "/latest/api/token",
             ("x-aws-ec2-metadata-token-ttl-seconds", "21600"),
             "token PUT",
+            settings.timeout,
         )
         .await?;
         imds_request(
@@ -341,6 +343,7 @@ pub async fn imds_instance_id(settings: &ImdsSettings) -> Result<String, ImdsErr
             "/latest/meta-data/instance-id",
             ("x-aws-ec2-metadata-token", token.trim()),
             "instance-id GET",
+            settings.timeout,
         )
         .await
     };
@@ -356,10 +359,8 @@ fn imds_authority(endpoint: &str) -> Result<String, ImdsError> {
     if uri.scheme_str() != Some("http") {
         return Err(bad());
     }
-    let authority = uri.authority().ok_or_else(bad)?;
-    let host = authority.host();
-    let port = authority.port_u16().unwrap_or(80);
-    Ok(format!("{host}:{port}"))
+    let authority = Authority::of(&uri).ok_or_else(bad)?;
+    Ok(authority.host_port().to_owned())
 }
 
 async fn imds_request(
@@ -368,17 +369,11 @@ async fn imds_request(
     path: &str,
     header: (&str, &str),
     step: &'static str,
+    timeout: Duration,
 ) -> Result<String, ImdsError> {
     let unreachable = |e: &dyn fmt::Display| ImdsError::Unreachable(format!("{step}: {e}"));
     // Bracketed IPv6 hosts keep their brackets in `host`; strip them for the socket address.
     let connect_to = authority.replace(['[', ']'], "");
-    let stream = tokio::net::TcpStream::connect(&connect_to)
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let conn = tokio::spawn(conn);
     let request = http::Request::builder()
         .method(method)
         .uri(path)
@@ -386,21 +381,17 @@ async fn imds_request(
         .header(header.0, header.1)
         .body(Empty::<Bytes>::new())
         .map_err(|e| unreachable(&e))?;
-    let response = sender
-        .send_request(request)
+    let answer = http_client::send(Connect::Tcp(&connect_to), request, MAX_IMDS_BODY, timeout)
         .await
-        .map_err(|e| unreachable(&e))?;
-    let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), MAX_IMDS_BODY)
-        .collect()
-        .await
-        .map_err(|e| unreachable(&e))?
-        .to_bytes();
-    conn.abort();
+        .map_err(|e| match e {
+            http_client::HttpError::Timeout(_) => ImdsError::Timeout(timeout),
+            e => unreachable(&e),
+        })?;
+    let status = answer.status.as_u16();
     if status != 200 {
         return Err(ImdsError::Status { step, status });
     }
-    String::from_utf8(body.to_vec()).map_err(|e| unreachable(&e))
+    String::from_utf8(answer.body.unwrap_or_default().to_vec()).map_err(|e| unreachable(&e))
 }
 
 #[cfg(test)]
@@ -412,6 +403,7 @@ pub(crate) mod tests {
 
     use http_body_util::Full;
     use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
 
     pub(crate) fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + Send + Sync {
         let map: HashMap<String, String> = pairs

@@ -5,8 +5,11 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-/// Where start-up stands with entitlement.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+use crate::entitlement::contract::ContractCheckout;
+use crate::entitlement::{DryRunPassed, Entitlement};
+
+/// Where start-up stands with entitlement: the one entitlement state of the agent.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum EntitlementState {
     /// RegisterUsage or the DryRun check has not passed yet.
@@ -17,6 +20,7 @@ pub enum EntitlementState {
     PermissionsVerified,
     /// No RegisterUsage; the DryRun check is still being retried (AMI products stay up).
     Unverified,
+    /// Start-up or the contract's renewal failed fatally; the agent is not ready.
     Failed,
 }
 
@@ -80,8 +84,46 @@ impl MeteringHealth {
 #[derive(Debug, Clone, Serialize)]
 pub struct EntitlementStatus {
     pub state: EntitlementState,
-    /// Non-secret facts: claims, key fingerprint, registration time, rotation timestamp.
-    pub details: serde_json::Value,
+    pub details: EntitlementDetails,
+}
+
+/// `details` in `/v1/status`: the non-secret facts behind the state (claims, key
+/// fingerprint, registration time, rotation timestamp). Untagged: each variant is the JSON
+/// object it always was, `None` is `null`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum EntitlementDetails {
+    /// Nothing known yet.
+    None,
+    /// RegisterUsage verified.
+    Registered(Box<Entitlement>),
+    /// Contract pricing: the license checkout.
+    Contract(Box<ContractCheckout>),
+    /// The MeterUsage DryRun passed.
+    DryRunPassed(DryRunPassed),
+    /// AMI: the DryRun check is still being retried (`{"dry_run": "in progress"}`).
+    DryRunInProgress { dry_run: DryRunProgress },
+    /// Why entitlement failed (`{"error": "..."}`).
+    Failed { error: String },
+}
+
+/// The one value of `details.dry_run` while the AMI DryRun check retries.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub enum DryRunProgress {
+    #[serde(rename = "in progress")]
+    InProgress,
+}
+
+impl EntitlementStatus {
+    /// The `failed` state with its reason.
+    pub fn failed(error: &impl std::fmt::Display) -> Self {
+        Self {
+            state: EntitlementState::Failed,
+            details: EntitlementDetails::Failed {
+                error: error.to_string(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -107,7 +149,7 @@ impl StatusBoard {
             platform,
             entitlement: RwLock::new(EntitlementStatus {
                 state: EntitlementState::Pending,
-                details: serde_json::Value::Null,
+                details: EntitlementDetails::None,
             }),
             sender: RwLock::new(SenderStatus::default()),
             ready: AtomicBool::new(false),
@@ -158,6 +200,22 @@ impl StatusBoard {
 mod tests {
     use super::*;
     use crate::config::HealthConfig;
+
+    #[test]
+    fn details_serialize_as_the_objects_they_replaced() {
+        let json = |d: EntitlementDetails| serde_json::to_value(d).expect("serializes");
+        assert_eq!(json(EntitlementDetails::None), serde_json::Value::Null);
+        assert_eq!(
+            json(EntitlementDetails::DryRunInProgress {
+                dry_run: DryRunProgress::InProgress
+            }),
+            serde_json::json!({"dry_run": "in progress"})
+        );
+        assert_eq!(
+            json(EntitlementStatus::failed(&"boom").details),
+            serde_json::json!({"error": "boom"})
+        );
+    }
 
     #[test]
     fn health_levels_follow_the_thresholds_and_never_fail_before_them() {

@@ -898,7 +898,7 @@ async fn a_second_agent_cannot_take_over_a_live_socket_and_a_clean_exit_removes_
         .start_agent(h.config(&format!("unix_socket = {:?}", socket.display().to_string())))
         .await;
     let err = meterd::agent::UnixSocket::bind(&socket).expect_err("the socket is live");
-    assert_eq!(err.exit_code(), 71, "{err}");
+    assert_eq!(err.exit_code().as_code(), 71, "{err}");
     let text = err.to_string();
     assert!(
         text.contains(&socket.display().to_string()) && text.contains("another process"),
@@ -956,7 +956,7 @@ async fn idempotency_ids_count_once_under_concurrent_retries() {
 }
 
 /// Runs an agent that must fail at start-up; returns its exit code and whether it was ever ready.
-async fn fatal_start(h: &Harness, config: Config) -> (i32, bool) {
+async fn fatal_start(h: &Harness, config: Config) -> (u8, bool) {
     let agent = h.spawn_agent(config).await;
     let mut ever_ready = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -974,14 +974,14 @@ async fn fatal_start(h: &Harness, config: Config) -> (i32, bool) {
         .expect("task")
         .expect_err("start-up must fail");
     (
-        err.exit_code(),
+        err.exit_code().as_code(),
         ever_ready || agent.handles.status.is_ready(),
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_fatal_entitlement_class_exits_with_its_code_and_never_turns_ready() {
-    let cases: [(&str, Option<emulator::Entitlement>, &str, i32); 5] = [
+    let cases: [(&str, Option<emulator::Entitlement>, &str, u8); 5] = [
         (
             "not entitled",
             Some(emulator::Entitlement::NotEntitled),

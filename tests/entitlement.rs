@@ -11,9 +11,9 @@ use meterd::clock::{from_unix_seconds, Clock, ManualClock, SharedClock};
 use meterd::emulator::{self, EmulatorConfig, EmulatorHandle, FaultProfile, FaultRule};
 use meterd::entitlement::{
     dry_run_check_with, register_observed, DryRunMode, DryRunPolicy, Entitlement, EntitlementError,
-    EntitlementState, Keyring, RegistrationSettings, RetryEvent, VerifyError, EXIT_CONFIGURATION,
-    EXIT_NOT_ENTITLED, EXIT_TRANSIENT_BUDGET, EXIT_VERIFICATION_FAILED,
+    EntitlementState, Keyring, RegistrationSettings, RetryEvent, VerifyError,
 };
+use meterd::exit::Exit;
 use meterd::platform::Platform;
 use tokio::sync::mpsc;
 
@@ -120,16 +120,16 @@ async fn the_shipped_keyring_does_not_trust_the_emulator() {
         ),
         "{err}"
     );
-    assert_eq!(err.exit_code(), EXIT_VERIFICATION_FAILED);
+    assert_eq!(err.exit_code(), Exit::VerificationFailed);
 }
 
 #[tokio::test]
 async fn each_fatal_class_exits_with_its_code_against_the_emulator() {
     use meterd::emulator::Entitlement as Emu;
     for (state, exit) in [
-        (Emu::NotEntitled, EXIT_NOT_ENTITLED),
-        (Emu::PlatformNotSupported, EXIT_CONFIGURATION),
-        (Emu::WrongRegion, EXIT_CONFIGURATION),
+        (Emu::NotEntitled, Exit::NotEntitled),
+        (Emu::PlatformNotSupported, Exit::Configuration),
+        (Emu::WrongRegion, Exit::Configuration),
     ] {
         let rig = rig(EmulatorConfig::demo()).await;
         rig.emu
@@ -167,7 +167,7 @@ async fn each_fatal_class_exits_with_its_code_against_the_emulator() {
         matches!(err, EntitlementError::InvalidProductCode { .. }),
         "{err}"
     );
-    assert_eq!(err.exit_code(), EXIT_CONFIGURATION);
+    assert_eq!(err.exit_code(), Exit::Configuration);
 
     // A key version the service does not have (the keyring trusts one, so the call is made).
     let client = rig.client("us-east-1", "AKIDVERSION").await;
@@ -182,7 +182,7 @@ async fn each_fatal_class_exits_with_its_code_against_the_emulator() {
         ),
         "{err}"
     );
-    assert_eq!(err.exit_code(), EXIT_CONFIGURATION);
+    assert_eq!(err.exit_code(), Exit::Configuration);
 }
 
 #[tokio::test]
@@ -224,7 +224,7 @@ async fn a_service_that_stays_down_exhausts_the_budget() {
         .register(client, settings(1), rig.keyring(1), |_, _| {})
         .await;
     let err = result.unwrap_err();
-    assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET, "{err}");
+    assert_eq!(err.exit_code(), Exit::TransientBudget, "{err}");
     assert!(retries >= 5);
     let waited = rig
         .clock
@@ -300,7 +300,7 @@ async fn container_dry_run_for_an_unentitled_customer_is_fatal() {
     let err = dry_run(&rig, "AKIDDRYNE", DryRunMode::Container)
         .await
         .unwrap_err();
-    assert_eq!(err.exit_code(), EXIT_NOT_ENTITLED, "{err}");
+    assert_eq!(err.exit_code(), Exit::NotEntitled, "{err}");
     assert_eq!(rig.clock.now(), from_unix_seconds(START), "no retry");
 }
 
@@ -325,7 +325,7 @@ async fn ami_dry_run_fails_closed_no_sooner_than_two_hours() {
         "failed closed after {waited:?}"
     );
     assert!(matches!(err, EntitlementError::GaveUp { .. }), "{err}");
-    assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET);
+    assert_eq!(err.exit_code(), Exit::TransientBudget);
 }
 
 #[test]
@@ -518,7 +518,7 @@ mod contract {
             .0
             .expect("four");
         let (err, _) = run(&rig, client, settings(1, "instance-3/0")).await;
-        assert_eq!(err.expect_err("full").exit_code(), EXIT_NOT_ENTITLED);
+        assert_eq!(err.expect_err("full").exit_code(), Exit::NotEntitled);
         // The first checkout and the four: the retry made none, the refused one none.
         assert_eq!(rig.emu.license_consumptions().len(), 2);
     }
@@ -530,7 +530,7 @@ mod contract {
         let stranger = license_client(&rig, "AKIDSTRANGER").await;
         let (e, _) = run(&rig, stranger, settings(1, "s/0")).await;
         let e = e.expect_err("no license");
-        assert_eq!(e.exit_code(), EXIT_NOT_ENTITLED, "{e}");
+        assert_eq!(e.exit_code(), Exit::NotEntitled, "{e}");
         assert!(e.to_string().contains("ResourceNotFoundException"), "{e}");
         // An entitlement the license lacks: not entitled (77).
         let buyer = license_client(&rig, "AKIDBUYER").await;
@@ -539,16 +539,16 @@ mod contract {
         let (e, _) = run(&rig, buyer.clone(), lacking).await;
         assert_eq!(
             e.expect_err("no such entitlement").exit_code(),
-            EXIT_NOT_ENTITLED
+            Exit::NotEntitled
         );
         // A unit the model does not know: configuration (78).
         let mut bad_unit = settings(1, "b/1");
         bad_unit.entitlements[1].unit = "Parsecs".to_owned();
         let (e, _) = run(&rig, buyer.clone(), bad_unit).await;
-        assert_eq!(e.expect_err("unit").exit_code(), EXIT_CONFIGURATION);
+        assert_eq!(e.expect_err("unit").exit_code(), Exit::Configuration);
         // A count that is not a positive number: configuration (78).
         let (e, _) = run(&rig, buyer.clone(), settings(0, "b/2")).await;
-        assert_eq!(e.expect_err("zero").exit_code(), EXIT_CONFIGURATION);
+        assert_eq!(e.expect_err("zero").exit_code(), Exit::Configuration);
         // Throttled for the whole budget, on the injected clock: 75; then it recovers.
         rig.emu.set_faults(FaultProfile {
             all: FaultRule {
@@ -559,7 +559,7 @@ mod contract {
         });
         let (e, retries) = run(&rig, buyer.clone(), settings(1, "b/3")).await;
         let e = e.expect_err("throttled");
-        assert_eq!(e.exit_code(), EXIT_TRANSIENT_BUDGET, "{e}");
+        assert_eq!(e.exit_code(), Exit::TransientBudget, "{e}");
         assert!(retries >= 3, "{retries} retries in 300 s of clock");
         rig.emu.set_faults(FaultProfile::default());
         let (ok, _) = run(&rig, buyer, settings(1, "b/3")).await;

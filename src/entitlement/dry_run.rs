@@ -146,7 +146,11 @@ pub async fn dry_run_check_with(
             DryRunMode::Container => {
                 if !failure.code_is("ThrottlingException") {
                     let err = fatal(failure);
-                    error!(class = err.class(), exit_code = err.exit_code(), "{err}");
+                    error!(
+                        class = err.class(),
+                        exit_code = err.exit_code().as_code(),
+                        "{err}"
+                    );
                     return Err(err);
                 }
                 // Decorrelated jitter, as for RegisterUsage.
@@ -162,7 +166,11 @@ pub async fn dry_run_check_with(
                         attempts: attempt,
                         last: failure,
                     };
-                    error!(class = err.class(), exit_code = err.exit_code(), "{err}");
+                    error!(
+                        class = err.class(),
+                        exit_code = err.exit_code().as_code(),
+                        "{err}"
+                    );
                     return Err(err);
                 }
                 next
@@ -188,7 +196,7 @@ pub async fn dry_run_check_with(
                     };
                     error!(
                         class = err.class(),
-                        exit_code = err.exit_code(),
+                        exit_code = err.exit_code().as_code(),
                         "failing closed: {err}"
                     );
                     return Err(err);
@@ -285,7 +293,7 @@ mod tests {
     use super::*;
     use crate::clock::{from_unix_seconds, Clock, ManualClock};
     use crate::entitlement::test_support::{error_reply, Stub};
-    use crate::entitlement::{EXIT_CONFIGURATION, EXIT_NOT_ENTITLED, EXIT_TRANSIENT_BUDGET};
+    use crate::exit::Exit;
     use std::sync::Arc;
     use tokio::sync::mpsc;
 
@@ -351,11 +359,11 @@ mod tests {
     #[tokio::test]
     async fn container_any_error_but_throttling_is_fatal_at_once() {
         for (code, exit) in [
-            ("AccessDeniedException", EXIT_CONFIGURATION),
-            ("CustomerNotEntitledException", EXIT_NOT_ENTITLED),
-            ("InvalidProductCodeException", EXIT_CONFIGURATION),
-            ("InvalidUsageDimensionException", EXIT_CONFIGURATION),
-            ("InvalidEndpointRegionException", EXIT_CONFIGURATION),
+            ("AccessDeniedException", Exit::Configuration),
+            ("CustomerNotEntitledException", Exit::NotEntitled),
+            ("InvalidProductCodeException", Exit::Configuration),
+            ("InvalidUsageDimensionException", Exit::Configuration),
+            ("InvalidEndpointRegionException", Exit::Configuration),
         ] {
             let stub = Stub::start(error_reply(400, code)).await;
             let clock = ManualClock::at_unix(START);
@@ -400,7 +408,7 @@ mod tests {
         let clock = ManualClock::at_unix(START);
         let (result, _) = drive(&stub, DryRunMode::Container, clock.clone(), |_, _| {}).await;
         let err = result.unwrap_err();
-        assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET);
+        assert_eq!(err.exit_code(), Exit::TransientBudget);
         assert!(elapsed(&clock) <= Duration::from_secs(300));
     }
 
@@ -425,7 +433,7 @@ mod tests {
         assert!(matches!(err, EntitlementError::GaveUp { .. }), "{err}");
         assert_eq!(
             err.exit_code(),
-            EXIT_CONFIGURATION,
+            Exit::Configuration,
             "the last error's class"
         );
         // Exponential back-off in the first 30 minutes, then slow probes.
@@ -496,6 +504,6 @@ mod tests {
         }
         let err = task.await.expect("task").unwrap_err();
         assert!(elapsed(&clock) >= AMI_MIN_FAIL_CLOSED);
-        assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET, "{err}");
+        assert_eq!(err.exit_code(), Exit::TransientBudget, "{err}");
     }
 }

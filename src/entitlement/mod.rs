@@ -16,14 +16,14 @@
 //! Every fatal outcome is an [`EntitlementError`]; [`EntitlementError::exit_code`] maps it to
 //! one code per class (64 is left to configuration errors, see `config`):
 //!
-//! | code | constant | class |
+//! | code | [`Exit`] | class |
 //! |-----:|----------|-------|
-//! | 65 | [`EXIT_VERIFICATION_FAILED`] | the RegisterUsage token failed verification (signature, algorithm, claims) |
-//! | 69 | [`EXIT_SERVICE_REFUSED`] | the service refused for another reason (`DisabledApiException`, an unknown error code) |
-//! | 70 | [`EXIT_INTERNAL`] | the operating system's random source failed |
-//! | 75 | [`EXIT_TRANSIENT_BUDGET`] | throttling, 5xx or network errors outlasted the start-up budget |
-//! | 77 | [`EXIT_NOT_ENTITLED`] | `CustomerNotEntitledException`: the customer is not subscribed |
-//! | 78 | [`EXIT_CONFIGURATION`] | deployment configuration: platform, region, product code, key version, keyring, credentials or IAM permissions |
+//! | 65 | [`Exit::VerificationFailed`] | the RegisterUsage token failed verification (signature, algorithm, claims) |
+//! | 69 | [`Exit::ServiceRefused`] | the service refused for another reason (`DisabledApiException`, an unknown error code) |
+//! | 70 | [`Exit::Internal`] | the operating system's random source failed |
+//! | 75 | [`Exit::TransientBudget`] | throttling, 5xx or network errors outlasted the start-up budget |
+//! | 77 | [`Exit::NotEntitled`] | `CustomerNotEntitledException`: the customer is not subscribed |
+//! | 78 | [`Exit::Configuration`] | deployment configuration: platform, region, product code, key version, keyring, credentials or IAM permissions |
 
 pub mod baked;
 pub mod contract;
@@ -40,30 +40,18 @@ pub(crate) mod test_support;
 use std::time::Duration;
 
 use crate::aws::CallFailure;
+use crate::exit::Exit;
 
 pub use crate::backoff::{Backoff, BackoffError};
+pub use crate::status::EntitlementState;
 pub use doctor::{doctor, CheckStatus, ContractProbe, DoctorCheck, DoctorInputs, DoctorReport};
 pub use dry_run::{dry_run_check_with, DryRunMode, DryRunPassed, DryRunPolicy};
 pub use keyring::{KeyEntry, Keyring, KeyringError, KeysReport};
 pub use nonce::{new_nonce, NONCE_BYTES};
 pub use register::{
-    register, register_observed, Entitlement, EntitlementState, KeyRotation, RegistrationSettings,
-    RetryEvent,
+    register, register_observed, Entitlement, KeyRotation, RegistrationSettings, RetryEvent,
 };
 pub use verify::{verify, Expected, VerifiedRegistration, VerifyError};
-
-/// The RegisterUsage token failed verification.
-pub const EXIT_VERIFICATION_FAILED: i32 = 65;
-/// The service refused for a reason that is neither entitlement nor configuration.
-pub const EXIT_SERVICE_REFUSED: i32 = 69;
-/// The operating system's random source failed.
-pub const EXIT_INTERNAL: i32 = 70;
-/// Transient failures (throttling, 5xx, network) outlasted the start-up budget.
-pub const EXIT_TRANSIENT_BUDGET: i32 = 75;
-/// The customer is not entitled to the product.
-pub const EXIT_NOT_ENTITLED: i32 = 77;
-/// Platform, region, product code, key version, keyring, credentials or IAM permissions.
-pub const EXIT_CONFIGURATION: i32 = 78;
 
 /// The product code baked in at build time (`METERD_PRODUCT_CODE=... cargo build`), if any.
 pub const BAKED_PRODUCT_CODE: Option<&str> = option_env!("METERD_PRODUCT_CODE");
@@ -241,12 +229,12 @@ pub enum EntitlementError {
 
 impl EntitlementError {
     /// The process exit code for this error's class; see the module docs for the table.
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> Exit {
         match self {
             EntitlementError::NotEntitled { .. } | EntitlementError::NoContract { .. } => {
-                EXIT_NOT_ENTITLED
+                Exit::NotEntitled
             }
-            EntitlementError::Verification(_) => EXIT_VERIFICATION_FAILED,
+            EntitlementError::Verification(_) => Exit::VerificationFailed,
             EntitlementError::PlatformNotSupported { .. }
             | EntitlementError::PricingNotOnPlatform { .. }
             | EntitlementError::Locked(_)
@@ -257,23 +245,23 @@ impl EntitlementError {
             | EntitlementError::Credentials { .. }
             | EntitlementError::InvalidDimension { .. }
             | EntitlementError::ProductCodeNotAllowed { .. }
-            | EntitlementError::ContractConfiguration { .. } => EXIT_CONFIGURATION,
-            EntitlementError::ServiceRefused { .. } => EXIT_SERVICE_REFUSED,
-            EntitlementError::BudgetExhausted { .. } => EXIT_TRANSIENT_BUDGET,
+            | EntitlementError::ContractConfiguration { .. } => Exit::Configuration,
+            EntitlementError::ServiceRefused { .. } => Exit::ServiceRefused,
+            EntitlementError::BudgetExhausted { .. } => Exit::TransientBudget,
             EntitlementError::GaveUp { last, .. } => last.exit_code(),
-            EntitlementError::Random(_) => EXIT_INTERNAL,
-            EntitlementError::Held(_) => crate::agent::EXIT_LEDGER,
+            EntitlementError::Random(_) => Exit::Internal,
+            EntitlementError::Held(_) => Exit::Ledger,
         }
     }
 
     /// A short stable name for the class, for logs, metrics and `/v1/status`.
     pub fn class(&self) -> &'static str {
         match self.exit_code() {
-            EXIT_NOT_ENTITLED => "not_entitled",
-            EXIT_VERIFICATION_FAILED => "verification_failed",
-            EXIT_CONFIGURATION => "configuration",
-            EXIT_TRANSIENT_BUDGET => "transient_budget_exhausted",
-            EXIT_SERVICE_REFUSED => "service_refused",
+            Exit::NotEntitled => "not_entitled",
+            Exit::VerificationFailed => "verification_failed",
+            Exit::Configuration => "configuration",
+            Exit::TransientBudget => "transient_budget_exhausted",
+            Exit::ServiceRefused => "service_refused",
             _ => "internal",
         }
     }
@@ -284,7 +272,7 @@ pub(crate) fn log_failure<T>(result: Result<T, EntitlementError>) -> Result<T, E
     if let Err(e) = &result {
         tracing::error!(
             class = e.class(),
-            exit_code = e.exit_code(),
+            exit_code = e.exit_code().as_code(),
             "entitlement failed: {e}"
         );
     }
@@ -423,7 +411,7 @@ mod tests {
             )
             .exit_code()
         };
-        assert_eq!(classify("CustomerNotEntitledException"), EXIT_NOT_ENTITLED);
+        assert_eq!(classify("CustomerNotEntitledException"), Exit::NotEntitled);
         for code in [
             "PlatformNotSupportedException",
             "InvalidProductCodeException",
@@ -431,20 +419,20 @@ mod tests {
             "InvalidPublicKeyVersionException",
             "AccessDeniedException",
         ] {
-            assert_eq!(classify(code), EXIT_CONFIGURATION, "{code}");
+            assert_eq!(classify(code), Exit::Configuration, "{code}");
         }
-        assert_eq!(classify("DisabledApiException"), EXIT_SERVICE_REFUSED);
+        assert_eq!(classify("DisabledApiException"), Exit::ServiceRefused);
         let verification = EntitlementError::Verification(VerifyError::NoSignature);
-        assert_eq!(verification.exit_code(), EXIT_VERIFICATION_FAILED);
+        assert_eq!(verification.exit_code(), Exit::VerificationFailed);
         let codes = [
-            EXIT_VERIFICATION_FAILED,
-            EXIT_SERVICE_REFUSED,
-            EXIT_INTERNAL,
-            EXIT_TRANSIENT_BUDGET,
-            EXIT_NOT_ENTITLED,
-            EXIT_CONFIGURATION,
+            Exit::VerificationFailed,
+            Exit::ServiceRefused,
+            Exit::Internal,
+            Exit::TransientBudget,
+            Exit::NotEntitled,
+            Exit::Configuration,
         ];
-        assert!(!codes.contains(&64));
+        assert!(!codes.contains(&Exit::BadConfig));
         let distinct: std::collections::BTreeSet<_> = codes.iter().collect();
         assert_eq!(distinct.len(), codes.len());
     }

@@ -28,6 +28,7 @@ use crate::aws::CallFailure;
 use crate::backoff::Backoff;
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::platform::Platform;
+use crate::status::EntitlementState;
 
 /// Default start-up budget for containers.
 pub const DEFAULT_STARTUP_BUDGET: Duration = Duration::from_secs(5 * 60);
@@ -74,20 +75,6 @@ pub struct RetryEvent {
     pub degraded: bool,
 }
 
-/// Entitlement state for `/v1/status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EntitlementState {
-    /// Registration is under way (or retrying).
-    Pending,
-    /// RegisterUsage answered with a verified token.
-    Entitled,
-    /// Registration failed fatally; the agent is never ready.
-    Failed,
-    /// RegisterUsage is not used (EC2/AMI, or `registration.enabled = false`).
-    NotRequired,
-}
-
 /// The date AWS gave in `PublicKeyRotationTimestamp`: the key version has expired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyRotation {
@@ -98,6 +85,7 @@ pub struct KeyRotation {
 /// A successful registration, serializable for `/v1/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Entitlement {
+    /// Always [`EntitlementState::Entitled`]; kept so `/v1/status` `details` keeps its shape.
     pub state: EntitlementState,
     /// The verified, non-secret claims and the key that verified them.
     pub claims: VerifiedRegistration,
@@ -280,9 +268,7 @@ mod tests {
     use crate::entitlement::test_support::{
         error_reply, register_ok, test_keyring, trusted_key, untrusted_key, Reply, Stub,
     };
-    use crate::entitlement::{
-        EXIT_CONFIGURATION, EXIT_NOT_ENTITLED, EXIT_TRANSIENT_BUDGET, EXIT_VERIFICATION_FAILED,
-    };
+    use crate::exit::Exit;
     use std::sync::{Arc, Mutex};
     use tokio::sync::mpsc;
 
@@ -385,7 +371,7 @@ mod tests {
             ),
             "{err}"
         );
-        assert_eq!(err.exit_code(), EXIT_VERIFICATION_FAILED);
+        assert_eq!(err.exit_code(), Exit::VerificationFailed);
     }
 
     #[tokio::test]
@@ -400,7 +386,7 @@ mod tests {
         .await
         .0
         .unwrap_err();
-        assert_eq!(err.exit_code(), EXIT_VERIFICATION_FAILED);
+        assert_eq!(err.exit_code(), Exit::VerificationFailed);
         assert_eq!(
             stub.seen().len(),
             1,
@@ -429,11 +415,11 @@ mod tests {
     #[tokio::test]
     async fn each_fatal_answer_has_its_class_and_is_not_retried() {
         let cases = [
-            ("CustomerNotEntitledException", EXIT_NOT_ENTITLED),
-            ("PlatformNotSupportedException", EXIT_CONFIGURATION),
-            ("InvalidProductCodeException", EXIT_CONFIGURATION),
-            ("InvalidRegionException", EXIT_CONFIGURATION),
-            ("InvalidPublicKeyVersionException", EXIT_CONFIGURATION),
+            ("CustomerNotEntitledException", Exit::NotEntitled),
+            ("PlatformNotSupportedException", Exit::Configuration),
+            ("InvalidProductCodeException", Exit::Configuration),
+            ("InvalidRegionException", Exit::Configuration),
+            ("InvalidPublicKeyVersionException", Exit::Configuration),
         ];
         for (code, exit) in cases {
             let stub = Stub::start(error_reply(400, code)).await;
@@ -478,7 +464,7 @@ mod tests {
         let clock = ManualClock::at_unix(START);
         let (result, events) = drive(&stub, settings(), test_keyring(1), clock.clone()).await;
         let err = result.unwrap_err();
-        assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET, "{err}");
+        assert_eq!(err.exit_code(), Exit::TransientBudget, "{err}");
         let elapsed = clock
             .now()
             .duration_since(crate::clock::from_unix_seconds(START))
@@ -526,7 +512,7 @@ mod tests {
             clock.set(at);
         }
         let err = task.await.expect("task").unwrap_err();
-        assert_eq!(err.exit_code(), EXIT_TRANSIENT_BUDGET, "{err}");
+        assert_eq!(err.exit_code(), Exit::TransientBudget, "{err}");
     }
 
     #[tokio::test]
@@ -539,7 +525,7 @@ mod tests {
             .0
             .unwrap_err();
         assert!(matches!(err, EntitlementError::PlatformNotSupported { .. }));
-        assert_eq!(err.exit_code(), EXIT_CONFIGURATION);
+        assert_eq!(err.exit_code(), Exit::Configuration);
         assert!(stub.seen().is_empty());
     }
 

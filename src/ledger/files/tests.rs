@@ -140,7 +140,7 @@ fn files_of_another_uid_are_refused_with_the_ledger_exit_code() {
     assert!(refused(result, "foreign ledger").contains("uid 65534"));
     assert_eq!(
         crate::agent::AgentError::from(err).exit_code(),
-        crate::agent::EXIT_LEDGER
+        crate::exit::Exit::Ledger
     );
 
     // Another user's WAL beside our ledger would be replayed into it.

@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use aws_sdk_marketplacemetering::primitives::{DateTime, DateTimeFormat};
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 
 use crate::config::Pricing;
@@ -22,6 +21,7 @@ use crate::config::Pricing;
 use super::keyring::Keyring;
 use super::{check_product_code, classify_fatal, Operation};
 use crate::clock::SharedClock;
+use crate::http_client::{self, Authority, Connect};
 use crate::platform::{detect, DetectedBy, Env, ImdsSettings, Platform};
 
 /// Skew above which SigV4 signing fails (AWS allows 5 minutes).
@@ -402,39 +402,22 @@ fn skew_seconds(http_date: &str, local: SystemTime) -> Option<i64> {
 /// `GET /` on a plain-HTTP endpoint, for its `Date` header.
 async fn plain_http_date(endpoint: &str) -> Option<String> {
     let uri: http::Uri = endpoint.parse().ok()?;
-    let authority = uri.authority()?;
-    let address = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(80)
-    );
-    let host = authority.as_str().to_owned();
-    let request = async move {
-        let stream = tokio::net::TcpStream::connect(address.replace(['[', ']'], ""))
-            .await
-            .ok()?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        let conn = tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method(http::Method::GET)
-            .uri("/")
-            .header(http::header::HOST, host)
-            .body(Empty::<Bytes>::new())
-            .ok()?;
-        let response = sender.send_request(req).await.ok();
-        conn.abort();
-        response?
-            .headers()
-            .get(http::header::DATE)
-            .and_then(|d| d.to_str().ok())
-            .map(str::to_owned)
-    };
-    tokio::time::timeout(PLAIN_HTTP_TIMEOUT, request)
+    let authority = Authority::of(&uri)?;
+    let request = http::Request::builder()
+        .method(http::Method::GET)
+        .uri("/")
+        .header(http::header::HOST, authority.as_str())
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let address = authority.socket_address();
+    let answer = http_client::send(Connect::Tcp(&address), request, 0, PLAIN_HTTP_TIMEOUT)
         .await
-        .ok()
-        .flatten()
+        .ok()?;
+    answer
+        .headers
+        .get(http::header::DATE)
+        .and_then(|d| d.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// Contract pricing: the license is visible and has the configured entitlements (nothing is
@@ -525,188 +508,55 @@ fn pricing_route(pricing: Pricing, platform: Platform) -> DoctorCheck {
     check("pricing", status, detail.to_owned(), fix)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::clock::ManualClock;
-    use crate::entitlement::test_support::{error_reply, test_keyring, Stub};
-    use crate::platform::tests::{dead_imds, env_of};
-
-    // The stub's Date header: Sun, 22 Nov 2026 10:00:00 GMT.
-    const STUB_DATE: i64 = 1_795_341_600;
-
-    async fn run(
-        stub: &Stub,
-        env: &(dyn Fn(&str) -> Option<String> + Send + Sync),
-        local: i64,
-        keyring: &Keyring,
-        pricing: Pricing,
-    ) -> DoctorReport {
-        let client = stub.client().await;
-        let clock: SharedClock = ManualClock::at_unix(local);
-        let url = stub.url();
-        doctor(DoctorInputs {
-            product_code: "prod-abc123",
-            dimension: Some("requests"),
-            region: Some("us-east-2"),
-            endpoint: Some(&url),
-            public_key_version: 1,
-            pricing,
-            configured_platform: None,
-            keyring,
-            client: &client,
-            clock: &clock,
-            env,
-            imds: dead_imds().await,
-            contract: None,
-        })
-        .await
-    }
-
-    #[test]
-    fn stub_date_constant_is_right() {
-        assert_eq!(
-            skew_seconds(
-                "Sun, 22 Nov 2026 10:00:00 GMT",
-                crate::clock::from_unix_seconds(STUB_DATE)
-            ),
-            Some(0)
-        );
-    }
-
-    #[tokio::test]
-    async fn healthy_eks_deployment_passes_every_check() {
-        let stub = Stub::start(error_reply(400, "DryRunOperation")).await;
-        let env = env_of(&[
-            ("KUBERNETES_SERVICE_HOST", "10.0.0.1"),
-            ("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/token"),
-            ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/meterd"),
-        ]);
-        let report = run(
-            &stub,
-            &env,
-            STUB_DATE - 2,
-            &test_keyring(1),
-            Pricing::HourlyCustom,
-        )
-        .await;
-        assert!(report.is_healthy(), "{report}");
-        assert_eq!(report.platform, Platform::Eks);
-        assert_eq!(report.clock_skew_seconds, Some(2));
-        assert_eq!(
-            report.check("dryrun").map(|c| c.status),
-            Some(CheckStatus::Ok)
-        );
-        assert_eq!(
-            report.check("keyring").map(|c| c.status),
-            Some(CheckStatus::Ok)
-        );
-        let text = report.render();
-        assert!(text.contains("all checks passed"), "{text}");
-    }
-
-    #[tokio::test]
-    async fn each_problem_comes_with_its_fix() {
-        let stub = Stub::start(error_reply(400, "AccessDeniedException")).await;
-        let env = env_of(&[("KUBERNETES_SERVICE_HOST", "10.0.0.1")]);
-        let report = run(
-            &stub,
-            &env,
-            STUB_DATE + 600,
-            &test_keyring(2),
-            Pricing::HourlyCustom,
-        )
-        .await;
-        assert!(!report.is_healthy());
-        let creds = report.check("credentials").expect("credentials check");
-        assert_eq!(creds.status, CheckStatus::Warn);
-        assert!(creds.detail.contains("IRSA"));
-        let dryrun = report.check("dryrun").expect("dryrun check");
-        assert_eq!(dryrun.status, CheckStatus::Fail);
-        assert!(dryrun
-            .fix
-            .as_deref()
-            .is_some_and(|f| f.contains("AWSMarketplaceMeteringRegisterUsage")));
-        let keyring = report.check("keyring").expect("keyring check");
-        assert_eq!(keyring.status, CheckStatus::Fail);
-        assert!(keyring
-            .fix
-            .as_deref()
-            .is_some_and(|f| f.contains("keys/v1-<name>.pem")));
-        let clock = report.check("clock").expect("clock check");
-        assert_eq!(
-            clock.status,
-            CheckStatus::Fail,
-            "10 minutes ahead breaks signing"
-        );
-        assert!(clock.detail.contains("600 s ahead"), "{}", clock.detail);
-        for c in &report.checks {
-            if matches!(c.status, CheckStatus::Warn | CheckStatus::Fail) {
-                assert!(c.fix.is_some(), "{} has no fix", c.name);
-            }
-        }
-        println!("{report}");
-    }
-
-    #[tokio::test]
-    async fn hourly_pricing_on_ec2_is_a_problem() {
-        let stub = Stub::start(error_reply(400, "DryRunOperation")).await;
-        let client = stub.client().await;
-        let clock: SharedClock = ManualClock::at_unix(STUB_DATE);
-        let env = env_of(&[]);
-        let url = stub.url();
-        let ring = test_keyring(1);
-        let report = doctor(DoctorInputs {
-            product_code: "prod-abc123",
-            dimension: None,
-            region: Some("us-east-2"),
-            endpoint: Some(&url),
-            public_key_version: 1,
-            pricing: Pricing::Hourly,
-            configured_platform: Some(Platform::Ec2),
-            keyring: &ring,
-            client: &client,
-            clock: &clock,
-            env: &env,
-            imds: dead_imds().await,
-            contract: None,
-        })
-        .await;
-        let route = report.check("pricing").expect("pricing check");
-        assert_eq!(route.status, CheckStatus::Fail);
-        assert!(route.detail.contains("hourly on EC2"), "{}", route.detail);
-        assert_eq!(
-            report.check("dryrun").map(|c| c.status),
-            Some(CheckStatus::Skip)
-        );
-        // Skew still measured with a plain GET on the http:// endpoint.
-        assert_eq!(report.clock_skew_seconds, Some(0));
-    }
-
-    #[test]
-    fn every_pricing_route_is_described_and_only_hourly_on_ec2_fails() {
-        for pricing in [Pricing::Hourly, Pricing::Custom, Pricing::HourlyCustom] {
-            for platform in [Platform::Ecs, Platform::Eks, Platform::Ec2] {
-                let c = pricing_route(pricing, platform);
-                let fails = pricing == Pricing::Hourly && platform == Platform::Ec2;
-                assert_eq!(
-                    c.status == CheckStatus::Fail,
-                    fails,
-                    "{pricing} on {platform}"
-                );
-                assert_eq!(
-                    c.detail.contains("RegisterUsage at start-up"),
-                    pricing.registers() && platform != Platform::Ec2,
-                    "{pricing} on {platform}: {}",
-                    c.detail
-                );
-                assert_eq!(
-                    c.detail.contains("MeterUsage every hour"),
-                    pricing.meters(),
-                    "{pricing} on {platform}: {}",
-                    c.detail
-                );
-            }
-        }
-    }
+/// `meterd doctor`: builds the inputs from the configuration, prints the report; true when
+/// no check failed.
+pub async fn doctor_for_config(config: &crate::config::Config) -> anyhow::Result<bool> {
+    let client = crate::aws::build_client(&crate::aws::AwsSettings {
+        operation_timeout: Some(Duration::from_secs(10)),
+        ..crate::aws::AwsSettings::from_config(config)
+    })
+    .await;
+    let keyring = Keyring::load(
+        &config.registration.public_key_files,
+        config.registration.public_key_version,
+    )?;
+    let region = client.config().region().map(|r| r.to_string());
+    let clock: SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
+    let env = crate::platform::process_env;
+    let license_client = if config.pricing.checks_out() {
+        let settings = crate::aws::AwsSettings {
+            operation_timeout: Some(Duration::from_secs(10)),
+            ..crate::aws::AwsSettings::from_config(config)
+        };
+        Some(crate::agent::license_client(config, Some(&settings)).await)
+    } else {
+        None
+    };
+    let wanted = crate::agent::contract_entitlements(config);
+    let report = doctor(DoctorInputs {
+        product_code: &config.product_code,
+        dimension: config.metering.dimensions.first().map(String::as_str),
+        region: region.as_deref(),
+        endpoint: Some(config.aws.endpoint_url.as_str()).filter(|e| !e.is_empty()),
+        public_key_version: config.registration.public_key_version,
+        pricing: config.pricing,
+        configured_platform: crate::agent::configured_platform(config.platform),
+        keyring: &keyring,
+        client: &client,
+        clock: &clock,
+        env: &env,
+        imds: ImdsSettings::from_env(&env),
+        contract: license_client.as_ref().map(|client| ContractProbe {
+            client,
+            product_sku: &config.contract.product_sku,
+            key_fingerprint: &config.contract.key_fingerprint,
+            entitlements: &wanted,
+        }),
+    })
+    .await;
+    print!("{report}");
+    Ok(report.is_healthy())
 }
+
+#[cfg(test)]
+mod tests;

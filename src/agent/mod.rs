@@ -5,13 +5,11 @@
 //! entitlement → ready (and `READY=1` to systemd) → seal each hour as it closes and send it →
 //! on shutdown: refuse new requests, drain in-flight ones, seal the open hour, send it.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_marketplacemetering::Client;
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -19,24 +17,25 @@ use tracing::Instrument;
 
 use crate::aws::AwsSettings;
 use crate::clock::{from_unix_seconds, rfc3339, unix_seconds, SharedClock, HOUR_SECS};
-use crate::config::{Config, PlatformSetting, Pricing};
-use crate::entitlement::contract::{ContractHolder, ContractSettings, WantedEntitlement};
-use crate::entitlement::{
-    self, Backoff, DryRunMode, DryRunPolicy, EntitlementError, Keyring, RegistrationSettings,
-};
+use crate::config::Config;
+use crate::entitlement::contract::ContractHolder;
+use crate::entitlement::{self, Backoff, DryRunPolicy, EntitlementError, Keyring};
+use crate::exit::Exit;
 use crate::ingest::{Api, Via, Vocabulary};
 use crate::ledger::{Ledger, LedgerError, SealPolicy};
 use crate::metrics::Metrics;
-use crate::platform::{self, Platform};
+use crate::platform::{self};
 use crate::seal::schedule::{report_seal, seal_loop};
 use crate::send::Sender;
 use crate::serve::{serve, ConnectionLimits, ServeSettings};
-use crate::status::{EntitlementState, EntitlementStatus, StatusBoard};
+use crate::status::{EntitlementStatus, StatusBoard};
+pub use crate::transport::{Listeners, UnixSocket};
 
-/// The ledger could not be opened or used (`EX_IOERR`).
-pub const EXIT_LEDGER: i32 = 74;
-/// A listener could not be bound (`EX_OSERR`).
-pub const EXIT_LISTEN: i32 = 71;
+mod admission;
+use admission::establish_entitlement;
+pub(crate) use admission::{configured_platform, contract_entitlements, license_client};
+#[cfg(test)]
+use admission::{entitlement_route, Route};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -59,112 +58,13 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    pub fn exit_code(&self) -> i32 {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> Exit {
         match self {
-            AgentError::Ledger(_) | AgentError::FinalSeal(_) | AgentError::Audit(_) => EXIT_LEDGER,
+            AgentError::Ledger(_) | AgentError::FinalSeal(_) | AgentError::Audit(_) => Exit::Ledger,
             AgentError::Entitlement(e) => e.exit_code(),
-            AgentError::Listen { .. } => EXIT_LISTEN,
-            AgentError::Keyring(_) | AgentError::Config(_) => crate::config::EXIT_BAD_CONFIG,
-        }
-    }
-}
-
-/// The sockets the local API is served on.
-#[derive(Debug, Default)]
-pub struct Listeners {
-    pub tcp: Option<TcpListener>,
-    pub unix: Option<UnixSocket>,
-    /// `server.metrics_listen`: `/metrics`, `/healthz` and `/readyz` only, for a scraper.
-    pub metrics: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// Binds what the configuration asks for. The Unix socket gets mode 0660.
-    pub async fn bind(config: &Config) -> Result<Self, AgentError> {
-        let bind = |addr: std::net::SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| AgentError::Listen {
-                    what: addr.to_string(),
-                    detail: e.to_string(),
-                })
-        };
-        let mut listeners = Listeners::default();
-        if let Some(addr) = config.listen_addr() {
-            listeners.tcp = Some(bind(addr).await?);
-        }
-        if let Ok(addr) = config.server.metrics_listen.parse::<std::net::SocketAddr>() {
-            listeners.metrics = Some(bind(addr).await?);
-        }
-        if !config.server.unix_socket.is_empty() {
-            listeners.unix = Some(UnixSocket::bind(&PathBuf::from(
-                &config.server.unix_socket,
-            ))?);
-        }
-        Ok(listeners)
-    }
-}
-
-/// The local API's Unix socket. Dropping it removes the socket file, if it is still ours.
-#[derive(Debug)]
-pub struct UnixSocket {
-    listener: Option<UnixListener>,
-    path: PathBuf,
-    /// The socket file's inode, so a socket another process bound since is left alone.
-    inode: u64,
-}
-
-impl UnixSocket {
-    /// Binds with mode 0660. A socket file already there is replaced only when nothing answers
-    /// on it (left by a process that died); a live one belongs to another agent and is refused.
-    pub fn bind(path: &std::path::Path) -> Result<Self, AgentError> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-        let err = |detail: String| AgentError::Listen {
-            what: path.display().to_string(),
-            detail,
-        };
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(err("a file that is not a socket is in the way".to_owned()));
-            }
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => {
-                    return Err(err(
-                        "another process is serving on this socket (is another meterd running with the same server.unix_socket?)"
-                            .to_owned(),
-                    ))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path).map_err(|e| err(e.to_string()))?;
-                }
-                Err(e) => return Err(err(format!("cannot tell whether the socket is in use: {e}"))),
-            }
-        }
-        let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .map_err(|e| err(e.to_string()))?;
-        let inode = std::fs::symlink_metadata(path)
-            .map_err(|e| err(e.to_string()))?
-            .ino();
-        Ok(Self {
-            listener: Some(listener),
-            path: path.to_owned(),
-            inode,
-        })
-    }
-
-    fn take_listener(&mut self) -> Option<UnixListener> {
-        self.listener.take()
-    }
-}
-
-impl Drop for UnixSocket {
-    fn drop(&mut self) {
-        use std::os::unix::fs::MetadataExt;
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "could not remove the socket");
-            }
+            AgentError::Listen { .. } => Exit::Listen,
+            AgentError::Keyring(_) | AgentError::Config(_) => Exit::BadConfig,
         }
     }
 }
@@ -437,7 +337,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
-                status.set_entitlement(EntitlementStatus { state: EntitlementState::Failed, details: serde_json::json!({"error": e.to_string()}) });
+                status.set_entitlement(EntitlementStatus::failed(&e));
                 stop_intake(&api, &http_stop, &mut servers).await;
                 return Err(e.into());
             }
@@ -457,10 +357,7 @@ pub async fn run(
                 holder
                     .keep_alive(stop, |e| {
                         tracing::error!("the license checkout could not be renewed: {e}");
-                        status.set_entitlement(EntitlementStatus {
-                            state: EntitlementState::Failed,
-                            details: serde_json::json!({"error": e.to_string()}),
-                        });
+                        status.set_entitlement(EntitlementStatus::failed(&e));
                     })
                     .await
             }
@@ -624,282 +521,6 @@ async fn stop_intake(api: &Api, http_stop: &CancellationToken, servers: &mut Joi
     while servers.join_next().await.is_some() {}
 }
 
-fn configured_platform(setting: PlatformSetting) -> Option<Platform> {
-    match setting {
-        PlatformSetting::Auto => None,
-        PlatformSetting::Ecs => Some(Platform::Ecs),
-        PlatformSetting::Eks => Some(Platform::Eks),
-        PlatformSetting::Ec2 => Some(Platform::Ec2),
-    }
-}
-
-/// The start-up check of a pricing model on a platform.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    /// RegisterUsage, with the PS256 token verified.
-    Register,
-    /// The MeterUsage DryRun: fatal on any error but throttling (containers), or the AMI's
-    /// background check that never fails closed within 2 hours.
-    DryRun(DryRunMode),
-    /// Contract pricing: CheckoutLicense with License Manager, on any platform.
-    Contract,
-}
-
-/// README's pricing table: `hourly` and `hourly+custom` register on containers; `custom` and
-/// everything on EC2 meters, with the DryRun as its check; `hourly` on EC2 has nothing to do.
-fn entitlement_route(pricing: Pricing, platform: Platform) -> Result<Route, EntitlementError> {
-    if pricing.checks_out() {
-        return Ok(Route::Contract);
-    }
-    if platform == Platform::Ec2 {
-        if !pricing.meters() {
-            return Err(EntitlementError::PricingNotOnPlatform {
-                pricing: pricing.as_str(),
-                platform: "EC2",
-                reason: "RegisterUsage does not work on EC2, and AWS meters an AMI's hourly price itself; set platform to ecs or eks if this is a container",
-            });
-        }
-        return Ok(Route::DryRun(DryRunMode::Ami));
-    }
-    if pricing.registers() {
-        Ok(Route::Register)
-    } else {
-        Ok(Route::DryRun(DryRunMode::Container))
-    }
-}
-
-/// The start-up check the pricing model needs on this platform (README: pricing models):
-/// RegisterUsage for `hourly` and `hourly+custom` containers, the MeterUsage DryRun for
-/// `custom` containers, and on EC2 the AMI's DryRun, which never fails closed within 2 hours.
-/// Returns a background task when an AMI product starts before its check has passed.
-#[allow(clippy::too_many_arguments)]
-async fn establish_entitlement(
-    config: &Config,
-    platform: Platform,
-    client: &Client,
-    keyring: &Keyring,
-    clock: &SharedClock,
-    dry_run_policy: DryRunPolicy,
-    status: &Arc<StatusBoard>,
-    metrics: &Arc<Metrics>,
-    ledger: &Ledger,
-    license_aws: Option<&AwsSettings>,
-) -> Result<Admission, EntitlementError> {
-    let mode = match entitlement_route(config.pricing, platform)? {
-        Route::Contract => {
-            let holder = Arc::new(contract_holder(config, ledger, clock, license_aws).await);
-            let checkout = counted(
-                metrics,
-                "CheckoutLicense",
-                holder
-                    .establish(&|_| metrics.call("CheckoutLicense", "retried"))
-                    .await,
-            )?;
-            metrics.entitled.set(1);
-            status.set_entitlement(EntitlementStatus {
-                state: EntitlementState::Entitled,
-                details: serde_json::to_value(&checkout).unwrap_or_default(),
-            });
-            return Ok(Admission {
-                background_check: None,
-                contract: Some(holder),
-            });
-        }
-        Route::Register => {
-            let mut settings = RegistrationSettings::new(
-                config.product_code.clone(),
-                config.registration.public_key_version,
-                platform,
-            );
-            settings.startup_budget = config.registration.startup_budget;
-            let entitlement = counted(
-                metrics,
-                "RegisterUsage",
-                entitlement::register_observed(
-                    client,
-                    &settings,
-                    keyring,
-                    clock,
-                    &count_attempts(metrics, "RegisterUsage"),
-                )
-                .await,
-            )?;
-            metrics.entitled.set(1);
-            if let Some(rotation) = &entitlement.key_rotation {
-                metrics
-                    .public_key_rotation_timestamp_seconds
-                    .set(rotation.timestamp);
-            }
-            status.set_entitlement(EntitlementStatus {
-                state: EntitlementState::Entitled,
-                details: serde_json::to_value(&entitlement).unwrap_or_default(),
-            });
-            return Ok(Admission::default());
-        }
-        Route::DryRun(mode) => mode,
-    };
-    let dimension = config
-        .metering
-        .dimensions
-        .first()
-        .cloned()
-        .unwrap_or_default();
-    let mut policy = dry_run_policy;
-    policy.container_budget = config.registration.startup_budget;
-    if mode == DryRunMode::Container {
-        let passed = entitlement::dry_run_check_with(
-            client,
-            &config.product_code,
-            &dimension,
-            mode,
-            clock,
-            &policy,
-            &count_attempts(metrics, DRY_RUN),
-        )
-        .await;
-        let passed = counted(metrics, DRY_RUN, passed)?;
-        metrics.entitled.set(1);
-        status.set_entitlement(EntitlementStatus {
-            state: EntitlementState::PermissionsVerified,
-            details: serde_json::to_value(&passed).unwrap_or_default(),
-        });
-        return Ok(Admission::default());
-    }
-    // AMI: keep accepting and persisting usage while the check retries; fail closed only
-    // when the policy gives up (never sooner than 2 hours).
-    status.set_entitlement(EntitlementStatus {
-        state: EntitlementState::Unverified,
-        details: serde_json::json!({"dry_run": "in progress"}),
-    });
-    let (client, product_code, clock, status, metrics) = (
-        client.clone(),
-        config.product_code.clone(),
-        clock.clone(),
-        status.clone(),
-        metrics.clone(),
-    );
-    let handle = tokio::spawn(
-        async move {
-            let passed = entitlement::dry_run_check_with(
-                &client,
-                &product_code,
-                &dimension,
-                mode,
-                &clock,
-                &policy,
-                &count_attempts(&metrics, DRY_RUN),
-            )
-            .await;
-            let passed = counted(&metrics, DRY_RUN, passed)?;
-            metrics.entitled.set(1);
-            status.set_entitlement(EntitlementStatus {
-                state: EntitlementState::PermissionsVerified,
-                details: serde_json::to_value(&passed).unwrap_or_default(),
-            });
-            Ok(())
-        }
-        .instrument(tracing::info_span!("dry_run")),
-    );
-    Ok(Admission {
-        background_check: Some(handle),
-        contract: None,
-    })
-}
-
-/// What start-up admitted the agent with.
-#[derive(Default)]
-struct Admission {
-    /// The AMI's DryRun, still retrying in the background.
-    background_check: Option<tokio::task::JoinHandle<Result<(), EntitlementError>>>,
-    /// Contract pricing: the checkout held for the agent's life.
-    contract: Option<Arc<ContractHolder>>,
-}
-
-/// License Manager's client: credentials from the license token for a buyer outside AWS
-/// (`contract.license_token_file`), else from the SDK's chain (or the given settings).
-async fn license_client(
-    config: &Config,
-    settings: Option<&AwsSettings>,
-) -> aws_sdk_licensemanager::Client {
-    let from_config = AwsSettings::from_config(config);
-    let settings = settings.unwrap_or(&from_config);
-    let c = &config.contract;
-    if c.license_token_file.is_empty() {
-        crate::aws::build_license_client(settings).await
-    } else {
-        let settings = AwsSettings {
-            static_credentials: None,
-            ..settings.clone()
-        };
-        crate::aws::build_license_client_from_token(
-            &settings,
-            std::path::Path::new(&c.license_token_file),
-            &c.role_arn,
-        )
-        .await
-    }
-}
-
-/// `[contract]`'s entitlements as checkouts ask for them (a counted unit defaults to 1).
-fn contract_entitlements(config: &Config) -> Vec<WantedEntitlement> {
-    config
-        .contract
-        .entitlements
-        .iter()
-        .map(|e| WantedEntitlement {
-            name: e.name.clone(),
-            unit: e.unit.clone(),
-            count: e.count.or((e.unit != "None").then_some(1)),
-        })
-        .collect()
-}
-
-/// Contract pricing's holder: `[contract]`, the License Manager client from `[aws]`, and the
-/// ledger that keeps the checkout (`GET /v1/entitlements` reads the holder).
-async fn contract_holder(
-    config: &Config,
-    ledger: &Ledger,
-    clock: &SharedClock,
-    license_aws: Option<&AwsSettings>,
-) -> ContractHolder {
-    let c = &config.contract;
-    let settings = ContractSettings {
-        product_sku: c.product_sku.clone(),
-        key_fingerprint: c.key_fingerprint.clone(),
-        entitlements: contract_entitlements(config),
-        perpetual: c.checkout_type == "perpetual",
-        client_token: String::new(),
-        startup_budget: config.registration.startup_budget,
-        backoff: Backoff::default(),
-    };
-    let client = license_client(config, license_aws).await;
-    ContractHolder::new(client, settings, ledger.clone(), clock.clone())
-}
-
-/// The `operation` label of the start-up DryRun in `meterd_aws_calls_total`.
-const DRY_RUN: &str = "MeterUsageDryRun";
-
-/// Counts each failed start-up attempt that is retried, by its error code.
-fn count_attempts<'a>(
-    metrics: &'a Metrics,
-    operation: &'static str,
-) -> impl Fn(&entitlement::RetryEvent) + Send + Sync + 'a {
-    move |e| metrics.call(operation, e.failure.code.as_deref().unwrap_or("transport"))
-}
-
-/// Counts the start-up check's last call: `success`, or the class of the final failure.
-fn counted<T>(
-    metrics: &Metrics,
-    operation: &str,
-    result: Result<T, EntitlementError>,
-) -> Result<T, EntitlementError> {
-    metrics.call(
-        operation,
-        result.as_ref().map_or_else(|e| e.class(), |_| "success"),
-    );
-    result
-}
-
 /// How often the running time is recorded for heartbeat dimensions: a crash loses at most
 /// this much of it. Records fall on whole minutes, so one falls on every hour boundary.
 pub const HEARTBEAT_INTERVAL_SECS: i64 = 60;
@@ -980,90 +601,5 @@ fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// `meterd doctor`: prints the report; true when no check failed.
-pub async fn doctor(config: &Config) -> anyhow::Result<bool> {
-    let client = crate::aws::build_client(&AwsSettings {
-        operation_timeout: Some(Duration::from_secs(10)),
-        ..AwsSettings::from_config(config)
-    })
-    .await;
-    let keyring = Keyring::load(
-        &config.registration.public_key_files,
-        config.registration.public_key_version,
-    )?;
-    let region = client.config().region().map(|r| r.to_string());
-    let clock: SharedClock = Arc::new(crate::clock::SystemClock);
-    let env = platform::process_env;
-    let license_client = if config.pricing.checks_out() {
-        let settings = AwsSettings {
-            operation_timeout: Some(Duration::from_secs(10)),
-            ..AwsSettings::from_config(config)
-        };
-        Some(license_client(config, Some(&settings)).await)
-    } else {
-        None
-    };
-    let wanted = contract_entitlements(config);
-    let report = entitlement::doctor(entitlement::DoctorInputs {
-        product_code: &config.product_code,
-        dimension: config.metering.dimensions.first().map(String::as_str),
-        region: region.as_deref(),
-        endpoint: Some(config.aws.endpoint_url.as_str()).filter(|e| !e.is_empty()),
-        public_key_version: config.registration.public_key_version,
-        pricing: config.pricing,
-        configured_platform: configured_platform(config.platform),
-        keyring: &keyring,
-        client: &client,
-        clock: &clock,
-        env: &env,
-        imds: platform::ImdsSettings::from_env(&env),
-        contract: license_client
-            .as_ref()
-            .map(|client| entitlement::ContractProbe {
-                client,
-                product_sku: &config.contract.product_sku,
-                key_fingerprint: &config.contract.key_fingerprint,
-                entitlements: &wanted,
-            }),
-    })
-    .await;
-    print!("{report}");
-    Ok(report.is_healthy())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_pricing_route_table() {
-        use Platform::*;
-        use Pricing::*;
-        let table = [
-            (Hourly, Ecs, Some(Route::Register)),
-            (Hourly, Eks, Some(Route::Register)),
-            (Hourly, Unknown, Some(Route::Register)),
-            (Hourly, Ec2, None),
-            (Custom, Ecs, Some(Route::DryRun(DryRunMode::Container))),
-            (Custom, Eks, Some(Route::DryRun(DryRunMode::Container))),
-            (Custom, Ec2, Some(Route::DryRun(DryRunMode::Ami))),
-            (HourlyCustom, Ecs, Some(Route::Register)),
-            (HourlyCustom, Eks, Some(Route::Register)),
-            (HourlyCustom, Ec2, Some(Route::DryRun(DryRunMode::Ami))),
-            (Contract, Ecs, Some(Route::Contract)),
-            (Contract, Ec2, Some(Route::Contract)),
-            (ContractCustom, Eks, Some(Route::Contract)),
-            (ContractCustom, Unknown, Some(Route::Contract)),
-        ];
-        for (pricing, platform, want) in table {
-            match (entitlement_route(pricing, platform), want) {
-                (Ok(route), Some(want)) => assert_eq!(route, want, "{pricing} on {platform}"),
-                (Err(e), None) => {
-                    assert_eq!(e.exit_code(), crate::entitlement::EXIT_CONFIGURATION, "{e}");
-                    assert!(e.to_string().contains("cannot run on EC2"), "{e}");
-                }
-                (got, want) => panic!("{pricing} on {platform}: {got:?}, want {want:?}"),
-            }
-        }
-    }
-}
+mod tests;
