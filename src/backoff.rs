@@ -8,9 +8,12 @@
 //! drawn uniformly from `[initial, 3 × previous]`, capped at `max`, so a fleet throttled in the
 //! same second spreads out rather than retrying in lockstep.
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
+
+use crate::clock::SharedClock;
 
 /// Longest cap accepted: a start-up retry never waits more than an hour at a time.
 pub const MAX_BACKOFF_CAP: Duration = Duration::from_secs(3600);
@@ -125,41 +128,113 @@ impl<E> RetryError<E> {
     }
 }
 
+/// How the delay before the next attempt is drawn from a [`Backoff`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pacing {
+    /// Equal jitter on `initial × 2^attempt` ([`Backoff::delay`]).
+    Exponential,
+    /// Decorrelated jitter from the previous delay ([`Backoff::decorrelated`]): throttling.
+    Decorrelated,
+}
+
+/// The times of successive retries: a [`Backoff`] paced one way, stopping after
+/// `max_attempts` attempts or when the next attempt would start after `deadline`.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    backoff: Backoff,
+    pacing: Pacing,
+    max_attempts: Option<u32>,
+    deadline: Option<SystemTime>,
+    previous: Duration,
+}
+
+impl Schedule {
+    pub fn new(
+        backoff: Backoff,
+        pacing: Pacing,
+        max_attempts: Option<u32>,
+        deadline: Option<SystemTime>,
+    ) -> Self {
+        Self {
+            backoff,
+            pacing,
+            max_attempts,
+            deadline,
+            previous: backoff.initial(),
+        }
+    }
+
+    /// When attempt `attempt + 1` starts after attempt `attempt` (1-based) failed at `now`,
+    /// or `None` when the attempts or the deadline ran out.
+    pub fn next_after(&mut self, attempt: u32, now: SystemTime) -> Option<SystemTime> {
+        let delay = match self.pacing {
+            Pacing::Exponential => self
+                .backoff
+                .delay(attempt.saturating_sub(1), &mut rand::thread_rng()),
+            Pacing::Decorrelated => self
+                .backoff
+                .decorrelated(self.previous, &mut rand::thread_rng()),
+        };
+        self.previous = delay;
+        let next = now.checked_add(delay)?;
+        let out_of_attempts = self.max_attempts.is_some_and(|m| attempt >= m);
+        let past_deadline = self.deadline.is_some_and(|d| next > d);
+        (!out_of_attempts && !past_deadline).then_some(next)
+    }
+}
+
 /// Calls `op` until it succeeds, fails permanently (`is_transient` false), makes
 /// `max_attempts` attempts, or would start its next attempt after `deadline`. Between
 /// attempts it waits the jittered back-off on the injected clock, so tests move time instead
 /// of waiting, and tells `on_retry` (attempt number, failure, next attempt's time) first.
 pub async fn retry<T, E, F, Fut>(
-    clock: &crate::clock::SharedClock,
+    clock: &SharedClock,
     backoff: &Backoff,
     max_attempts: Option<u32>,
-    deadline: Option<std::time::SystemTime>,
+    deadline: Option<SystemTime>,
     is_transient: impl Fn(&E) -> bool,
-    mut on_retry: impl FnMut(u32, &E, std::time::SystemTime),
+    on_retry: impl FnMut(u32, &E, SystemTime),
     mut op: F,
 ) -> Result<T, RetryError<E>>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut schedule = Schedule::new(*backoff, Pacing::Exponential, max_attempts, deadline);
+    retry_with(
+        clock,
+        |attempt, _: &E, now| schedule.next_after(attempt, now),
+        is_transient,
+        on_retry,
+        |_| op(),
+    )
+    .await
+}
+
+/// The one retry loop. Calls `op` with the attempt number (1-based) until it succeeds or
+/// fails permanently (`is_transient` false); after a transient failure at `now`,
+/// `next_attempt(attempt, failure, now)` gives the next attempt's time (`None`: give up,
+/// [`RetryError::Exhausted`]), `on_retry` hears of it, and the wait is on the injected clock.
+pub async fn retry_with<T, E, F, Fut>(
+    clock: &SharedClock,
+    mut next_attempt: impl FnMut(u32, &E, SystemTime) -> Option<SystemTime>,
+    is_transient: impl Fn(&E) -> bool,
+    mut on_retry: impl FnMut(u32, &E, SystemTime),
+    mut op: F,
+) -> Result<T, RetryError<E>>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut attempt = 0u32;
     loop {
         attempt = attempt.saturating_add(1);
-        let failure = match op().await {
+        let failure = match op(attempt).await {
             Ok(v) => return Ok(v),
             Err(e) if !is_transient(&e) => return Err(RetryError::Permanent(e)),
             Err(e) => e,
         };
-        let next = clock
-            .now()
-            .checked_add(backoff.delay(attempt - 1, &mut rand::thread_rng()));
-        let out_of_attempts = max_attempts.is_some_and(|m| attempt >= m);
-        let past_deadline = match (next, deadline) {
-            (Some(next), Some(deadline)) => next > deadline,
-            (None, _) => true,
-            (Some(_), None) => false,
-        };
-        let Some(next) = next.filter(|_| !out_of_attempts && !past_deadline) else {
+        let Some(next) = next_attempt(attempt, &failure, clock.now()) else {
             return Err(RetryError::Exhausted {
                 attempts: attempt,
                 last: failure,
@@ -205,6 +280,25 @@ mod tests {
         let got: Vec<u64> = (0..8).map(|a| b.base_delay(a).as_secs()).collect();
         assert_eq!(got, vec![1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(b.base_delay(u32::MAX), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_schedule_stops_at_its_attempts_or_its_deadline() {
+        let s = Duration::from_secs;
+        let b = Backoff::try_new(s(1), s(8)).expect("valid");
+        let t0 = std::time::UNIX_EPOCH + s(1_000);
+        let mut by_attempts = Schedule::new(b, Pacing::Exponential, Some(3), None);
+        assert!(by_attempts
+            .next_after(1, t0)
+            .is_some_and(|t| t <= t0 + s(1)));
+        assert!(by_attempts
+            .next_after(2, t0)
+            .is_some_and(|t| t >= t0 + s(1)));
+        assert_eq!(by_attempts.next_after(3, t0), None);
+        let mut by_deadline = Schedule::new(b, Pacing::Decorrelated, None, Some(t0 + s(10)));
+        let next = by_deadline.next_after(1, t0).expect("inside the deadline");
+        assert!(next >= t0 + s(1) && next <= t0 + s(3));
+        assert_eq!(by_deadline.next_after(2, t0 + s(10)), None);
     }
 
     proptest! {

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::aws::CallFailure;
-use crate::backoff::Backoff;
+use crate::backoff::{retry_with, Backoff, RetryError};
 use crate::clock::{rfc3339, unix_millis, unix_seconds, SharedClock, HOUR_SECS};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
@@ -197,27 +197,48 @@ impl Sender {
     /// Retries passes until nothing is pending or `budget` is spent (the shutdown flush,
     /// which ignores the spread).
     pub async fn drain(&self, budget: Duration) -> Result<Pass, LedgerError> {
-        let deadline = tokio::time::Instant::now() + budget;
-        let mut attempt = 0u32;
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let Ok(pass) = tokio::time::timeout(left, self.pass_with(Spread::Ignore)).await else {
-                return Ok(Pass::RetrySoon);
-            };
-            let pass = pass?;
-            if pass == Pass::Done {
-                return Ok(pass);
-            }
-            let delay = self
-                .backoff
-                .delay(attempt, &mut rand::thread_rng())
-                .min(self.backoff.initial() * 4);
-            attempt = attempt.saturating_add(1);
-            // The grace period is real time (the orchestrator's kill), so this wait is too.
-            if tokio::time::Instant::now() + delay >= deadline {
-                return Ok(pass);
-            }
-            tokio::time::sleep(delay).await;
+        /// Why one flush pass did not finish the flush.
+        enum Unfinished {
+            Left(Pass),
+            OutOfTime,
+            Ledger(LedgerError),
+        }
+        // The budget is the orchestrator's grace period, spent on the injected clock like
+        // every other wait (the system clock in production).
+        let deadline = self.clock.now() + budget;
+        let flushed = retry_with(
+            &self.clock,
+            |attempt, _, now| {
+                let delay = self
+                    .backoff
+                    .delay(attempt - 1, &mut rand::thread_rng())
+                    .min(self.backoff.initial() * 4);
+                let next = now + delay;
+                (next < deadline).then_some(next)
+            },
+            |unfinished| matches!(unfinished, Unfinished::Left(_)),
+            |_, _, _| {},
+            |_| async {
+                tokio::select! {
+                    biased;
+                    pass = self.pass_with(Spread::Ignore) => match pass {
+                        Ok(Pass::Done) => Ok(()),
+                        Ok(pass) => Err(Unfinished::Left(pass)),
+                        Err(e) => Err(Unfinished::Ledger(e)),
+                    },
+                    () = self.clock.sleep_until(deadline) => Err(Unfinished::OutOfTime),
+                }
+            },
+        )
+        .await;
+        match flushed {
+            Ok(()) => Ok(Pass::Done),
+            Err(RetryError::Exhausted {
+                last: Unfinished::Left(pass),
+                ..
+            }) => Ok(pass),
+            Err(RetryError::Permanent(Unfinished::Ledger(e))) => Err(e),
+            Err(_) => Ok(Pass::RetrySoon),
         }
     }
 

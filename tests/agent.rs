@@ -85,6 +85,27 @@ impl Harness {
         .await
     }
 
+    /// Runs `stopping` (an agent's shutdown) while the service refuses the final flush:
+    /// the flush retries on the agent's clock, so after each call it makes, the grace
+    /// period passes on that clock.
+    async fn stop_while_refused(
+        &self,
+        stopping: impl std::future::Future<Output = ()> + Send + 'static,
+        grace: Duration,
+    ) {
+        let stopping = tokio::spawn(stopping);
+        let mut seen = self.emulator.calls_counted();
+        while !stopping.is_finished() {
+            wait_for("the flush calls the service", || {
+                stopping.is_finished() || self.emulator.calls_counted() > seen
+            })
+            .await;
+            seen = self.emulator.calls_counted();
+            self.clock.advance(grace);
+        }
+        stopping.await.expect("stop task");
+    }
+
     /// MeterUsage records the emulator accepted, by (hour, dimension).
     fn billed(&self) -> BTreeMap<(i64, String), emulator::StoredMeterRecord> {
         let mut out = BTreeMap::new();
@@ -391,8 +412,15 @@ async fn a_record_past_the_six_hour_window_is_dead_lettered_and_visible() {
         "dead letters keep the usage for reconciliation"
     );
     assert!(h.billed().is_empty());
-    agent.shutdown.cancel();
-    let _ = agent.task.await;
+    let grace = h.config("").server.grace_period;
+    h.stop_while_refused(
+        async move {
+            agent.shutdown.cancel();
+            let _ = agent.task.await;
+        },
+        grace,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2036,7 +2064,8 @@ async fn a_flush_sealed_record_left_unsent_goes_out_at_once_after_a_restart() {
         },
         ..FaultProfile::default()
     });
-    agent.stop().await;
+    h.stop_while_refused(agent.stop(), config.server.grace_period)
+        .await;
     assert!(h.billed().is_empty(), "the service refused the flush");
 
     h.emulator.set_faults(FaultProfile::default());

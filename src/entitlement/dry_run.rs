@@ -21,6 +21,7 @@
 //!   usage meanwhile; the task's result is the final word (`Ok` = permissions work; `Err` =
 //!   2 hours of failure, fail closed with `exit_code()`).
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_marketplacemetering::primitives::DateTime;
@@ -30,7 +31,7 @@ use tracing::{error, info, warn};
 use super::register::RetryEvent;
 use super::{classify_fatal, EntitlementError, Operation};
 use crate::aws::CallFailure;
-use crate::backoff::Backoff;
+use crate::backoff::{retry_with, Backoff, Pacing, RetryError, Schedule};
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 
 /// The error code that means "a real call would have been allowed".
@@ -118,96 +119,30 @@ pub async fn dry_run_check_with(
     let container_deadline = started + policy.container_budget;
     let active_until = started + policy.ami_active_window;
     let fail_closed_at = started + policy.ami_fail_closed_after.max(AMI_MIN_FAIL_CLOSED);
-    let mut degraded = false;
-    let mut attempt: u32 = 0;
-    let mut previous = policy.container_backoff.initial();
-    loop {
-        attempt += 1;
-        let failure = match dry_run_once(client, product_code, dimension, clock.now()).await {
-            Ok(()) => {
-                let now = clock.now();
-                let elapsed = now.duration_since(started).unwrap_or_default();
-                if attempt > 1 {
-                    info!(attempts = attempt, "MeterUsage DryRun passed after retries");
-                } else {
-                    info!("MeterUsage DryRun passed");
-                }
-                return Ok(DryRunPassed {
-                    mode,
-                    attempts: attempt,
-                    passed_at: unix_seconds(now),
-                    elapsed,
-                });
-            }
-            Err(failure) => failure,
-        };
-        let now = clock.now();
-        let next = match mode {
-            DryRunMode::Container => {
-                if !failure.code_is("ThrottlingException") {
-                    let err = fatal(failure);
-                    error!(
-                        class = err.class(),
-                        exit_code = err.exit_code().as_code(),
-                        "{err}"
-                    );
-                    return Err(err);
-                }
-                // Decorrelated jitter, as for RegisterUsage.
-                let delay = policy
-                    .container_backoff
-                    .decorrelated(previous, &mut rand::thread_rng());
-                previous = delay;
-                let next = now + delay;
-                if next > container_deadline {
-                    let err = EntitlementError::BudgetExhausted {
-                        operation: Operation::MeterUsageDryRun.name(),
-                        budget: policy.container_budget,
-                        attempts: attempt,
-                        last: failure,
-                    };
-                    error!(
-                        class = err.class(),
-                        exit_code = err.exit_code().as_code(),
-                        "{err}"
-                    );
-                    return Err(err);
-                }
-                next
-            }
+    let degraded = AtomicBool::new(false);
+    let made = AtomicU32::new(0);
+    // Decorrelated jitter, as for RegisterUsage.
+    let mut container = Schedule::new(
+        policy.container_backoff,
+        Pacing::Decorrelated,
+        None,
+        Some(container_deadline),
+    );
+    let answered = retry_with(
+        clock,
+        |attempt, failure: &CallFailure, now| match mode {
+            DryRunMode::Container => container.next_after(attempt, now),
             DryRunMode::Ami => {
                 if now >= fail_closed_at {
-                    let elapsed = now.duration_since(started).unwrap_or_default();
-                    let last = if failure.is_retryable() {
-                        EntitlementError::BudgetExhausted {
-                            operation: Operation::MeterUsageDryRun.name(),
-                            budget: elapsed,
-                            attempts: attempt,
-                            last: failure,
-                        }
-                    } else {
-                        fatal(failure)
-                    };
-                    let err = EntitlementError::GaveUp {
-                        operation: Operation::MeterUsageDryRun.name(),
-                        elapsed,
-                        attempts: attempt,
-                        last: Box::new(last),
-                    };
-                    error!(
-                        class = err.class(),
-                        exit_code = err.exit_code().as_code(),
-                        "failing closed: {err}"
-                    );
-                    return Err(err);
+                    return None;
                 }
                 let delay = if now < active_until {
                     policy
                         .ami_backoff
                         .delay(attempt - 1, &mut rand::thread_rng())
                 } else {
-                    if !degraded {
-                        degraded = true;
+                    if !degraded.load(Ordering::Relaxed) {
+                        degraded.store(true, Ordering::Relaxed);
                         error!(
                             fail_closed_at = %rfc3339(unix_seconds(fail_closed_at)),
                             "MeterUsage DryRun has failed for {} ({failure}); usage is still \
@@ -220,24 +155,98 @@ pub async fn dry_run_check_with(
                     }
                     policy.ami_probe_interval
                 };
-                (now + delay).min(fail_closed_at)
+                Some((now + delay).min(fail_closed_at))
             }
-        };
-        warn!(
-            attempt,
-            mode = ?mode,
-            next_attempt = %rfc3339(unix_seconds(next)),
-            "MeterUsage DryRun failed, will retry: {failure}"
-        );
-        observer(&RetryEvent {
+        },
+        // Containers retry throttling only; an AMI retries everything until it fails closed.
+        |failure| mode == DryRunMode::Ami || failure.code_is("ThrottlingException"),
+        |attempt, failure, next| {
+            warn!(
+                attempt,
+                mode = ?mode,
+                next_attempt = %rfc3339(unix_seconds(next)),
+                "MeterUsage DryRun failed, will retry: {failure}"
+            );
+            observer(&RetryEvent {
+                operation: Operation::MeterUsageDryRun.name(),
+                attempt,
+                failure: failure.clone(),
+                next_attempt_at: next,
+                degraded: degraded.load(Ordering::Relaxed),
+            });
+        },
+        |attempt| {
+            made.store(attempt, Ordering::Relaxed);
+            dry_run_once(client, product_code, dimension, clock.now())
+        },
+    )
+    .await;
+    let attempt = made.load(Ordering::Relaxed);
+    let now = clock.now();
+    let elapsed = now.duration_since(started).unwrap_or_default();
+    let last = match answered {
+        Ok(()) => {
+            if attempt > 1 {
+                info!(attempts = attempt, "MeterUsage DryRun passed after retries");
+            } else {
+                info!("MeterUsage DryRun passed");
+            }
+            return Ok(DryRunPassed {
+                mode,
+                attempts: attempt,
+                passed_at: unix_seconds(now),
+                elapsed,
+            });
+        }
+        Err(RetryError::Permanent(failure)) => {
+            let err = fatal(failure);
+            error!(
+                class = err.class(),
+                exit_code = err.exit_code().as_code(),
+                "{err}"
+            );
+            return Err(err);
+        }
+        Err(RetryError::Exhausted { last, .. }) => last,
+    };
+    let err = match mode {
+        DryRunMode::Container => EntitlementError::BudgetExhausted {
             operation: Operation::MeterUsageDryRun.name(),
-            attempt,
-            failure,
-            next_attempt_at: next,
-            degraded,
-        });
-        clock.sleep_until(next).await;
-    }
+            budget: policy.container_budget,
+            attempts: attempt,
+            last,
+        },
+        DryRunMode::Ami => {
+            let last = if last.is_retryable() {
+                EntitlementError::BudgetExhausted {
+                    operation: Operation::MeterUsageDryRun.name(),
+                    budget: elapsed,
+                    attempts: attempt,
+                    last,
+                }
+            } else {
+                fatal(last)
+            };
+            let err = EntitlementError::GaveUp {
+                operation: Operation::MeterUsageDryRun.name(),
+                elapsed,
+                attempts: attempt,
+                last: Box::new(last),
+            };
+            error!(
+                class = err.class(),
+                exit_code = err.exit_code().as_code(),
+                "failing closed: {err}"
+            );
+            return Err(err);
+        }
+    };
+    error!(
+        class = err.class(),
+        exit_code = err.exit_code().as_code(),
+        "{err}"
+    );
+    Err(err)
 }
 
 /// One DryRun call: `Ok` when the service answers `DryRunOperation` (or, leniently, success).

@@ -25,7 +25,7 @@ use super::nonce::new_nonce;
 use super::verify::{verify, Expected, VerifiedRegistration, VerifyError};
 use super::{check_product_code, classify_fatal, log_failure, EntitlementError, Operation};
 use crate::aws::CallFailure;
-use crate::backoff::Backoff;
+use crate::backoff::{retry_with, Backoff, Pacing, RetryError, Schedule};
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::platform::Platform;
 use crate::status::EntitlementState;
@@ -154,111 +154,146 @@ async fn register_inner(
             message: "larger than the API allows".to_owned(),
         })?;
 
-    let started = clock.now();
-    let deadline = started + settings.startup_budget;
-    let mut attempt: u32 = 0;
-    let mut previous = settings.backoff.initial();
-    loop {
-        attempt += 1;
-        let nonce = new_nonce().map_err(|e| EntitlementError::Random(e.to_string()))?;
-        let sent = client
-            .register_usage()
-            .product_code(product_code)
-            .public_key_version(version_i32)
-            .nonce(&nonce)
-            .send()
-            .await;
-        let failure = match sent {
-            Ok(output) => {
-                let token = output.signature().unwrap_or_default();
-                if token.is_empty() {
-                    return Err(VerifyError::NoSignature.into());
-                }
-                let expected = Expected {
-                    product_code: product_code.to_owned(),
-                    nonce,
-                    public_key_version: version,
-                };
-                let claims = verify(token, keyring, &expected)?;
-                let now = clock.now();
-                let key_rotation = output.public_key_rotation_timestamp().map(|ts| {
-                    let timestamp = ts.secs();
-                    KeyRotation {
-                        timestamp,
-                        rfc3339: rfc3339(timestamp),
-                    }
-                });
-                if let Some(rotation) = &key_rotation {
-                    warn!(
-                        public_key_version = version,
-                        rotation = %rotation.rfc3339,
-                        "AWS reports PublicKeyVersion {version} expired at {}: ask AWS \
-                         Marketplace for the new public key, add it to keys/ and set \
-                         registration.public_key_version to its version",
-                        rotation.rfc3339
-                    );
-                }
-                info!(
-                    product_code,
-                    public_key_version = version,
-                    key = %claims.key_fingerprint,
-                    attempts = attempt,
-                    "RegisterUsage verified: entitled"
-                );
-                let registered_at = unix_seconds(now);
-                return Ok(Entitlement {
-                    state: EntitlementState::Entitled,
-                    key_fingerprint: claims.key_fingerprint.clone(),
-                    claims,
-                    registered_at,
-                    registered_at_rfc3339: rfc3339(registered_at),
-                    key_rotation_due: key_rotation.is_some(),
-                    key_rotation,
-                    region,
-                    attempts: attempt,
-                });
-            }
-            Err(e) => CallFailure::from_sdk(&e),
-        };
-        if !failure.is_retryable() {
-            return Err(classify_fatal(
-                Operation::RegisterUsage,
-                failure,
-                product_code,
-                version,
-                None,
-                region.as_deref().unwrap_or("(unset)"),
-            ));
-        }
-        let now = clock.now();
+    let deadline = clock.now() + settings.startup_budget;
+    let mut schedule = Schedule::new(
+        settings.backoff,
         // Decorrelated jitter: a fleet throttled at once does not retry in lockstep.
-        let delay = settings
-            .backoff
-            .decorrelated(previous, &mut rand::thread_rng());
-        previous = delay;
-        let next = now + delay;
-        if next > deadline {
-            return Err(EntitlementError::BudgetExhausted {
+        Pacing::Decorrelated,
+        None,
+        Some(deadline),
+    );
+    let region = &region;
+    let made = std::sync::atomic::AtomicU32::new(0);
+    let made = &made;
+    let answered = retry_with(
+        clock,
+        |attempt, _, now| schedule.next_after(attempt, now),
+        |failed: &Failed| matches!(failed, Failed::Transient(_)),
+        |attempt, failed, next| {
+            let Failed::Transient(failure) = failed else {
+                return;
+            };
+            let delay = next.duration_since(clock.now()).unwrap_or_default();
+            warn!(
+                attempt,
+                retry_in = %humantime::format_duration(delay),
+                "RegisterUsage failed, will retry: {failure}"
+            );
+            observer(&RetryEvent {
                 operation: Operation::RegisterUsage.name(),
-                budget: settings.startup_budget,
-                attempts: attempt,
-                last: failure,
+                attempt,
+                failure: failure.clone(),
+                next_attempt_at: next,
+                degraded: false,
             });
-        }
-        warn!(
-            attempt,
-            retry_in = %humantime::format_duration(delay),
-            "RegisterUsage failed, will retry: {failure}"
-        );
-        observer(&RetryEvent {
+        },
+        |attempt| async move {
+            made.store(attempt, std::sync::atomic::Ordering::Relaxed);
+            let nonce =
+                new_nonce().map_err(|e| Failed::Fatal(EntitlementError::Random(e.to_string())))?;
+            let sent = client
+                .register_usage()
+                .product_code(product_code)
+                .public_key_version(version_i32)
+                .nonce(&nonce)
+                .send()
+                .await;
+            match sent {
+                Ok(output) => {
+                    let token = output.signature().unwrap_or_default();
+                    if token.is_empty() {
+                        return Err(Failed::Fatal(VerifyError::NoSignature.into()));
+                    }
+                    let expected = Expected {
+                        product_code: product_code.to_owned(),
+                        nonce,
+                        public_key_version: version,
+                    };
+                    let claims =
+                        verify(token, keyring, &expected).map_err(|e| Failed::Fatal(e.into()))?;
+                    let now = clock.now();
+                    let key_rotation = output.public_key_rotation_timestamp().map(|ts| {
+                        let timestamp = ts.secs();
+                        KeyRotation {
+                            timestamp,
+                            rfc3339: rfc3339(timestamp),
+                        }
+                    });
+                    if let Some(rotation) = &key_rotation {
+                        warn!(
+                            public_key_version = version,
+                            rotation = %rotation.rfc3339,
+                            "AWS reports PublicKeyVersion {version} expired at {}: ask AWS \
+                             Marketplace for the new public key, add it to keys/ and set \
+                             registration.public_key_version to its version",
+                            rotation.rfc3339
+                        );
+                    }
+                    info!(
+                        product_code,
+                        public_key_version = version,
+                        key = %claims.key_fingerprint,
+                        attempts = attempt,
+                        "RegisterUsage verified: entitled"
+                    );
+                    let registered_at = unix_seconds(now);
+                    Ok(Entitlement {
+                        state: EntitlementState::Entitled,
+                        key_fingerprint: claims.key_fingerprint.clone(),
+                        claims,
+                        registered_at,
+                        registered_at_rfc3339: rfc3339(registered_at),
+                        key_rotation_due: key_rotation.is_some(),
+                        key_rotation,
+                        region: region.clone(),
+                        attempts: attempt,
+                    })
+                }
+                Err(e) => {
+                    let failure = CallFailure::from_sdk(&e);
+                    if failure.is_retryable() {
+                        Err(Failed::Transient(failure))
+                    } else {
+                        Err(Failed::Fatal(classify_fatal(
+                            Operation::RegisterUsage,
+                            failure,
+                            product_code,
+                            version,
+                            None,
+                            region.as_deref().unwrap_or("(unset)"),
+                        )))
+                    }
+                }
+            }
+        },
+    )
+    .await;
+    match answered {
+        Ok(entitlement) => Ok(entitlement),
+        Err(RetryError::Permanent(Failed::Fatal(e))) => Err(e),
+        Err(
+            RetryError::Permanent(Failed::Transient(last))
+            | RetryError::Exhausted {
+                last: Failed::Transient(last),
+                ..
+            },
+        ) => Err(EntitlementError::BudgetExhausted {
             operation: Operation::RegisterUsage.name(),
-            attempt,
-            failure,
-            next_attempt_at: next,
-            degraded: false,
-        });
-        clock.sleep_until(next).await;
+            budget: settings.startup_budget,
+            attempts: made.load(std::sync::atomic::Ordering::Relaxed),
+            last,
+        }),
+        Err(RetryError::Exhausted {
+            last: Failed::Fatal(e),
+            ..
+        }) => Err(e),
     }
+}
+
+/// How one RegisterUsage attempt failed: for good, or worth another attempt.
+enum Failed {
+    Fatal(EntitlementError),
+    Transient(CallFailure),
 }
 
 #[cfg(test)]
