@@ -17,7 +17,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, Listeners, RunContext};
-use crate::aws::{build_client, AwsSettings};
+use crate::aws::AwsSettings;
 use crate::clock::{hour_floor, rfc3339, unix_seconds, ScaledClock, SharedClock, HOUR_SECS};
 use crate::config::{Config, Pricing};
 use crate::emulator::{self, EmulatorConfig};
@@ -128,10 +128,9 @@ max_backoff = "2s"
         static_credentials: Some((DEMO_ACCESS_KEY.to_owned(), DEMO_SECRET_KEY.to_owned())),
         operation_timeout: Some(Duration::from_secs(10)),
     };
-    let client = build_client(&settings).await;
     let shutdown = CancellationToken::new();
-    let mut ctx = RunContext::new(clock.clone(), client, shutdown.clone());
-    ctx.license_aws = Some(settings);
+    let mut ctx = RunContext::new(clock.clone(), shutdown.clone());
+    ctx.aws = Some(settings);
     // Not on ECS, EKS or EC2: detection finds nothing, and IMDS is never probed.
     ctx.env = Some(Arc::new(|name| {
         (name == "AWS_EC2_METADATA_DISABLED").then(|| "true".to_owned())

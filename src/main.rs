@@ -224,7 +224,7 @@ fn main() -> ExitCode {
             Command::Health(c) => health(&c.config).await,
             Command::CheckConfig(c) => match load_config(&c.config) {
                 // The same build step `run` takes before it creates or serves anything.
-                Ok(config) => match agent::Prepared::build(&config) {
+                Ok(config) => match agent::Prepared::build(&config, None) {
                     Err(e) => {
                         eprintln!("meterd: {}: {e}", c.config.display());
                         e.exit_code().into()
@@ -305,11 +305,10 @@ async fn run(config_path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let client = build_client(&AwsSettings::from_config(&config)).await;
     let shutdown = CancellationToken::new();
     let grace = config.server.grace_period;
     tokio::spawn(meterd::signals::watch_agent(shutdown.clone(), grace));
-    let ctx = RunContext::new(Arc::new(SystemClock), client, shutdown);
+    let ctx = RunContext::new(Arc::new(SystemClock), shutdown);
     match agent::run(config, None, ctx).await {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {

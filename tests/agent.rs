@@ -1859,14 +1859,14 @@ async fn child_sends_closed_hours_on_issued_credentials() {
         }
     };
     let config = h.config("");
-    let client = build_client(&AwsSettings::from_config(&config)).await;
+    let from_config = AwsSettings::from_config(&config);
     let agent = Agent::spawn_with(
         config,
         h.clock.clone(),
         &url,
         "AKIDNOTUSED",
         Duration::from_secs(5),
-        move |ctx| ctx.client = client,
+        move |ctx| ctx.aws = Some(from_config),
     )
     .await;
     wait_for("agent ready", || agent.handles.status.is_ready()).await;

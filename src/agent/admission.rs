@@ -82,11 +82,11 @@ pub(super) async fn establish_entitlement(
     status: &Arc<StatusBoard>,
     metrics: &Arc<Metrics>,
     ledger: &Ledger,
-    license_aws: Option<&AwsSettings>,
+    aws: &AwsSettings,
 ) -> Result<Admission, EntitlementError> {
     let mode = match entitlement_route(config.pricing, platform)? {
         Route::Contract => {
-            let holder = Arc::new(contract_holder(config, ledger, clock, license_aws).await);
+            let holder = Arc::new(contract_holder(config, ledger, clock, aws).await);
             let checkout = counted(
                 metrics,
                 "CheckoutLicense",
@@ -220,10 +220,8 @@ pub(super) struct Admission {
 /// (`contract.license_token_file`), else from the SDK's chain (or the given settings).
 pub(crate) async fn license_client(
     config: &Config,
-    settings: Option<&AwsSettings>,
+    settings: &AwsSettings,
 ) -> aws_sdk_licensemanager::Client {
-    let from_config = AwsSettings::from_config(config);
-    let settings = settings.unwrap_or(&from_config);
     let c = &config.contract;
     if c.license_token_file.is_empty() {
         crate::aws::build_license_client(settings).await
@@ -261,7 +259,7 @@ pub(super) async fn contract_holder(
     config: &Config,
     ledger: &Ledger,
     clock: &SharedClock,
-    license_aws: Option<&AwsSettings>,
+    aws: &AwsSettings,
 ) -> ContractHolder {
     let c = &config.contract;
     let settings = ContractSettings {
@@ -273,7 +271,7 @@ pub(super) async fn contract_holder(
         startup_budget: config.registration.startup_budget,
         backoff: Backoff::default(),
     };
-    let client = license_client(config, license_aws).await;
+    let client = license_client(config, aws).await;
     ContractHolder::new(client, settings, ledger.clone(), clock.clone())
 }
 

@@ -9,13 +9,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_marketplacemetering::Client;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::aws::AwsSettings;
+use crate::aws::{build_client, AwsSettings};
 use crate::clock::{from_unix_seconds, rfc3339, unix_seconds, SharedClock, HOUR_SECS};
 use crate::config::Config;
 use crate::entitlement::contract::ContractHolder;
@@ -73,6 +72,8 @@ impl AgentError {
 /// created or served, so a configuration that cannot run fails first; `check-config` builds
 /// the same.
 pub struct Prepared {
+    /// How to reach AWS: `[aws]` and `sending.call_timeout`, unless the run context overrides it.
+    pub aws: AwsSettings,
     pub keyring: Keyring,
     pub backoff: Backoff,
     pub seal_policy: SealPolicy,
@@ -80,7 +81,8 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn build(config: &Config) -> Result<Self, AgentError> {
+    /// Builds from `config`; `aws` overrides the AWS settings taken from it (tests, the demo).
+    pub fn build(config: &Config, aws: Option<AwsSettings>) -> Result<Self, AgentError> {
         entitlement::check_product_code(&config.product_code).map_err(|reason| {
             EntitlementError::ProductCodeNotAllowed {
                 product_code: config.product_code.clone(),
@@ -107,6 +109,7 @@ impl Prepared {
             })?
             .map(String::into_bytes);
         Ok(Self {
+            aws: aws.unwrap_or_else(|| AwsSettings::from_config(config)),
             keyring,
             backoff,
             seal_policy: SealPolicy {
@@ -126,7 +129,6 @@ pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 /// Everything the agent takes from outside besides configuration and listeners.
 pub struct RunContext {
     pub clock: SharedClock,
-    pub client: Client,
     pub shutdown: CancellationToken,
     /// Environment for platform detection; `None` reads the process environment.
     pub env: Option<EnvFn>,
@@ -134,21 +136,20 @@ pub struct RunContext {
     pub body_read_timeout: Duration,
     /// Called once the API is serving, with live handles; for tests and the demo.
     pub on_started: Option<Box<dyn FnOnce(Handles) + Send>>,
-    /// Contract pricing's License Manager client settings; `None`: from `[aws]` and the SDK's
-    /// credential chain, as the Metering Service client's.
-    pub license_aws: Option<AwsSettings>,
+    /// AWS settings for every client (Metering Service, License Manager); `None`: `[aws]`,
+    /// `sending.call_timeout` and the SDK's credential chain ([`AwsSettings::from_config`]).
+    pub aws: Option<AwsSettings>,
 }
 
 impl RunContext {
-    pub fn new(clock: SharedClock, client: Client, shutdown: CancellationToken) -> Self {
+    pub fn new(clock: SharedClock, shutdown: CancellationToken) -> Self {
         Self {
             clock,
-            client,
             shutdown,
             env: None,
             body_read_timeout: crate::serve::BODY_READ_TIMEOUT,
             on_started: None,
-            license_aws: None,
+            aws: None,
         }
     }
 }
@@ -167,9 +168,10 @@ pub struct Handles {
 pub async fn run(
     config: Config,
     listeners: Option<Listeners>,
-    ctx: RunContext,
+    mut ctx: RunContext,
 ) -> Result<(), AgentError> {
-    let prepared = Prepared::build(&config)?;
+    let prepared = Prepared::build(&config, ctx.aws.take())?;
+    let client = build_client(&prepared.aws).await;
     let config = Arc::new(config);
     let clock = ctx.clock.clone();
     let ledger = open_ledger(&config, unix_seconds(clock.now()))?;
@@ -207,6 +209,7 @@ pub async fn run(
         ledger.writable_flag(),
     ));
     let Prepared {
+        aws,
         keyring,
         backoff,
         seal_policy: policy,
@@ -287,7 +290,7 @@ pub async fn run(
     }
 
     let sender = Arc::new(Sender::new(
-        ctx.client.clone(),
+        client.clone(),
         ledger.clone(),
         clock.clone(),
         metrics.clone(),
@@ -310,14 +313,14 @@ pub async fn run(
     let admission = establish_entitlement(
         &config,
         platform,
-        &ctx.client,
+        &client,
         &keyring,
         &clock,
         DryRunPolicy::default(),
         &status,
         &metrics,
         &ledger,
-        ctx.license_aws.as_ref(),
+        &aws,
     );
     tokio::pin!(admission);
     let mut background_check: Option<tokio::task::JoinHandle<Result<(), EntitlementError>>>;

@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use meterd::agent::{self, AgentError, Handles, Listeners, RunContext};
-use meterd::aws::{build_client, AwsSettings};
+use meterd::aws::AwsSettings;
 use meterd::clock::SharedClock;
 use meterd::config::Config;
 use meterd::emulator::{self, EmulatorConfig, EmulatorHandle};
@@ -206,11 +206,10 @@ impl InProcessAgent {
             static_credentials: Some((access_key.into(), "secret".into())),
             operation_timeout: Some(call_timeout),
         };
-        let client = build_client(&settings).await;
         let shutdown = CancellationToken::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut ctx = RunContext::new(clock, client, shutdown.clone());
-        ctx.license_aws = Some(settings);
+        let mut ctx = RunContext::new(clock, shutdown.clone());
+        ctx.aws = Some(settings);
         ctx.env = Some(Arc::new(|_| None));
         ctx.on_started = Some(Box::new(move |h| {
             let _ = tx.send(h);

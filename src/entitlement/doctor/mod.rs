@@ -528,7 +528,7 @@ pub async fn doctor_for_config(config: &crate::config::Config) -> anyhow::Result
             operation_timeout: Some(Duration::from_secs(10)),
             ..crate::aws::AwsSettings::from_config(config)
         };
-        Some(crate::agent::license_client(config, Some(&settings)).await)
+        Some(crate::agent::license_client(config, &settings).await)
     } else {
         None
     };
