@@ -14,6 +14,8 @@ pub enum Exit {
     Ok = 0,
     /// A command failed for a reason with no code of its own (a refused request, a failed check).
     Failure = 1,
+    /// The command line is invalid: an unknown command, flag or value (clap's code).
+    Usage = 2,
     /// The configuration is invalid, or a key file cannot be loaded (`EX_USAGE`).
     BadConfig = 64,
     /// The RegisterUsage token failed verification (`EX_DATAERR`).
@@ -39,9 +41,10 @@ pub enum Exit {
 
 impl Exit {
     /// Every variant, in code order.
-    pub const ALL: [Exit; 11] = [
+    pub const ALL: [Exit; 12] = [
         Exit::Ok,
         Exit::Failure,
+        Exit::Usage,
         Exit::BadConfig,
         Exit::VerificationFailed,
         Exit::ServiceRefused,

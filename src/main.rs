@@ -187,7 +187,18 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help` and `--version` print to stdout and succeed; anything else is a usage error.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                Exit::Usage.into()
+            } else {
+                Exit::Ok.into()
+            };
+        }
+    };
     init_logging(cli.log_format, &cli.log_level);
     if meterd::entitlement::baked::BAKED.is_locked() {
         // A locked build talks only to AWS: the SDK ignores endpoint URLs from the environment

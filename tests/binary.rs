@@ -869,3 +869,24 @@ async fn the_audit_file_has_one_line_per_billed_record_after_faults_and_sigkill(
     }
     assert_eq!(lines.len(), billed.len(), "{lines:?} vs {billed:?}");
 }
+
+#[test]
+fn a_bad_command_line_exits_2_and_help_exits_0() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env_clear()
+            .output()
+            .expect("meterd runs")
+    };
+    let unknown = run(&["run", "--no-such-flag"]);
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("--no-such-flag"),
+        "{unknown:?}"
+    );
+    assert_eq!(run(&["no-such-command"]).status.code(), Some(2));
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0), "{help:?}");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("run"));
+}
