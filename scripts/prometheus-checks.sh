@@ -22,55 +22,8 @@ step() { echo "== $*"; if ! "$@"; then echo "FAIL: $*"; failed=1; fi; }
 step promtool check rules "$RULES"
 step promtool test rules "$RULE_TESTS"
 
-cargo build --locked --bin meterd
-BIN=target/debug/meterd
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-cat >"$work/emulator.toml" <<TOML
-region = "us-east-1"
-[[products]]
-code = "prod-demo1234"
-dimensions = ["requests", "gigabytes"]
-[[keys]]
-version = 1
-private_key_path = "$PWD/src/emulator/demo-signing-key.pem"
-TOML
-"$BIN" emulator --listen 127.0.0.1:0 --addr-file "$work/emulator.url" --config "$work/emulator.toml" \
-  --public-key-out "$work/emulator-v1.pem" >"$work/emulator.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do [ -s "$work/emulator.url" ] && [ -s "$work/emulator-v1.pem" ] && break; sleep 0.1; done
-port=$(free_port)
-cat >"$work/meterd.toml" <<TOML
-product_code = "prod-demo1234"
-pricing = "hourly+custom"
-platform = "ecs"
-[metering]
-dimensions = ["requests", "gigabytes"]
-tag_keys = ["tenant"]
-[registration]
-public_key_files = ["$work/emulator-v1.pem"]
-[server]
-listen = "127.0.0.1:$port"
-[state]
-dir = "$work/state"
-[aws]
-region = "us-east-1"
-endpoint_url = "$(cat "$work/emulator.url")"
-TOML
-AWS_ACCESS_KEY_ID=AKIAPROMTOOL00000001 AWS_SECRET_ACCESS_KEY=secret AWS_EC2_METADATA_DISABLED=true \
-  METERD_LOG=warn "$BIN" run --config "$work/meterd.toml" >"$work/agent.log" 2>&1 &
-pids+=($!)
-url="http://127.0.0.1:$port"
-for _ in $(seq 200); do curl -fsS "$url/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
-curl -fsS "$url/readyz" >/dev/null || { cat "$work/agent.log"; exit 1; }
+source scripts/live-agent.sh
+live_agent AKIAPROMTOOL00000001 '"requests", "gigabytes"'
 # Labelled families get their series: accepted and rejected usage.
 curl -fsS -X POST "$url/v1/usage" -H 'content-type: application/json' \
   -d '{"events":[{"dimension":"requests","quantity":3,"tags":{"tenant":"a"}}]}' >/dev/null
