@@ -537,15 +537,12 @@ fn caller_identity(
         // A long-term key's account is the one its quotas are counted in.
         let account = shared
             .quotas()
-            .account_of(&verified.caller.access_key_id)
+            .account_of(&verified.caller.identity)
             .to_owned();
         Session {
-            arn: format!(
-                "arn:aws:iam::{account}:user/{}",
-                verified.caller.access_key_id
-            ),
-            user_id: verified.caller.access_key_id.clone(),
-            identity: verified.caller.access_key_id,
+            arn: format!("arn:aws:iam::{account}:user/{}", verified.caller.identity),
+            user_id: verified.caller.identity.clone(),
+            identity: verified.caller.identity,
             account,
         }
     });

@@ -258,7 +258,7 @@ fn admit(
     let verified = if unsigned {
         sigv4::Verified {
             caller: sigv4::Caller {
-                access_key_id: "anonymous".to_owned(),
+                identity: "anonymous".to_owned(),
                 region: shared.service.config.region.clone(),
             },
             session: None,
@@ -285,7 +285,7 @@ fn admit(
         let mut quotas = shared.quotas();
         let account = match &verified.session {
             Some(session) => session.account.clone(),
-            None => quotas.account_of(&caller.access_key_id).to_owned(),
+            None => quotas.account_of(&caller.identity).to_owned(),
         };
         (quotas.admit_account(account.clone(), op, now), account)
     };

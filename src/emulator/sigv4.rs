@@ -23,7 +23,7 @@ pub struct Caller {
     /// The caller identity the metering rules key on: a long-term key's access key id, or
     /// for the emulator's temporary credentials their role session
     /// ([`super::credentials::Session::identity`]).
-    pub access_key_id: String,
+    pub identity: String,
     pub region: String,
 }
 
@@ -326,7 +326,7 @@ pub fn verify_with(
         ));
     }
     let mut caller = Caller {
-        access_key_id: auth.access_key_id.clone(),
+        identity: auth.access_key_id.clone(),
         region: auth.region.clone(),
     };
     let unrecognized = || {
@@ -352,7 +352,7 @@ pub fn verify_with(
                     "The security token included in the request is expired",
                 ));
             }
-            caller.access_key_id = issued.session.identity.clone();
+            caller.identity = issued.session.identity.clone();
             (issued.secret, Some(issued.session))
         }
         None if credentials.is_empty() => {
@@ -556,7 +556,7 @@ mod tests {
         assert_eq!(
             caller,
             Caller {
-                access_key_id: "AKID".into(),
+                identity: "AKID".into(),
                 region: "us-east-1".into()
             }
         );

@@ -149,7 +149,7 @@ impl Service {
             }
             let id = new_id(&mut state.ids);
             let stored = StoredMeterRecord {
-                identity: caller.access_key_id.clone(),
+                identity: caller.identity.clone(),
                 product_code: product.code.clone(),
                 dimension: record.dimension.clone(),
                 hour,

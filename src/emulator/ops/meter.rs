@@ -52,7 +52,7 @@ impl Service {
             }
             let first = state
                 .registered
-                .insert((caller.access_key_id.clone(), input.product_code.clone()));
+                .insert((caller.identity.clone(), input.product_code.clone()));
             match entitlement {
                 Entitlement::NotEntitled if first => {
                     return Err(error(
@@ -133,7 +133,7 @@ impl Service {
                 "Request would have succeeded, but DryRun flag is set.",
             ));
         }
-        let identity = caller.access_key_id.clone();
+        let identity = caller.identity.clone();
         if let Some(token) = &input.client_token {
             if let Some(used) = state.client_tokens.get(&(identity.clone(), token.clone())) {
                 if used.meaning != input.meaning() {
