@@ -111,7 +111,7 @@ impl Backoff {
     }
 }
 
-/// How [`retry`] ended without success.
+/// How [`retry`] or [`retry_with`] ended without success.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetryError<E> {
     /// The operation failed in a way another attempt will not change.

@@ -6,13 +6,29 @@ use std::process::ExitCode;
 use crate::agent::AgentError;
 use crate::entitlement::EntitlementError;
 
-/// Every code `meterd` exits with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum Exit {
+/// Defines [`Exit`] and [`Exit::ALL`] from one list, so a new code cannot be left out of
+/// `ALL` (and so out of the README test).
+macro_rules! exit_codes {
+    ($($(#[$doc:meta])* $name:ident = $code:literal,)*) => {
+        /// Every code `meterd` exits with.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[repr(u8)]
+        pub enum Exit {
+            $($(#[$doc])* $name = $code,)*
+        }
+
+        impl Exit {
+            /// Every variant, in declaration (code) order.
+            pub const ALL: &'static [Exit] = &[$(Exit::$name),*];
+        }
+    };
+}
+
+exit_codes! {
     /// Stopped cleanly, or the command succeeded.
     Ok = 0,
-    /// A command failed for a reason with no code of its own (a refused request, a failed check).
+    /// A command failed for a reason with no code of its own (a refused request, a failed
+    /// check), or `run` was forced to stop (a second signal, or the grace period outlasted).
     Failure = 1,
     /// The command line is invalid: an unknown command, flag or value (clap's code).
     Usage = 2,
@@ -40,22 +56,6 @@ pub enum Exit {
 }
 
 impl Exit {
-    /// Every variant, in code order.
-    pub const ALL: [Exit; 12] = [
-        Exit::Ok,
-        Exit::Failure,
-        Exit::Usage,
-        Exit::BadConfig,
-        Exit::VerificationFailed,
-        Exit::ServiceRefused,
-        Exit::Internal,
-        Exit::Listen,
-        Exit::Ledger,
-        Exit::TransientBudget,
-        Exit::NotEntitled,
-        Exit::Configuration,
-    ];
-
     /// The numeric code the process exits with.
     pub fn as_code(self) -> u8 {
         self as u8

@@ -238,7 +238,7 @@ fn main() -> ExitCode {
                 Ok(config) => match agent::Prepared::build(&config, None) {
                     Err(e) => {
                         eprintln!("meterd: {}: {e}", c.config.display());
-                        e.exit_code().into()
+                        Exit::from(&e).into()
                     }
                     Ok(_) => {
                         println!(
@@ -323,8 +323,9 @@ async fn run(config_path: &Path) -> ExitCode {
     match agent::run(config, None, ctx).await {
         Ok(()) => Exit::Ok.into(),
         Err(e) => {
-            tracing::error!(exit_code = e.exit_code().as_code(), "meterd stopped: {e}");
-            e.exit_code().into()
+            let exit = Exit::from(&e);
+            tracing::error!(exit_code = exit.as_code(), "meterd stopped: {e}");
+            exit.into()
         }
     }
 }

@@ -33,8 +33,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::clock::HOUR_SECS;
+use crate::entitlement::EntitlementState;
 use crate::ledger::{CommitStats, LedgerStats};
-use crate::status::{EntitlementState, MeteringHealth};
+use crate::status::MeteringHealth;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {

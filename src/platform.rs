@@ -353,18 +353,17 @@ pub async fn imds_instance_id(settings: &ImdsSettings) -> Result<String, ImdsErr
         .map(|id| id.trim().to_owned())
 }
 
-fn imds_authority(endpoint: &str) -> Result<String, ImdsError> {
+fn imds_authority(endpoint: &str) -> Result<Authority, ImdsError> {
     let bad = || ImdsError::BadEndpoint(endpoint.to_owned());
     let uri: http::Uri = endpoint.parse().map_err(|_| bad())?;
     if uri.scheme_str() != Some("http") {
         return Err(bad());
     }
-    let authority = Authority::of(&uri).ok_or_else(bad)?;
-    Ok(authority.host_port().to_owned())
+    Authority::of(&uri).ok_or_else(bad)
 }
 
 async fn imds_request(
-    authority: &str,
+    authority: &Authority,
     method: http::Method,
     path: &str,
     header: (&str, &str),
@@ -372,12 +371,11 @@ async fn imds_request(
     timeout: Duration,
 ) -> Result<String, ImdsError> {
     let unreachable = |e: &dyn fmt::Display| ImdsError::Unreachable(format!("{step}: {e}"));
-    // Bracketed IPv6 hosts keep their brackets in `host`; strip them for the socket address.
-    let connect_to = authority.replace(['[', ']'], "");
+    let connect_to = authority.socket_address();
     let request = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, authority)
+        .header(http::header::HOST, authority.host_port())
         .header(header.0, header.1)
         .body(Empty::<Bytes>::new())
         .map_err(|e| unreachable(&e))?;
@@ -614,10 +612,11 @@ pub(crate) mod tests {
         let s = ImdsSettings::from_env(&env_of(&[]));
         assert_eq!(s.endpoint, DEFAULT_IMDS_ENDPOINT);
         assert!(!s.disabled);
-        assert_eq!(
-            imds_authority("http://127.0.0.1:1338/").as_deref(),
-            Ok("127.0.0.1:1338")
-        );
+        let authority = imds_authority("http://127.0.0.1:1338/").expect("an http endpoint");
+        assert_eq!(authority.host_port(), "127.0.0.1:1338");
+        let v6 = imds_authority("http://[fd00:ec2::254]/").expect("an IPv6 endpoint");
+        assert_eq!(v6.host_port(), "[fd00:ec2::254]:80");
+        assert_eq!(v6.socket_address(), "fd00:ec2::254:80");
         assert!(imds_authority("https://example.com").is_err());
     }
 

@@ -55,7 +55,7 @@ pub async fn first_stop() {
             signals.next().await;
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the emulator");
+            tracing::warn!(error = %e, "cannot install the SIGTERM/SIGINT handlers; only Ctrl-C stops the emulator");
             let _ = tokio::signal::ctrl_c().await;
         }
     }

@@ -6,35 +6,7 @@ use std::sync::{Arc, RwLock};
 use serde::Serialize;
 
 use crate::entitlement::contract::ContractCheckout;
-use crate::entitlement::{DryRunPassed, Entitlement};
-
-/// Where start-up stands with entitlement: the one entitlement state of the agent.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum EntitlementState {
-    /// RegisterUsage or the DryRun check has not passed yet.
-    Pending,
-    /// RegisterUsage returned a token that verified.
-    Entitled,
-    /// No RegisterUsage (EC2, or registration disabled); the DryRun check passed.
-    PermissionsVerified,
-    /// No RegisterUsage; the DryRun check is still being retried (AMI products stay up).
-    Unverified,
-    /// Start-up or the contract's renewal failed fatally; the agent is not ready.
-    Failed,
-}
-
-impl EntitlementState {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            EntitlementState::Pending => "pending",
-            EntitlementState::Entitled => "entitled",
-            EntitlementState::PermissionsVerified => "permissions_verified",
-            EntitlementState::Unverified => "unverified",
-            EntitlementState::Failed => "failed",
-        }
-    }
-}
+use crate::entitlement::{DryRunPassed, Entitlement, EntitlementState};
 
 /// `metering_health` in `/v1/status`: how long usage has gone unsent, against `[health]`.
 /// The application decides what to do at each level; meterd keeps running and retrying.

@@ -1352,7 +1352,7 @@ async fn each_pricing_model_makes_exactly_the_documented_calls() {
         if ec2 {
             wait_for("the AMI's DryRun", || {
                 agent.handles.status.entitlement().state
-                    == meterd::status::EntitlementState::PermissionsVerified
+                    == meterd::entitlement::EntitlementState::PermissionsVerified
             })
             .await;
         }

@@ -8,26 +8,18 @@ use tracing::Instrument;
 
 use crate::aws::AwsSettings;
 use crate::clock::SharedClock;
-use crate::config::{Config, PlatformSetting, Pricing};
-use crate::entitlement::contract::{ContractHolder, ContractSettings, WantedEntitlement};
+use crate::config::{Config, Pricing};
+use crate::entitlement::contract::{
+    license_client, wanted_entitlements, ContractHolder, ContractSettings,
+};
 use crate::entitlement::{
-    self, Backoff, DryRunMode, DryRunPolicy, EntitlementError, Keyring, RegistrationSettings,
+    self, Backoff, DryRunMode, DryRunPolicy, EntitlementError, EntitlementState, Keyring,
+    RegistrationSettings,
 };
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::platform::Platform;
-use crate::status::{
-    DryRunProgress, EntitlementDetails, EntitlementState, EntitlementStatus, StatusBoard,
-};
-
-pub(crate) fn configured_platform(setting: PlatformSetting) -> Option<Platform> {
-    match setting {
-        PlatformSetting::Auto => None,
-        PlatformSetting::Ecs => Some(Platform::Ecs),
-        PlatformSetting::Eks => Some(Platform::Eks),
-        PlatformSetting::Ec2 => Some(Platform::Ec2),
-    }
-}
+use crate::status::{DryRunProgress, EntitlementDetails, EntitlementStatus, StatusBoard};
 
 /// The start-up check of a pricing model on a platform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,43 +208,6 @@ pub(super) struct Admission {
     pub(super) contract: Option<Arc<ContractHolder>>,
 }
 
-/// License Manager's client: credentials from the license token for a buyer outside AWS
-/// (`contract.license_token_file`), else from the SDK's chain (or the given settings).
-pub(crate) async fn license_client(
-    config: &Config,
-    settings: &AwsSettings,
-) -> aws_sdk_licensemanager::Client {
-    let c = &config.contract;
-    if c.license_token_file.is_empty() {
-        crate::aws::build_license_client(settings).await
-    } else {
-        let settings = AwsSettings {
-            static_credentials: None,
-            ..settings.clone()
-        };
-        crate::aws::build_license_client_from_token(
-            &settings,
-            std::path::Path::new(&c.license_token_file),
-            &c.role_arn,
-        )
-        .await
-    }
-}
-
-/// `[contract]`'s entitlements as checkouts ask for them (a counted unit defaults to 1).
-pub(crate) fn contract_entitlements(config: &Config) -> Vec<WantedEntitlement> {
-    config
-        .contract
-        .entitlements
-        .iter()
-        .map(|e| WantedEntitlement {
-            name: e.name.clone(),
-            unit: e.unit.clone(),
-            count: e.count.or((e.unit != "None").then_some(1)),
-        })
-        .collect()
-}
-
 /// Contract pricing's holder: `[contract]`, the License Manager client from `[aws]`, and the
 /// ledger that keeps the checkout (`GET /v1/entitlements` reads the holder).
 pub(super) async fn contract_holder(
@@ -265,7 +220,7 @@ pub(super) async fn contract_holder(
     let settings = ContractSettings {
         product_sku: c.product_sku.clone(),
         key_fingerprint: c.key_fingerprint.clone(),
-        entitlements: contract_entitlements(config),
+        entitlements: wanted_entitlements(config),
         perpetual: c.checkout_type == "perpetual",
         client_token: String::new(),
         startup_budget: config.registration.startup_budget,

@@ -1,7 +1,9 @@
 //! The agent's root: one `run` that takes everything from outside (configuration, listeners,
-//! clock, Metering Service client, shutdown token), so tests drive the whole agent in-process.
+//! clock, an optional override of the AWS settings, shutdown token), so tests drive the whole
+//! agent in-process.
 //!
-//! Order of events: open the ledger → serve the local API (alive, not ready) → establish
+//! Order of events: build what depends only on configuration ([`Prepared`], the AWS clients
+//! among it) → open the ledger → serve the local API (alive, not ready) → establish
 //! entitlement → ready (and `READY=1` to systemd) → seal each hour as it closes and send it →
 //! on shutdown: refuse new requests, drain in-flight ones, seal the open hour, send it.
 
@@ -32,7 +34,6 @@ pub use crate::transport::{Listeners, UnixSocket};
 
 mod admission;
 use admission::establish_entitlement;
-pub(crate) use admission::{configured_platform, contract_entitlements, license_client};
 #[cfg(test)]
 use admission::{entitlement_route, Route};
 
@@ -192,9 +193,7 @@ pub async fn run(
         .unwrap_or_else(|| Arc::new(platform::process_env));
     // A locked build's platform family overrides configuration and detection.
     let baked = entitlement::baked::BAKED;
-    let configured_platform = baked
-        .forced_platform()
-        .or(configured_platform(config.platform));
+    let configured_platform = baked.forced_platform().or(config.platform.named());
     let mut imds = platform::ImdsSettings::from_env(&*env);
     imds.disabled |= !baked.may_probe_imds();
     let platform_info = platform::detect(configured_platform, &*env, &imds).await;

@@ -21,6 +21,19 @@ pub enum PlatformSetting {
     Ec2,
 }
 
+impl PlatformSetting {
+    /// The platform this setting names; `None` for `auto` (detect it).
+    pub fn named(self) -> Option<crate::platform::Platform> {
+        use crate::platform::Platform;
+        match self {
+            PlatformSetting::Auto => None,
+            PlatformSetting::Ecs => Some(Platform::Ecs),
+            PlatformSetting::Eks => Some(Platform::Eks),
+            PlatformSetting::Ec2 => Some(Platform::Ec2),
+        }
+    }
+}
+
 /// How the product is priced, which decides the calls meterd makes (README: pricing models).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum Pricing {

@@ -29,7 +29,7 @@ use serde::Serialize;
 use tracing::{error, info, warn};
 
 use super::register::RetryEvent;
-use super::{classify_fatal, EntitlementError, Operation};
+use super::{classify_fatal, log_failure, EntitlementError, Operation};
 use crate::aws::CallFailure;
 use crate::backoff::{retry_with, Backoff, Pacing, RetryError, Schedule};
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
@@ -198,15 +198,7 @@ pub async fn dry_run_check_with(
                 elapsed,
             });
         }
-        Err(RetryError::Permanent(failure)) => {
-            let err = fatal(failure);
-            error!(
-                class = err.class(),
-                exit_code = err.exit_code().as_code(),
-                "{err}"
-            );
-            return Err(err);
-        }
+        Err(RetryError::Permanent(failure)) => return log_failure(Err(fatal(failure))),
         Err(RetryError::Exhausted { last, .. }) => last,
     };
     let err = match mode {
@@ -216,8 +208,12 @@ pub async fn dry_run_check_with(
             attempts: attempt,
             last,
         },
-        DryRunMode::Ami => {
-            let last = if last.is_retryable() {
+        // An AMI fails closed only here, after `ami_fail_closed_after` of failures.
+        DryRunMode::Ami => EntitlementError::GaveUp {
+            operation: Operation::MeterUsageDryRun.name(),
+            elapsed,
+            attempts: attempt,
+            last: Box::new(if last.is_retryable() {
                 EntitlementError::BudgetExhausted {
                     operation: Operation::MeterUsageDryRun.name(),
                     budget: elapsed,
@@ -226,27 +222,10 @@ pub async fn dry_run_check_with(
                 }
             } else {
                 fatal(last)
-            };
-            let err = EntitlementError::GaveUp {
-                operation: Operation::MeterUsageDryRun.name(),
-                elapsed,
-                attempts: attempt,
-                last: Box::new(last),
-            };
-            error!(
-                class = err.class(),
-                exit_code = err.exit_code().as_code(),
-                "failing closed: {err}"
-            );
-            return Err(err);
-        }
+            }),
+        },
     };
-    error!(
-        class = err.class(),
-        exit_code = err.exit_code().as_code(),
-        "{err}"
-    );
-    Err(err)
+    log_failure(Err(err))
 }
 
 /// One DryRun call: `Ok` when the service answers `DryRunOperation` (or, leniently, success).

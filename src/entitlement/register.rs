@@ -23,12 +23,12 @@ use tracing::{info, warn};
 use super::keyring::Keyring;
 use super::nonce::new_nonce;
 use super::verify::{verify, Expected, VerifiedRegistration, VerifyError};
+use super::EntitlementState;
 use super::{check_product_code, classify_fatal, log_failure, EntitlementError, Operation};
 use crate::aws::CallFailure;
 use crate::backoff::{retry_with, Backoff, Pacing, RetryError, Schedule};
 use crate::clock::{rfc3339, unix_seconds, SharedClock};
 use crate::platform::Platform;
-use crate::status::EntitlementState;
 
 /// Default start-up budget for containers.
 pub const DEFAULT_STARTUP_BUDGET: Duration = Duration::from_secs(5 * 60);

@@ -298,3 +298,40 @@ pub use holder::{ContractHolder, Floating, FloatingError};
 
 #[cfg(test)]
 mod tests;
+
+/// License Manager's client: credentials from the license token for a buyer outside AWS
+/// (`contract.license_token_file`), else from the SDK's chain (or the given settings).
+pub async fn license_client(
+    config: &crate::config::Config,
+    settings: &crate::aws::AwsSettings,
+) -> aws_sdk_licensemanager::Client {
+    let c = &config.contract;
+    if c.license_token_file.is_empty() {
+        crate::aws::build_license_client(settings).await
+    } else {
+        let settings = crate::aws::AwsSettings {
+            static_credentials: None,
+            ..settings.clone()
+        };
+        crate::aws::build_license_client_from_token(
+            &settings,
+            std::path::Path::new(&c.license_token_file),
+            &c.role_arn,
+        )
+        .await
+    }
+}
+
+/// `[contract]`'s entitlements as checkouts ask for them (a counted unit defaults to 1).
+pub fn wanted_entitlements(config: &crate::config::Config) -> Vec<WantedEntitlement> {
+    config
+        .contract
+        .entitlements
+        .iter()
+        .map(|e| WantedEntitlement {
+            name: e.name.clone(),
+            unit: e.unit.clone(),
+            count: e.count.or((e.unit != "None").then_some(1)),
+        })
+        .collect()
+}

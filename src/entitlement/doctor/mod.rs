@@ -398,7 +398,6 @@ fn skew_seconds(http_date: &str, local: SystemTime) -> Option<i64> {
     Some(server.secs() - local.secs())
 }
 
-/// One DryRun attempt; also returns the response's `Date` header.
 /// `GET /` on a plain-HTTP endpoint, for its `Date` header.
 async fn plain_http_date(endpoint: &str) -> Option<String> {
     let uri: http::Uri = endpoint.parse().ok()?;
@@ -511,11 +510,11 @@ fn pricing_route(pricing: Pricing, platform: Platform) -> DoctorCheck {
 /// `meterd doctor`: builds the inputs from the configuration, prints the report; true when
 /// no check failed.
 pub async fn doctor_for_config(config: &crate::config::Config) -> anyhow::Result<bool> {
-    let client = crate::aws::build_client(&crate::aws::AwsSettings {
+    let settings = crate::aws::AwsSettings {
         operation_timeout: Some(Duration::from_secs(10)),
         ..crate::aws::AwsSettings::from_config(config)
-    })
-    .await;
+    };
+    let client = crate::aws::build_client(&settings).await;
     let keyring = Keyring::load(
         &config.registration.public_key_files,
         config.registration.public_key_version,
@@ -524,15 +523,11 @@ pub async fn doctor_for_config(config: &crate::config::Config) -> anyhow::Result
     let clock: SharedClock = std::sync::Arc::new(crate::clock::SystemClock);
     let env = crate::platform::process_env;
     let license_client = if config.pricing.checks_out() {
-        let settings = crate::aws::AwsSettings {
-            operation_timeout: Some(Duration::from_secs(10)),
-            ..crate::aws::AwsSettings::from_config(config)
-        };
-        Some(crate::agent::license_client(config, &settings).await)
+        Some(crate::entitlement::contract::license_client(config, &settings).await)
     } else {
         None
     };
-    let wanted = crate::agent::contract_entitlements(config);
+    let wanted = crate::entitlement::contract::wanted_entitlements(config);
     let report = doctor(DoctorInputs {
         product_code: &config.product_code,
         dimension: config.metering.dimensions.first().map(String::as_str),
@@ -540,7 +535,7 @@ pub async fn doctor_for_config(config: &crate::config::Config) -> anyhow::Result
         endpoint: Some(config.aws.endpoint_url.as_str()).filter(|e| !e.is_empty()),
         public_key_version: config.registration.public_key_version,
         pricing: config.pricing,
-        configured_platform: crate::agent::configured_platform(config.platform),
+        configured_platform: config.platform.named(),
         keyring: &keyring,
         client: &client,
         clock: &clock,
