@@ -378,6 +378,9 @@ class Postgres:
             os.chmod(work, 0o711)
             shutil.chown(self.dir, "postgres", "postgres")
             self.as_user = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+            if subprocess.run(self.as_user + ["test", "-w", self.dir]).returncode != 0:
+                raise RuntimeError(f"the postgres user cannot write {self.dir}: every directory "
+                                   "above it must be searchable by others (o+x)")
         self.port = free_port()
         self.pg(["initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync"])
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
