@@ -3,6 +3,7 @@
 
     python3 bench/ab.py single SECONDS REPEATS NAME=BINARY[:VAR=VALUE,...] ...
     python3 bench/ab.py instructions SECONDS REPEATS NAME=BINARY[:VAR=VALUE,...] ...
+    python3 bench/ab.py tagsets REPEATS NAME=BINARY[:VAR=VALUE,...] ...
     python3 bench/ab.py half RATE SECONDS REPEATS NAME=BINARY[:VAR=VALUE,...] ...
 
 `single`: wrk -c64 with one event per request, nginx (204) first, then each agent, REPEATS
@@ -11,6 +12,8 @@ rounds; prints each run and the medians: requests/s, ratio to nginx, p99, CPU pe
 `instructions`: each agent in turn under `valgrind --tool=callgrind`, its counters zeroed once
 it is ready, then wrk -c64 for SECONDS; prints user-space instructions per request (callgrind
 counts instructions, so the figure repeats on a busy machine; kernel time is not in it).
+`tagsets`: bench.py's "RSS with 10,000 tag sets" row for each agent in turn, REPEATS rounds:
+idle RSS, RSS and peak after the 10,000 tag sets.
 `half`: the open-loop schedule of bench.py's p99 row at RATE requests/s, with the disk probe
 running during nginx's turn. Every agent gets its own ledger against one emulator; the
 optional VAR=VALUE pairs go into that agent's environment.
@@ -147,6 +150,27 @@ def instructions(work, rig, specs, seconds, repeats):
               + ", ".join(f"{v:.0f}" for v in values) + ")")
 
 
+def tagsets(rig, specs, repeats):
+    saved = dict(os.environ)
+    start_agent = rig.start_agent
+    for i in range(repeats):
+        for name, binary, env in specs:
+            bench.BIN = binary
+            os.environ.update(env)
+            # bench_tagsets names its agent "tagsets"; each run gets a directory of its own.
+            rig.start_agent = lambda _, *a, n=f"{name}-{i}", **k: start_agent(n, *a, **k)
+            r = {}
+            try:
+                bench.bench_tagsets(rig, r)
+            finally:
+                rig.start_agent = start_agent
+                os.environ.clear()
+                os.environ.update(saved)
+            print(f"{name:12s} idle {r['idle_rss']:.1f} MB, RSS {r['rss_10k']:.1f} MB, "
+                  f"peak {r['hwm_10k']:.1f} MB ({r['tagsets_load']}); load {os.getloadavg()[0]:.2f}",
+                  flush=True)
+
+
 def half(work, rig, specs, rate, seconds, repeats):
     nginx, nginx_addr = bench.start_nginx(work)
     agents = start_agents(rig, specs)
@@ -171,12 +195,14 @@ def half(work, rig, specs, rate, seconds, repeats):
 
 
 def main():
-    if len(sys.argv) < 2 or sys.argv[1] not in ("single", "instructions", "half"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("single", "instructions", "tagsets", "half"):
         sys.exit(__doc__)
     mode, args = sys.argv[1], sys.argv[2:]
     try:
         if mode in ("single", "instructions"):
             seconds, repeats, specs = int(args[0]), int(args[1]), parse_specs(args[2:])
+        elif mode == "tagsets":
+            seconds, repeats, specs = 0, int(args[0]), parse_specs(args[1:])
         else:
             rate, seconds, repeats = int(args[0]), int(args[1]), int(args[2])
             specs = parse_specs(args[3:])
@@ -193,6 +219,8 @@ def main():
             single(work, rig, specs, seconds, repeats)
         elif mode == "instructions":
             instructions(work, rig, specs, seconds, repeats)
+        elif mode == "tagsets":
+            tagsets(rig, specs, repeats)
         else:
             half(work, rig, specs, rate, seconds, repeats)
     finally:
