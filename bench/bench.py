@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -195,8 +196,9 @@ def fsync_count(proc):
     return total if proc.returncode == 0 else None
 
 
-def cpu_seconds(pids):
-    """User + system CPU time of processes (all their threads), from /proc."""
+def cpu_seconds(pids, children=False):
+    """User + system CPU time of processes (all their threads), from /proc; with `children`,
+    also that of their reaped children (PostgreSQL's backends, which exit with their client)."""
     total = 0.0
     for pid in pids:
         try:
@@ -204,7 +206,10 @@ def cpu_seconds(pids):
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = int(fields[11]) + int(fields[12])
+        if children:
+            ticks += int(fields[13]) + int(fields[14])
+        total += ticks / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -308,13 +313,132 @@ class Rig:
         })
         return env
 
-    def start_agent(self, name, metering=""):
+    def start_agent(self, name, metering="", wrapper=(), ready_timeout=30.0):
+        """Starts `meterd run` (under `wrapper`, such as valgrind, if given) and waits for ready."""
         addr = f"127.0.0.1:{free_port()}"
         config = self.agent_config(name, addr, metering)
-        p = start([BIN, "run", "--config", config], env=self.agent_env(),
+        p = start([*wrapper, BIN, "run", "--config", config], env=self.agent_env(),
                   out=open(os.path.join(self.work, name, "meterd.log"), "w"))
-        wait_http(f"http://{addr}/readyz")
+        wait_http(f"http://{addr}/readyz", timeout=ready_timeout)
         return p, addr
+
+
+
+class Redis:
+    """redis-server with `appendfsync always` (an fsync before each reply batch), data under
+    the work directory; driven by redis-benchmark's INCR over 100,000 keys."""
+
+    def __init__(self, work):
+        self.dir = os.path.join(work, "redis")
+        os.makedirs(self.dir)
+        self.port = free_port()
+        self.proc = start(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir,
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+             "--logfile", os.path.join(self.dir, "redis.log")])
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
+                             text=True).stdout.strip() != "PONG":
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("redis-server did not start; see " + self.dir)
+            time.sleep(0.05)
+
+    def run(self, requests):
+        """`redis-benchmark -c 64 -t incr`: requests/s, p50/p99 (ms), redis-benchmark's CPU."""
+        cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(self.port), "-c", str(CONNECTIONS),
+               "-n", str(requests), "-r", "100000", "-t", "incr", "--csv"]
+        c0 = children_cpu()
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        client_s = children_cpu() - c0
+        row = [l for l in out.stdout.splitlines() if l.startswith('"INCR"')]
+        if out.returncode != 0 or not row:
+            raise RuntimeError(f"redis-benchmark failed: {out.stdout[-300:]} {out.stderr[-300:]}")
+        f = [float(x.strip('"')) for x in row[0].split(",")[1:]]
+        # test, rps, avg, min, p50, p95, p99, max
+        return {"rps": f[0], "p50": f[3], "p99": f[5], "client_us": client_s / requests * 1e6}
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster under the work directory (`synchronous_commit = on`, the
+    default, and `fsync = on`); driven by pgbench with an upsert over 100,000 keys."""
+
+    SCRIPT = ("\\set k random(1, 100000)\n"
+              "INSERT INTO counters (k, n) VALUES (:k, 1) "
+              "ON CONFLICT (k) DO UPDATE SET n = counters.n + 1;\n")
+
+    def __init__(self, work):
+        self.bindir = postgres_bindir()
+        self.dir = os.path.join(work, "postgres")
+        self.data = os.path.join(self.dir, "data")
+        os.makedirs(self.dir)
+        # initdb and the server refuse to run as root: as root they run as the postgres user,
+        # which needs to reach the directory.
+        self.as_user = []
+        if os.geteuid() == 0:
+            os.chmod(work, 0o711)
+            shutil.chown(self.dir, "postgres", "postgres")
+            self.as_user = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+            if subprocess.run(self.as_user + ["test", "-w", self.dir]).returncode != 0:
+                raise RuntimeError(f"the postgres user cannot write {self.dir}: every directory "
+                                   "above it must be searchable by others (o+x)")
+        self.port = free_port()
+        self.pg(["initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync"])
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write(f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                    f"unix_socket_directories = '{self.dir}'\nmax_connections = 100\n"
+                    "synchronous_commit = on\nfsync = on\n")
+        self.proc = start(self.as_user + [os.path.join(self.bindir, "postgres"), "-D", self.data],
+                          out=open(os.path.join(work, "postgres.log"), "w"))
+        deadline = time.monotonic() + 30
+        while self.psql("SELECT 1").returncode != 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("postgres did not start; see " + os.path.join(work, "postgres.log"))
+            time.sleep(0.1)
+        setup = self.psql("CREATE TABLE counters (k integer PRIMARY KEY, n bigint NOT NULL)")
+        if setup.returncode != 0:
+            raise RuntimeError("postgres setup: " + setup.stderr)
+        self.script = os.path.join(work, "upsert.sql")
+        with open(self.script, "w") as f:
+            f.write(self.SCRIPT)
+
+    def pg(self, cmd):
+        out = subprocess.run(self.as_user + [os.path.join(self.bindir, cmd[0])] + cmd[1:],
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"{cmd[0]}: {out.stderr[-500:]}")
+
+    def psql(self, sql):
+        return subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                               "-X", "-q", "-c", sql, "postgres"], capture_output=True, text=True)
+
+    def run(self, seconds):
+        """`pgbench -c 64 -j 2 -M prepared -T seconds`: transactions/s, mean latency (ms)."""
+        cmd = ["pgbench", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-n",
+               "-c", str(CONNECTIONS), "-j", "2", "-M", "prepared", "-T", str(seconds),
+               "-f", self.script, "postgres"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
+        tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out.stdout)
+        lat = re.search(r"latency average = ([\d.]+) ms", out.stdout)
+        failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+        if out.returncode != 0 or not tps:
+            raise RuntimeError(f"pgbench failed: {out.stdout[-300:]} {out.stderr[-300:]}")
+        return {"rps": float(tps.group(1)), "mean_ms": float(lat.group(1)) if lat else float("nan"),
+                "failed": int(failed.group(1)) if failed else 0}
+
+
+def postgres_bindir():
+    """Debian's PostgreSQL server binaries (the newest installed major version)."""
+    versions = sorted((d for d in os.listdir("/usr/lib/postgresql") if d.isdigit()), key=int) \
+        if os.path.isdir("/usr/lib/postgresql") else []
+    if not versions:
+        sys.exit("bench: PostgreSQL is missing; apt-get install postgresql")
+    return os.path.join("/usr/lib/postgresql", versions[-1], "bin")
+
+
+def children_cpu():
+    """CPU time (user + sys) of this process's waited-for children: the load tools."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def start_nginx(work):
@@ -376,10 +500,10 @@ def machine():
     }
 
 
-def bench_single(rig, nginx, nginx_addr, agent, addr, results):
-    log(f"single events: wrk -c{CONNECTIONS} -d{SECONDS}s, {REPEATS}x nginx/meterd alternating")
+def bench_single(rig, nginx, nginx_addr, agent, addr, results, redis, postgres):
+    log(f"single events: wrk -c{CONNECTIONS} -d{SECONDS}s, {REPEATS}x nginx/meterd/Redis/PostgreSQL alternating")
     script = os.path.join(BENCH, "wrk/single.lua")
-    runs = {"nginx": [], "meterd": []}
+    runs = {"nginx": [], "meterd": [], "redis": [], "postgres": []}
     durability = []
     pids = nginx_pids(nginx)
     for i in range(REPEATS):
@@ -408,11 +532,28 @@ def bench_single(rig, nginx, nginx_addr, agent, addr, results):
             "requests_per_commit": requests / commits if commits else float("nan"),
             "commit_ms": (commit_s / commits * 1e3) if commits and commit_s else None,
         })
+        # redis-benchmark takes a request count, not a duration: about SECONDS at its last rate.
+        rate = median([x["rps"] for x in runs["redis"]]) if runs["redis"] else r["rps"]
+        requests = max(10_000, int(rate * SECONDS))
+        c0 = cpu_seconds([redis.proc.pid])
+        runs["redis"].append(redis.run(requests))
+        runs["redis"][-1]["cpu_us"] = (cpu_seconds([redis.proc.pid]) - c0) / requests * 1e6
+        c0 = cpu_seconds([postgres.proc.pid], children=True)
+        runs["postgres"].append(postgres.run(SECONDS))
+        runs["postgres"][-1]["cpu_us"] = ((cpu_seconds([postgres.proc.pid], children=True) - c0)
+                                          / (runs["postgres"][-1]["rps"] * SECONDS) * 1e6)
         log(f"  run {i + 1}: nginx {runs['nginx'][-1]['rps']:.0f}/s, meterd {r['rps']:.0f}/s "
-            f"(p99 {r['p99']:.2f} ms, non-2xx {r['non2xx']}, {durability[-1]['events_per_commit']:.1f} events/commit)")
-    for name in runs:
+            f"(p99 {r['p99']:.2f} ms, non-2xx {r['non2xx']}, {durability[-1]['events_per_commit']:.1f} events/commit), "
+            f"Redis {runs['redis'][-1]['rps']:.0f}/s, PostgreSQL {runs['postgres'][-1]['rps']:.0f}/s "
+            f"(failed {runs['postgres'][-1]['failed']})")
+    for name in ("nginx", "meterd", "redis"):
         results[f"single_{name}"] = {k: median([r[k] for r in runs[name]]) for k in ("rps", "p50", "p99", "cpu_us")}
+    for name in ("nginx", "meterd"):
         results[f"single_{name}"]["non2xx"] = sum(r["non2xx"] for r in runs[name])
+    results["single_postgres"] = {k: median([r[k] for r in runs["postgres"]]) for k in ("rps", "mean_ms", "cpu_us")}
+    results["single_postgres"]["failed"] = sum(r["failed"] for r in runs["postgres"])
+    if results["single_postgres"]["failed"]:
+        raise RuntimeError(f"pgbench reported {results['single_postgres']['failed']} failed transactions")
     results["single_runs"] = runs
     results["ratio"] = results["single_meterd"]["rps"] / results["single_nginx"]["rps"]
     fs = [d["fsyncs_per_s"] for d in durability if d["fsyncs_per_s"] is not None]
@@ -642,6 +783,10 @@ def table(results):
         ("durable single-event throughput (wrk, 64 conns)",
          f"meterd {r['single_meterd']['rps']:,.0f}/s vs nginx 204 {r['single_nginx']['rps']:,.0f}/s = **{r['ratio'] * 100:.0f}%**",
          "≥ 60% of nginx", verdict(r["ratio"] >= TARGETS["ratio"])),
+        ("durable single increments against Redis `appendfsync always` (64 clients, alternating)",
+         f"meterd {r['single_meterd']['rps']:,.0f}/s vs Redis {r['single_redis']['rps']:,.0f}/s = "
+         f"**{r['single_meterd']['rps'] / r['single_redis']['rps']:.2f}×**",
+         "≥ 1.0×", verdict(r["single_meterd"]["rps"] >= r["single_redis"]["rps"])),
         ("CPU per single-event request (user+sys, from /proc)",
          f"meterd {r['single_meterd']['cpu_us']:.1f} µs, nginx {r['single_nginx']['cpu_us']:.1f} µs", "—", "—"),
         ("single-event latency at max (wrk, 64 conns)",
@@ -698,14 +843,58 @@ def table(results):
     ]
     lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows]
     lines.append("")
+    lines += peer_table(r)
     return "\n".join(lines)
 
 
+def peer_table(r):
+    """meterd against the loopback limit and the durable stores a seller might use instead:
+    the same 64 clients, alternating in the single-event rounds above."""
+    m = r["single_meterd"]["rps"]
+    v = r["versions"]
+    peers = [
+        (f"nginx {v['nginx']} returning 204 (no body, no disk), wrk -t2 -c64", r["single_nginx"],
+         f"p99 {r['single_nginx']['p99']:.2f} ms"),
+        (f"Redis {v['redis']}, `appendfsync always`, `INCR` over 100,000 keys, redis-benchmark -c64",
+         r["single_redis"], f"p99 {r['single_redis']['p99']:.2f} ms"),
+        (f"PostgreSQL {v['postgres']}, `synchronous_commit = on`, `INSERT … ON CONFLICT DO UPDATE` "
+         f"over 100,000 keys, pgbench -c64 -j2 -M prepared", r["single_postgres"],
+         f"mean {r['single_postgres']['mean_ms']:.2f} ms"),
+    ]
+    lines = [
+        "| system (64 clients, one increment a request) | increments/s | server CPU per request | latency | meterd against it |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, x, latency in peers:
+        lines.append(f"| {name} | {x['rps']:,.0f} | {x['cpu_us']:.1f} µs | {latency} | **{m / x['rps']:.2f}×** |")
+    lines.append(f"| meterd, `POST /v1/usage` with one event, wrk -t2 -c64 | {m:,.0f} | "
+                 f"{r['single_meterd']['cpu_us']:.1f} µs | p99 {r['single_meterd']['p99']:.2f} ms | – |")
+    lines.append("")
+    return lines
+
+
+def versions():
+    def first(cmd, pattern):
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            out = done.stdout + done.stderr
+        except OSError:
+            return "?"
+        m = re.search(pattern, out)
+        return m.group(1) if m else "?"
+    return {
+        "nginx": first(["nginx", "-v"], r"nginx/([\d.]+)"),
+        "redis": first(["redis-server", "--version"], r"v=([\d.]+)"),
+        "postgres": first([os.path.join(postgres_bindir(), "postgres"), "--version"], r"([\d.]+)"),
+    }
+
+
 def main():
-    for tool in ("wrk", "nginx"):
+    for tool in ("wrk", "nginx", "redis-server", "redis-benchmark", "pgbench", "psql"):
         if not shutil.which(tool):
-            sys.exit(f"bench: {tool} is missing; apt-get install wrk nginx-light")
-    results = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine()}
+            sys.exit(f"bench: {tool} is missing; apt-get install wrk nginx-light redis-server postgresql")
+    results = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+               "versions": versions()}
     results["machine"]["load_start"] = results["machine"].pop("load")
     results["binary_mb"] = os.path.getsize(BIN) / 1e6
     # On disk, not tmpfs: fsync must reach the device for durable acks to mean anything.
@@ -716,8 +905,11 @@ def main():
         rig = Rig(work)
         nginx, nginx_addr = start_nginx(work)
         bench_ready(rig, results)
+        redis, postgres = Redis(work), Postgres(work)
         agent, addr = rig.start_agent("load")
-        bench_single(rig, nginx, nginx_addr, agent, addr, results)
+        bench_single(rig, nginx, nginx_addr, agent, addr, results, redis, postgres)
+        stop(redis.proc)
+        stop(postgres.proc)
         bench_half(work, nginx_addr, addr, results)
         bench_batch(addr, results)
         stop(agent)

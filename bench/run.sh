@@ -9,11 +9,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 missing=()
-for tool in wrk nginx python3 rustc; do
+for tool in wrk nginx redis-server redis-benchmark pgbench psql python3 rustc; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if ((${#missing[@]})); then
-  echo "bench: missing ${missing[*]}; on Debian: apt-get install wrk nginx-light python3" >&2
+  echo "bench: missing ${missing[*]}; on Debian: apt-get install wrk nginx-light redis-server postgresql python3" >&2
   exit 1
 fi
 

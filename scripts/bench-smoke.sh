@@ -9,6 +9,10 @@ if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || missing+=(nginx-light)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+# postgresql brings the server (initdb, postgres) and the client (psql, pgbench).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v pgbench >/dev/null || missing+=(postgresql)
 if ((${#missing[@]})); then
   echo "bench-smoke: apt-get install ${missing[*]}" >&2
   $SUDO apt-get update -qq
@@ -21,10 +25,11 @@ BENCH_SECONDS=1 BENCH_REPEATS=1 BENCH_IMAGE=0 BENCH_OUT="$out" bench/run.sh >/de
 python3 - "$out" <<'PY'
 import sys
 text = open(sys.argv[1]).read().split("<details>")[0]
-rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith(("| what", "| ---"))]
+rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith(("| what", "| system", "| ---"))]
 problems = []
-if len(rows) != 16:
-    problems.append(f"expected 16 rows, found {len(rows)}")
+# 17 rows in the targets table, 4 in the peers table (nginx, Redis, PostgreSQL, meterd).
+if len(rows) != 21:
+    problems.append(f"expected 21 rows, found {len(rows)}")
 for row in rows:
     if "nan" in row.lower().replace("n/a: skipped", ""):
         problems.append(f"a figure is missing: {row}")

@@ -108,24 +108,13 @@ impl Folded {
     pub(super) fn new(events: Vec<Event>) -> Self {
         // Index the distinct (dimension, tags) first, borrowing, so a tag set repeated in a
         // batch is serialized to its canonical key once.
-        let mut index: HashMap<(&str, &TagSet, Aggregation), usize> = HashMap::new();
-        let slots: Vec<usize> = events
-            .iter()
-            .map(|event| {
-                let next = index.len();
-                *index
-                    .entry((
-                        event.dimension.as_str(),
-                        &event.tags,
-                        event.measure.aggregation(),
-                    ))
-                    .or_insert(next)
+        let (slots, distinct_keys) = index_keys(&events);
+        let keys: Vec<_> = distinct_keys
+            .into_iter()
+            .map(|(dimension, tags, aggregation)| {
+                (dimension.to_owned(), model::tagset_key(tags), aggregation)
             })
             .collect();
-        let mut keys = vec![(String::new(), String::new(), Aggregation::Sum); index.len()];
-        for ((dimension, tags, aggregation), i) in index {
-            keys[i] = (dimension.to_owned(), model::tagset_key(tags), aggregation);
-        }
         let mut plain: Vec<Option<Fold>> = vec![None; keys.len()];
         let mut with_id = Vec::new();
         let mut distinct = Vec::new();
@@ -153,6 +142,50 @@ impl Folded {
             events: count,
         }
     }
+}
+
+type KeyRef<'e> = (&'e str, &'e TagSet, Aggregation);
+
+/// Requests up to this many events find their distinct keys by comparison, without hashing:
+/// most requests hold one event, and hashing its tag set cost more than the rest of the fold.
+const LINEAR_INDEX_MAX: usize = 16;
+
+/// Each event's slot among the distinct (dimension, tags, aggregation) keys, and those keys in
+/// slot order (first occurrence first).
+fn index_keys(events: &[Event]) -> (Vec<usize>, Vec<KeyRef<'_>>) {
+    fn key_of(event: &Event) -> KeyRef<'_> {
+        (
+            event.dimension.as_str(),
+            &event.tags,
+            event.measure.aggregation(),
+        )
+    }
+    let mut keys: Vec<KeyRef<'_>> = Vec::new();
+    let slots = if events.len() <= LINEAR_INDEX_MAX {
+        events
+            .iter()
+            .map(|event| {
+                let key = key_of(event);
+                keys.iter().position(|k| *k == key).unwrap_or_else(|| {
+                    keys.push(key);
+                    keys.len() - 1
+                })
+            })
+            .collect()
+    } else {
+        let mut index: HashMap<KeyRef<'_>, usize> = HashMap::new();
+        events
+            .iter()
+            .map(|event| {
+                let key = key_of(event);
+                *index.entry(key).or_insert_with(|| {
+                    keys.push(key);
+                    keys.len() - 1
+                })
+            })
+            .collect()
+    };
+    (slots, keys)
 }
 
 /// One request's savepoint, from cached statements (rusqlite's `savepoint()` formats and

@@ -244,3 +244,40 @@ async fn running_time_is_split_into_hours_capped_and_never_added_to_a_sealed_hou
         "the part in the sealed hour was dropped"
     );
 }
+
+#[test]
+fn small_and_large_requests_index_their_keys_alike() {
+    use super::{index_keys, LINEAR_INDEX_MAX};
+    use crate::model::{Measure, TagSet};
+    // Five keys, repeated: two dimensions × tenants, and one `max` with the same dimension
+    // and tags as a sum (a different key).
+    let events: Vec<Event> = (0..3 * LINEAR_INDEX_MAX)
+        .map(|i| {
+            let mut e = event(if i % 2 == 0 { "a" } else { "b" }, 1, None);
+            e.tags = TagSet::from([("tenant".to_owned(), format!("t{}", i % 3))]);
+            if i % 5 == 0 {
+                e.measure = Measure::Max(1);
+            }
+            e
+        })
+        .collect();
+    for n in [1, 2, LINEAR_INDEX_MAX, LINEAR_INDEX_MAX + 1, events.len()] {
+        let batch = &events[..n];
+        let (slots, keys) = index_keys(batch);
+        let key = |e: &Event| (e.dimension.clone(), e.tags.clone(), e.measure.aggregation());
+        let mut expected: Vec<_> = Vec::new();
+        for e in batch {
+            if !expected.contains(&key(e)) {
+                expected.push(key(e));
+            }
+        }
+        let got: Vec<_> = keys
+            .iter()
+            .map(|(d, t, a)| (d.to_string(), (*t).clone(), *a))
+            .collect();
+        assert_eq!(got, expected, "{n} events: keys in first-occurrence order");
+        for (e, slot) in batch.iter().zip(&slots) {
+            assert_eq!(got[*slot], key(e), "{n} events");
+        }
+    }
+}
