@@ -240,7 +240,7 @@ pub struct CommitStats {
     /// Commands run by the writer, those of failed transactions included.
     pub commands: AtomicU64,
     pub failures: AtomicU64,
-    /// Time spent in COMMIT (the fsync), summed over all commits.
+    /// Time spent in COMMIT (the fsync), summed over the successful commits (`commits`).
     pub commit_nanos: AtomicU64,
     pub checkpoints: AtomicU64,
     pub checkpoint_failures: AtomicU64,

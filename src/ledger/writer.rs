@@ -248,13 +248,14 @@ impl Writer {
             took = started.elapsed();
             result
         })();
-        self.stats
-            .commit_nanos
-            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         self.stats.commands.fetch_add(n, Ordering::Relaxed);
         self.writable.store(commit.is_ok(), Ordering::Release);
         match &commit {
             Ok(()) => {
+                // Counted with the commit, so commit seconds ÷ commits is a successful commit's time.
+                self.stats
+                    .commit_nanos
+                    .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.sealed_floor.store(floor_after, Ordering::Release);
                 self.counters.retain_from(floor_after);
