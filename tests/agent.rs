@@ -18,7 +18,7 @@ use meterd::local_client::{self, Target};
 const H0: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
 #[path = "agent/fleet.rs"]
 mod fleet;
-mod support;
+use meterd_test_support as support;
 
 use support::PRODUCT;
 const ACCESS_KEY: &str = "AKIATESTAGENT0000001";

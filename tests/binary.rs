@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 use meterd::clock::SystemClock;
 use meterd::local_client::{self, Target};
 
-mod support;
+use meterd_test_support as support;
 
 use support::BinaryRig;
 

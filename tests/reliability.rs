@@ -44,7 +44,7 @@ use meterd::emulator::{
 use meterd::ledger::{RecordState, StoredRecord};
 use meterd::local_client::{self, Target};
 
-mod support;
+use meterd_test_support as support;
 
 use support::BinaryRig;
 

@@ -1,5 +1,5 @@
-//! Harness shared by the integration test binaries (each uses a part of it).
-#![allow(dead_code)]
+//! The harness meterd's integration test binaries share, compiled once as a workspace crate.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
