@@ -169,6 +169,13 @@ impl ManualClock {
             .copied()
     }
 
+    /// The deadlines of every pending sleeper, earliest first.
+    pub fn deadlines(&self) -> Vec<SystemTime> {
+        let mut all: Vec<SystemTime> = self.lock_sleepers().deadlines.values().copied().collect();
+        all.sort();
+        all
+    }
+
     /// How many pending sleepers are already due (woken, not yet run to completion).
     pub fn due_sleepers(&self) -> usize {
         let now = self.now();
@@ -313,6 +320,10 @@ mod tests {
         let late = clock.sleep_until(from_unix_seconds(1_030));
         let soon = clock.sleep_until(from_unix_seconds(1_010));
         assert_eq!(clock.next_deadline(), Some(from_unix_seconds(1_010)));
+        assert_eq!(
+            clock.deadlines(),
+            [from_unix_seconds(1_010), from_unix_seconds(1_030)]
+        );
         drop(soon);
         assert_eq!(clock.next_deadline(), Some(from_unix_seconds(1_030)));
         // A completed sleeper is forgotten too.
