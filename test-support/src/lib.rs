@@ -25,7 +25,7 @@ use meterd::ledger::StoredRecord;
 use meterd::local_client::{self, Target};
 
 pub use binary::{agent_command, agent_command_without_keys, sigterm, wait_ready, BinaryRig};
-pub use harness::{drive_retries, Harness, ACCESS_KEY};
+pub use harness::{drive_retries, Announce, Harness, ACCESS_KEY};
 
 /// The emulator's demo product, which every harness meters.
 pub const PRODUCT: &str = emulator::config::DEMO_PRODUCT_CODE;
