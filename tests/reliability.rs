@@ -1002,9 +1002,14 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
         metrics.as_str().unwrap_or_default().contains("disk_full"),
         "{metrics}"
     );
-    // The hour closes while the disk is full: sealing may fail and is retried.
+    // The hour closes while the disk is full: sealing may fail and is retried. The seal loop
+    // (like every loop the jump woke) has tried once it sleeps on the clock again.
+    let sleeping = clock.deadlines().len();
     clock.set(from_unix_seconds(H0 + HOUR_SECS + 30));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the woken loops asleep again", PATIENCE, async || {
+        clock.due_sleepers() == 0 && clock.deadlines().len() >= sleeping
+    })
+    .await;
 
     // Space returns: the refused request goes through with its ids, counted once.
     std::fs::remove_file(&filler).expect("free space");
