@@ -4,6 +4,7 @@
 //! component that cares about hours takes a [`SharedClock`]. Production uses [`SystemClock`];
 //! tests use [`ManualClock`] and move time explicitly; demos use [`ScaledClock`].
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -94,10 +95,32 @@ impl Clock for SystemClock {
 }
 
 /// A clock that moves only when told to. Sleepers wake when it is advanced past their deadline.
+/// It knows its sleepers: a test can jump to the next deadline instead of guessing a step.
 #[derive(Debug)]
 pub struct ManualClock {
     now: Mutex<SystemTime>,
     changed: watch::Sender<SystemTime>,
+    sleepers: Mutex<Sleepers>,
+}
+
+/// The deadlines of pending `sleep_until` futures, by a registration number.
+#[derive(Debug, Default)]
+struct Sleepers {
+    next_id: u64,
+    deadlines: BTreeMap<u64, SystemTime>,
+}
+
+/// Removes a sleeper's deadline when its future completes or is dropped.
+struct SleeperGuard<'a> {
+    sleepers: &'a Mutex<Sleepers>,
+    id: u64,
+}
+
+impl Drop for SleeperGuard<'_> {
+    fn drop(&mut self) {
+        let mut sleepers = self.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+        sleepers.deadlines.remove(&self.id);
+    }
 }
 
 impl ManualClock {
@@ -106,6 +129,7 @@ impl ManualClock {
         Arc::new(Self {
             now: Mutex::new(start),
             changed,
+            sleepers: Mutex::default(),
         })
     }
 
@@ -133,6 +157,62 @@ impl ManualClock {
         *now -= by;
         self.changed.send_replace(*now);
     }
+
+    /// The earliest deadline of a pending sleeper that is still in the future.
+    pub fn next_deadline(&self) -> Option<SystemTime> {
+        let now = self.now();
+        self.lock_sleepers()
+            .deadlines
+            .values()
+            .filter(|d| **d > now)
+            .min()
+            .copied()
+    }
+
+    /// The deadlines of every pending sleeper, earliest first.
+    pub fn deadlines(&self) -> Vec<SystemTime> {
+        let mut all: Vec<SystemTime> = self.lock_sleepers().deadlines.values().copied().collect();
+        all.sort();
+        all
+    }
+
+    /// How many pending sleepers are already due (woken, not yet run to completion).
+    pub fn due_sleepers(&self) -> usize {
+        let now = self.now();
+        self.lock_sleepers()
+            .deadlines
+            .values()
+            .filter(|d| **d <= now)
+            .count()
+    }
+
+    /// Jumps to the next sleeper's deadline if it is no later than `limit`, and returns the
+    /// new time; `None` (the clock unchanged) when no sleeper is due by then.
+    pub fn advance_to_next(&self, limit: SystemTime) -> Option<SystemTime> {
+        let next = self.next_deadline().filter(|d| *d <= limit)?;
+        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have moved the clock meanwhile; never move it backwards here.
+        if *now < next {
+            *now = next;
+            self.changed.send_replace(next);
+        }
+        Some(*now)
+    }
+
+    fn lock_sleepers(&self) -> std::sync::MutexGuard<'_, Sleepers> {
+        self.sleepers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, deadline: SystemTime) -> SleeperGuard<'_> {
+        let mut sleepers = self.lock_sleepers();
+        let id = sleepers.next_id;
+        sleepers.next_id += 1;
+        sleepers.deadlines.insert(id, deadline);
+        SleeperGuard {
+            sleepers: &self.sleepers,
+            id,
+        }
+    }
 }
 
 impl Clock for ManualClock {
@@ -142,7 +222,9 @@ impl Clock for ManualClock {
 
     fn sleep_until(&self, deadline: SystemTime) -> SleepFuture<'_> {
         let mut changes = self.changed.subscribe();
+        let guard = self.register(deadline);
         Box::pin(async move {
+            let _registered = guard;
             loop {
                 if *changes.borrow_and_update() >= deadline {
                     return;
@@ -229,6 +311,52 @@ mod tests {
             .await
             .expect("sleeper woke")
             .expect("sleeper task ok");
+    }
+
+    #[tokio::test]
+    async fn manual_clock_knows_its_next_deadline_and_forgets_dropped_sleepers() {
+        let clock = ManualClock::at_unix(1_000);
+        assert_eq!(clock.next_deadline(), None);
+        let late = clock.sleep_until(from_unix_seconds(1_030));
+        let soon = clock.sleep_until(from_unix_seconds(1_010));
+        assert_eq!(clock.next_deadline(), Some(from_unix_seconds(1_010)));
+        assert_eq!(
+            clock.deadlines(),
+            [from_unix_seconds(1_010), from_unix_seconds(1_030)]
+        );
+        drop(soon);
+        assert_eq!(clock.next_deadline(), Some(from_unix_seconds(1_030)));
+        // A completed sleeper is forgotten too.
+        clock.set(from_unix_seconds(1_030));
+        assert_eq!(clock.due_sleepers(), 1);
+        tokio::time::timeout(Duration::from_secs(5), late)
+            .await
+            .expect("due sleeper completes");
+        assert_eq!((clock.next_deadline(), clock.due_sleepers()), (None, 0));
+    }
+
+    #[tokio::test]
+    async fn advance_to_next_jumps_to_the_earliest_sleeper_but_never_past_the_limit() {
+        let clock = ManualClock::at_unix(1_000);
+        let sleeper = {
+            let clock = clock.clone();
+            tokio::spawn(async move { clock.sleep_until(from_unix_seconds(1_300)).await })
+        };
+        while clock.next_deadline().is_none() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(clock.advance_to_next(from_unix_seconds(1_299)), None);
+        assert_eq!(unix_seconds(clock.now()), 1_000, "not moved past the limit");
+        assert_eq!(
+            clock.advance_to_next(from_unix_seconds(1_300)),
+            Some(from_unix_seconds(1_300))
+        );
+        tokio::time::timeout(Duration::from_secs(5), sleeper)
+            .await
+            .expect("sleeper woke at its deadline")
+            .expect("sleeper task ok");
+        assert_eq!(clock.advance_to_next(from_unix_seconds(9_999)), None);
+        assert_eq!(unix_seconds(clock.now()), 1_300);
     }
 
     #[test]

@@ -9,139 +9,18 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use meterd::aws::{build_client, AwsSettings};
-use meterd::clock::{Clock, ManualClock, HOUR_SECS};
+use meterd::clock::{Clock, HOUR_SECS};
 use meterd::config::Config;
-use meterd::emulator::{self, EmulatorConfig, EmulatorHandle, FaultProfile, FaultRule};
+use meterd::emulator::{self, EmulatorConfig, FaultProfile, FaultRule};
 use meterd::local_client::{self, Target};
 
-/// An hour boundary well clear of anything real: 2027-01-15T08:00:00Z.
-const H0: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
 #[path = "agent/fleet.rs"]
 mod fleet;
-mod support;
+use meterd_test_support as support;
 
-use support::PRODUCT;
-const ACCESS_KEY: &str = "AKIATESTAGENT0000001";
+use support::{eventually, Harness, ACCESS_KEY, H0, PATIENCE, PRODUCT};
 
 type Agent = support::InProcessAgent;
-
-struct Harness {
-    clock: Arc<ManualClock>,
-    emulator: EmulatorHandle,
-    dir: tempfile::TempDir,
-    key_path: std::path::PathBuf,
-}
-
-impl Harness {
-    async fn new(start: i64) -> Self {
-        Self::with_emulator(start, EmulatorConfig::demo()).await
-    }
-
-    async fn with_emulator(start: i64, emulator_config: EmulatorConfig) -> Self {
-        let clock = ManualClock::at_unix(start);
-        let (emulator, dir, key_path) =
-            support::emulator_and_key(emulator_config, clock.clone()).await;
-        Self {
-            clock,
-            emulator,
-            dir,
-            key_path,
-        }
-    }
-
-    fn config(&self, extra: &str) -> Config {
-        self.config_with(extra, None)
-    }
-
-    /// [`Self::config`] with these `[metering]` lines.
-    fn config_with(&self, extra: &str, metering: Option<&str>) -> Config {
-        let text = support::agent_toml(&support::AgentToml {
-            key: &self.key_path,
-            state: &self.dir.path().join("state"),
-            endpoint: &self.emulator.endpoint_url(),
-            listen: "127.0.0.1:0",
-            server_extra: extra,
-            metering,
-            sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"5s\"\nspread = \"0s\"\nmax_calls_per_second = 1000",
-        });
-        Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    async fn start_agent(&self, config: Config) -> Agent {
-        let agent = self.spawn_agent(config).await;
-        wait_for("agent ready", || agent.handles.status.is_ready()).await;
-        agent
-    }
-
-    /// Starts the agent without waiting for it to become ready.
-    async fn spawn_agent(&self, config: Config) -> Agent {
-        Agent::spawn(
-            config,
-            self.clock.clone(),
-            &self.emulator.endpoint_url(),
-            ACCESS_KEY,
-            Duration::from_secs(5),
-        )
-        .await
-    }
-
-    /// Runs `stopping` (an agent's shutdown) while the service refuses the final flush:
-    /// the flush retries on the agent's clock, so after each call it makes, the grace
-    /// period passes on that clock.
-    async fn stop_while_refused(
-        &self,
-        stopping: impl std::future::Future<Output = ()> + Send + 'static,
-        grace: Duration,
-    ) {
-        let stopping = tokio::spawn(stopping);
-        let mut seen = self.emulator.calls_counted();
-        while !stopping.is_finished() {
-            wait_for("the flush calls the service", || {
-                stopping.is_finished() || self.emulator.calls_counted() > seen
-            })
-            .await;
-            seen = self.emulator.calls_counted();
-            self.clock.advance(grace);
-        }
-        stopping.await.expect("stop task");
-    }
-
-    /// MeterUsage records the emulator accepted, by (hour, dimension).
-    fn billed(&self) -> BTreeMap<(i64, String), emulator::StoredMeterRecord> {
-        let mut out = BTreeMap::new();
-        for r in self.emulator.records() {
-            let key = (r.hour, r.dimension.clone());
-            assert!(
-                out.insert(key.clone(), r).is_none(),
-                "two records for {key:?}"
-            );
-        }
-        out
-    }
-
-    fn advance_to(&self, t: i64) {
-        self.clock.set(meterd::clock::from_unix_seconds(t));
-    }
-
-    /// [`wait_for`], moving the clock a second every few milliseconds (back-off waits and the
-    /// send limit run on it); at most 20 s of real time.
-    async fn wait_advancing(&self, what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !cond() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            self.clock.advance(Duration::from_secs(1));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-/// Polls a condition on real time (the agent works concurrently); fails after 20 s.
-async fn wait_for(what: &str, cond: impl FnMut() -> bool) {
-    support::wait_until(what, Duration::from_secs(20), cond).await
-}
 
 fn ev(dimension: &str, quantity: i64, tenant: Option<&str>) -> Value {
     match tenant {
@@ -208,14 +87,14 @@ async fn three_hours_two_dimensions_exactly_one_record_each() {
     agent.post(ev("requests", 1, Some("a"))).await;
 
     h.advance_to(H0 + HOUR_SECS + 300);
-    wait_for("hour 0 billed", || h.billed().len() == 2).await;
+    eventually("hour 0 billed", PATIENCE, async || h.billed().len() == 2).await;
 
     agent.post(ev("requests", 7, Some("c"))).await;
     h.advance_to(H0 + 2 * HOUR_SECS + 300);
-    wait_for("hour 1 billed", || h.billed().len() == 4).await;
+    eventually("hour 1 billed", PATIENCE, async || h.billed().len() == 4).await;
     // Hour 2 has no usage at all.
     h.advance_to(H0 + 3 * HOUR_SECS + 300);
-    wait_for("hour 2 billed", || h.billed().len() == 6).await;
+    eventually("hour 2 billed", PATIENCE, async || h.billed().len() == 6).await;
 
     let billed = h.billed();
     let get = |hour: i64, d: &str| {
@@ -314,9 +193,12 @@ async fn throttling_errors_and_two_hours_down_still_bill_each_hour_once() {
         }
     }
     h.advance_to(H0 + 5 * HOUR_SECS + 600);
-    // Back-off waits run on the agent's clock: move it on while the retries happen.
-    h.wait_advancing("all five hours billed", || h.billed().len() == 10)
-        .await;
+    // Back-off waits run on the agent's clock: it jumps from one to the next, and hour 0
+    // (stamped 00:05) is still inside the six-hour window at the limit.
+    h.drive_until("all five hours billed", H0 + 6 * HOUR_SECS, async || {
+        h.billed().len() == 10
+    })
+    .await;
     let billed: BTreeMap<(i64, String), i64> = h
         .billed()
         .into_iter()
@@ -339,18 +221,16 @@ async fn throttling_errors_and_two_hours_down_still_bill_each_hour_once() {
         "{errors:?}"
     );
     // The emulator stores a record just before the agent hears back; let the agent settle.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let (_, status) = agent.get("/v1/status").await;
-        if status["records"]["pending"] == 0 || tokio::time::Instant::now() > deadline {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert_eq!(status["records"]["pending"], 0, "{status}");
+    eventually("nothing pending", PATIENCE, async || {
+        agent.get("/v1/status").await.1["records"]["pending"] == 0
+    })
+    .await;
+    let (_, status) = agent.get("/v1/status").await;
     assert_eq!(status["records"]["sent"], 10, "{status}");
     assert_eq!(status["records"]["dead_letter"], 0, "{status}");
-    agent.stop().await;
+    // The final flush of the open hour still meets the faults: its retries run on the clock.
+    h.stop_while_refused(agent.stop(), Duration::from_secs(10))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,7 +249,7 @@ async fn a_record_past_the_six_hour_window_is_dead_lettered_and_visible() {
     });
     agent.post(ev("requests", 42, None)).await;
     h.advance_to(H0 + HOUR_SECS + 60);
-    wait_for("first failed attempt", || {
+    eventually("first failed attempt", PATIENCE, async || {
         !meter_usage_errors(&h).is_empty()
     })
     .await;
@@ -379,16 +259,13 @@ async fn a_record_past_the_six_hour_window_is_dead_lettered_and_visible() {
         let (_, status) = agent.get("/v1/status").await;
         status["records"]["dead_letter"].as_i64().unwrap_or(0)
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while dead().await < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hour 0 was never dead-lettered"
-        );
-        // The retry after the jump waits its back-off on the agent's clock.
-        h.clock.advance(Duration::from_secs(1));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The retry after the jump waits its back-off on the agent's clock.
+    h.drive_until(
+        "hour 0 dead-lettered",
+        H0 + 300 + 7 * HOUR_SECS,
+        async || dead().await >= 2,
+    )
+    .await;
     let (_, metrics) = agent.get("/metrics").await;
     let text = metrics.as_str().unwrap_or_default().to_owned();
     assert!(
@@ -569,7 +446,7 @@ async fn each_aggregation_bills_one_record_per_hour_with_allocations_that_add_up
     );
 
     h.advance_to(H0 + HOUR_SECS + 300);
-    wait_for("hour 0 billed", || h.billed().len() == 4).await;
+    eventually("hour 0 billed", PATIENCE, async || h.billed().len() == 4).await;
     let billed = h.billed();
     let get = |hour: i64, d: &str| billed[&(H0 + hour * HOUR_SECS, d.to_owned())].clone();
     let peak = get(0, "peak");
@@ -655,22 +532,11 @@ async fn heartbeat_bills_running_time_across_a_crash_a_restart_and_a_shutdown() 
 
     // 20 minutes run, recorded on the minute; then the process dies without a shutdown.
     h.advance_to(H0 + 1800);
-    let ledger = agent.handles.ledger.clone();
-    let recorded = |want: i64| {
-        let ledger = ledger.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            while ledger.run_seconds(H0).await.expect("seconds") != want {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "run seconds never reached {want}"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    recorded(1200).await;
-    drop(ledger);
+    let ledger = &agent.handles.ledger;
+    eventually("1,200 run seconds recorded", PATIENCE, async || {
+        ledger.run_seconds(H0).await.expect("seconds") == 1200
+    })
+    .await;
     agent.task.abort();
     let _ = agent.task.await;
     agent.handles.ledger.closed().await;
@@ -680,9 +546,9 @@ async fn heartbeat_bills_running_time_across_a_crash_a_restart_and_a_shutdown() 
     h.advance_to(H0 + 2400);
     let agent = h.start_agent(config()).await;
     h.advance_to(H0 + HOUR_SECS + 300);
-    wait_for("hour 0 billed", || h.billed().len() == 2).await;
+    eventually("hour 0 billed", PATIENCE, async || h.billed().len() == 2).await;
     h.advance_to(H0 + 2 * HOUR_SECS + 300);
-    wait_for("hour 1 billed", || h.billed().len() == 4).await;
+    eventually("hour 1 billed", PATIENCE, async || h.billed().len() == 4).await;
     h.advance_to(H0 + 2 * HOUR_SECS + 1350);
     agent.stop().await;
     let billed = h.billed();
@@ -723,7 +589,10 @@ async fn shutdown_sends_the_open_hour_and_a_restart_carries_usage_forward() {
     );
     agent.post(ev("requests", 5, None)).await;
     h.advance_to(H0 + 2 * HOUR_SECS + 60);
-    wait_for("the carried hour billed", || h.billed().len() == 4).await;
+    eventually("the carried hour billed", PATIENCE, async || {
+        h.billed().len() == 4
+    })
+    .await;
     let billed = h.billed();
     assert_eq!(
         billed[&(H0, "requests".to_owned())].quantity,
@@ -837,7 +706,10 @@ async fn stalled_clients_cannot_hold_the_api_and_probes_are_always_answered() {
         |ctx| ctx.body_read_timeout = Duration::from_millis(500),
     )
     .await;
-    wait_for("agent ready", || agent.handles.status.is_ready()).await;
+    eventually("agent ready", PATIENCE, async || {
+        agent.handles.status.is_ready()
+    })
+    .await;
     // Two clients take both slots: headers sent, then the body stalls.
     let mut stalled = Vec::new();
     for _ in 0..2 {
@@ -986,16 +858,13 @@ async fn idempotency_ids_count_once_under_concurrent_retries() {
 /// Runs an agent that must fail at start-up; returns its exit code and whether it was ever ready.
 async fn fatal_start(h: &Harness, config: Config) -> (u8, bool) {
     let agent = h.spawn_agent(config).await;
-    let mut ever_ready = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !agent.task.is_finished() {
-        ever_ready |= agent.handles.status.is_ready();
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let ever_ready = std::cell::Cell::new(false);
+    eventually("the agent to stop", PATIENCE, async || {
+        ever_ready.set(ever_ready.get() || agent.handles.status.is_ready());
+        agent.task.is_finished()
+    })
+    .await;
+    let ever_ready = ever_ready.get();
     let err = agent
         .task
         .await
@@ -1064,19 +933,20 @@ async fn throttled_registration_retries_and_ends_ready() {
             .filter(|c| c.error_type() == Some("ThrottlingException"))
             .count()
     };
-    wait_for("a throttled RegisterUsage", || throttled() >= 1).await;
+    eventually("a throttled RegisterUsage", PATIENCE, async || {
+        throttled() >= 1
+    })
+    .await;
     assert!(
         !agent.handles.status.is_ready(),
         "not ready while registration is retrying"
     );
     h.emulator.set_faults(throttle(0.0));
     // Back-off waits run on the agent's clock: move it on until the retry happens.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !agent.handles.status.is_ready() {
-        assert!(tokio::time::Instant::now() < deadline, "never became ready");
-        h.clock.advance(Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    h.drive_until("ready after the retry", H0 + HOUR_SECS, async || {
+        agent.handles.status.is_ready()
+    })
+    .await;
     let (_, status) = agent.get("/v1/status").await;
     assert_eq!(status["entitlement"]["state"], "entitled", "{status}");
     agent.stop().await;
@@ -1106,20 +976,12 @@ async fn an_ami_product_keeps_taking_usage_while_its_dry_run_retries() {
         StatusCode::OK,
         "usage is accepted and persisted meanwhile"
     );
-    // Past the emulator's downtime the DryRun passes.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, status) = agent.get("/v1/status").await;
-        if status["entitlement"]["state"] == "permissions_verified" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "DryRun never passed: {status}"
-        );
-        h.clock.advance(Duration::from_secs(60));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Past the emulator's downtime (01:05) the DryRun passes, before the two hours after
+    // which an AMI fails closed.
+    h.drive_until("the DryRun passed", H0 + 2 * HOUR_SECS, async || {
+        agent.get("/v1/status").await.1["entitlement"]["state"] == "permissions_verified"
+    })
+    .await;
     assert!(
         h.emulator
             .calls()
@@ -1173,15 +1035,12 @@ async fn a_duplicate_refusal_is_an_error_in_status_and_not_retried_forever() {
     let agent = h.start_agent(h.config("")).await;
     agent.post(ev("requests", 5, None)).await;
     h.advance_to(H0 + HOUR_SECS + 60);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
+    eventually("the refusal recorded", PATIENCE, async || {
         let (_, status) = agent.get("/v1/status").await;
-        if status["records"]["duplicate"] == 1 && status["records"]["pending"] == 0 {
-            break status;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{status}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+        status["records"]["duplicate"] == 1 && status["records"]["pending"] == 0
+    })
+    .await;
+    let (_, status) = agent.get("/v1/status").await;
     assert!(
         status["records"]["last_error"]
             .as_str()
@@ -1200,7 +1059,7 @@ async fn a_duplicate_refusal_is_an_error_in_status_and_not_retried_forever() {
     // It is not retried: one refused attempt for that record, however long we wait.
     h.advance_to(H0 + 2 * HOUR_SECS + 60);
     // The intruder's hour-0 record, our hour-0 zero for gigabytes, and both of hour 1.
-    wait_for("hour 1 billed", || h.billed().len() == 4).await;
+    eventually("hour 1 billed", PATIENCE, async || h.billed().len() == 4).await;
     let refused = meter_usage_errors(&h)
         .iter()
         .filter(|e| *e == "DuplicateRequestException")
@@ -1220,7 +1079,7 @@ async fn a_refused_record_does_not_hold_back_the_next_hour() {
     let agent = h.start_agent(config).await;
     agent.post(ev("requests", 5, None)).await;
     h.advance_to(H0 + HOUR_SECS + 60);
-    wait_for("hour 0 billed and its refusal seen", || {
+    eventually("hour 0 billed and its refusal seen", PATIENCE, async || {
         h.billed().contains_key(&(H0, "requests".to_owned()))
             && meter_usage_errors(&h)
                 .iter()
@@ -1231,7 +1090,7 @@ async fn a_refused_record_does_not_hold_back_the_next_hour() {
     // The sender now waits out its longest back-off (1 hour from about 01:01) for the refused
     // record; the seal of hour 1 (at 02:00:01) must still be sent right away.
     h.advance_to(H0 + 2 * HOUR_SECS + 30);
-    wait_for("hour 1 billed", || {
+    eventually("hour 1 billed", PATIENCE, async || {
         h.billed()
             .get(&(H0 + HOUR_SECS, "requests".to_owned()))
             .is_some_and(|r| r.quantity == 7)
@@ -1350,7 +1209,7 @@ async fn each_pricing_model_makes_exactly_the_documented_calls() {
             );
         }
         if ec2 {
-            wait_for("the AMI's DryRun", || {
+            eventually("the AMI's DryRun", PATIENCE, async || {
                 agent.handles.status.entitlement().state
                     == meterd::entitlement::EntitlementState::PermissionsVerified
             })
@@ -1358,7 +1217,10 @@ async fn each_pricing_model_makes_exactly_the_documented_calls() {
         }
         h.advance_to(H0 + HOUR_SECS + 60);
         if pricing.meters() {
-            wait_for("the first hour billed", || h.emulator.records().len() == 2).await;
+            eventually("the first hour billed", PATIENCE, async || {
+                h.emulator.records().len() == 2
+            })
+            .await;
         }
         agent.stop().await;
         let (register, dry_run, meter, other) = call_counts(&h);
@@ -1427,14 +1289,20 @@ async fn the_spread_holds_the_hourly_send_until_the_agents_offset_and_the_flush_
             .count()
     };
     h.clock.set(due - Duration::from_secs(1));
-    wait_for("hour 0 sealed", || {
+    eventually("hour 0 sealed", PATIENCE, async || {
         agent.handles.ledger.sealed_floor() >= H0 + HOUR_SECS
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the sender to wait for the offset", PATIENCE, async || {
+        h.clock.deadlines().contains(&due)
+    })
+    .await;
     assert_eq!(meter_calls(), 0, "nothing is sent before the offset");
     h.clock.set(due);
-    wait_for("hour 0 billed at the offset", || h.billed().len() == 2).await;
+    eventually("hour 0 billed at the offset", PATIENCE, async || {
+        h.billed().len() == 2
+    })
+    .await;
 
     // Hour 1 would be due at 02:00 + offset; a shutdown flush sends it at once.
     agent.post(ev("requests", 6, None)).await;
@@ -1652,7 +1520,10 @@ async fn metering_health_walks_through_each_level_while_the_service_is_down_and_
     // Hour 0 closes and its records fail to send.
     let closed = H0 + HOUR_SECS;
     h.advance_to(closed + 60);
-    wait_for("a failed MeterUsage", || !meter_usage_errors(&h).is_empty()).await;
+    eventually("a failed MeterUsage", PATIENCE, async || {
+        !meter_usage_errors(&h).is_empty()
+    })
+    .await;
     assert_eq!(health().await, ("ok".to_owned(), 60));
     for (after, level) in [
         (29 * 60, "ok"),
@@ -1673,24 +1544,24 @@ async fn metering_health_walks_through_each_level_while_the_service_is_down_and_
             format!("meterd_metering_health{{level=\"{level}\"}} 1")
         );
     }
-    wait_for("the sender to keep trying while down", || {
-        meter_usage_errors(&h).len() >= 2
-    })
+    eventually(
+        "the sender to keep trying while down",
+        PATIENCE,
+        async || meter_usage_errors(&h).len() >= 2,
+    )
     .await;
 
     h.emulator.set_faults(FaultProfile::default());
     h.advance_to(closed + 4 * HOUR_SECS + 60);
-    h.wait_advancing("every hour billed", || h.billed().len() == 2 * 5)
-        .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while health().await != ("ok".to_owned(), 0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "health never came back: {:?}",
-            health().await
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Hour 0 (stamped 00:05) is still inside the six-hour window at the limit.
+    h.drive_until("every hour billed", closed + 5 * HOUR_SECS, async || {
+        h.billed().len() == 2 * 5
+    })
+    .await;
+    eventually("health back to ok", PATIENCE, async || {
+        health().await == ("ok".to_owned(), 0)
+    })
+    .await;
     assert_eq!(metric().await, "meterd_metering_health{level=\"ok\"} 1");
     assert_eq!(h.billed()[&(H0, "requests".to_owned())].quantity, 5);
     agent.stop().await;
@@ -1734,8 +1605,10 @@ async fn the_audit_trail_holds_one_final_line_per_billed_record_across_faults_an
     }
     h.advance_to(H0 + 3 * HOUR_SECS + 60);
     // Throttled calls back off on the injected clock: move it while waiting.
-    h.wait_advancing("three hours billed", || h.billed().len() == 6)
-        .await;
+    h.drive_until("three hours billed", H0 + 3 * HOUR_SECS + 600, async || {
+        h.billed().len() == 6
+    })
+    .await;
     // Killed at once: outcomes final in the ledger need not be in the file yet.
     agent.task.abort();
     let _ = agent.task.await;
@@ -1747,8 +1620,10 @@ async fn the_audit_trail_holds_one_final_line_per_billed_record_across_faults_an
     let agent = h.start_agent(h.config(&extra)).await;
     agent.post(ev("requests", 7, None)).await;
     h.advance_to(H0 + 4 * HOUR_SECS + 60);
-    h.wait_advancing("hour 3 billed", || h.billed().len() == 8)
-        .await;
+    h.drive_until("hour 3 billed", H0 + 4 * HOUR_SECS + 900, async || {
+        h.billed().len() == 8
+    })
+    .await;
     h.advance_to(H0 + 4 * HOUR_SECS + 900);
     agent.post(ev("gigabytes", 2, None)).await;
     agent.stop().await;
@@ -1869,13 +1744,16 @@ async fn child_sends_closed_hours_on_issued_credentials() {
         move |ctx| ctx.aws = Some(from_config),
     )
     .await;
-    wait_for("agent ready", || agent.handles.status.is_ready()).await;
+    eventually("agent ready", PATIENCE, async || {
+        agent.handles.status.is_ready()
+    })
+    .await;
     agent.post(ev("requests", 3, None)).await;
     h.advance_to(P0 + HOUR_SECS + 300);
-    wait_for("hour 0 billed", || h.billed().len() == 2).await;
+    eventually("hour 0 billed", PATIENCE, async || h.billed().len() == 2).await;
     agent.post(ev("gigabytes", 4, None)).await;
     h.advance_to(P0 + 2 * HOUR_SECS + 300);
-    wait_for("hour 1 billed", || h.billed().len() == 4).await;
+    eventually("hour 1 billed", PATIENCE, async || h.billed().len() == 4).await;
     agent.stop().await;
 
     let billed = h.billed();
@@ -1971,7 +1849,7 @@ async fn a_contract_agent_checks_out_extends_and_checks_in() {
 
     // Extended at half its hour, it still holds after the first hour.
     h.advance_to(H0 + 300 + 1800);
-    wait_for("the extension", || {
+    eventually("the extension", PATIENCE, async || {
         consumptions(&h).first().is_some_and(|c| c.extensions >= 1)
     })
     .await;
@@ -2071,7 +1949,10 @@ async fn a_flush_sealed_record_left_unsent_goes_out_at_once_after_a_restart() {
     h.emulator.set_faults(FaultProfile::default());
     let again = h.start_agent(config).await;
     // The clock stays in hour 0: an hourly record would wait until 01:00 plus the offset.
-    wait_for("the flushed record sent", || h.billed().len() == 2).await;
+    eventually("the flushed record sent", PATIENCE, async || {
+        h.billed().len() == 2
+    })
+    .await;
     assert_eq!(h.billed()[&(H0, "requests".to_owned())].quantity, 4);
     again.stop().await;
 }
@@ -2259,11 +2140,16 @@ async fn a_throttled_meter_usage_retries_a_tenth_of_the_spread_later() {
             .filter(|c| c.operation == "MeterUsage")
             .collect::<Vec<_>>()
     };
-    wait_for("a throttled MeterUsage", || !meter_calls().is_empty()).await;
+    eventually("a throttled MeterUsage", PATIENCE, async || {
+        !meter_calls().is_empty()
+    })
+    .await;
     h.emulator.set_faults(throttle(0.0));
     // Two records: `requests` and the zero record of the other dimension.
-    h.wait_advancing("the hour billed", || h.billed().len() == 2)
-        .await;
+    h.drive_until("the hour billed", H0 + HOUR_SECS + 900, async || {
+        h.billed().len() == 2
+    })
+    .await;
     let calls = meter_calls();
     assert_eq!(
         calls.len(),

@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 use meterd::clock::SystemClock;
 use meterd::local_client::{self, Target};
 
-mod support;
+use meterd_test_support as support;
 
 use support::BinaryRig;
 
@@ -825,7 +825,7 @@ async fn the_audit_file_has_one_line_per_billed_record_after_faults_and_sigkill(
     let _ = child.wait().await;
 
     child = spawn().await;
-    support::wait_until("the flushed hour billed", Duration::from_secs(20), || {
+    support::eventually("the flushed hour billed", support::PATIENCE, async || {
         s.emulator.records().len() == 2
     })
     .await;
@@ -835,7 +835,7 @@ async fn the_audit_file_has_one_line_per_billed_record_after_faults_and_sigkill(
             .lines()
             .count()
     };
-    support::wait_until("both outcomes exported", Duration::from_secs(20), || {
+    support::eventually("both outcomes exported", support::PATIENCE, async || {
         written() >= 2
     })
     .await;

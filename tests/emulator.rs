@@ -31,9 +31,10 @@ use meterd::emulator::{
     Operation, Outcome,
 };
 
+use meterd_test_support::{H0, PRODUCT};
+
 /// 2027-01-15T08:30:00Z: half past an hour.
-const T0: i64 = 1_800_000_000 + 1800;
-const PRODUCT: &str = "prod-demo1234";
+const T0: i64 = H0 + 1800;
 
 struct Env {
     emu: EmulatorHandle,

@@ -15,10 +15,8 @@ use meterd::entitlement::{
 };
 use meterd::exit::Exit;
 use meterd::platform::Platform;
-use tokio::sync::mpsc;
 
-const START: i64 = 1_800_000_000;
-const PRODUCT: &str = emulator::config::DEMO_PRODUCT_CODE;
+use meterd_test_support::{drive_retries, Announce, H0, PRODUCT};
 
 struct Rig {
     emu: EmulatorHandle,
@@ -26,7 +24,7 @@ struct Rig {
 }
 
 async fn rig(config: EmulatorConfig) -> Rig {
-    let clock = ManualClock::at_unix(START);
+    let clock = ManualClock::at_unix(H0);
     let shared: SharedClock = clock.clone();
     let addr: SocketAddr = "127.0.0.1:0".parse().expect("loopback address");
     let emu = emulator::start(config, shared, addr)
@@ -65,20 +63,15 @@ impl Rig {
         mut on_retry: impl FnMut(usize, &EmulatorHandle),
     ) -> (Result<Entitlement, EntitlementError>, usize) {
         let shared: SharedClock = self.clock.clone();
-        let (tx, mut rx) = mpsc::unbounded_channel::<SystemTime>();
-        let task = tokio::spawn(async move {
-            let observer = move |e: &RetryEvent| {
-                let _ = tx.send(e.next_attempt_at);
-            };
-            register_observed(&client, &settings, &keyring, &shared, &observer).await
-        });
-        let mut retries = 0;
-        while let Some(at) = rx.recv().await {
-            retries += 1;
-            on_retry(retries, &self.emu);
-            self.clock.set(at);
-        }
-        (task.await.expect("register task"), retries)
+        drive_retries(
+            &self.clock,
+            |announce| async move {
+                let observer = move |e: &RetryEvent| announce(e.next_attempt_at);
+                register_observed(&client, &settings, &keyring, &shared, &observer).await
+            },
+            |retries| on_retry(retries, &self.emu),
+        )
+        .await
     }
 }
 
@@ -98,7 +91,7 @@ async fn entitled_path_against_the_emulator() {
     assert_eq!(ent.state, EntitlementState::Entitled);
     assert_eq!(ent.claims.product_code, PRODUCT);
     assert_eq!(ent.claims.key_source, "emulator:v1");
-    assert_eq!(ent.registered_at, START);
+    assert_eq!(ent.registered_at, H0);
     assert!(!ent.key_rotation_due);
     let status = serde_json::to_value(&ent).expect("serializes for /v1/status");
     assert_eq!(status["state"], "entitled");
@@ -206,7 +199,7 @@ async fn throttling_followed_by_success_ends_entitled() {
     let ent = result.expect("entitled after throttling");
     assert_eq!(retries, 3);
     assert_eq!(ent.attempts, 4);
-    assert!(ent.registered_at > START);
+    assert!(ent.registered_at > H0);
 }
 
 #[tokio::test]
@@ -229,7 +222,7 @@ async fn a_service_that_stays_down_exhausts_the_budget() {
     let waited = rig
         .clock
         .now()
-        .duration_since(from_unix_seconds(START))
+        .duration_since(from_unix_seconds(H0))
         .expect("forward");
     assert!(waited <= Duration::from_secs(300), "{waited:?}");
 }
@@ -237,7 +230,7 @@ async fn a_service_that_stays_down_exhausts_the_budget() {
 #[tokio::test]
 async fn an_expired_key_version_is_accepted_with_a_rotation_flag() {
     let mut config = EmulatorConfig::demo();
-    config.keys[0].expired_at = Some(from_unix_seconds(START - 86_400));
+    config.keys[0].expired_at = Some(from_unix_seconds(H0 - 86_400));
     let rig = rig(config).await;
     let client = rig.client("us-east-1", "AKIDROTATE").await;
     let (result, _) = rig
@@ -247,7 +240,7 @@ async fn an_expired_key_version_is_accepted_with_a_rotation_flag() {
     assert!(ent.key_rotation_due);
     assert_eq!(
         ent.key_rotation.expect("rotation date").timestamp,
-        START - 86_400
+        H0 - 86_400
     );
 }
 
@@ -259,11 +252,8 @@ async fn dry_run(
 ) -> Result<meterd::entitlement::DryRunPassed, EntitlementError> {
     let client = rig.client("us-east-1", access_key).await;
     let shared: SharedClock = rig.clock.clone();
-    let (tx, mut rx) = mpsc::unbounded_channel::<SystemTime>();
-    let task = tokio::spawn(async move {
-        let observer = move |e: &RetryEvent| {
-            let _ = tx.send(e.next_attempt_at);
-        };
+    let start = |announce: Announce| async move {
+        let observer = move |e: &RetryEvent| announce(e.next_attempt_at);
         dry_run_check_with(
             &client,
             PRODUCT,
@@ -274,11 +264,8 @@ async fn dry_run(
             &observer,
         )
         .await
-    });
-    while let Some(at) = rx.recv().await {
-        rig.clock.set(at);
-    }
-    task.await.expect("dry-run task")
+    };
+    drive_retries(&rig.clock, start, |_| {}).await.0
 }
 
 #[tokio::test]
@@ -301,7 +288,7 @@ async fn container_dry_run_for_an_unentitled_customer_is_fatal() {
         .await
         .unwrap_err();
     assert_eq!(err.exit_code(), Exit::NotEntitled, "{err}");
-    assert_eq!(rig.clock.now(), from_unix_seconds(START), "no retry");
+    assert_eq!(rig.clock.now(), from_unix_seconds(H0), "no retry");
 }
 
 #[tokio::test]
@@ -318,7 +305,7 @@ async fn ami_dry_run_fails_closed_no_sooner_than_two_hours() {
     let waited = rig
         .clock
         .now()
-        .duration_since(from_unix_seconds(START))
+        .duration_since(from_unix_seconds(H0))
         .expect("forward");
     assert!(
         waited >= Duration::from_secs(7200),
@@ -424,19 +411,15 @@ mod contract {
         settings: ContractSettings,
     ) -> (Result<ContractCheckout, EntitlementError>, usize) {
         let shared: SharedClock = rig.clock.clone();
-        let (tx, mut rx) = mpsc::unbounded_channel::<SystemTime>();
-        let task = tokio::spawn(async move {
-            let observer = move |at: SystemTime| {
-                let _ = tx.send(at);
-            };
-            checkout_observed(&client, &settings, &shared, &observer).await
-        });
-        let mut retries = 0;
-        while let Some(at) = rx.recv().await {
-            retries += 1;
-            rig.clock.set(at);
-        }
-        (task.await.expect("checkout task"), retries)
+        drive_retries(
+            &rig.clock,
+            |announce| async move {
+                let observer = move |at: SystemTime| announce(at);
+                checkout_observed(&client, &settings, &shared, &observer).await
+            },
+            |_| {},
+        )
+        .await
     }
 
     /// `meterd doctor`'s contract check: the license is seen, an entitlement it lacks is named,

@@ -44,13 +44,13 @@ use meterd::emulator::{
 use meterd::ledger::{RecordState, StoredRecord};
 use meterd::local_client::{self, Target};
 
-mod support;
+use meterd_test_support as support;
 
-use support::BinaryRig;
+use support::{eventually, BinaryRig, Harness, H0};
 
 const BIN: &str = env!("CARGO_BIN_EXE_meterd");
-/// An hour boundary well clear of anything real: 2027-01-15T08:00:00Z.
-const H0: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
+/// How long a wait on real time may take in this suite.
+const PATIENCE: Duration = Duration::from_secs(60);
 const ACCESS_KEY: &str = "AKIARELIABILITY00001";
 const DIMENSIONS: [&str; 2] = ["requests", "gigabytes"];
 /// The kill -9 loop also meters a `max` and a `unique` dimension.
@@ -236,8 +236,8 @@ async fn post_until_acked(
     oracle: &Oracle,
     patience: Duration,
 ) {
-    let deadline = tokio::time::Instant::now() + patience;
-    loop {
+    // A plain closure returning a future, so that a spawned client's future is `Send`.
+    eventually("a request acknowledged", patience, move || async move {
         oracle.attempts.fetch_add(1, Ordering::Relaxed);
         let r = local_client::call(
             target,
@@ -251,7 +251,7 @@ async fn post_until_acked(
         if let Ok((StatusCode::OK, reply)) = &r {
             let reply: Value = serde_json::from_slice(reply).unwrap_or(Value::Null);
             oracle.ack(totals, reply["duplicates"].as_u64().unwrap_or(0));
-            return;
+            return true;
         }
         if let Ok((status, reply)) = &r {
             // Only "not now" answers are retried; anything else is a bug in the test or agent.
@@ -264,12 +264,9 @@ async fn post_until_acked(
                 String::from_utf8_lossy(reply)
             );
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a request was never acknowledged: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        false
+    })
+    .await;
 }
 
 /// Billed quantity per (dimension, tenant), from the emulator's accepted MeterUsage records.
@@ -451,91 +448,27 @@ fn meter_errors(emulator: &EmulatorHandle) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The in-process harness: emulator and agent in this process, each with an injected clock.
-
-struct World {
-    emulator: EmulatorHandle,
-    dir: tempfile::TempDir,
-    key_path: PathBuf,
-}
-
-impl World {
-    async fn new(emulator_clock: SharedClock) -> Self {
-        let (emulator, dir, key_path) =
-            support::emulator_and_key(EmulatorConfig::demo(), emulator_clock).await;
-        Self {
-            emulator,
-            dir,
-            key_path,
-        }
-    }
-
-    fn config(&self, state_dir: &Path, extra_server: &str) -> Config {
-        let text = support::agent_toml(&support::AgentToml {
-            key: &self.key_path,
-            state: state_dir,
-            endpoint: &self.emulator.endpoint_url(),
-            listen: "127.0.0.1:0",
-            server_extra: extra_server,
-            metering: None,
-            sending: "seal_delay = \"1s\"\ninitial_backoff = \"5ms\"\nmax_backoff = \"40ms\"\ncall_timeout = \"2s\"\nspread = \"0s\"\nmax_calls_per_second = 1000",
-        });
-        Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    async fn start_agent(&self, config: Config, clock: SharedClock) -> Agent {
-        let agent = Agent::spawn(
-            config,
-            clock,
-            &self.emulator.endpoint_url(),
-            ACCESS_KEY,
-            Duration::from_secs(2),
-        )
-        .await;
-        wait_for("agent ready", || agent.handles.status.is_ready()).await;
-        agent
-    }
-}
+// The in-process rig (`support::Harness`): emulator and agent in this process, each with an
+// injected clock.
 
 type Agent = support::InProcessAgent;
 
-/// Ledger waits of the oracle suite.
-trait SettleExt {
-    async fn settled(&self);
-    async fn sealed_through(&self, end: i64);
+/// Waits until nothing is pending in the ledger, moving `rig`'s clock for the sender's
+/// back-offs and the emulator's latency, never past `limit`.
+async fn settled(rig: &Harness, agent: &Agent, limit: i64) {
+    rig.drive_until("nothing pending", limit, async || {
+        agent.handles.ledger.stats().await.expect("stats").pending == 0
+    })
+    .await;
 }
 
-impl SettleExt for Agent {
-    /// Waits until nothing is pending in the ledger.
-    async fn settled(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let stats = self.handles.ledger.stats().await.expect("stats");
-            if stats.pending == 0 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "records still pending: {stats:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits until every hour before `end` is sealed.
-    async fn sealed_through(&self, end: i64) {
-        let ledger = self.handles.ledger.clone();
-        wait_for("hours sealed", || ledger.sealed_floor() >= end).await;
-    }
-}
-
-/// Polls a condition on real time (the agent works concurrently); fails after 60 s.
-async fn wait_for(what: &str, cond: impl FnMut() -> bool) {
-    support::wait_until(what, Duration::from_secs(60), cond).await
+/// Waits until every hour before `end` is sealed.
+async fn sealed_through(agent: &Agent, end: i64) {
+    let ledger = &agent.handles.ledger;
+    eventually("hours sealed", PATIENCE, async || {
+        ledger.sealed_floor() >= end
+    })
+    .await;
 }
 
 /// Sends `n` acknowledged batches from one client with its own ids.
@@ -563,11 +496,9 @@ async fn send_batches(agent: &Agent, oracle: &Oracle, rng: &mut impl Rng, tag: &
 #[ignore = "reliability suite: scripts/reliability.sh"]
 async fn faults_and_five_hours_down_deliver_everything_exactly_once() {
     let hours = env_usize("METERD_RELIABILITY_HOURS", 8).max(7) as i64;
-    let clock = ManualClock::at_unix(H0 + 120);
-    let world = World::new(clock.clone()).await;
-    let agent = world
-        .start_agent(world.config(&world.state_dir(), ""), clock.clone())
-        .await;
+    let world = Harness::new(H0 + 120).await;
+    let clock = world.clock.clone();
+    let agent = world.start_agent(world.config("")).await;
     let flaky = FaultRule {
         throttle_rate: 0.25,
         error_rate: 0.2,
@@ -582,21 +513,8 @@ async fn faults_and_five_hours_down_deliver_everything_exactly_once() {
     };
     world.emulator.set_faults(meter_only(flaky.clone()));
 
-    // Emulator latency is emulator-clock time: a ticker moves the clock a second every
-    // millisecond so that delayed answers arrive; hour boundaries are set explicitly.
-    let ticking = Arc::new(AtomicBool::new(true));
-    let ticker = {
-        let (clock, ticking) = (clock.clone(), ticking.clone());
-        tokio::spawn(async move {
-            for _ in 0..10_000_000u64 {
-                if !ticking.load(Ordering::Relaxed) {
-                    return;
-                }
-                clock.advance(Duration::from_secs(1));
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-    };
+    // Emulator latency is emulator-clock time, like the sender's back-offs: the waits below
+    // drive the clock from one sleeper's deadline to the next; hour boundaries are set.
     let oracle = Oracle::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     let mut down_until: Option<i64> = None;
@@ -606,13 +524,15 @@ async fn faults_and_five_hours_down_deliver_everything_exactly_once() {
             clock.set(from_unix_seconds(start + 60));
         }
         send_batches(&agent, &oracle, &mut rng, &format!("h{hour}"), 5).await;
-        // Once the service is back, give the sender time (the ticker keeps the clock moving)
-        // before jumping ahead: an outage of up to 5 hours must cost nothing.
-        if let Some(until) = down_until.filter(|u| *u < start + HOUR_SECS - 5) {
-            wait_for("the outage to end", || unix_seconds(clock.now()) >= until).await;
+        // Once the service is back, give the sender time (the clock runs through the sender's
+        // and the service's waits) before jumping ahead: an outage of up to 5 hours must cost
+        // nothing.
+        let near_end = start + HOUR_SECS - 5;
+        if let Some(until) = down_until.filter(|u| *u < near_end) {
+            world.drive_to(until.max(unix_seconds(clock.now()))).await;
         }
         if down_until.is_none_or(|until| unix_seconds(clock.now()) >= until) {
-            agent.settled().await;
+            settled(&world, &agent, near_end).await;
         }
         if hour == 1 {
             // Down for five hours from about 01:01, on top of the other faults.
@@ -622,8 +542,7 @@ async fn faults_and_five_hours_down_deliver_everything_exactly_once() {
             }));
             down_until = Some(unix_seconds(clock.now()) + 5 * HOUR_SECS);
         }
-        // Jump close to the end of the hour; the ticker carries the clock over it.
-        let near_end = start + HOUR_SECS - 5;
+        // Jump close to the end of the hour; the next hour's first step carries it over.
         if unix_seconds(clock.now()) < near_end {
             clock.set(from_unix_seconds(near_end));
         }
@@ -634,13 +553,12 @@ async fn faults_and_five_hours_down_deliver_everything_exactly_once() {
         clock.set(from_unix_seconds(end));
     }
     let expected_records = 2 * hours as usize;
-    wait_for("every hour billed", || {
-        world.emulator.records().len() >= expected_records
-    })
-    .await;
-    agent.settled().await;
-    ticking.store(false, Ordering::Relaxed);
-    ticker.await.expect("ticker");
+    world
+        .drive_until("every hour billed", end + HOUR_SECS, async || {
+            world.emulator.records().len() >= expected_records
+        })
+        .await;
+    settled(&world, &agent, end + HOUR_SECS).await;
     let records = agent.records().await;
     let errors = meter_errors(&world.emulator);
     for needed in [
@@ -684,11 +602,9 @@ async fn faults_and_five_hours_down_deliver_everything_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "reliability suite: scripts/reliability.sh"]
 async fn seven_hours_down_leaves_visible_dead_letters_and_drops_nothing_silently() {
-    let clock = ManualClock::at_unix(H0 + 120);
-    let world = World::new(clock.clone()).await;
-    let agent = world
-        .start_agent(world.config(&world.state_dir(), ""), clock.clone())
-        .await;
+    let world = Harness::new(H0 + 120).await;
+    let clock = world.clock.clone();
+    let agent = world.start_agent(world.config("")).await;
     world.emulator.set_faults(FaultProfile {
         operations: BTreeMap::from([(
             Operation::MeterUsage,
@@ -702,15 +618,32 @@ async fn seven_hours_down_leaves_visible_dead_letters_and_drops_nothing_silently
     let oracle = Oracle::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     // Usage in each of 9 hours; the service is down from 00:02 to 07:02.
+    let meter_calls = || {
+        world
+            .emulator
+            .calls()
+            .iter()
+            .filter(|c| c.operation == "MeterUsage")
+            .count()
+    };
     for hour in 0..9 {
+        let tried = meter_calls();
         clock.set(from_unix_seconds(H0 + hour * HOUR_SECS + 600));
         send_batches(&agent, &oracle, &mut rng, &format!("d{hour}"), 3).await;
-        // Let the sender try (and fail) at least once an hour, as it would in real time.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Once an hour is sealed, the sender tries (and fails) at least once an hour, as it
+        // would in real time.
+        if hour > 0 {
+            let limit = H0 + (hour + 1) * HOUR_SECS - 60;
+            world
+                .drive_until("the sender to try this hour", limit, async || {
+                    meter_calls() > tried
+                })
+                .await;
+        }
     }
     clock.set(from_unix_seconds(H0 + 9 * HOUR_SECS + 60));
-    agent.sealed_through(H0 + 9 * HOUR_SECS).await;
-    agent.settled().await;
+    sealed_through(&agent, H0 + 9 * HOUR_SECS).await;
+    settled(&world, &agent, H0 + 10 * HOUR_SECS).await;
     let records = agent.records().await;
     let dead: Vec<StoredRecord> = records
         .iter()
@@ -762,24 +695,25 @@ async fn seven_hours_down_leaves_visible_dead_letters_and_drops_nothing_silently
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "reliability suite: scripts/reliability.sh"]
 async fn wall_clock_jumps_forward_and_back_bill_every_hour_once() {
-    let clock = ManualClock::at_unix(H0 + 300);
-    let world = World::new(clock.clone()).await;
-    let agent = world
-        .start_agent(world.config(&world.state_dir(), ""), clock.clone())
-        .await;
+    let world = Harness::new(H0 + 300).await;
+    let clock = world.clock.clone();
+    let agent = world.start_agent(world.config("")).await;
     let oracle = Oracle::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     send_batches(&agent, &oracle, &mut rng, "a", 5).await;
     // +2 h: from 00:05 to 02:05; hours 00 and 01 close at once.
     clock.set(from_unix_seconds(H0 + 2 * HOUR_SECS + 300));
-    wait_for("hours 0 and 1 billed", || {
+    eventually("hours 0 and 1 billed", PATIENCE, async || {
         world.emulator.records().len() >= 4
     })
     .await;
     send_batches(&agent, &oracle, &mut rng, "b", 5).await;
     // Move to 03:05 (hour 02 closes and is billed), then −10 min back to 02:55.
     clock.set(from_unix_seconds(H0 + 3 * HOUR_SECS + 300));
-    wait_for("hour 2 billed", || world.emulator.records().len() >= 6).await;
+    eventually("hour 2 billed", PATIENCE, async || {
+        world.emulator.records().len() >= 6
+    })
+    .await;
     send_batches(&agent, &oracle, &mut rng, "c", 3).await;
     clock.set(from_unix_seconds(H0 + 3 * HOUR_SECS - 300));
     // Usage after the step back lands in an unsealed hour, never in the billed hour 02.
@@ -794,12 +728,18 @@ async fn wall_clock_jumps_forward_and_back_bill_every_hour_once() {
     clock.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 300));
     send_batches(&agent, &oracle, &mut rng, "e", 3).await;
     clock.set(from_unix_seconds(H0 + 4 * HOUR_SECS + 300));
-    wait_for("hour 3 billed", || world.emulator.records().len() >= 8).await;
+    eventually("hour 3 billed", PATIENCE, async || {
+        world.emulator.records().len() >= 8
+    })
+    .await;
     clock.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 120));
     send_batches(&agent, &oracle, &mut rng, "f", 3).await;
     clock.set(from_unix_seconds(H0 + 5 * HOUR_SECS + 60));
-    wait_for("hour 4 billed", || world.emulator.records().len() >= 10).await;
-    agent.settled().await;
+    eventually("hour 4 billed", PATIENCE, async || {
+        world.emulator.records().len() >= 10
+    })
+    .await;
+    settled(&world, &agent, unix_seconds(world.clock.now())).await;
     let errors = meter_errors(&world.emulator);
     assert!(errors.is_empty(), "the service refused records: {errors:?}");
     let records = world.emulator.records();
@@ -822,21 +762,22 @@ async fn wall_clock_jumps_forward_and_back_bill_every_hour_once() {
 async fn agent_clock_corrections_keep_timestamps_in_bounds() {
     let truth = ManualClock::at_unix(H0 + 2 * HOUR_SECS + 300);
     let local = ManualClock::at_unix(H0 + 300);
-    let world = World::new(truth.clone()).await;
-    let agent = world
-        .start_agent(world.config(&world.state_dir(), ""), local.clone())
-        .await;
+    let world = Harness::on_clocks(local.clone(), truth.clone(), EmulatorConfig::demo()).await;
+    let agent = world.start_agent(world.config("")).await;
     let oracle = Oracle::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     send_batches(&agent, &oracle, &mut rng, "slow", 5).await;
     // Hour 00 (agent time) closes while the agent is 2 h slow: sent 3 h late, in bounds.
     local.set(from_unix_seconds(H0 + HOUR_SECS + 60));
     truth.set(from_unix_seconds(H0 + 3 * HOUR_SECS + 60));
-    wait_for("hour 0 billed", || world.emulator.records().len() >= 2).await;
+    eventually("hour 0 billed", PATIENCE, async || {
+        world.emulator.records().len() >= 2
+    })
+    .await;
     send_batches(&agent, &oracle, &mut rng, "slow2", 3).await;
     // NTP steps the agent +2 h to the truth: 01:01 → 03:01; hours 01 and 02 close.
     local.set(from_unix_seconds(H0 + 3 * HOUR_SECS + 60));
-    wait_for("hours 1 and 2 billed", || {
+    eventually("hours 1 and 2 billed", PATIENCE, async || {
         world.emulator.records().len() >= 6
     })
     .await;
@@ -844,14 +785,20 @@ async fn agent_clock_corrections_keep_timestamps_in_bounds() {
     // Later the agent runs 10 minutes fast: at true 03:55 it reads 04:05 and seals hour 03.
     truth.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 300));
     local.set(from_unix_seconds(H0 + 4 * HOUR_SECS + 300));
-    wait_for("hour 3 billed", || world.emulator.records().len() >= 8).await;
+    eventually("hour 3 billed", PATIENCE, async || {
+        world.emulator.records().len() >= 8
+    })
+    .await;
     // Stepped back 10 minutes: usage now counts in hour 04, not in the billed hour 03.
     local.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 300));
     send_batches(&agent, &oracle, &mut rng, "back", 5).await;
     truth.set(from_unix_seconds(H0 + 5 * HOUR_SECS + 60));
     local.set(from_unix_seconds(H0 + 5 * HOUR_SECS + 60));
-    wait_for("hour 4 billed", || world.emulator.records().len() >= 10).await;
-    agent.settled().await;
+    eventually("hour 4 billed", PATIENCE, async || {
+        world.emulator.records().len() >= 10
+    })
+    .await;
+    settled(&world, &agent, unix_seconds(world.clock.now())).await;
     let errors = meter_errors(&world.emulator);
     assert!(errors.is_empty(), "the service refused records: {errors:?}");
     let (first, last) = assert_hours_contiguous(&world.emulator.records());
@@ -874,13 +821,8 @@ async fn agent_clock_corrections_keep_timestamps_in_bounds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "reliability suite: scripts/reliability.sh"]
 async fn sixty_four_clients_with_retried_ids_count_each_id_once() {
-    let clock = ManualClock::at_unix(H0 + 300);
-    let world = World::new(clock.clone()).await;
-    let agent = Arc::new(
-        world
-            .start_agent(world.config(&world.state_dir(), ""), clock.clone())
-            .await,
-    );
+    let world = Harness::new(H0 + 300).await;
+    let agent = Arc::new(world.start_agent(world.config("")).await);
     // An id's event is fixed by the id, so a replay from any client is the same event.
     fn event_of(id: usize) -> (Value, (String, String), i64) {
         let dimension = DIMENSIONS[id % 2];
@@ -1010,13 +952,13 @@ fn fill(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "reliability suite: scripts/reliability.sh (root, for the tmpfs)"]
 async fn full_disk_answers_507_loses_nothing_and_recovers() {
-    let clock = ManualClock::at_unix(H0 + 300);
-    let world = World::new(clock.clone()).await;
+    let world = Harness::new(H0 + 300).await;
+    let clock = world.clock.clone();
     let fs = TinyFs::mount(world.dir.path().join("tiny"), "2m");
     let state = fs.path.join("state");
-    let agent = world
-        .start_agent(world.config(&state, ""), clock.clone())
-        .await;
+    let mut config = world.config("");
+    config.state.dir = state.clone();
+    let agent = world.start_agent(config).await;
     let oracle = Oracle::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(10);
     send_batches(&agent, &oracle, &mut rng, "before", 20).await;
@@ -1060,9 +1002,14 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
         metrics.as_str().unwrap_or_default().contains("disk_full"),
         "{metrics}"
     );
-    // The hour closes while the disk is full: sealing may fail and is retried.
+    // The hour closes while the disk is full: sealing may fail and is retried. The seal loop
+    // (like every loop the jump woke) has tried once it sleeps on the clock again.
+    let sleeping = clock.deadlines().len();
     clock.set(from_unix_seconds(H0 + HOUR_SECS + 30));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the woken loops asleep again", PATIENCE, async || {
+        clock.due_sleepers() == 0 && clock.deadlines().len() >= sleeping
+    })
+    .await;
 
     // Space returns: the refused request goes through with its ids, counted once.
     std::fs::remove_file(&filler).expect("free space");
@@ -1078,13 +1025,16 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
         )
         .await;
     }
-    wait_for("ready again", || agent.handles.status.is_ready()).await;
+    eventually("ready again", PATIENCE, async || {
+        agent.handles.status.is_ready()
+    })
+    .await;
     send_batches(&agent, &oracle, &mut rng, "after", 5).await;
 
     // Full again with nothing else to write (no seal due, nothing to deliver): readiness comes
     // back by itself once space returns. A NotReady sidecar gets no traffic, so it must not
     // wait for a request to succeed.
-    agent.settled().await;
+    settled(&world, &agent, unix_seconds(world.clock.now())).await;
     let filler = fill(&fs.path);
     let mut refused = None;
     for i in 0..2000 {
@@ -1103,7 +1053,7 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
     );
     std::fs::remove_file(&filler).expect("free space");
     clock.advance(Duration::from_secs(10));
-    wait_for("ready again before any request", || {
+    eventually("ready again before any request", PATIENCE, async || {
         agent.handles.status.is_ready()
     })
     .await;
@@ -1117,8 +1067,11 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
     )
     .await;
     clock.set(from_unix_seconds(H0 + 2 * HOUR_SECS + 30));
-    wait_for("both hours billed", || world.emulator.records().len() >= 4).await;
-    agent.settled().await;
+    eventually("both hours billed", PATIENCE, async || {
+        world.emulator.records().len() >= 4
+    })
+    .await;
+    settled(&world, &agent, unix_seconds(world.clock.now())).await;
     assert!(meter_errors(&world.emulator).is_empty());
     settle("disk_full_tmpfs", 1, &oracle, &world.emulator, &[]);
     agent.stop().await;

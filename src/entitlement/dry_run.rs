@@ -280,10 +280,9 @@ pub(crate) async fn dry_run_call(
 mod tests {
     use super::*;
     use crate::clock::{from_unix_seconds, Clock, ManualClock};
-    use crate::entitlement::test_support::{error_reply, Stub};
+    use crate::entitlement::test_support::{drive_observed, error_reply, Observer, Stub};
     use crate::exit::Exit;
     use std::sync::Arc;
-    use tokio::sync::mpsc;
 
     const START: i64 = 1_800_000_000;
 
@@ -297,11 +296,7 @@ mod tests {
     ) -> (Result<DryRunPassed, EntitlementError>, Vec<RetryEvent>) {
         let client = stub.client().await;
         let shared: SharedClock = clock.clone();
-        let (tx, mut rx) = mpsc::unbounded_channel::<RetryEvent>();
-        let task = tokio::spawn(async move {
-            let observer = move |e: &RetryEvent| {
-                let _ = tx.send(e.clone());
-            };
+        let start = |observer: Observer| async move {
             dry_run_check_with(
                 &client,
                 "prod-abc123",
@@ -312,14 +307,8 @@ mod tests {
                 &observer,
             )
             .await
-        });
-        let mut events = Vec::new();
-        while let Some(event) = rx.recv().await {
-            on_event(&event, stub);
-            clock.set(event.next_attempt_at);
-            events.push(event);
-        }
-        (task.await.expect("dry-run task"), events)
+        };
+        drive_observed(&clock, start, |e| on_event(e, stub)).await
     }
 
     fn elapsed(clock: &ManualClock) -> Duration {
@@ -471,11 +460,7 @@ mod tests {
             ami_fail_closed_after: Duration::from_secs(60),
             ..DryRunPolicy::default()
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<SystemTime>();
-        let task = tokio::spawn(async move {
-            let observer = move |e: &RetryEvent| {
-                let _ = tx.send(e.next_attempt_at);
-            };
+        let start = |observer: Observer| async move {
             dry_run_check_with(
                 &client,
                 "p",
@@ -486,11 +471,9 @@ mod tests {
                 &observer,
             )
             .await
-        });
-        while let Some(at) = rx.recv().await {
-            clock.set(at);
-        }
-        let err = task.await.expect("task").unwrap_err();
+        };
+        let (result, _) = drive_observed(&clock, start, |_| {}).await;
+        let err = result.unwrap_err();
         assert!(elapsed(&clock) >= AMI_MIN_FAIL_CLOSED);
         assert_eq!(err.exit_code(), Exit::TransientBudget, "{err}");
     }

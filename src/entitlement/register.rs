@@ -301,11 +301,11 @@ mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock};
     use crate::entitlement::test_support::{
-        error_reply, register_ok, test_keyring, trusted_key, untrusted_key, Reply, Stub,
+        drive_observed, error_reply, register_ok, test_keyring, trusted_key, untrusted_key,
+        Observer, Reply, Stub,
     };
     use crate::exit::Exit;
     use std::sync::{Arc, Mutex};
-    use tokio::sync::mpsc;
 
     const START: i64 = 1_800_000_000;
 
@@ -323,19 +323,10 @@ mod tests {
     ) -> (Result<Entitlement, EntitlementError>, Vec<RetryEvent>) {
         let client = stub.client().await;
         let shared: SharedClock = clock.clone();
-        let (tx, mut rx) = mpsc::unbounded_channel::<RetryEvent>();
-        let task = tokio::spawn(async move {
-            let observer = move |e: &RetryEvent| {
-                let _ = tx.send(e.clone());
-            };
+        let start = |observer: Observer| async move {
             register_observed(&client, &settings, &keyring, &shared, &observer).await
-        });
-        let mut events = Vec::new();
-        while let Some(event) = rx.recv().await {
-            clock.set(event.next_attempt_at);
-            events.push(event);
-        }
-        (task.await.expect("register task"), events)
+        };
+        drive_observed(&clock, start, |_| {}).await
     }
 
     #[tokio::test]
@@ -536,17 +527,11 @@ mod tests {
         let shared: SharedClock = clock.clone();
         let mut s = settings();
         s.startup_budget = Duration::from_secs(10);
-        let (tx, mut rx) = mpsc::unbounded_channel::<SystemTime>();
-        let task = tokio::spawn(async move {
-            let observer = move |e: &RetryEvent| {
-                let _ = tx.send(e.next_attempt_at);
-            };
+        let start = |observer: Observer| async move {
             register_observed(&client, &s, &test_keyring(1), &shared, &observer).await
-        });
-        while let Some(at) = rx.recv().await {
-            clock.set(at);
-        }
-        let err = task.await.expect("task").unwrap_err();
+        };
+        let (result, _) = drive_observed(&clock, start, |_| {}).await;
+        let err = result.unwrap_err();
         assert_eq!(err.exit_code(), Exit::TransientBudget, "{err}");
     }
 

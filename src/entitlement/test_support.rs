@@ -17,6 +17,8 @@ use rsa::RsaPrivateKey;
 use serde_json::{json, Value};
 
 use crate::aws::{build_client, AwsSettings};
+use crate::clock::ManualClock;
+use crate::entitlement::RetryEvent;
 
 fn generate(bits: usize) -> RsaPrivateKey {
     RsaPrivateKey::new(&mut rand::thread_rng(), bits).expect("rsa keygen")
@@ -209,4 +211,33 @@ impl Stub {
         })
         .await
     }
+}
+
+/// What a retrying operation is given to announce each retry.
+pub(crate) type Observer = Box<dyn Fn(&RetryEvent) + Send + Sync>;
+
+/// Drives a retrying operation by its observer: runs `start(observer)` in a task and, at
+/// each announced retry, calls `on_event` and sets `clock` to the retry's time. Returns the
+/// result and every event. (The integration tests' twin is `meterd_test_support::drive_retries`;
+/// unit tests cannot link that crate.)
+pub(crate) async fn drive_observed<T, Fut>(
+    clock: &ManualClock,
+    start: impl FnOnce(Observer) -> Fut,
+    mut on_event: impl FnMut(&RetryEvent),
+) -> (T, Vec<RetryEvent>)
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<RetryEvent>();
+    let task = tokio::spawn(start(Box::new(move |e: &RetryEvent| {
+        let _ = tx.send(e.clone());
+    })));
+    let mut events = Vec::new();
+    while let Some(event) = rx.recv().await {
+        on_event(&event);
+        clock.set(event.next_attempt_at);
+        events.push(event);
+    }
+    (task.await.expect("the retrying task"), events)
 }

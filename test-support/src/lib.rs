@@ -1,27 +1,64 @@
-//! Harness shared by the integration test binaries (each uses a part of it).
-#![allow(dead_code)]
+//! The harness meterd's integration test binaries share, compiled once as a workspace crate
+//! (a dev-dependency of meterd). Time in the in-process tests moves by the injected clock:
+//! [`Harness::drive_until`] jumps a [`meterd::clock::ManualClock`] to its next sleeper's
+//! deadline; [`eventually`] polls on real time for work that runs concurrently.
+#![forbid(unsafe_code)]
+
+mod binary;
+mod harness;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde_json::Value;
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use meterd::agent::{self, AgentError, Handles, Listeners, RunContext};
 use meterd::aws::AwsSettings;
-use meterd::clock::SharedClock;
+use meterd::clock::{SharedClock, HOUR_SECS};
 use meterd::config::Config;
 use meterd::emulator::{self, EmulatorConfig, EmulatorHandle};
 use meterd::ledger::StoredRecord;
 use meterd::local_client::{self, Target};
 
+pub use binary::{agent_command, agent_command_without_keys, sigterm, wait_ready, BinaryRig};
+pub use harness::{drive_retries, Announce, Harness, ACCESS_KEY};
+
 /// The emulator's demo product, which every harness meters.
-pub const PRODUCT: &str = "prod-demo1234";
+pub const PRODUCT: &str = emulator::config::DEMO_PRODUCT_CODE;
+
+/// An hour boundary well clear of anything real: 2027-01-15T08:00:00Z.
+pub const H0: i64 = 1_800_000_000 - 1_800_000_000 % HOUR_SECS;
+
+/// How long [`eventually`] waits, unless a test says otherwise.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// How often [`eventually`] looks again.
+const POLL: Duration = Duration::from_millis(1);
+
+/// Polls `cond` on real time until it holds, for work that happens concurrently (a request in
+/// flight, the ledger's writer); fails naming `what` after `patience`. Time the agent waits on
+/// its clock is moved by [`Harness::drive_until`] instead.
+///
+/// `cond` returns a future (an `async ||` closure that only borrows, or `move || async move`),
+/// so the wait stays `Send` inside a spawned task.
+pub async fn eventually<F, Fut>(what: &str, patience: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {patience:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
 
 /// What differs between the harnesses' agent configurations.
 pub struct AgentToml<'a> {
@@ -82,88 +119,6 @@ endpoint_url = "{endpoint}"
         sending = t.sending,
         metering = t.metering.unwrap_or(DEMO_METERING),
     )
-}
-
-/// Sends SIGTERM to a running child (the agent's shutdown path).
-pub fn sigterm(child: &Child) {
-    let pid = child.id().expect("running child");
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
-
-/// `meterd run` with a cleared environment, static credentials and IMDS disabled, so nothing
-/// leaves loopback. Callers may add variables.
-pub fn agent_command(bin: &str, config: &Path, cwd: &Path, access_key: &str) -> Command {
-    let mut cmd = agent_command_without_keys(bin, config, cwd);
-    cmd.env("AWS_ACCESS_KEY_ID", access_key)
-        .env("AWS_SECRET_ACCESS_KEY", "secret");
-    cmd
-}
-
-/// [`agent_command`] without credentials: callers set a credential flow's variables.
-pub fn agent_command_without_keys(bin: &str, config: &Path, cwd: &Path) -> Command {
-    let mut cmd = Command::new(bin);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(config)
-        .current_dir(cwd)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("TZ", "UTC")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("METERD_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
-
-/// Waits until the agent at `addr` answers `/readyz` 200; fails if it exits or takes 30 s.
-pub async fn wait_ready(addr: &str, child: &mut Child) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use tokio::io::AsyncReadExt;
-                let _ = e.read_to_string(&mut err).await;
-            }
-            panic!("agent exited during start-up with {status}: {err}");
-        }
-        let ready = local_client::call(
-            &Target::Tcp(addr.to_owned()),
-            Method::GET,
-            "/readyz",
-            None,
-            None,
-            Duration::from_secs(1),
-        )
-        .await;
-        if matches!(ready, Ok((StatusCode::OK, _))) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agent never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Polls `cond` on real time (the agent works concurrently); fails after `limit`.
-pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// The agent run in-process (`agent::run`) on a loopback listener, against an emulator.
@@ -315,60 +270,4 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
-}
-
-/// For the real binary: an emulator in this process (so it outlives every kill of the agent)
-/// and an agent configuration file listening on a free loopback port.
-pub struct BinaryRig {
-    pub emulator: EmulatorHandle,
-    pub dir: tempfile::TempDir,
-    pub config_path: PathBuf,
-    pub addr: String,
-}
-
-impl BinaryRig {
-    pub async fn new(clock: SharedClock, server_extra: &str, sending: &str) -> Self {
-        Self::with_metering(clock, server_extra, sending, EmulatorConfig::demo(), None).await
-    }
-
-    /// [`Self::new`] for another emulator product and other `[metering]` lines.
-    pub async fn with_metering(
-        clock: SharedClock,
-        server_extra: &str,
-        sending: &str,
-        emulator_config: EmulatorConfig,
-        metering: Option<&str>,
-    ) -> Self {
-        let (emulator, dir, key) = emulator_and_key(emulator_config, clock).await;
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config_path = dir.path().join("meterd.toml");
-        std::fs::write(
-            &config_path,
-            agent_toml(&AgentToml {
-                key: &key,
-                state: &dir.path().join("state"),
-                endpoint: &emulator.endpoint_url(),
-                listen: &addr,
-                server_extra,
-                sending,
-                metering,
-            }),
-        )
-        .expect("config");
-        Self {
-            emulator,
-            dir,
-            config_path,
-            addr,
-        }
-    }
-
-    pub fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    /// `meterd run` on this rig's configuration, from its directory.
-    pub fn command(&self, bin: &str, access_key: &str) -> Command {
-        agent_command(bin, &self.config_path, self.dir.path(), access_key)
-    }
 }
