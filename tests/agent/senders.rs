@@ -107,11 +107,22 @@ impl RecordStore for MemoryStore {
 }
 
 /// One agent's view of the shared clock: while the agent waits on it, the deadline it waits
-/// for (nanoseconds since the epoch; 0 when it is not waiting).
+/// for (nanoseconds since the epoch; 0 when it is not waiting). The driver wakes only the
+/// agents whose deadline a clock move passed ([`AgentClock::wake_if_due`]), not all of them.
 struct AgentClock {
     clock: Arc<ManualClock>,
     waiting_until: AtomicU64,
+    due: Notify,
     settle: Arc<Notify>,
+}
+
+impl AgentClock {
+    fn wake_if_due(&self, now: u64) {
+        let until = self.waiting_until.load(Ordering::SeqCst);
+        if until != 0 && until <= now {
+            self.due.notify_one();
+        }
+    }
 }
 
 fn epoch_nanos(t: SystemTime) -> u64 {
@@ -135,11 +146,15 @@ impl Clock for AgentClock {
 
     fn sleep_until(&self, deadline: SystemTime) -> SleepFuture<'_> {
         Box::pin(async move {
+            // The deadline is visible before the time is read, so a clock move either is
+            // seen here or leaves a wake-up for the `notified` below.
             self.waiting_until
                 .store(epoch_nanos(deadline).max(1), Ordering::SeqCst);
             let _waiting = Waiting(&self.waiting_until);
             self.settle.notify_one();
-            self.clock.sleep_until(deadline).await
+            while self.clock.now() < deadline {
+                self.due.notified().await;
+            }
         })
     }
 }
@@ -267,6 +282,7 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
         let clock = Arc::new(AgentClock {
             clock: h.clock.clone(),
             waiting_until: AtomicU64::new(0),
+            due: Notify::new(),
             settle: settle.clone(),
         });
         let store = MemoryStore {
@@ -369,6 +385,10 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
         if target > h.clock.now() {
             h.clock.set(target);
             run.steps += 1;
+            let now = epoch_nanos(target);
+            for a in &agents {
+                a.clock.wake_if_due(now);
+            }
         }
         let now = unix_seconds(h.clock.now());
         if next_seal < spec.hours && now >= seal_at(next_seal) {
