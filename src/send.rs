@@ -16,8 +16,13 @@
 //! closes ([`spread_offset`], from the ledger's instance id, so a restart keeps its slot); the
 //! shutdown flush ignores it, and so does a record the flush sealed early but did not send. Every call, retries included, first takes a slot from one
 //! [`RateLimiter`] (`sending.max_calls_per_second`).
+//!
+//! The sender reads and updates its records through [`RecordStore`]: the agent's is the
+//! [`Ledger`]; the fleet simulation's largest runs use a store in memory, so the same sending
+//! code runs without a ledger per simulated agent.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +41,39 @@ use crate::metrics::Metrics;
 use crate::model::{Delivery, RecordState, StoredRecord, REPORT_WINDOW_SECS};
 use crate::rate::RateLimiter;
 use crate::status::StatusBoard;
+
+/// What the sender needs of its records: the pending ones, oldest first, and a place for each
+/// delivery outcome (as [`Ledger::record_delivery`]: a failure or final outcome applies only
+/// to a record still pending).
+pub trait RecordStore: Send + Sync + 'static {
+    fn pending_records(
+        &self,
+    ) -> impl Future<Output = Result<Vec<StoredRecord>, LedgerError>> + Send;
+
+    fn record_delivery(
+        &self,
+        hour: i64,
+        dimension: &str,
+        delivery: Delivery,
+        now: i64,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+}
+
+impl RecordStore for Ledger {
+    async fn pending_records(&self) -> Result<Vec<StoredRecord>, LedgerError> {
+        Ledger::pending_records(self).await
+    }
+
+    async fn record_delivery(
+        &self,
+        hour: i64,
+        dimension: &str,
+        delivery: Delivery,
+        now: i64,
+    ) -> Result<(), LedgerError> {
+        Ledger::record_delivery(self, hour, dimension, delivery, now).await
+    }
+}
 
 /// This agent's send offset in `[0, spread)`: a uniform hash of the ledger's instance id
 /// scaled onto the spread, in whole milliseconds. The same id always gets the same offset.
@@ -66,9 +104,10 @@ pub enum Pass {
     RetryLate,
 }
 
-pub struct Sender {
+pub struct Sender<S = Ledger> {
     pub client: Client,
-    pub ledger: Ledger,
+    /// Where the records come from and their outcomes go (the ledger in the agent).
+    pub store: S,
     pub clock: SharedClock,
     pub metrics: Arc<Metrics>,
     pub status: Arc<StatusBoard>,
@@ -114,10 +153,10 @@ pub enum Spread {
     Ignore,
 }
 
-impl Sender {
+impl<S: RecordStore> Sender<S> {
     pub fn new(
         client: Client,
-        ledger: Ledger,
+        store: S,
         clock: SharedClock,
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
@@ -126,7 +165,7 @@ impl Sender {
     ) -> Self {
         Self {
             client,
-            ledger,
+            store,
             clock,
             metrics,
             status,
@@ -250,7 +289,7 @@ impl Sender {
     /// One attempt at every pending record, oldest first; with [`Spread::Honour`], only
     /// those whose hour closed at least the offset ago (the rest set [`Self::next_due`]).
     pub async fn pass_with(&self, spread: Spread) -> Result<Pass, LedgerError> {
-        let pending = self.ledger.pending_records().await?;
+        let pending = self.store.pending_records().await?;
         self.metrics.records_pending.set(pending.len() as i64);
         let now_ms = unix_millis(self.clock.now());
         let offset_ms = i64::try_from(self.offset.as_millis()).unwrap_or(i64::MAX);
@@ -290,7 +329,7 @@ impl Sender {
                     record.last_error.as_deref().unwrap_or("none")
                 );
                 tracing::error!(quantity = record.quantity, %error, "record dead-lettered: this usage was not billed; it stays in the ledger for reconciliation");
-                self.ledger
+                self.store
                     .record_delivery(record.hour, &record.dimension, Delivery::Final { state: RecordState::Dead, error }, now)
                     .await?;
                 self.metrics.records_dead_lettered.inc();
@@ -300,7 +339,7 @@ impl Sender {
             let now = unix_seconds(self.clock.now());
             match outcome {
                 Ok(metering_record_id) => {
-                    self.ledger
+                    self.store
                         .record_delivery(record.hour, &record.dimension, Delivery::Sent { metering_record_id: metering_record_id.clone() }, now)
                         .await?;
                     self.metrics.record_sent(&record.dimension, record.quantity);
@@ -321,13 +360,13 @@ impl Sender {
                     });
                     if failure.code_is("DuplicateRequestException") {
                         tracing::error!(error = %text, "the service holds a different record for this dimension-hour; this record is not retried. Check for a second agent sharing this instance identity");
-                        self.ledger
+                        self.store
                             .record_delivery(record.hour, &record.dimension, Delivery::Final { state: RecordState::Duplicate, error: text }, now)
                             .await?;
                         self.metrics.records_duplicate.inc();
                         return Ok(Pass::Done);
                     }
-                    self.ledger
+                    self.store
                         .record_delivery(record.hour, &record.dimension, Delivery::Failed { error: text.clone() }, now)
                         .await?;
                     if failure.code_is("ThrottlingException") {

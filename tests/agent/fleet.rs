@@ -2,6 +2,9 @@
 
 use super::*;
 
+#[path = "senders.rs"]
+mod senders;
+
 /// One hour of a fleet simulation, as [`run_fleet`] reports it.
 #[derive(Debug, Clone, Default)]
 struct FleetHour {
@@ -379,5 +382,69 @@ async fn a_fleet_shares_one_accounts_quota_across_two_hour_boundaries() {
                 a.last_accepted_after
             );
         }
+    }
+}
+
+/// Issue 16's largest fleet: sender-only agents (the real `Sender` over records in memory, no
+/// ledgers: `senders.rs`), 200 × 2 dimensions in CI; `FLEET_SENDERS`, `FLEET_DIMENSIONS`
+/// (1..4), `FLEET_SPREAD`, `FLEET_HOURS` and `FLEET_QUANTUM_MS` (the smallest clock move,
+/// default 10) change it, `FLEET_COMPARE_SPREAD` runs the same fleet again with that spread
+/// and prints both. Every unit is billed once (always checked); unless `FLEET_MEASURE=1`,
+/// nothing is dead-lettered or left unsent, every record is accepted within spread + 5 minutes
+/// of its hour's close, and the service never sees more MeterUsage calls in a second than
+/// the quota. The commands and figures are in docs/PERFORMANCE.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_only_fleet_drains_every_hour_inside_the_window() {
+    let env = |k: &str| std::env::var(k).ok();
+    let all = ["requests", "gigabytes", "seats", "cpus"];
+    let dims = env("FLEET_DIMENSIONS")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(2)
+        .clamp(1, all.len());
+    let spread_of = |v: Option<String>| {
+        humantime::parse_duration(v.as_deref().unwrap_or("5m")).expect("FLEET_SPREAD")
+    };
+    let spec = senders::SendersSpec {
+        agents: env("FLEET_SENDERS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200),
+        dimensions: all[..dims].to_vec(),
+        spread: spread_of(env("FLEET_SPREAD")),
+        hours: env("FLEET_HOURS").and_then(|v| v.parse().ok()).unwrap_or(2),
+        quantum: Duration::from_millis(
+            env("FLEET_QUANTUM_MS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10),
+        ),
+    };
+    let run = senders::run_senders(&spec).await;
+    senders::print_senders("A", &spec, &run);
+    let measure = env("FLEET_MEASURE").is_some();
+    for (i, hour) in run.hours.iter().enumerate().filter(|_| !measure) {
+        assert_eq!(
+            hour.records,
+            (spec.agents * spec.dimensions.len()) as u64,
+            "hour {i}"
+        );
+        assert_eq!((hour.dead_letters, hour.unsent), (0, 0), "hour {i}");
+        assert!(
+            hour.last_accepted_after <= spec.spread.as_secs() as i64 + 300,
+            "hour {i}: the last record was accepted {} s after the close",
+            hour.last_accepted_after
+        );
+    }
+    if !measure {
+        assert!(
+            run.peak_calls_per_second <= 10 && run.peak_accepted_per_second <= 10,
+            "{run:?}"
+        );
+    }
+    if let Some(other) = env("FLEET_COMPARE_SPREAD") {
+        let other = senders::SendersSpec {
+            spread: spread_of(Some(other)),
+            ..spec
+        };
+        let b = senders::run_senders(&other).await;
+        senders::print_senders("B", &other, &b);
     }
 }
