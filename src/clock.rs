@@ -32,6 +32,26 @@ pub trait Clock: Send + Sync + 'static {
         let deadline = self.now() + duration;
         self.sleep_until(deadline)
     }
+
+    /// Time that never steps, since an arbitrary origin: for budgets such as the shutdown's
+    /// grace period, which the orchestrator counts in real time whatever the wall clock does.
+    /// Real monotonic time unless a clock says otherwise (the manual clock: its own time).
+    fn monotonic(&self) -> Duration {
+        monotonic_origin().elapsed()
+    }
+
+    /// Resolves once `monotonic() >= until`.
+    fn sleep_monotonic(&self, until: Duration) -> SleepFuture<'_> {
+        Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
+            monotonic_origin() + until,
+        )))
+    }
+}
+
+/// The origin of [`Clock::monotonic`] for clocks on real time.
+fn monotonic_origin() -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
 }
 
 pub type SharedClock = Arc<dyn Clock>;
@@ -220,6 +240,16 @@ impl Clock for ManualClock {
         *self.now.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The manual time itself: tests move budgets with the clock. It only steps when a test
+    /// sets it back; a budget then lasts longer, never shorter.
+    fn monotonic(&self) -> Duration {
+        self.now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    }
+
+    fn sleep_monotonic(&self, until: Duration) -> SleepFuture<'_> {
+        self.sleep_until(UNIX_EPOCH + until)
+    }
+
     fn sleep_until(&self, deadline: SystemTime) -> SleepFuture<'_> {
         let mut changes = self.changed.subscribe();
         let guard = self.register(deadline);
@@ -364,5 +394,43 @@ mod tests {
         let clock = ManualClock::at_unix(10_000);
         clock.rewind(Duration::from_secs(600));
         assert_eq!(unix_seconds(clock.now()), 9_400);
+    }
+
+    #[tokio::test]
+    async fn a_budget_on_a_fast_clock_lasts_in_real_time() {
+        // One real second is an hour on this clock; a 100 ms budget must still take 100 ms.
+        let clock = ScaledClock::new(from_unix_seconds(1_000), 3_600.0);
+        let wall_before = clock.now();
+        let real_before = Instant::now();
+        clock
+            .sleep_monotonic(clock.monotonic() + Duration::from_millis(100))
+            .await;
+        assert!(real_before.elapsed() >= Duration::from_millis(100));
+        let wall = clock.now().duration_since(wall_before).unwrap_or_default();
+        assert!(
+            wall >= Duration::from_secs(300),
+            "{wall:?} of wall time passed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_manual_clock_budget_moves_with_the_clock() {
+        let clock = ManualClock::at_unix(1_000);
+        let start = clock.monotonic();
+        assert_eq!(start, Duration::from_secs(1_000));
+        let waiting = {
+            let clock = clock.clone();
+            tokio::spawn(
+                async move { clock.sleep_monotonic(start + Duration::from_secs(30)).await },
+            )
+        };
+        clock.advance(Duration::from_secs(29));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        clock.advance(Duration::from_secs(1));
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the budget ends when the clock reaches it")
+            .expect("sleeper task ok");
     }
 }

@@ -242,9 +242,10 @@ impl<S: RecordStore> Sender<S> {
             OutOfTime,
             Ledger(LedgerError),
         }
-        // The budget is the orchestrator's grace period, spent on the injected clock like
-        // every other wait (the system clock in production).
-        let deadline = self.clock.now() + budget;
+        // The budget is the orchestrator's grace period: real time, which a step of the wall
+        // clock does not shorten (`Clock::monotonic`). The waits between passes are on the
+        // injected clock like every other wait.
+        let deadline = self.clock.monotonic() + budget;
         let flushed = retry_with(
             &self.clock,
             |attempt, _, now| {
@@ -252,8 +253,7 @@ impl<S: RecordStore> Sender<S> {
                     .backoff
                     .delay(attempt - 1, &mut rand::thread_rng())
                     .min(self.backoff.initial() * 4);
-                let next = now + delay;
-                (next < deadline).then_some(next)
+                (self.clock.monotonic() + delay < deadline).then_some(now + delay)
             },
             |unfinished| matches!(unfinished, Unfinished::Left(_)),
             |_, _, _| {},
@@ -265,7 +265,7 @@ impl<S: RecordStore> Sender<S> {
                         Ok(pass) => Err(Unfinished::Left(pass)),
                         Err(e) => Err(Unfinished::Ledger(e)),
                     },
-                    () = self.clock.sleep_until(deadline) => Err(Unfinished::OutOfTime),
+                    () = self.clock.sleep_monotonic(deadline) => Err(Unfinished::OutOfTime),
                 }
             },
         )
