@@ -242,22 +242,7 @@ async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
         run.register_throttled = register.throttled;
     }
     if oracle_check {
-        let mut billed: BTreeMap<(String, i64, String), i64> = BTreeMap::new();
-        for r in h.emulator.records() {
-            if r.hour < H0 + spec.hours * HOUR_SECS {
-                let key = (r.identity.clone(), r.hour, r.dimension.clone());
-                assert!(
-                    billed.insert(key.clone(), r.quantity).is_none(),
-                    "two records for {key:?}"
-                );
-            }
-        }
-        assert_eq!(
-            billed.len(),
-            oracle.len(),
-            "one record per agent, dimension and hour"
-        );
-        assert!(billed == oracle, "every unit billed once, none lost");
+        assert_billed_once(&h.emulator, &oracle, H0 + spec.hours * HOUR_SECS);
     }
     // Stop every agent while the clock runs (their flush waits on it).
     let ticking = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -323,16 +308,11 @@ fn print_fleet(label: &str, spec: &FleetSpec, run: &FleetRun) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_shares_one_accounts_quota_across_two_hour_boundaries() {
     let env = |k: &str| std::env::var(k).ok();
-    let all = ["requests", "gigabytes", "seats", "cpus"];
-    let dims = env("FLEET_DIMENSIONS")
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(2)
-        .clamp(1, all.len());
     let spec = FleetSpec {
         agents: env("FLEET_AGENTS")
             .and_then(|v| v.parse().ok())
             .unwrap_or(50),
-        dimensions: all[..dims].to_vec(),
+        dimensions: fleet_dimensions(),
         spread: env("FLEET_SPREAD")
             .map(|s| &*Box::leak(s.into_boxed_str()))
             .unwrap_or("5m"),
@@ -396,11 +376,6 @@ async fn a_fleet_shares_one_accounts_quota_across_two_hour_boundaries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_only_fleet_drains_every_hour_inside_the_window() {
     let env = |k: &str| std::env::var(k).ok();
-    let all = ["requests", "gigabytes", "seats", "cpus"];
-    let dims = env("FLEET_DIMENSIONS")
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(2)
-        .clamp(1, all.len());
     let spread_of = |v: Option<String>| {
         humantime::parse_duration(v.as_deref().unwrap_or("5m")).expect("FLEET_SPREAD")
     };
@@ -408,7 +383,7 @@ async fn sender_only_fleet_drains_every_hour_inside_the_window() {
         agents: env("FLEET_SENDERS")
             .and_then(|v| v.parse().ok())
             .unwrap_or(200),
-        dimensions: all[..dims].to_vec(),
+        dimensions: fleet_dimensions(),
         spread: spread_of(env("FLEET_SPREAD")),
         hours: env("FLEET_HOURS").and_then(|v| v.parse().ok()).unwrap_or(2),
         quantum: Duration::from_millis(
@@ -447,4 +422,38 @@ async fn sender_only_fleet_drains_every_hour_inside_the_window() {
         let b = senders::run_senders(&other).await;
         senders::print_senders("B", &other, &b);
     }
+}
+
+/// The dimensions a fleet meters: the first `FLEET_DIMENSIONS` (1 to 4, default 2) of four.
+fn fleet_dimensions() -> Vec<&'static str> {
+    let all = ["requests", "gigabytes", "seats", "cpus"];
+    let n = std::env::var("FLEET_DIMENSIONS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(2)
+        .clamp(1, all.len());
+    all[..n].to_vec()
+}
+
+/// Every unit the oracle holds, by (agent, hour, dimension), was billed in exactly one record,
+/// counting the records of hours before `until`.
+fn assert_billed_once(
+    emulator: &meterd::emulator::EmulatorHandle,
+    oracle: &BTreeMap<(String, i64, String), i64>,
+    until: i64,
+) {
+    let mut billed: BTreeMap<(String, i64, String), i64> = BTreeMap::new();
+    for r in emulator.records().into_iter().filter(|r| r.hour < until) {
+        let key = (r.identity.clone(), r.hour, r.dimension.clone());
+        assert!(
+            billed.insert(key.clone(), r.quantity).is_none(),
+            "two records for {key:?}"
+        );
+    }
+    assert_eq!(
+        billed.len(),
+        oracle.len(),
+        "one record per agent, dimension and hour"
+    );
+    assert!(&billed == oracle, "every unit billed once, none lost");
 }

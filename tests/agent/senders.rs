@@ -474,20 +474,7 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
             run.peak_accepted_per_second = run.peak_accepted_per_second.max(s.accepted);
         }
     }
-    let mut billed: BTreeMap<(String, i64, String), i64> = BTreeMap::new();
-    for r in h.emulator.records() {
-        let key = (r.identity.clone(), r.hour, r.dimension.clone());
-        assert!(
-            billed.insert(key.clone(), r.quantity).is_none(),
-            "two records for {key:?}"
-        );
-    }
-    assert_eq!(
-        billed.len(),
-        oracle.len(),
-        "one record per agent, dimension and hour"
-    );
-    assert!(billed == oracle, "every unit billed once, none lost");
+    super::assert_billed_once(&h.emulator, &oracle, i64::MAX);
     run.real_seconds = real_start.elapsed().as_secs_f64();
     run
 }
