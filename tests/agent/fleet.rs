@@ -160,10 +160,7 @@ async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
                 .dimensions
                 .iter()
                 .map(|d| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    let q = (seed >> 33) as i64 % 1000 + 1;
+                    let q = next_quantity(&mut seed);
                     oracle.insert(
                         (format!("AKIAFLEET{i:011}"), hour_start, (*d).to_owned()),
                         q,
@@ -456,4 +453,12 @@ fn assert_billed_once(
         "one record per agent, dimension and hour"
     );
     assert!(&billed == oracle, "every unit billed once, none lost");
+}
+
+/// The next usage quantity, 1 to 1,000, from a seeded LCG (the same fleet every run).
+fn next_quantity(seed: &mut u64) -> i64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*seed >> 33) as i64 % 1000 + 1
 }

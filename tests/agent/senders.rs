@@ -398,10 +398,7 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
                     .dimensions
                     .iter()
                     .map(|d| {
-                        seed = seed
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let quantity = (seed >> 33) as i64 % 1000 + 1;
+                        let quantity = super::next_quantity(&mut seed);
                         oracle.insert((a.key.clone(), hour, (*d).to_owned()), quantity);
                         StoredRecord {
                             hour,
