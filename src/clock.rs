@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::ops::Bound;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use tokio::sync::watch;
 
 /// Seconds in an hour: the metering granularity.
 pub const HOUR_SECS: i64 = 3600;
@@ -114,42 +114,70 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to. Sleepers wake when it is advanced past their deadline.
-/// It knows its sleepers: a test can jump to the next deadline instead of guessing a step.
+/// A clock that moves only when told to. Sleepers wake when it is moved to or past their
+/// deadline, and only those: a move wakes the tasks whose deadline it passed, however many
+/// others sleep. It knows its sleepers: a test can jump to the next deadline instead of
+/// guessing a step.
 #[derive(Debug)]
 pub struct ManualClock {
-    now: Mutex<SystemTime>,
-    changed: watch::Sender<SystemTime>,
-    sleepers: Mutex<Sleepers>,
+    state: Mutex<ManualState>,
 }
 
-/// The deadlines of pending `sleep_until` futures, by a registration number.
-#[derive(Debug, Default)]
-struct Sleepers {
+#[derive(Debug)]
+struct ManualState {
+    now: SystemTime,
     next_id: u64,
-    deadlines: BTreeMap<u64, SystemTime>,
+    /// Pending `sleep_until` futures by (deadline, registration number), each with the waker
+    /// of the task that last polled it.
+    sleepers: BTreeMap<(SystemTime, u64), Option<Waker>>,
 }
 
-/// Removes a sleeper's deadline when its future completes or is dropped.
-struct SleeperGuard<'a> {
-    sleepers: &'a Mutex<Sleepers>,
-    id: u64,
+impl ManualState {
+    /// The key bound that includes every sleeper due at `t`.
+    fn due_by(t: SystemTime) -> std::ops::RangeToInclusive<(SystemTime, u64)> {
+        ..=(t, u64::MAX)
+    }
 }
 
-impl Drop for SleeperGuard<'_> {
+/// One sleeper: registered from creation until it completes or is dropped.
+struct ManualSleep<'a> {
+    clock: &'a ManualClock,
+    key: (SystemTime, u64),
+}
+
+impl Future for ManualSleep<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.clock.lock();
+        if state.now >= self.key.0 {
+            state.sleepers.remove(&self.key);
+            return Poll::Ready(());
+        }
+        if let Some(waker) = state.sleepers.get_mut(&self.key) {
+            match waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *waker = Some(cx.waker().clone()),
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for ManualSleep<'_> {
     fn drop(&mut self) {
-        let mut sleepers = self.sleepers.lock().unwrap_or_else(|e| e.into_inner());
-        sleepers.deadlines.remove(&self.id);
+        self.clock.lock().sleepers.remove(&self.key);
     }
 }
 
 impl ManualClock {
     pub fn new(start: SystemTime) -> Arc<Self> {
-        let (changed, _) = watch::channel(start);
         Arc::new(Self {
-            now: Mutex::new(start),
-            changed,
-            sleepers: Mutex::default(),
+            state: Mutex::new(ManualState {
+                now: start,
+                next_id: 0,
+                sleepers: BTreeMap::new(),
+            }),
         })
     }
 
@@ -159,85 +187,80 @@ impl ManualClock {
     }
 
     pub fn advance(&self, by: Duration) {
-        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
-        *now += by;
-        self.changed.send_replace(*now);
+        self.move_with(|now| Some(now + by));
     }
 
     /// Sets the time, forwards or backwards (a wall-clock jump).
     pub fn set(&self, to: SystemTime) {
-        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
-        *now = to;
-        self.changed.send_replace(to);
+        self.move_with(|_| Some(to));
     }
 
     /// Moves time backwards (a wall-clock step back).
     pub fn rewind(&self, by: Duration) {
-        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
-        *now -= by;
-        self.changed.send_replace(*now);
+        self.move_with(|now| Some(now - by));
     }
 
     /// The earliest deadline of a pending sleeper that is still in the future.
     pub fn next_deadline(&self) -> Option<SystemTime> {
-        let now = self.now();
-        self.lock_sleepers()
-            .deadlines
-            .values()
-            .filter(|d| **d > now)
-            .min()
-            .copied()
+        let state = self.lock();
+        let after_now = (Bound::Excluded((state.now, u64::MAX)), Bound::Unbounded);
+        state.sleepers.range(after_now).next().map(|(k, _)| k.0)
     }
 
     /// The deadlines of every pending sleeper, earliest first.
     pub fn deadlines(&self) -> Vec<SystemTime> {
-        let mut all: Vec<SystemTime> = self.lock_sleepers().deadlines.values().copied().collect();
-        all.sort();
-        all
+        self.lock().sleepers.keys().map(|k| k.0).collect()
+    }
+
+    /// How many sleepers are pending, due or not.
+    pub fn sleepers(&self) -> usize {
+        self.lock().sleepers.len()
     }
 
     /// How many pending sleepers are already due (woken, not yet run to completion).
     pub fn due_sleepers(&self) -> usize {
-        let now = self.now();
-        self.lock_sleepers()
-            .deadlines
-            .values()
-            .filter(|d| **d <= now)
-            .count()
+        let state = self.lock();
+        state.sleepers.range(ManualState::due_by(state.now)).count()
     }
 
     /// Jumps to the next sleeper's deadline if it is no later than `limit`, and returns the
     /// new time; `None` (the clock unchanged) when no sleeper is due by then.
     pub fn advance_to_next(&self, limit: SystemTime) -> Option<SystemTime> {
         let next = self.next_deadline().filter(|d| *d <= limit)?;
-        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
         // Another thread may have moved the clock meanwhile; never move it backwards here.
-        if *now < next {
-            *now = next;
-            self.changed.send_replace(next);
-        }
-        Some(*now)
+        Some(self.move_with(|now| (now < next).then_some(next)))
     }
 
-    fn lock_sleepers(&self) -> std::sync::MutexGuard<'_, Sleepers> {
-        self.sleepers.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, ManualState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn register(&self, deadline: SystemTime) -> SleeperGuard<'_> {
-        let mut sleepers = self.lock_sleepers();
-        let id = sleepers.next_id;
-        sleepers.next_id += 1;
-        sleepers.deadlines.insert(id, deadline);
-        SleeperGuard {
-            sleepers: &self.sleepers,
-            id,
+    /// Sets the time to what `to` makes of it (`None`: unchanged), wakes the sleepers that are
+    /// due at the new time, and returns it.
+    fn move_with(&self, to: impl FnOnce(SystemTime) -> Option<SystemTime>) -> SystemTime {
+        let (now, due) = {
+            let mut state = self.lock();
+            if let Some(t) = to(state.now) {
+                state.now = t;
+            }
+            let now = state.now;
+            let due: Vec<Waker> = state
+                .sleepers
+                .range_mut(ManualState::due_by(now))
+                .filter_map(|(_, w)| w.take())
+                .collect();
+            (now, due)
+        };
+        for waker in due {
+            waker.wake();
         }
+        now
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
-        *self.now.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().now
     }
 
     /// The manual time itself: tests move budgets with the clock. It only steps when a test
@@ -251,19 +274,14 @@ impl Clock for ManualClock {
     }
 
     fn sleep_until(&self, deadline: SystemTime) -> SleepFuture<'_> {
-        let mut changes = self.changed.subscribe();
-        let guard = self.register(deadline);
-        Box::pin(async move {
-            let _registered = guard;
-            loop {
-                if *changes.borrow_and_update() >= deadline {
-                    return;
-                }
-                if changes.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
+        let key = {
+            let mut state = self.lock();
+            let key = (deadline, state.next_id);
+            state.next_id += 1;
+            state.sleepers.insert(key, None);
+            key
+        };
+        Box::pin(ManualSleep { clock: self, key })
     }
 }
 
@@ -387,6 +405,51 @@ mod tests {
             .expect("sleeper task ok");
         assert_eq!(clock.advance_to_next(from_unix_seconds(9_999)), None);
         assert_eq!(unix_seconds(clock.now()), 1_300);
+    }
+
+    /// Counts the wake-ups a sleeper gets.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_move_wakes_only_the_sleepers_it_makes_due() {
+        let clock = ManualClock::at_unix(1_000);
+        let mut soon = clock.sleep_until(from_unix_seconds(1_010));
+        let mut late = clock.sleep_until(from_unix_seconds(1_030));
+        let counts = [(); 2].map(|()| Arc::new(CountingWaker(0.into())));
+        let wakes = |i: usize| counts[i].0.load(std::sync::atomic::Ordering::SeqCst);
+        for (sleep, count) in [&mut soon, &mut late].into_iter().zip(&counts) {
+            let waker = Waker::from(count.clone());
+            assert!(sleep
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
+        }
+        clock.advance(Duration::from_secs(5));
+        assert_eq!((wakes(0), wakes(1)), (0, 0), "nothing due yet");
+        clock.advance(Duration::from_secs(5));
+        assert_eq!((wakes(0), wakes(1)), (1, 0), "only the sleeper at 1010");
+        // A step back: the woken sleeper polls again and waits anew.
+        clock.rewind(Duration::from_secs(600));
+        let waker = Waker::from(counts[0].clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(soon.as_mut().poll(&mut cx).is_pending(), "back before 1010");
+        clock.set(from_unix_seconds(1_029));
+        assert_eq!(
+            (wakes(0), wakes(1)),
+            (2, 0),
+            "1029 passes 1010 again, not 1030"
+        );
+        clock.set(from_unix_seconds(1_030));
+        assert_eq!((wakes(0), wakes(1)), (2, 1));
+        assert!(soon.as_mut().poll(&mut cx).is_ready());
+        assert!(late.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(clock.sleepers(), 0, "completed sleepers are forgotten");
     }
 
     #[test]

@@ -1366,7 +1366,7 @@ async fn agent_on_issued_credentials(
     Vec<meterd::emulator::CallRecord>,
 ) {
     let config = issued_credentials_only();
-    let sending = "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\n";
+    let sending = "";
     let rig = support::BinaryRig::with_metering(
         Arc::new(meterd::clock::SystemClock),
         "",
@@ -2131,6 +2131,8 @@ async fn a_throttled_meter_usage_retries_a_tenth_of_the_spread_later() {
     let throttle = |rate| throttling(emulator::Operation::MeterUsage, rate);
     h.emulator.set_faults(throttle(1.0));
     agent.post(ev("requests", 3, None)).await;
+    // The agent's loops asleep, the sender not (nothing sealed yet).
+    let idle = h.clock.sleepers();
     // Past any offset in the spread: the record is due.
     h.advance_to(H0 + HOUR_SECS + 300);
     let meter_calls = || {
@@ -2140,9 +2142,15 @@ async fn a_throttled_meter_usage_retries_a_tenth_of_the_spread_later() {
             .filter(|c| c.operation == "MeterUsage")
             .collect::<Vec<_>>()
     };
-    eventually("a throttled MeterUsage", PATIENCE, async || {
-        !meter_calls().is_empty()
-    })
+    // The throttle made, the sender back in its back-off (one sleeper more than when idle);
+    // the clock only moves after that, so the gap is the back-off alone.
+    eventually(
+        "a throttled MeterUsage and the back-off",
+        PATIENCE,
+        async || {
+            !meter_calls().is_empty() && h.clock.due_sleepers() == 0 && h.clock.sleepers() > idle
+        },
+    )
     .await;
     h.emulator.set_faults(throttle(0.0));
     // Two records: `requests` and the zero record of the other dimension.

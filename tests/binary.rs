@@ -24,7 +24,7 @@ use support::BinaryRig;
 const BIN: &str = env!("CARGO_BIN_EXE_meterd");
 
 async fn setup() -> BinaryRig {
-    let sending = "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\nspread = \"0s\"\nmax_calls_per_second = 1000\n";
+    let sending = "spread = \"0s\"\nmax_calls_per_second = 1000\n";
     BinaryRig::new(Arc::new(SystemClock), "", sending).await
 }
 

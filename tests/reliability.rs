@@ -1004,10 +1004,10 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
     );
     // The hour closes while the disk is full: sealing may fail and is retried. The seal loop
     // (like every loop the jump woke) has tried once it sleeps on the clock again.
-    let sleeping = clock.deadlines().len();
+    let sleeping = clock.sleepers();
     clock.set(from_unix_seconds(H0 + HOUR_SECS + 30));
     eventually("the woken loops asleep again", PATIENCE, async || {
-        clock.due_sleepers() == 0 && clock.deadlines().len() >= sleeping
+        clock.due_sleepers() == 0 && clock.sleepers() >= sleeping
     })
     .await;
 
@@ -1082,7 +1082,7 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
 // The real binary
 
 async fn bin_rig(clock: SharedClock, server_extra: &str) -> BinaryRig {
-    let sending = "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\ncall_timeout = \"5s\"\nspread = \"0s\"\nmax_calls_per_second = 1000";
+    let sending = "call_timeout = \"5s\"\nspread = \"0s\"\nmax_calls_per_second = 1000";
     BinaryRig::new(clock, server_extra, sending).await
 }
 
@@ -1141,7 +1141,7 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
     let s = BinaryRig::with_metering(
         clock.clone(),
         "",
-        "initial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\ncall_timeout = \"5s\"",
+        "call_timeout = \"5s\"",
         support::emulator_with_dimensions(&["peak", "users"]),
         Some(KILL9_METERING),
     )

@@ -24,9 +24,12 @@ const SENDING: &str =
 /// Real time [`Harness::drive_until`] may take before it fails.
 const DRIVE_PATIENCE: Duration = Duration::from_secs(60);
 
-/// Longest real wait, after a jump, for the woken tasks to go back to sleep (a task that
-/// ends instead costs this once).
+/// Longest real wait, after a jump, for the woken tasks to go back to sleep.
 const SETTLE_MAX: Duration = Duration::from_secs(1);
+
+/// How long the sleepers must stay unchanged, with none due, for a jump that left fewer of
+/// them to count as settled.
+const SETTLE_QUIET: Duration = Duration::from_millis(50);
 
 /// A manual clock shared by the agent and an emulator (unless a test gives the emulator its
 /// own), a temporary directory with the emulator's public key and the agent's state.
@@ -159,8 +162,20 @@ impl Harness {
     /// Moves time until `cond` holds: while it does not, the clock jumps to the next sleeper's
     /// deadline (never past `limit`, epoch seconds) and the tasks it woke run until they sleep
     /// again. Back-offs, the send limit and the emulator's latency all wait on this clock.
-    pub async fn drive_until(&self, what: &str, limit: i64, mut cond: impl AsyncFnMut() -> bool) {
-        let limit_at = from_unix_seconds(limit);
+    pub async fn drive_until(&self, what: &str, limit: i64, cond: impl AsyncFnMut() -> bool) {
+        self.drive_until_within(what, from_unix_seconds(limit), DRIVE_PATIENCE, cond)
+            .await;
+    }
+
+    /// [`Self::drive_until`] with a limit in clock time and `patience` of real time (a large
+    /// fleet takes longer than one agent).
+    pub async fn drive_until_within(
+        &self,
+        what: &str,
+        limit: SystemTime,
+        patience: Duration,
+        mut cond: impl AsyncFnMut() -> bool,
+    ) {
         let started = tokio::time::Instant::now();
         let mut sleeping = 0;
         loop {
@@ -168,16 +183,16 @@ impl Harness {
             if cond().await {
                 return;
             }
-            sleeping = self.clock.deadlines().len();
-            if self.clock.advance_to_next(limit_at).is_none() {
+            sleeping = self.clock.sleepers();
+            if self.clock.advance_to_next(limit).is_none() {
                 // Nothing sleeps until the limit: what is left runs concurrently.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             assert!(
-                started.elapsed() < DRIVE_PATIENCE,
-                "{what}: not after {DRIVE_PATIENCE:?} of real time, the clock at {} (limit {})",
+                started.elapsed() < patience,
+                "{what}: not after {patience:?} of real time, the clock at {} (limit {})",
                 rfc3339(unix_seconds(self.clock.now())),
-                rfc3339(limit),
+                rfc3339(unix_seconds(limit)),
             );
         }
     }
@@ -185,8 +200,20 @@ impl Harness {
     /// Moves the clock to `t` (epoch seconds) through every sleeper's deadline before it,
     /// letting the woken tasks run at each, as time would pass.
     pub async fn drive_to(&self, t: i64) {
-        let at = from_unix_seconds(t);
-        self.drive_until(&format!("the clock at {}", rfc3339(t)), t, async || {
+        self.drive_to_observing(from_unix_seconds(t), DRIVE_PATIENCE, || {})
+            .await;
+    }
+
+    /// [`Self::drive_to`] a time, calling `each` after every move (to watch what changes).
+    pub async fn drive_to_observing(
+        &self,
+        at: SystemTime,
+        patience: Duration,
+        mut each: impl FnMut(),
+    ) {
+        let what = format!("the clock at {}", rfc3339(unix_seconds(at)));
+        self.drive_until_within(&what, at, patience, async || {
+            each();
             if self.clock.next_deadline().is_none_or(|d| d > at) && self.clock.now() < at {
                 self.clock.set(at);
             }
@@ -197,13 +224,26 @@ impl Harness {
     }
 
     /// Waits (briefly, on real time) until no due sleeper is left and at least `sleeping`
-    /// sleepers are back: the tasks a jump woke have done their work and sleep again.
+    /// sleepers are back: the tasks a jump woke have done their work and sleep again. A task
+    /// that ends instead (or stops sleeping, as an agent with nothing left to send) leaves the
+    /// count short: then the sleepers staying the same for [`SETTLE_QUIET`] will do.
     async fn settle(&self, sleeping: usize) {
         let started = tokio::time::Instant::now();
+        let mut seen = (usize::MAX, usize::MAX);
+        let mut quiet_since = started;
         loop {
             tokio::task::yield_now().await;
-            let back = self.clock.due_sleepers() == 0 && self.clock.deadlines().len() >= sleeping;
-            if back || started.elapsed() > SETTLE_MAX {
+            let now = (self.clock.sleepers(), self.clock.due_sleepers());
+            let (sleepers, due) = now;
+            if due == 0 && sleepers >= sleeping {
+                return;
+            }
+            if now != seen {
+                (seen, quiet_since) = (now, tokio::time::Instant::now());
+            } else if due == 0 && quiet_since.elapsed() >= SETTLE_QUIET {
+                return;
+            }
+            if started.elapsed() > SETTLE_MAX {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;

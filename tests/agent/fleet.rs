@@ -41,37 +41,18 @@ struct FleetSpec {
 
 /// `spec.agents` real agent pipelines (each its own ledger, instance id and access key; the
 /// unmapped keys share the emulator's default account and its quotas) on one manual clock,
-/// across `spec.hours` hour boundaries. The clock moves 100 ms a step, each step lasting until
-/// the service has been quiet for a pause of real time in proportion to the fleet
-/// (`FLEET_REAL_MS_PER_STEP` overrides), and jumps over the quiet part of each hour. Checks
-/// only that every unit is billed once; the caller asserts the rest.
+/// across `spec.hours` hour boundaries. The clock jumps from one sleeper's deadline to the
+/// next (the agents' back-offs, spread, send limit and the emulator's latency), each jump
+/// lasting until the tasks it woke sleep again. Checks only that every unit is billed once;
+/// the caller asserts the rest.
 async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
     let real_start = std::time::Instant::now();
     let mut emulator_config = support::emulator_with_dimensions(&["seats", "cpus"]);
     emulator_config.quotas = meterd::emulator::quotas::QuotaConfig::default();
     let start = H0 + HOUR_SECS - 1200;
     let h = Harness::with_emulator(start, emulator_config).await;
-    let pause = Duration::from_millis(
-        std::env::var("FLEET_REAL_MS_PER_STEP")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or((spec.agents as u64 / 100).max(1)),
-    );
-    let step = Duration::from_millis(100);
-    // A step ends once the service has heard nothing new for `pause` of real time, so the
-    // clock does not run ahead of a busy fleet.
-    let tick = || async {
-        h.clock.advance(step);
-        let mut seen = h.emulator.calls_counted();
-        for _ in 0..100 {
-            tokio::time::sleep(pause).await;
-            let now = h.emulator.calls_counted();
-            if now == seen {
-                break;
-            }
-            seen = now;
-        }
-    };
+    // Real time a drive may take: a large fleet makes more calls per hour.
+    let patience = Duration::from_secs(60) + Duration::from_millis(200) * spec.agents as u32;
     let metering = format!(
         "dimensions = {:?}",
         spec.dimensions
@@ -96,37 +77,17 @@ async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
     let t0 = h.clock.now();
     let mut agents: Vec<Agent> = Vec::with_capacity(spec.agents);
     let mut ready_at: Vec<Option<f64>> = vec![None; spec.agents];
-    let elapsed = |h: &Harness| {
-        h.clock
+    let budget = Duration::from_secs(300);
+    let note_ready = |agents: &[Agent], ready_at: &mut [Option<f64>]| {
+        let elapsed = h
+            .clock
             .now()
             .duration_since(t0)
             .unwrap_or_default()
-            .as_secs_f64()
-    };
-    let budget = Duration::from_secs(300);
-    while ready_at.iter().any(Option::is_none) {
-        let due = if spec.rollout.is_zero() {
-            spec.agents
-        } else {
-            ((elapsed(&h) / spec.rollout.as_secs_f64() * spec.agents as f64).floor() as usize + 1)
-                .min(spec.agents)
-        };
-        while agents.len() < due {
-            let i = agents.len();
-            agents.push(
-                Agent::spawn(
-                    config_of(i),
-                    h.clock.clone(),
-                    &h.emulator.endpoint_url(),
-                    &format!("AKIAFLEET{i:011}"),
-                    Duration::from_secs(10),
-                )
-                .await,
-            );
-        }
+            .as_secs_f64();
         for (i, agent) in agents.iter().enumerate() {
             if ready_at[i].is_none() && agent.handles.status.is_ready() {
-                ready_at[i] = Some(elapsed(&h));
+                ready_at[i] = Some(elapsed);
             }
             assert!(
                 !agent.task.is_finished(),
@@ -134,12 +95,32 @@ async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
                 agent.handles.status.entitlement()
             );
         }
-        assert!(
-            elapsed(&h) <= budget.as_secs_f64() + spec.rollout.as_secs_f64(),
-            "not every agent registered within the start-up budget"
+    };
+    for i in 0..spec.agents {
+        let starts = t0 + spec.rollout.mul_f64(i as f64 / spec.agents as f64);
+        h.drive_to_observing(starts, patience, || note_ready(&agents, &mut ready_at))
+            .await;
+        agents.push(
+            Agent::spawn(
+                config_of(i),
+                h.clock.clone(),
+                &h.emulator.endpoint_url(),
+                &format!("AKIAFLEET{i:011}"),
+                Duration::from_secs(10),
+            )
+            .await,
         );
-        tick().await;
     }
+    h.drive_until_within(
+        "every agent registered within the start-up budget",
+        t0 + spec.rollout + budget,
+        patience,
+        async || {
+            note_ready(&agents, &mut ready_at);
+            ready_at.iter().all(Option::is_some)
+        },
+    )
+    .await;
     let mut run = FleetRun {
         all_ready_after: ready_at.iter().flatten().copied().fold(0.0, f64::max),
         ..FleetRun::default()
@@ -152,6 +133,7 @@ async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
     for hour in 0..spec.hours {
         let hour_start = H0 + hour * HOUR_SECS;
         let hour_end = hour_start + HOUR_SECS;
+        // The quiet part of the hour is jumped over: the agents' periodic loops wake once.
         if h.clock.now() < meterd::clock::from_unix_seconds(hour_start + 1200) {
             h.advance_to(hour_start + 1200);
         }
@@ -172,27 +154,41 @@ async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
             assert_eq!(status, StatusCode::OK, "{body}");
         }
         h.advance_to(hour_end - 1);
-        // Until every agent has sent this hour, or well past its bound.
-        let mut steps = 0u64;
-        loop {
-            tick().await;
-            steps += 1;
-            if steps.is_multiple_of(50) {
-                let mut done = true;
+        // Until every agent has sent this hour (the service holds all its records, then every
+        // ledger has recorded the answers), or well past its bound.
+        let expected = spec.agents * spec.dimensions.len();
+        let (mut billed_all, mut calls_seen) = (false, u64::MAX);
+        let give_up = meterd::clock::from_unix_seconds(hour_end + window + 3600);
+        h.drive_until_within(
+            &format!("hour {hour} sent"),
+            give_up,
+            patience,
+            async || {
+                let calls = h.emulator.calls_counted();
+                if !billed_all && calls != calls_seen {
+                    calls_seen = calls;
+                    let billed = h
+                        .emulator
+                        .records()
+                        .iter()
+                        .filter(|r| r.hour == hour_start)
+                        .count();
+                    billed_all = billed >= expected;
+                }
+                if !billed_all {
+                    return h.clock.now() >= give_up;
+                }
                 for agent in &agents {
                     let sealed = agent.handles.ledger.sealed_floor() >= hour_end;
                     let pending = agent.handles.ledger.stats().await.map_or(1, |s| s.pending);
                     if !sealed || pending > 0 {
-                        done = false;
-                        break;
+                        return false;
                     }
                 }
-                let now = meterd::clock::unix_seconds(h.clock.now());
-                if done || now > hour_end + window + 3600 {
-                    break;
-                }
-            }
-        }
+                true
+            },
+        )
+        .await;
         let mut report = FleetHour::default();
         for agent in &agents {
             for r in agent
@@ -241,27 +237,18 @@ async fn run_fleet(spec: &FleetSpec, oracle_check: bool) -> FleetRun {
     if oracle_check {
         assert_billed_once(&h.emulator, &oracle, H0 + spec.hours * HOUR_SECS);
     }
-    // Stop every agent while the clock runs (their flush waits on it).
-    let ticking = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let ticker = {
-        let (clock, ticking) = (h.clock.clone(), ticking.clone());
-        tokio::spawn(async move {
-            while ticking.load(std::sync::atomic::Ordering::Relaxed) {
-                clock.advance(step);
-                tokio::time::sleep(pause).await;
-            }
-        })
-    };
-    let mut stops = tokio::task::JoinSet::new();
-    for agent in agents {
-        stops.spawn(async move {
-            agent.shutdown.cancel();
-            let _ = agent.task.await;
-        });
+    // Stop every agent while the clock moves (their flush waits on it).
+    for agent in &agents {
+        agent.shutdown.cancel();
     }
-    while stops.join_next().await.is_some() {}
-    ticking.store(false, std::sync::atomic::Ordering::Relaxed);
-    let _ = ticker.await;
+    let stop_by = h.clock.now() + Duration::from_secs(600);
+    h.drive_until_within("every agent stopped", stop_by, patience, async || {
+        agents.iter().all(|a| a.task.is_finished())
+    })
+    .await;
+    for agent in agents {
+        let _ = agent.task.await;
+    }
     run.real_seconds = real_start.elapsed().as_secs_f64();
     run
 }

@@ -1,15 +1,15 @@
 //! Sender-only agents for the largest fleet (issue 16): the real `send::Sender` (spread offset,
 //! rate limit, retries, classification, dead letters) over records kept in memory instead of a
 //! ledger, so 10,000 agents fit in one process. Each agent has its own instance id, store,
-//! limiter and access key; all share one manual clock, seen through a view per agent that
-//! tells the driver when the agent waits on it ([`AgentClock`]). The driver moves the clock
-//! only when every agent with a pending record is waiting on it, straight to the earliest
-//! deadline: the run's real time follows the calls made, not the fleet's size.
+//! limiter and access key; all share one manual clock, which wakes only the agents whose
+//! deadline a move passes. The driver moves the clock only when every agent with a pending
+//! record is waiting on it, straight to the earliest deadline: the run's real time follows
+//! the calls made, not the fleet's size.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use meterd::clock::{unix_seconds, ManualClock, SleepFuture};
+use meterd::clock::unix_seconds;
 use meterd::ledger::LedgerError;
 use meterd::metrics::Metrics;
 use meterd::model::{Delivery, RecordState, StoredRecord};
@@ -106,64 +106,15 @@ impl RecordStore for MemoryStore {
     }
 }
 
-/// One agent's view of the shared clock: while the agent waits on it, the deadline it waits
-/// for (nanoseconds since the epoch; 0 when it is not waiting). The driver wakes only the
-/// agents whose deadline a clock move passed ([`AgentClock::wake_if_due`]), not all of them.
-struct AgentClock {
-    clock: Arc<ManualClock>,
-    waiting_until: AtomicU64,
-    due: Notify,
-    settle: Arc<Notify>,
-}
-
-impl AgentClock {
-    fn wake_if_due(&self, now: u64) {
-        let until = self.waiting_until.load(Ordering::SeqCst);
-        if until != 0 && until <= now {
-            self.due.notify_one();
-        }
-    }
-}
-
 fn epoch_nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-/// Clears the agent's deadline when its wait ends (or is dropped by a `select!`).
-struct Waiting<'a>(&'a AtomicU64);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.store(0, Ordering::SeqCst);
-    }
-}
-
-impl Clock for AgentClock {
-    fn now(&self) -> SystemTime {
-        self.clock.now()
-    }
-
-    fn sleep_until(&self, deadline: SystemTime) -> SleepFuture<'_> {
-        Box::pin(async move {
-            // The deadline is visible before the time is read, so a clock move either is
-            // seen here or leaves a wake-up for the `notified` below.
-            self.waiting_until
-                .store(epoch_nanos(deadline).max(1), Ordering::SeqCst);
-            let _waiting = Waiting(&self.waiting_until);
-            self.settle.notify_one();
-            while self.clock.now() < deadline {
-                self.due.notified().await;
-            }
-        })
-    }
 }
 
 struct SenderAgent {
     key: String,
     instance_id: String,
     sender: Arc<Sender<MemoryStore>>,
-    clock: Arc<AgentClock>,
     wake: Arc<Notify>,
 }
 
@@ -279,12 +230,6 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
         let instance_id = uuid::Builder::from_random_bytes(rand::random())
             .into_uuid()
             .to_string();
-        let clock = Arc::new(AgentClock {
-            clock: h.clock.clone(),
-            waiting_until: AtomicU64::new(0),
-            due: Notify::new(),
-            settle: settle.clone(),
-        });
         let store = MemoryStore {
             records: Default::default(),
             pending: AtomicUsize::new(0),
@@ -295,7 +240,7 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
         let sender = Arc::new(Sender::new(
             client,
             store,
-            clock.clone(),
+            h.clock.clone(),
             metrics.clone(),
             status.clone(),
             support::PRODUCT.to_owned(),
@@ -315,7 +260,6 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
             key,
             instance_id,
             sender,
-            clock,
             wake,
         });
     }
@@ -332,8 +276,7 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
         // made their first pass), or 2 s of real time after a seal (an agent in a back-off
         // that a seal does not cut short).
         let next = loop {
-            let now = epoch_nanos(h.clock.now());
-            let mut next: Option<u64> = None;
+            let mut pending = 0;
             let mut busy = false;
             for a in &agents {
                 let store = &a.sender.store;
@@ -343,19 +286,14 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
                     busy = true;
                     break;
                 }
-                if store.pending.load(Ordering::SeqCst) == 0 {
-                    continue;
-                }
-                match a.clock.waiting_until.load(Ordering::SeqCst) {
-                    until if until > now => next = Some(next.map_or(until, |n| n.min(until))),
-                    _ => {
-                        busy = true;
-                        break;
-                    }
+                if store.pending.load(Ordering::SeqCst) > 0 {
+                    pending += 1;
                 }
             }
-            if !busy {
-                break next;
+            // An agent with a pending record sleeps on the clock (its back-off, the spread or
+            // the send limit) or is busy; one that has none does not sleep.
+            if !busy && h.clock.due_sleepers() == 0 && h.clock.sleepers() >= pending {
+                break h.clock.next_deadline().map(epoch_nanos);
             }
             tokio::select! {
                 _ = settle.notified() => {}
@@ -385,10 +323,6 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
         if target > h.clock.now() {
             h.clock.set(target);
             run.steps += 1;
-            let now = epoch_nanos(target);
-            for a in &agents {
-                a.clock.wake_if_due(now);
-            }
         }
         let now = unix_seconds(h.clock.now());
         if next_seal < spec.hours && now >= seal_at(next_seal) {
