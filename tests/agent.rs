@@ -50,25 +50,13 @@ fn allocations(r: &emulator::StoredMeterRecord) -> BTreeMap<String, i64> {
 
 /// Faults that throttle `operation` at `rate` (0 to 1).
 fn throttling(operation: emulator::Operation, rate: f64) -> FaultProfile {
-    FaultProfile {
-        operations: BTreeMap::from([(
-            operation,
-            FaultRule {
-                throttle_rate: rate,
-                ..FaultRule::default()
-            },
-        )]),
-        ..FaultProfile::default()
-    }
-}
-
-fn meter_usage_errors(h: &Harness) -> Vec<String> {
-    h.emulator
-        .calls()
-        .iter()
-        .filter(|c| c.operation == "MeterUsage")
-        .filter_map(|c| c.error_type().map(str::to_owned))
-        .collect()
+    FaultProfile::only(
+        operation,
+        FaultRule {
+            throttle_rate: rate,
+            ..FaultRule::default()
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,11 +134,7 @@ async fn three_hours_two_dimensions_exactly_one_record_each() {
         .filter(|c| c.operation == "MeterUsage")
         .count();
     assert_eq!(meter_calls, 6, "one MeterUsage per dimension-hour");
-    assert!(
-        meter_usage_errors(&h).is_empty(),
-        "{:?}",
-        meter_usage_errors(&h)
-    );
+    support::assert_no_meter_usage_errors(&h.emulator);
     // Every record carried a ClientToken.
     assert!(billed
         .values()
@@ -167,11 +151,8 @@ async fn throttling_errors_and_two_hours_down_still_bill_each_hour_once() {
         error_rate: 0.2,
         ..FaultRule::default()
     };
-    let meter_only = |rule: FaultRule| FaultProfile {
-        operations: BTreeMap::from([(emulator::Operation::MeterUsage, rule)]),
-        seed: Some(7),
-        ..FaultProfile::default()
-    };
+    let meter_only =
+        |rule: FaultRule| FaultProfile::only(emulator::Operation::MeterUsage, rule).seeded(7);
     h.emulator.set_faults(meter_only(flaky.clone()));
 
     let mut expected: BTreeMap<(i64, String), i64> = BTreeMap::new();
@@ -205,7 +186,7 @@ async fn throttling_errors_and_two_hours_down_still_bill_each_hour_once() {
         .map(|(k, r)| (k, r.quantity))
         .collect();
     assert_eq!(billed, expected);
-    let errors = meter_usage_errors(&h);
+    let errors = support::meter_usage_errors(&h.emulator);
     assert!(
         errors.iter().any(|e| e == "ThrottlingException"),
         "faults were injected: {errors:?}"
@@ -237,20 +218,14 @@ async fn throttling_errors_and_two_hours_down_still_bill_each_hour_once() {
 async fn a_record_past_the_six_hour_window_is_dead_lettered_and_visible() {
     let h = Harness::new(H0 + 300).await;
     let agent = h.start_agent(h.config("")).await;
-    h.emulator.set_faults(FaultProfile {
-        operations: BTreeMap::from([(
-            emulator::Operation::MeterUsage,
-            FaultRule {
-                down_for: Some(Duration::from_secs(8 * 3600)),
-                ..FaultRule::default()
-            },
-        )]),
-        ..FaultProfile::default()
-    });
+    h.emulator.set_faults(FaultProfile::only(
+        emulator::Operation::MeterUsage,
+        FaultRule::down(Duration::from_secs(8 * 3600)),
+    ));
     agent.post(ev("requests", 42, None)).await;
     h.advance_to(H0 + HOUR_SECS + 60);
     eventually("first failed attempt", PATIENCE, async || {
-        !meter_usage_errors(&h).is_empty()
+        !support::meter_usage_errors(&h.emulator).is_empty()
     })
     .await;
     // Six hours after the record's timestamp (00:05), it can no longer be reported.
@@ -504,11 +479,7 @@ async fn each_aggregation_bills_one_record_per_hour_with_allocations_that_add_up
         get("peak").allocations.is_empty(),
         "untagged: no allocations"
     );
-    assert!(
-        meter_usage_errors(&h).is_empty(),
-        "{:?}",
-        meter_usage_errors(&h)
-    );
+    support::assert_no_meter_usage_errors(&h.emulator);
 }
 
 /// A heartbeat dimension across three hours, with a crash (the agent dropped with no
@@ -557,11 +528,7 @@ async fn heartbeat_bills_running_time_across_a_crash_a_restart_and_a_shutdown() 
     assert_eq!(pods(1), 60, "a full hour is exactly the units");
     assert_eq!(pods(2), 23, "1,350 s: 22.5, rounded half up");
     assert_eq!(billed[&(H0, "requests".to_owned())].quantity, 0);
-    assert!(
-        meter_usage_errors(&h).is_empty(),
-        "{:?}",
-        meter_usage_errors(&h)
-    );
+    support::assert_no_meter_usage_errors(&h.emulator);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,11 +567,7 @@ async fn shutdown_sends_the_open_hour_and_a_restart_carries_usage_forward() {
         "the reported hour never changes"
     );
     assert_eq!(billed[&(H0 + HOUR_SECS, "requests".to_owned())].quantity, 5);
-    assert!(
-        meter_usage_errors(&h).is_empty(),
-        "{:?}",
-        meter_usage_errors(&h)
-    );
+    support::assert_no_meter_usage_errors(&h.emulator);
     agent.stop().await;
 }
 
@@ -630,27 +593,23 @@ async fn local_api_guards_host_token_and_socket_mode() {
     // No token, wrong token, right token.
     assert_eq!(agent.get("/v1/status").await.0, StatusCode::UNAUTHORIZED);
     let target = Target::Tcp(agent.addr.to_string());
-    let wrong = local_client::call(
+    let wrong = support::request(
         &target,
         Method::GET,
         "/v1/status",
         None,
         Some("s3cret-tokeX"),
-        Duration::from_secs(5),
     )
-    .await
-    .expect("call");
+    .await;
     assert_eq!(wrong.0, StatusCode::UNAUTHORIZED);
-    let right = local_client::call(
+    let right = support::request(
         &target,
         Method::GET,
         "/v1/status",
         None,
         Some("s3cret-token"),
-        Duration::from_secs(5),
     )
-    .await
-    .expect("call");
+    .await;
     assert_eq!(right.0, StatusCode::OK);
     // Health endpoints stay open for probes.
     assert_eq!(agent.get("/readyz").await.0, StatusCode::OK);
@@ -955,16 +914,10 @@ async fn throttled_registration_retries_and_ends_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ami_product_keeps_taking_usage_while_its_dry_run_retries() {
     let h = Harness::new(H0 + 300).await;
-    h.emulator.set_faults(FaultProfile {
-        operations: BTreeMap::from([(
-            emulator::Operation::MeterUsage,
-            FaultRule {
-                down_for: Some(Duration::from_secs(3600)),
-                ..FaultRule::default()
-            },
-        )]),
-        ..FaultProfile::default()
-    });
+    h.emulator.set_faults(FaultProfile::only(
+        emulator::Operation::MeterUsage,
+        FaultRule::down(Duration::from_secs(3600)),
+    ));
     let mut config = h.config("");
     config.platform = meterd::config::PlatformSetting::Ec2;
     let agent = h.start_agent(config).await;
@@ -1060,7 +1013,7 @@ async fn a_duplicate_refusal_is_an_error_in_status_and_not_retried_forever() {
     h.advance_to(H0 + 2 * HOUR_SECS + 60);
     // The intruder's hour-0 record, our hour-0 zero for gigabytes, and both of hour 1.
     eventually("hour 1 billed", PATIENCE, async || h.billed().len() == 4).await;
-    let refused = meter_usage_errors(&h)
+    let refused = support::meter_usage_errors(&h.emulator)
         .iter()
         .filter(|e| *e == "DuplicateRequestException")
         .count();
@@ -1081,7 +1034,7 @@ async fn a_refused_record_does_not_hold_back_the_next_hour() {
     h.advance_to(H0 + HOUR_SECS + 60);
     eventually("hour 0 billed and its refusal seen", PATIENCE, async || {
         h.billed().contains_key(&(H0, "requests".to_owned()))
-            && meter_usage_errors(&h)
+            && support::meter_usage_errors(&h.emulator)
                 .iter()
                 .any(|e| e == "InvalidUsageDimensionException")
     })
@@ -1387,16 +1340,7 @@ async fn agent_on_issued_credentials(
         {"dimension": "requests", "quantity": 5},
         {"dimension": "gigabytes", "quantity": 2},
     ]});
-    let (status, _) = local_client::call(
-        &Target::Tcp(rig.addr.clone()),
-        Method::POST,
-        "/v1/usage",
-        Some(body.to_string().into_bytes()),
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("usage accepted");
+    let (status, _) = rig.post(&body).await;
     assert_eq!(status, StatusCode::OK);
     // SIGTERM: the agent sends the open hour before it exits.
     support::sigterm(&child);
@@ -1489,16 +1433,10 @@ async fn the_binary_starts_and_sends_on_ecs_task_role_credentials_from_the_emula
 async fn metering_health_walks_through_each_level_while_the_service_is_down_and_back_to_ok() {
     let h = Harness::new(H0 + 300).await;
     let agent = h.start_agent(h.config("")).await;
-    h.emulator.set_faults(FaultProfile {
-        operations: BTreeMap::from([(
-            emulator::Operation::MeterUsage,
-            FaultRule {
-                down_for: Some(Duration::from_secs(24 * 3600)),
-                ..FaultRule::default()
-            },
-        )]),
-        ..FaultProfile::default()
-    });
+    h.emulator.set_faults(FaultProfile::only(
+        emulator::Operation::MeterUsage,
+        FaultRule::down(Duration::from_secs(24 * 3600)),
+    ));
     let health = || async {
         let (_, status) = agent.get("/v1/status").await;
         (
@@ -1521,7 +1459,7 @@ async fn metering_health_walks_through_each_level_while_the_service_is_down_and_
     let closed = H0 + HOUR_SECS;
     h.advance_to(closed + 60);
     eventually("a failed MeterUsage", PATIENCE, async || {
-        !meter_usage_errors(&h).is_empty()
+        !support::meter_usage_errors(&h.emulator).is_empty()
     })
     .await;
     assert_eq!(health().await, ("ok".to_owned(), 60));
@@ -1547,7 +1485,7 @@ async fn metering_health_walks_through_each_level_while_the_service_is_down_and_
     eventually(
         "the sender to keep trying while down",
         PATIENCE,
-        async || meter_usage_errors(&h).len() >= 2,
+        async || support::meter_usage_errors(&h.emulator).len() >= 2,
     )
     .await;
 
@@ -1585,18 +1523,17 @@ async fn the_audit_trail_holds_one_final_line_per_billed_record_across_faults_an
         audit.display().to_string()
     );
     let agent = h.start_agent(h.config(&extra)).await;
-    h.emulator.set_faults(FaultProfile {
-        operations: BTreeMap::from([(
+    h.emulator.set_faults(
+        FaultProfile::only(
             emulator::Operation::MeterUsage,
             FaultRule {
                 throttle_rate: 0.4,
                 error_rate: 0.3,
                 ..FaultRule::default()
             },
-        )]),
-        seed: Some(11),
-        ..FaultProfile::default()
-    });
+        )
+        .seeded(11),
+    );
     for hour in 0..3 {
         h.advance_to(H0 + hour * HOUR_SECS + 600);
         agent
@@ -1661,7 +1598,7 @@ async fn the_audit_trail_holds_one_final_line_per_billed_record_across_faults_an
         "one line per billed record, none missing"
     );
     assert!(
-        meter_usage_errors(&h)
+        support::meter_usage_errors(&h.emulator)
             .iter()
             .any(|e| e == "ThrottlingException"),
         "faults were injected"
@@ -1935,13 +1872,10 @@ async fn a_flush_sealed_record_left_unsent_goes_out_at_once_after_a_restart() {
     config.server.grace_period = Duration::from_secs(1);
     let agent = h.start_agent(config.clone()).await;
     agent.post(ev("requests", 4, None)).await;
-    h.emulator.set_faults(FaultProfile {
-        all: FaultRule {
-            error_rate: 1.0,
-            ..FaultRule::default()
-        },
-        ..FaultProfile::default()
-    });
+    h.emulator.set_faults(FaultProfile::every(FaultRule {
+        error_rate: 1.0,
+        ..FaultRule::default()
+    }));
     h.stop_while_refused(agent.stop(), config.server.grace_period)
         .await;
     assert!(h.billed().is_empty(), "the service refused the flush");

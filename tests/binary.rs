@@ -180,12 +180,8 @@ async fn sigterm_flushes_the_open_hour_and_a_second_process_is_refused() {
         "{}",
         String::from_utf8_lossy(&report.stderr)
     );
-    let health = std::process::Command::new(BIN)
-        .args(["health", "--config"])
-        .arg(&s.config_path)
-        .status()
-        .expect("health");
-    assert!(health.success());
+    let health = meterd(&["health"], &s.config_path);
+    assert!(health.status.success());
 
     support::sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
@@ -201,11 +197,7 @@ async fn sigterm_flushes_the_open_hour_and_a_second_process_is_refused() {
     );
     assert_eq!(records.iter().map(|r| r.quantity).sum::<i64>(), 12);
 
-    let listed = std::process::Command::new(BIN)
-        .args(["records", "--config"])
-        .arg(&s.config_path)
-        .output()
-        .expect("records");
+    let listed = meterd(&["records"], &s.config_path);
     let text = String::from_utf8_lossy(&listed.stdout);
     assert!(text.contains("requests") && text.contains("sent"), "{text}");
     for r in &records {
@@ -297,16 +289,7 @@ async fn a_final_flush_that_cannot_seal_the_open_hour_exits_74() {
     let s = setup().await;
     let child = spawn_ready(&s).await;
     let body = serde_json::json!({"events": [{"dimension": "requests", "quantity": 5}]});
-    let (status, _) = local_client::call(
-        &Target::Tcp(s.addr.clone()),
-        Method::POST,
-        "/v1/usage",
-        Some(body.to_string().into_bytes()),
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("post");
+    let (status, _) = s.post(&body).await;
     assert_eq!(status, StatusCode::OK);
     // The open hour's counter now exceeds what one record can hold: sealing it fails.
     let ledger =
@@ -340,11 +323,7 @@ fn a_bad_config_exits_64_naming_every_problem() {
         "product_code = \"x y\"\npricing = \"custom\"\n[metering]\ndimensions = []\nreport_zro = true\n",
     )
     .expect("write");
-    let out = std::process::Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
+    let out = meterd(&["check-config"], &path);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("report_zro"));
     std::fs::write(
@@ -352,11 +331,7 @@ fn a_bad_config_exits_64_naming_every_problem() {
         "product_code = \"x y\"\npricing = \"custom\"\n[metering]\ndimensions = []\n",
     )
     .expect("write");
-    let out = std::process::Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run");
+    let out = meterd(&["run"], &path);
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -427,11 +402,7 @@ async fn a_config_that_cannot_run_fails_check_config_and_creates_nothing() {
     for (text, named) in cases {
         assert_ne!(text, good, "{named}: the case changed nothing");
         std::fs::write(&s.config_path, &text).expect("config");
-        let check = std::process::Command::new(BIN)
-            .args(["check-config", "--config"])
-            .arg(&s.config_path)
-            .output()
-            .expect("check-config");
+        let check = meterd(&["check-config"], &s.config_path);
         let err = String::from_utf8_lossy(&check.stderr);
         assert_eq!(
             check.status.code(),
@@ -451,11 +422,7 @@ async fn a_config_that_cannot_run_fails_check_config_and_creates_nothing() {
         );
     }
     std::fs::write(&s.config_path, &good).expect("config");
-    let check = std::process::Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&s.config_path)
-        .output()
-        .expect("check-config");
+    let check = meterd(&["check-config"], &s.config_path);
     assert!(
         check.status.success(),
         "{}",
@@ -793,17 +760,14 @@ async fn the_audit_file_has_one_line_per_billed_record_after_faults_and_sigkill(
         ),
     )
     .expect("config");
-    let mut faults = meterd::emulator::FaultProfile {
-        seed: Some(5),
-        ..Default::default()
-    };
-    faults.operations.insert(
+    let faults = meterd::emulator::FaultProfile::only(
         meterd::emulator::Operation::MeterUsage,
         meterd::emulator::FaultRule {
             error_rate: 0.5,
             ..Default::default()
         },
-    );
+    )
+    .seeded(5);
     s.emulator.set_faults(faults);
 
     let spawn = || async {

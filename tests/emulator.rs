@@ -3035,16 +3035,13 @@ async fn license_manager_perpetual_drawdown_and_faults() {
         .expect_err("perpetual");
     assert_eq!(code(&e), "ConflictException");
 
-    env.emu.set_faults(FaultProfile {
-        operations: BTreeMap::from([(
-            Operation::CheckoutLicense,
-            FaultRule {
-                throttle_rate: 1.0,
-                ..FaultRule::default()
-            },
-        )]),
-        ..FaultProfile::default()
-    });
+    env.emu.set_faults(FaultProfile::only(
+        Operation::CheckoutLicense,
+        FaultRule {
+            throttle_rate: 1.0,
+            ..FaultRule::default()
+        },
+    ));
     let e = a
         .checkout_license()
         .product_sku(PRODUCT)

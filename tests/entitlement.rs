@@ -181,13 +181,10 @@ async fn each_fatal_class_exits_with_its_code_against_the_emulator() {
 #[tokio::test]
 async fn throttling_followed_by_success_ends_entitled() {
     let rig = rig(EmulatorConfig::demo()).await;
-    rig.emu.set_faults(FaultProfile {
-        all: FaultRule {
-            throttle_rate: 1.0,
-            ..FaultRule::default()
-        },
-        ..FaultProfile::default()
-    });
+    rig.emu.set_faults(FaultProfile::every(FaultRule {
+        throttle_rate: 1.0,
+        ..FaultRule::default()
+    }));
     let client = rig.client("us-east-1", "AKIDTHROTTLE").await;
     let (result, retries) = rig
         .register(client, settings(1), rig.keyring(1), |n, emu| {
@@ -205,13 +202,10 @@ async fn throttling_followed_by_success_ends_entitled() {
 #[tokio::test]
 async fn a_service_that_stays_down_exhausts_the_budget() {
     let rig = rig(EmulatorConfig::demo()).await;
-    rig.emu.set_faults(FaultProfile {
-        all: FaultRule {
-            error_rate: 1.0,
-            ..FaultRule::default()
-        },
-        ..FaultProfile::default()
-    });
+    rig.emu.set_faults(FaultProfile::every(FaultRule {
+        error_rate: 1.0,
+        ..FaultRule::default()
+    }));
     let client = rig.client("us-east-1", "AKIDDOWN").await;
     let (result, retries) = rig
         .register(client, settings(1), rig.keyring(1), |_, _| {})
@@ -294,13 +288,10 @@ async fn container_dry_run_for_an_unentitled_customer_is_fatal() {
 #[tokio::test]
 async fn ami_dry_run_fails_closed_no_sooner_than_two_hours() {
     let rig = rig(EmulatorConfig::demo()).await;
-    rig.emu.set_faults(FaultProfile {
-        all: FaultRule {
-            error_rate: 1.0,
-            ..FaultRule::default()
-        },
-        ..FaultProfile::default()
-    });
+    rig.emu.set_faults(FaultProfile::every(FaultRule {
+        error_rate: 1.0,
+        ..FaultRule::default()
+    }));
     let err = dry_run(&rig, "AKIDAMI", DryRunMode::Ami).await.unwrap_err();
     let waited = rig
         .clock
@@ -533,13 +524,10 @@ mod contract {
         let (e, _) = run(&rig, buyer.clone(), settings(0, "b/2")).await;
         assert_eq!(e.expect_err("zero").exit_code(), Exit::Configuration);
         // Throttled for the whole budget, on the injected clock: 75; then it recovers.
-        rig.emu.set_faults(FaultProfile {
-            all: FaultRule {
-                throttle_rate: 1.0,
-                ..FaultRule::default()
-            },
-            ..FaultProfile::default()
-        });
+        rig.emu.set_faults(FaultProfile::every(FaultRule {
+            throttle_rate: 1.0,
+            ..FaultRule::default()
+        }));
         let (e, retries) = run(&rig, buyer.clone(), settings(1, "b/3")).await;
         let e = e.expect_err("throttled");
         assert_eq!(e.exit_code(), Exit::TransientBudget, "{e}");

@@ -438,15 +438,6 @@ fn assert_hours_contiguous_for(records: &[StoredMeterRecord], dimensions: &[&str
     span
 }
 
-fn meter_errors(emulator: &EmulatorHandle) -> Vec<String> {
-    emulator
-        .calls()
-        .iter()
-        .filter(|c| c.operation == "MeterUsage")
-        .filter_map(|c| c.error_type().map(str::to_owned))
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // The in-process rig (`support::Harness`): emulator and agent in this process, each with an
 // injected clock.
@@ -506,11 +497,7 @@ async fn faults_and_five_hours_down_deliver_everything_exactly_once() {
         latency: Some(Duration::from_secs(3)),
         ..FaultRule::default()
     };
-    let meter_only = |rule: FaultRule| FaultProfile {
-        operations: BTreeMap::from([(Operation::MeterUsage, rule)]),
-        seed: Some(11),
-        ..FaultProfile::default()
-    };
+    let meter_only = |rule: FaultRule| FaultProfile::only(Operation::MeterUsage, rule).seeded(11);
     world.emulator.set_faults(meter_only(flaky.clone()));
 
     // Emulator latency is emulator-clock time, like the sender's back-offs: the waits below
@@ -560,7 +547,7 @@ async fn faults_and_five_hours_down_deliver_everything_exactly_once() {
         .await;
     settled(&world, &agent, end + HOUR_SECS).await;
     let records = agent.records().await;
-    let errors = meter_errors(&world.emulator);
+    let errors = support::meter_usage_errors(&world.emulator);
     for needed in [
         "ThrottlingException",
         "InternalServiceErrorException",
@@ -605,16 +592,10 @@ async fn seven_hours_down_leaves_visible_dead_letters_and_drops_nothing_silently
     let world = Harness::new(H0 + 120).await;
     let clock = world.clock.clone();
     let agent = world.start_agent(world.config("")).await;
-    world.emulator.set_faults(FaultProfile {
-        operations: BTreeMap::from([(
-            Operation::MeterUsage,
-            FaultRule {
-                down_for: Some(Duration::from_secs(7 * 3600)),
-                ..FaultRule::default()
-            },
-        )]),
-        ..FaultProfile::default()
-    });
+    world.emulator.set_faults(FaultProfile::only(
+        Operation::MeterUsage,
+        FaultRule::down(Duration::from_secs(7 * 3600)),
+    ));
     let oracle = Oracle::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     // Usage in each of 9 hours; the service is down from 00:02 to 07:02.
@@ -703,17 +684,11 @@ async fn wall_clock_jumps_forward_and_back_bill_every_hour_once() {
     send_batches(&agent, &oracle, &mut rng, "a", 5).await;
     // +2 h: from 00:05 to 02:05; hours 00 and 01 close at once.
     clock.set(from_unix_seconds(H0 + 2 * HOUR_SECS + 300));
-    eventually("hours 0 and 1 billed", PATIENCE, async || {
-        world.emulator.records().len() >= 4
-    })
-    .await;
+    support::billed_at_least(&world.emulator, "hours 0 and 1 billed", 4).await;
     send_batches(&agent, &oracle, &mut rng, "b", 5).await;
     // Move to 03:05 (hour 02 closes and is billed), then −10 min back to 02:55.
     clock.set(from_unix_seconds(H0 + 3 * HOUR_SECS + 300));
-    eventually("hour 2 billed", PATIENCE, async || {
-        world.emulator.records().len() >= 6
-    })
-    .await;
+    support::billed_at_least(&world.emulator, "hour 2 billed", 6).await;
     send_batches(&agent, &oracle, &mut rng, "c", 3).await;
     clock.set(from_unix_seconds(H0 + 3 * HOUR_SECS - 300));
     // Usage after the step back lands in an unsealed hour, never in the billed hour 02.
@@ -728,20 +703,13 @@ async fn wall_clock_jumps_forward_and_back_bill_every_hour_once() {
     clock.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 300));
     send_batches(&agent, &oracle, &mut rng, "e", 3).await;
     clock.set(from_unix_seconds(H0 + 4 * HOUR_SECS + 300));
-    eventually("hour 3 billed", PATIENCE, async || {
-        world.emulator.records().len() >= 8
-    })
-    .await;
+    support::billed_at_least(&world.emulator, "hour 3 billed", 8).await;
     clock.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 120));
     send_batches(&agent, &oracle, &mut rng, "f", 3).await;
     clock.set(from_unix_seconds(H0 + 5 * HOUR_SECS + 60));
-    eventually("hour 4 billed", PATIENCE, async || {
-        world.emulator.records().len() >= 10
-    })
-    .await;
+    support::billed_at_least(&world.emulator, "hour 4 billed", 10).await;
     settled(&world, &agent, unix_seconds(world.clock.now())).await;
-    let errors = meter_errors(&world.emulator);
-    assert!(errors.is_empty(), "the service refused records: {errors:?}");
+    support::assert_no_meter_usage_errors(&world.emulator);
     let records = world.emulator.records();
     let (first, last) = assert_hours_contiguous(&records);
     assert_eq!((first, last), (H0, H0 + 4 * HOUR_SECS));
@@ -770,37 +738,24 @@ async fn agent_clock_corrections_keep_timestamps_in_bounds() {
     // Hour 00 (agent time) closes while the agent is 2 h slow: sent 3 h late, in bounds.
     local.set(from_unix_seconds(H0 + HOUR_SECS + 60));
     truth.set(from_unix_seconds(H0 + 3 * HOUR_SECS + 60));
-    eventually("hour 0 billed", PATIENCE, async || {
-        world.emulator.records().len() >= 2
-    })
-    .await;
+    support::billed_at_least(&world.emulator, "hour 0 billed", 2).await;
     send_batches(&agent, &oracle, &mut rng, "slow2", 3).await;
     // NTP steps the agent +2 h to the truth: 01:01 → 03:01; hours 01 and 02 close.
     local.set(from_unix_seconds(H0 + 3 * HOUR_SECS + 60));
-    eventually("hours 1 and 2 billed", PATIENCE, async || {
-        world.emulator.records().len() >= 6
-    })
-    .await;
+    support::billed_at_least(&world.emulator, "hours 1 and 2 billed", 6).await;
     send_batches(&agent, &oracle, &mut rng, "ok", 3).await;
     // Later the agent runs 10 minutes fast: at true 03:55 it reads 04:05 and seals hour 03.
     truth.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 300));
     local.set(from_unix_seconds(H0 + 4 * HOUR_SECS + 300));
-    eventually("hour 3 billed", PATIENCE, async || {
-        world.emulator.records().len() >= 8
-    })
-    .await;
+    support::billed_at_least(&world.emulator, "hour 3 billed", 8).await;
     // Stepped back 10 minutes: usage now counts in hour 04, not in the billed hour 03.
     local.set(from_unix_seconds(H0 + 4 * HOUR_SECS - 300));
     send_batches(&agent, &oracle, &mut rng, "back", 5).await;
     truth.set(from_unix_seconds(H0 + 5 * HOUR_SECS + 60));
     local.set(from_unix_seconds(H0 + 5 * HOUR_SECS + 60));
-    eventually("hour 4 billed", PATIENCE, async || {
-        world.emulator.records().len() >= 10
-    })
-    .await;
+    support::billed_at_least(&world.emulator, "hour 4 billed", 10).await;
     settled(&world, &agent, unix_seconds(world.clock.now())).await;
-    let errors = meter_errors(&world.emulator);
-    assert!(errors.is_empty(), "the service refused records: {errors:?}");
+    support::assert_no_meter_usage_errors(&world.emulator);
     let (first, last) = assert_hours_contiguous(&world.emulator.records());
     assert_eq!((first, last), (H0, H0 + 4 * HOUR_SECS));
     settle(
@@ -1067,12 +1022,9 @@ async fn full_disk_answers_507_loses_nothing_and_recovers() {
     )
     .await;
     clock.set(from_unix_seconds(H0 + 2 * HOUR_SECS + 30));
-    eventually("both hours billed", PATIENCE, async || {
-        world.emulator.records().len() >= 4
-    })
-    .await;
+    support::billed_at_least(&world.emulator, "both hours billed", 4).await;
     settled(&world, &agent, unix_seconds(world.clock.now())).await;
-    assert!(meter_errors(&world.emulator).is_empty());
+    support::assert_no_meter_usage_errors(&world.emulator);
     settle("disk_full_tmpfs", 1, &oracle, &world.emulator, &[]);
     agent.stop().await;
     drop(fs);
@@ -1256,7 +1208,7 @@ async fn kill9_loop_across_hour_boundaries_loses_and_doubles_nothing() {
         "RELIABILITY scenario=kill9_faketime_unique distinct_acked={unique_acked} billed={unique_billed}"
     );
     assert!(unique_acked > 0, "the unique dimension saw no usage");
-    let errors = meter_errors(&s.emulator);
+    let errors = support::meter_usage_errors(&s.emulator);
     assert!(
         !errors.iter().any(|e| e == "TimestampOutOfBoundsException"),
         "{errors:?}"

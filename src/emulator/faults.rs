@@ -29,6 +29,32 @@ pub struct FaultProfile {
     pub seed: Option<u64>,
 }
 
+impl FaultProfile {
+    /// `rule` for every operation.
+    pub fn every(rule: FaultRule) -> Self {
+        Self {
+            all: rule,
+            ..Self::default()
+        }
+    }
+
+    /// `rule` for one operation, the others untouched.
+    pub fn only(operation: Operation, rule: FaultRule) -> Self {
+        Self {
+            operations: BTreeMap::from([(operation, rule)]),
+            ..Self::default()
+        }
+    }
+
+    /// The same profile, reseeding the fault RNG as it is applied.
+    pub fn seeded(self, seed: u64) -> Self {
+        Self {
+            seed: Some(seed),
+            ..self
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultRule {
@@ -51,6 +77,16 @@ pub struct FaultRule {
     /// the moment the profile is applied.
     #[serde(default, with = "humantime_serde")]
     pub down_for: Option<Duration>,
+}
+
+impl FaultRule {
+    /// The operation answers `ServiceUnavailable` for `duration` from when it is applied.
+    pub fn down(duration: Duration) -> Self {
+        Self {
+            down_for: Some(duration),
+            ..Self::default()
+        }
+    }
 }
 
 /// The longest `latency` or `down_for` a rule may have. Longer ones are configuration
@@ -215,13 +251,6 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(secs)
     }
 
-    fn profile(rule: FaultRule) -> FaultProfile {
-        FaultProfile {
-            all: rule,
-            ..FaultProfile::default()
-        }
-    }
-
     #[test]
     fn same_seed_same_faults() {
         let rule = FaultRule {
@@ -231,8 +260,8 @@ mod tests {
             ..FaultRule::default()
         };
         let run = |seed| {
-            let mut f =
-                FaultInjector::new(profile(rule.clone()), seed, at(0)).expect("valid profile");
+            let mut f = FaultInjector::new(FaultProfile::every(rule.clone()), seed, at(0))
+                .expect("valid profile");
             (0..200)
                 .map(|_| f.decide(Operation::MeterUsage, at(0)).fault)
                 .collect::<Vec<_>>()
@@ -248,7 +277,7 @@ mod tests {
             error_rate: 0.25,
             ..FaultRule::default()
         };
-        let mut f = FaultInjector::new(profile(rule), 1, at(0)).expect("valid profile");
+        let mut f = FaultInjector::new(FaultProfile::every(rule), 1, at(0)).expect("valid profile");
         let n = 4000;
         let (mut throttled, mut errors) = (0, 0);
         for _ in 0..n {
@@ -285,7 +314,7 @@ mod tests {
 
     #[test]
     fn rates_out_of_range_are_problems() {
-        let p = profile(FaultRule {
+        let p = FaultProfile::every(FaultRule {
             throttle_rate: 0.7,
             error_rate: 0.7,
             drop_rate: -0.1,
@@ -296,7 +325,7 @@ mod tests {
 
     #[test]
     fn fault_durations_are_bounded_and_named() {
-        let mut p = profile(FaultRule {
+        let mut p = FaultProfile::every(FaultRule {
             latency: Some(MAX_FAULT_DURATION),
             down_for: Some(MAX_FAULT_DURATION),
             ..FaultRule::default()
@@ -325,7 +354,7 @@ mod tests {
     #[test]
     fn an_invalid_profile_changes_nothing() {
         let mut f = FaultInjector::new(FaultProfile::default(), 0, at(0)).expect("valid");
-        let huge = profile(FaultRule {
+        let huge = FaultProfile::every(FaultRule {
             down_for: Some(Duration::MAX),
             ..FaultRule::default()
         });
@@ -358,7 +387,7 @@ mod tests {
             down_for: Some(MAX_FAULT_DURATION),
             ..FaultRule::default()
         };
-        let mut f = FaultInjector::new(profile(rule), 0, start).expect("valid");
+        let mut f = FaultInjector::new(FaultProfile::every(rule), 0, start).expect("valid");
         assert_eq!(
             f.decide(Operation::MeterUsage, end_of_time()).fault,
             Some(InjectedFault::Down)

@@ -130,6 +130,13 @@ impl BinaryRig {
         self.dir.path().join("state")
     }
 
+    /// POST /v1/usage to the agent on this rig.
+    pub async fn post(&self, body: &serde_json::Value) -> (http::StatusCode, serde_json::Value) {
+        let target = meterd::local_client::Target::Tcp(self.addr.clone());
+        let body = body.to_string().into_bytes();
+        crate::request(&target, http::Method::POST, "/v1/usage", Some(body), None).await
+    }
+
     /// `meterd run` on this rig's configuration, from its directory.
     pub fn command(&self, bin: &str, access_key: &str) -> Command {
         agent_command(bin, &self.config_path, self.dir.path(), access_key)

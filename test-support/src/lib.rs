@@ -60,6 +60,46 @@ where
     }
 }
 
+/// Waits ([`PATIENCE`] of real time) until the emulator holds at least `n` MeterUsage
+/// records: what a test expects billed once the clock has closed the hours.
+pub async fn billed_at_least(emulator: &EmulatorHandle, what: &str, n: usize) {
+    eventually(what, PATIENCE, async || emulator.records().len() >= n).await;
+}
+
+/// The error codes of the MeterUsage calls the emulator answered with an error, in order.
+pub fn meter_usage_errors(emulator: &EmulatorHandle) -> Vec<String> {
+    emulator
+        .calls()
+        .iter()
+        .filter(|c| c.operation == "MeterUsage")
+        .filter_map(|c| c.error_type().map(str::to_owned))
+        .collect()
+}
+
+/// The service refused no MeterUsage call.
+pub fn assert_no_meter_usage_errors(emulator: &EmulatorHandle) {
+    let errors = meter_usage_errors(emulator);
+    assert!(errors.is_empty(), "the service refused records: {errors:?}");
+}
+
+/// One request to an agent's local API (with a bearer `token` when given): the status and
+/// the JSON answer, or the answer's text as a JSON string.
+pub async fn request(
+    target: &Target,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
+    let (status, bytes) =
+        local_client::call(target, method, path, body, token, Duration::from_secs(10))
+            .await
+            .expect("request");
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
 /// What differs between the harnesses' agent configurations.
 pub struct AgentToml<'a> {
     /// The emulator's public key, trusted in addition to the bundled keyring.
@@ -202,19 +242,7 @@ impl InProcessAgent {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> (StatusCode, Value) {
-        let (status, bytes) = local_client::call(
-            &self.target(),
-            method,
-            path,
-            body,
-            None,
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("request");
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (status, value)
+        request(&self.target(), method, path, body, None).await
     }
 
     /// GET `path`: the JSON answer, or the text as a JSON string.
