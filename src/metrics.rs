@@ -23,6 +23,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -97,9 +98,14 @@ impl DiskSpace {
     }
 }
 
-/// Seconds since the oldest unsent record's hour closed, 0 when nothing is pending.
-pub fn unsent_age_seconds(oldest_pending_hour: Option<i64>, now: i64) -> i64 {
-    oldest_pending_hour.map_or(0, |hour| (now - (hour + HOUR_SECS)).max(0))
+/// Seconds since the oldest unsent record fell due: its hour's close plus this agent's spread
+/// `offset` (before that, holding it back is the plan, not a delay). 0 when nothing is pending.
+pub fn unsent_age_seconds(oldest_pending_hour: Option<i64>, offset: Duration, now: i64) -> i64 {
+    let offset = i64::try_from(offset.as_secs()).unwrap_or(i64::MAX);
+    oldest_pending_hour.map_or(0, |hour| {
+        now.saturating_sub(hour.saturating_add(HOUR_SECS).saturating_add(offset))
+            .max(0)
+    })
 }
 
 pub struct Metrics {
@@ -309,7 +315,7 @@ impl Metrics {
         );
         r.register(
             "meterd_oldest_unsent_record_age_seconds",
-            "Seconds since the hour of the oldest unsent record closed; 0 when nothing is pending",
+            "Seconds since the oldest unsent record fell due (its hour's close plus the spread offset); 0 when nothing is pending",
             m.oldest_unsent_record_age_seconds.clone(),
         );
         r.register(
@@ -356,7 +362,8 @@ impl Metrics {
     }
 
     /// Sets the gauges read from the ledger at scrape time.
-    pub fn observe_ledger(&self, stats: &LedgerStats, now: i64) {
+    /// The ledger's figures; `unsent_age` from [`unsent_age_seconds`].
+    pub fn observe_ledger(&self, stats: &LedgerStats, unsent_age: i64) {
         self.records_pending.set(stats.pending);
         for (state, n) in
             RECORD_STATES
@@ -369,8 +376,7 @@ impl Metrics {
                 })
                 .set(n);
         }
-        self.oldest_unsent_record_age_seconds
-            .set(unsent_age_seconds(stats.oldest_pending_hour, now));
+        self.oldest_unsent_record_age_seconds.set(unsent_age);
         self.last_successful_send_timestamp_seconds
             .set(stats.last_sent_at.unwrap_or(0));
         self.ledger_size_bytes.set(clamp(stats.size_bytes));

@@ -112,12 +112,21 @@ impl TokenBucket {
 
     /// Takes a token at `now`, or says how long until one is there.
     pub fn try_take(&mut self, now: SystemTime) -> Result<(), Duration> {
-        // Time still owed before the bucket is full; a clock step back owes at most the depth.
+        // A clock step back leaves the bucket at most empty as of now, so it refills from now
+        // on: never a refusal longer than one token's interval.
+        if let Some(full_at) = self.full_at {
+            if full_at
+                .duration_since(now)
+                .is_ok_and(|owed| owed > self.depth)
+            {
+                self.full_at = Some(now + self.depth);
+            }
+        }
+        // Time still owed before the bucket is full.
         let owed = self
             .full_at
             .and_then(|t| t.duration_since(now).ok())
-            .unwrap_or_default()
-            .min(self.depth);
+            .unwrap_or_default();
         let after = owed + self.interval;
         if after > self.depth {
             return Err(after - self.depth);
@@ -224,6 +233,24 @@ mod tests {
             for k in 0..100u32 {
                 prop_assert!(steady.try_take(at(0) + SECOND / rate * k).is_ok());
             }
+        }
+    }
+
+    #[test]
+    fn a_bucket_refills_from_now_after_the_clock_steps_back() {
+        let mut b = TokenBucket::new(10, 10);
+        let t = at(10_000_000);
+        for _ in 0..10 {
+            b.try_take(t).expect("the burst");
+        }
+        assert!(b.try_take(t).is_err(), "empty");
+        // Ten minutes back: empty as of then, one token a tenth of a second later.
+        let back = t - Duration::from_secs(600);
+        assert_eq!(b.try_take(back), Err(Duration::from_millis(100)));
+        assert!(b.try_take(back + Duration::from_millis(100)).is_ok());
+        let refilled = back + Duration::from_secs(2);
+        for _ in 0..10 {
+            b.try_take(refilled).expect("full again a second later");
         }
     }
 

@@ -135,13 +135,15 @@ pub struct Pacing {
 }
 
 /// The back-off after a ThrottlingException: decorrelated jitter from a floor of a tenth of
-/// the spread (at least `backoff`'s initial delay, at most its cap), capped like `backoff`.
+/// the spread (at least `backoff`'s initial delay, at most a third of its cap, so the first
+/// retry still draws from a range three times the floor wide), capped like `backoff`.
 /// A throttle says the account's quota is spent by the fleet right now, and the fleet's sends
 /// for the hour span the spread: a retry one to three seconds later lands in the same crowded
 /// seconds and is throttled again, one a tenth of the spread later lands where the crowd has
 /// moved on. With the spread off the floor is the initial delay, as for any other failure.
 pub fn throttle_backoff(backoff: Backoff, spread: Duration) -> Backoff {
-    let floor = (spread / 10).clamp(backoff.initial(), backoff.max());
+    // Agents throttled in the same second must not retry in the same second again.
+    let floor = (spread / 10).min(backoff.max() / 3).max(backoff.initial());
     Backoff::try_new(floor, backoff.max()).unwrap_or(backoff)
 }
 
@@ -184,7 +186,14 @@ impl<S: RecordStore> Sender<S> {
     pub async fn run(&self, wake: Arc<Notify>, stop: CancellationToken) {
         let mut previous: Option<Duration> = None;
         loop {
-            let pass = self.pass_with(Spread::Honour).await;
+            // A stop ends a pass between calls or mid-call (the record stays pending; its
+            // ClientToken makes the flush's retry of it safe), so a long pass at the call limit
+            // does not hold up the shutdown's seal and flush.
+            let pass = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                pass = self.pass_with(Spread::Honour) => pass,
+            };
             let now = self.clock.now();
             let due = self.next_due().map(crate::clock::from_unix_millis);
             // After a refusal of one record, a newly sealed hour is sent once due; after a
@@ -505,9 +514,33 @@ mod tests {
         let long = throttle_backoff(b, Duration::from_secs(3600));
         assert_eq!(
             (long.initial(), long.max()),
-            (b.max(), b.max()),
-            "never past the cap"
+            (Duration::from_secs(100), b.max()),
+            "never past a third of the cap"
         );
+    }
+
+    #[test]
+    fn a_throttle_back_off_keeps_its_jitter_at_every_spread() {
+        let defaults =
+            Backoff::try_new(Duration::from_secs(1), Duration::from_secs(300)).expect("valid");
+        let short_cap =
+            Backoff::try_new(Duration::from_secs(1), Duration::from_secs(30)).expect("valid");
+        let narrow =
+            Backoff::try_new(Duration::from_secs(2), Duration::from_secs(3)).expect("valid");
+        for b in [defaults, short_cap, narrow] {
+            for minutes in [0, 1, 5, 10, 30, 50] {
+                let t = throttle_backoff(b, Duration::from_secs(minutes * 60));
+                let (low, high) = (
+                    t.decorrelated_with_jitter(t.initial(), 0.0),
+                    t.decorrelated_with_jitter(t.initial(), 1.0),
+                );
+                assert!(
+                    high >= (low * 3).min(b.max()) && high > low,
+                    "spread {minutes} min, back-off {b:?}: the first retry draws from {low:?}..{high:?}"
+                );
+                assert!(t.initial() >= b.initial() && t.max() == b.max());
+            }
+        }
     }
 
     #[tokio::test]

@@ -2107,3 +2107,116 @@ async fn a_throttled_meter_usage_retries_a_tenth_of_the_spread_later() {
     );
     agent.stop().await;
 }
+
+/// A SIGTERM in the middle of a long pass at the call limit (a backlog after an outage) seals
+/// the open hour at once: the pass ends between calls and the flush takes over, instead of
+/// the shutdown waiting for the pass (at one call a second, ten records are ten seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_long_pass_seals_the_open_hour_at_once() {
+    let h = Harness::new(H0 + 300).await;
+    let mut config = h.config("");
+    config.sending.max_calls_per_second = 1;
+    // Long enough for the flush to send all twelve at one a second.
+    config.server.grace_period = Duration::from_secs(60);
+    let agent = h.start_agent(config).await;
+    h.emulator.set_faults(FaultProfile::only(
+        emulator::Operation::MeterUsage,
+        FaultRule::down(Duration::from_secs(5 * HOUR_SECS as u64)),
+    ));
+    for hour in 0..5 {
+        h.advance_to(H0 + hour * HOUR_SECS + 600);
+        agent.post(ev("requests", 1 + hour, None)).await;
+    }
+    // The service is back at 05:05; the backlog is ten records (five hours, two dimensions).
+    h.emulator.set_faults(FaultProfile::default());
+    h.advance_to(H0 + 5 * HOUR_SECS + 600);
+    agent.post(ev("requests", 9, None)).await;
+    h.drive_until(
+        "the backlog's first record billed",
+        H0 + 6 * HOUR_SECS,
+        async || !h.billed().is_empty(),
+    )
+    .await;
+    assert!(
+        h.billed().len() < 6,
+        "the pass is still going: {:?}",
+        h.billed().len()
+    );
+    let stopped_at = h.clock.now();
+    let (ledger, task) = (agent.handles.ledger.clone(), agent.task);
+    agent.shutdown.cancel();
+    // With the clock standing still: a pass that went on would wait on it for its next call.
+    eventually("the open hour sealed", PATIENCE, async || {
+        ledger.sealed_floor() > H0 + 5 * HOUR_SECS
+    })
+    .await;
+    assert_eq!(h.clock.now(), stopped_at);
+    h.drive_until("the agent stopped", H0 + 6 * HOUR_SECS, async || {
+        task.is_finished()
+    })
+    .await;
+    task.await
+        .expect("agent task")
+        .expect("agent exits cleanly");
+    assert_eq!(h.billed().len(), 12, "backlog and open hour all flushed");
+    assert_eq!(
+        h.billed()[&(H0 + 5 * HOUR_SECS, "requests".to_owned())].quantity,
+        9
+    );
+}
+
+/// With a spread, a record held back for the agent's offset is not late: the unsent age (in
+/// status and metrics) and the metering health count from when it falls due, so a 50-minute
+/// spread does not warn every hour by design.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unsent_age_counts_from_the_agents_slot_in_the_spread() {
+    let h = Harness::new(H0 + 300).await;
+    let mut config = h.config("");
+    config.sending.spread = Duration::from_secs(50 * 60);
+    let agent = h.start_agent(config).await;
+    // The service down: the record stays pending past its slot.
+    h.emulator.set_faults(FaultProfile::only(
+        emulator::Operation::MeterUsage,
+        FaultRule::down(Duration::from_secs(24 * 3600)),
+    ));
+    agent.post(ev("requests", 5, None)).await;
+    let (_, status) = agent.get("/v1/status").await;
+    let offset = status["sending"]["offset_seconds"]
+        .as_f64()
+        .expect("offset") as i64;
+    let due = H0 + HOUR_SECS + offset;
+    let observed = async |at: i64| {
+        h.advance_to(at);
+        let (_, status) = agent.get("/v1/status").await;
+        let (_, metrics) = agent.get("/metrics").await;
+        let gauge = metrics
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("meterd_oldest_unsent_record_age_seconds "))
+            .unwrap_or("?")
+            .to_owned();
+        (
+            status["metering_health"].as_str().unwrap_or("?").to_owned(),
+            status["oldest_unsent_age_seconds"].as_i64().unwrap_or(-1),
+            gauge,
+        )
+    };
+    eventually("the hour sealed", PATIENCE, async || {
+        h.advance_to(H0 + HOUR_SECS + 5);
+        agent.handles.ledger.sealed_floor() > H0
+    })
+    .await;
+    assert_eq!(observed(due).await, ("ok".into(), 0, "0".into()), "due now");
+    let warn = due + 30 * 60;
+    assert_eq!(
+        observed(warn - 1).await,
+        ("ok".into(), 30 * 60 - 1, "1799".into())
+    );
+    assert_eq!(
+        observed(warn).await,
+        ("warn".into(), 30 * 60, "1800".into())
+    );
+    h.stop_while_refused(agent.stop(), Duration::from_secs(10))
+        .await;
+}

@@ -391,8 +391,8 @@ fn default_max_calls_per_second() -> u32 {
     2
 }
 
-/// When `metering_health` in `/v1/status` leaves `ok`: how long the oldest unsent record's hour
-/// has been closed. An application that fails closed reads it; meterd itself stops nothing.
+/// When `metering_health` in `/v1/status` leaves `ok`: how long the oldest unsent record has
+/// been due (its hour's close plus the agent's spread offset). An application that fails closed reads it; meterd itself stops nothing.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {

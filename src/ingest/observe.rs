@@ -1,5 +1,7 @@
 //! The read-only state: `/metrics`, `/v1/status` and `/readyz`.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use http_body_util::Full;
@@ -12,13 +14,26 @@ use crate::status::MeteringHealth;
 use super::{json_response, Api, Body};
 
 impl Api {
+    /// This agent's offset in the spread (`send::spread_offset` of its instance id).
+    fn send_offset(&self) -> Duration {
+        crate::send::spread_offset(
+            &self.ledger.identity().instance_id,
+            self.config.sending.spread,
+        )
+    }
+
+    /// How overdue the oldest unsent record is ([`unsent_age_seconds`]).
+    fn unsent_age(&self, stats: &crate::ledger::LedgerStats, now: i64) -> i64 {
+        unsent_age_seconds(stats.oldest_pending_hour, self.send_offset(), now)
+    }
+
     /// OpenMetrics when the scraper accepts it, else the text format 0.0.4 (`crate::metrics`).
     pub(super) async fn metrics_response(&self, headers: &header::HeaderMap) -> Response<Body> {
         let now = unix_seconds(self.clock.now());
         let health = match self.ledger.stats().await {
             Ok(stats) => {
-                self.metrics.observe_ledger(&stats, now);
-                let age = unsent_age_seconds(stats.oldest_pending_hour, now);
+                let age = self.unsent_age(&stats, now);
+                self.metrics.observe_ledger(&stats, age);
                 MeteringHealth::of(age, &self.config.health)
             }
             Err(_) => MeteringHealth::Degraded,
@@ -65,7 +80,7 @@ impl Api {
         // A ledger that cannot be read shows no proof that usage is going out: degraded.
         let (health, unsent_seconds) = match &ledger {
             Ok(s) => {
-                let age = unsent_age_seconds(s.oldest_pending_hour, now);
+                let age = self.unsent_age(s, now);
                 (MeteringHealth::of(age, &self.config.health), Some(age))
             }
             Err(_) => (MeteringHealth::Degraded, None),
@@ -97,7 +112,7 @@ impl Api {
                 "sender": self.status.sender(),
                 "sending": {
                     "spread_seconds": self.config.sending.spread.as_secs_f64(),
-                    "offset_seconds": crate::send::spread_offset(&identity.instance_id, self.config.sending.spread).as_secs_f64(),
+                    "offset_seconds": self.send_offset().as_secs_f64(),
                     "max_calls_per_second": self.config.sending.max_calls_per_second,
                 },
                 "ledger": ledger_json,

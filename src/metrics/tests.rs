@@ -34,7 +34,7 @@ fn text_format_names_each_counter_by_its_samples_and_drops_openmetrics_lines() {
             last_sent_at: Some(5000),
             ..LedgerStats::default()
         },
-        7200 + HOUR_SECS + 90,
+        90,
     );
     let text = m.render_text(&CommitStats::default());
     assert!(
@@ -100,11 +100,21 @@ fn text_format_names_each_counter_by_its_samples_and_drops_openmetrics_lines() {
 }
 
 #[test]
-fn unsent_age_counts_from_the_end_of_the_oldest_pending_hour() {
-    assert_eq!(unsent_age_seconds(None, 10_000), 0);
-    assert_eq!(unsent_age_seconds(Some(3600), 7200), 0);
-    assert_eq!(unsent_age_seconds(Some(3600), 7000), 0);
-    assert_eq!(unsent_age_seconds(Some(3600), 7260), 60);
+fn unsent_age_counts_from_when_the_oldest_pending_record_fell_due() {
+    let none = Duration::ZERO;
+    assert_eq!(unsent_age_seconds(None, none, 10_000), 0);
+    assert_eq!(unsent_age_seconds(Some(3600), none, 7200), 0);
+    assert_eq!(unsent_age_seconds(Some(3600), none, 7000), 0);
+    assert_eq!(unsent_age_seconds(Some(3600), none, 7260), 60);
+    // Held back for a 45-minute offset in the spread: not late until 45 minutes past the close.
+    let offset = Duration::from_secs(2700);
+    assert_eq!(unsent_age_seconds(Some(3600), offset, 7200 + 2700), 0);
+    assert_eq!(unsent_age_seconds(Some(3600), offset, 7200 + 2760), 60);
+    assert_eq!(
+        unsent_age_seconds(Some(i64::MAX), offset, 0),
+        0,
+        "no overflow"
+    );
 }
 
 /// Every series name the agent exports: each family's samples (`_total` for a counter,
