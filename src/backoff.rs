@@ -215,6 +215,8 @@ where
 /// fails permanently (`is_transient` false); after a transient failure at `now`,
 /// `next_attempt(attempt, failure, now)` gives the next attempt's time (`None`: give up,
 /// [`RetryError::Exhausted`]), `on_retry` hears of it, and the wait is on the injected clock.
+/// `now` is the wall time at the first attempt plus the clock's monotonic time since, so
+/// budgets and waits count time that passed, whatever steps the wall clock takes meanwhile.
 pub async fn retry_with<T, E, F, Fut>(
     clock: &SharedClock,
     mut next_attempt: impl FnMut(u32, &E, SystemTime) -> Option<SystemTime>,
@@ -226,6 +228,10 @@ where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
+    // Time as the retries see it: the wall clock at the start moved on by monotonic time, so
+    // a step of the wall clock (NTP at boot) neither cuts a budget short nor stretches a wait.
+    let (start, start_monotonic) = (clock.now(), clock.monotonic());
+    let steady_now = || start + clock.monotonic().saturating_sub(start_monotonic);
     let mut attempt = 0u32;
     loop {
         attempt = attempt.saturating_add(1);
@@ -234,14 +240,16 @@ where
             Err(e) if !is_transient(&e) => return Err(RetryError::Permanent(e)),
             Err(e) => e,
         };
-        let Some(next) = next_attempt(attempt, &failure, clock.now()) else {
+        let now = steady_now();
+        let Some(next) = next_attempt(attempt, &failure, now) else {
             return Err(RetryError::Exhausted {
                 attempts: attempt,
                 last: failure,
             });
         };
         on_retry(attempt, &failure, next);
-        clock.sleep_until(next).await;
+        let wait = next.duration_since(now).unwrap_or_default();
+        clock.sleep_monotonic(clock.monotonic() + wait).await;
     }
 }
 
@@ -254,7 +262,100 @@ impl Default for Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{Clock, ManualClock, SleepFuture};
     use proptest::prelude::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A wall clock a test steps forward while monotonic time (and every wait) runs on a
+    /// manual clock: NTP correcting the time at boot.
+    struct SteppedClock {
+        monotonic: Arc<ManualClock>,
+        step: Mutex<Duration>,
+    }
+
+    impl Clock for SteppedClock {
+        fn now(&self) -> SystemTime {
+            self.monotonic.now() + *self.step.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        fn sleep_until(&self, deadline: SystemTime) -> SleepFuture<'_> {
+            let step = *self.step.lock().unwrap_or_else(|e| e.into_inner());
+            self.monotonic.sleep_until(deadline - step)
+        }
+
+        fn monotonic(&self) -> Duration {
+            self.monotonic.monotonic()
+        }
+
+        fn sleep_monotonic(&self, until: Duration) -> SleepFuture<'_> {
+            self.monotonic.sleep_monotonic(until)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wall_clock_step_neither_ends_a_budget_nor_skips_a_wait() {
+        let s = Duration::from_secs;
+        let monotonic = ManualClock::at_unix(1_000);
+        let stepped = Arc::new(SteppedClock {
+            monotonic: monotonic.clone(),
+            step: Mutex::new(Duration::ZERO),
+        });
+        let clock: SharedClock = stepped.clone();
+        let attempts_at = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let (clock, attempts_at, monotonic) =
+                (clock.clone(), attempts_at.clone(), monotonic.clone());
+            async move {
+                let b = Backoff::try_new(s(1), s(8)).expect("valid");
+                let deadline = clock.now() + s(60);
+                retry(
+                    &clock,
+                    &b,
+                    None,
+                    Some(deadline),
+                    |_: &()| true,
+                    |attempt, _, _| {
+                        if attempt == 1 {
+                            // Two hours forward, during the first wait.
+                            *stepped.step.lock().unwrap_or_else(|e| e.into_inner()) = s(7_200);
+                        }
+                    },
+                    || {
+                        let mut at = attempts_at.lock().unwrap_or_else(|e| e.into_inner());
+                        at.push(monotonic.monotonic());
+                        let n = at.len();
+                        async move {
+                            if n < 3 {
+                                Err(())
+                            } else {
+                                Ok(n)
+                            }
+                        }
+                    },
+                )
+                .await
+            }
+        });
+        let far = crate::clock::from_unix_seconds(10_000);
+        while !task.is_finished() {
+            monotonic.advance_to_next(far);
+            tokio::task::yield_now().await;
+        }
+        let result = task.await.expect("task");
+        assert_eq!(
+            result,
+            Ok(3),
+            "the 60 s budget is not spent by a step of the wall clock"
+        );
+        let at = attempts_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        assert!(
+            at.windows(2).all(|w| w[1] - w[0] >= s(1) / 2),
+            "every wait lasts its back-off (equal jitter: at least half of 1 s): {at:?}"
+        );
+    }
 
     #[test]
     fn constructor_refuses_invalid_schedules() {

@@ -81,7 +81,8 @@ impl RateLimiter {
                 .try_take(now);
             match wait {
                 Ok(()) => return,
-                Err(wait) => clock.sleep_until(now + wait).await,
+                // Monotonic: a step back of the wall clock does not stretch the wait.
+                Err(wait) => clock.sleep_monotonic(clock.monotonic() + wait).await,
             }
         }
     }

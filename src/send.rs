@@ -186,14 +186,13 @@ impl<S: RecordStore> Sender<S> {
     pub async fn run(&self, wake: Arc<Notify>, stop: CancellationToken) {
         let mut previous: Option<Duration> = None;
         loop {
-            // A stop ends a pass between calls or mid-call (the record stays pending; its
-            // ClientToken makes the flush's retry of it safe), so a long pass at the call limit
-            // does not hold up the shutdown's seal and flush.
-            let pass = tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                pass = self.pass_with(Spread::Honour) => pass,
-            };
+            // A stop ends a pass before its next call (a call in flight is finished and
+            // recorded), so a long pass at the call limit does not hold up the shutdown's seal
+            // and flush.
+            let pass = self.pass_until(Spread::Honour, Some(&stop)).await;
+            if stop.is_cancelled() {
+                return;
+            }
             let now = self.clock.now();
             let due = self.next_due().map(crate::clock::from_unix_millis);
             // After a refusal of one record, a newly sealed hour is sent once due; after a
@@ -295,9 +294,20 @@ impl<S: RecordStore> Sender<S> {
         self.pass_with(Spread::Honour).await
     }
 
+    /// [`Self::pass_with`] a spread.
+    pub async fn pass_with(&self, spread: Spread) -> Result<Pass, LedgerError> {
+        self.pass_until(spread, None).await
+    }
+
     /// One attempt at every pending record, oldest first; with [`Spread::Honour`], only
     /// those whose hour closed at least the offset ago (the rest set [`Self::next_due`]).
-    pub async fn pass_with(&self, spread: Spread) -> Result<Pass, LedgerError> {
+    /// A `stop` ends the pass before its next call (waiting for a slot of the call limit
+    /// included); the records left stay pending.
+    async fn pass_until(
+        &self,
+        spread: Spread,
+        stop: Option<&CancellationToken>,
+    ) -> Result<Pass, LedgerError> {
         let pending = self.store.pending_records().await?;
         self.metrics.records_pending.set(pending.len() as i64);
         let now_ms = unix_millis(self.clock.now());
@@ -314,7 +324,10 @@ impl<S: RecordStore> Sender<S> {
                 next_due = Some(next_due.map_or(due, |d| d.min(due)));
                 continue;
             }
-            match self.deliver(&record).await? {
+            let Some(delivered) = self.deliver(&record, stop).await? else {
+                break;
+            };
+            match delivered {
                 Pass::Done => {}
                 pass @ (Pass::RetrySoon | Pass::Throttled) => {
                     result = pass;
@@ -327,7 +340,12 @@ impl<S: RecordStore> Sender<S> {
         Ok(result)
     }
 
-    async fn deliver(&self, record: &StoredRecord) -> Result<Pass, LedgerError> {
+    /// One attempt at `record`; `None` when `stop` came while it waited for its call slot.
+    async fn deliver(
+        &self,
+        record: &StoredRecord,
+        stop: Option<&CancellationToken>,
+    ) -> Result<Option<Pass>, LedgerError> {
         let span = tracing::info_span!("send", dimension = %record.dimension, hour = %rfc3339(record.hour));
         async {
             let now = unix_seconds(self.clock.now());
@@ -342,7 +360,10 @@ impl<S: RecordStore> Sender<S> {
                     .record_delivery(record.hour, &record.dimension, Delivery::Final { state: RecordState::Dead, error }, now)
                     .await?;
                 self.metrics.records_dead_lettered.inc();
-                return Ok(Pass::Done);
+                return Ok(Some(Pass::Done));
+            }
+            if !self.call_slot(stop).await {
+                return Ok(None);
             }
             let outcome = self.meter_usage(record).await;
             let now = unix_seconds(self.clock.now());
@@ -357,7 +378,7 @@ impl<S: RecordStore> Sender<S> {
                         s.consecutive_failures = 0;
                     });
                     tracing::info!(quantity = record.quantity, %metering_record_id, "record accepted");
-                    Ok(Pass::Done)
+                    Ok(Some(Pass::Done))
                 }
                 Err(failure) => {
                     let code = failure.code.clone().unwrap_or_else(|| "transport".to_owned());
@@ -373,24 +394,24 @@ impl<S: RecordStore> Sender<S> {
                             .record_delivery(record.hour, &record.dimension, Delivery::Final { state: RecordState::Duplicate, error: text }, now)
                             .await?;
                         self.metrics.records_duplicate.inc();
-                        return Ok(Pass::Done);
+                        return Ok(Some(Pass::Done));
                     }
                     self.store
                         .record_delivery(record.hour, &record.dimension, Delivery::Failed { error: text.clone() }, now)
                         .await?;
                     if failure.code_is("ThrottlingException") {
                         tracing::warn!(error = %text, "MeterUsage throttled: the account's quota is in use; will retry later");
-                        Ok(Pass::Throttled)
+                        Ok(Some(Pass::Throttled))
                     } else if failure.is_retryable() {
                         tracing::warn!(error = %text, "MeterUsage failed; will retry");
-                        Ok(Pass::RetrySoon)
+                        Ok(Some(Pass::RetrySoon))
                     } else {
                         let key = (record.hour, record.dimension.clone(), code);
                         let first = self.logged.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
                         if first {
                             tracing::error!(error = %text, "MeterUsage refused the record; retrying until the 6-hour window closes. Fix the cause (see the error) to get it billed");
                         }
-                        Ok(Pass::RetryLate)
+                        Ok(Some(Pass::RetryLate))
                     }
                 }
             }
@@ -399,6 +420,22 @@ impl<S: RecordStore> Sender<S> {
         .await
     }
 
+    /// Waits for a slot of the call limit; `false` when `stop` came first.
+    async fn call_slot(&self, stop: Option<&CancellationToken>) -> bool {
+        match stop {
+            Some(stop) => tokio::select! {
+                biased;
+                _ = stop.cancelled() => false,
+                () = self.limiter.acquire(&self.clock) => true,
+            },
+            None => {
+                self.limiter.acquire(&self.clock).await;
+                true
+            }
+        }
+    }
+
+    /// One MeterUsage call for `record`; the caller has its call slot.
     async fn meter_usage(&self, record: &StoredRecord) -> Result<String, CallFailure> {
         let quantity = i32::try_from(record.quantity)
             .map_err(|_| local_failure("quantity exceeds the service maximum"))?;
@@ -433,7 +470,6 @@ impl<S: RecordStore> Sender<S> {
                 request = request.usage_allocations(allocation);
             }
         }
-        self.limiter.acquire(&self.clock).await;
         match request.send().await {
             Ok(out) => Ok(out.metering_record_id.unwrap_or_default()),
             Err(e) => Err(CallFailure::from_sdk(&e)),
