@@ -588,6 +588,23 @@ impl Ledger {
         self.read(move |c| queries::usage_rows(c, hour)).await
     }
 
+    /// Folds the rows of [`Ledger::usage_of_hour`] into `acc` one at a time on the read
+    /// connection, in the same order, without collecting them: with 10,000 tag sets in the
+    /// hour the collected rows and a rendering of them held tens of megabytes at once, where a
+    /// fold that writes each row out holds one.
+    pub async fn fold_usage_of_hour<T: Send + 'static>(
+        &self,
+        hour: i64,
+        mut acc: T,
+        mut f: impl FnMut(&mut T, UsageRow) + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        self.read(move |c| {
+            queries::for_each_usage_row(c, hour, |row| f(&mut acc, row))?;
+            Ok(acc)
+        })
+        .await
+    }
+
     pub async fn stats(&self) -> Result<LedgerStats, LedgerError> {
         let path = self.inner.path.clone();
         let mut stats = self.read(queries::stats).await?;

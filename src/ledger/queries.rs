@@ -49,6 +49,19 @@ pub(super) fn query_records<P: rusqlite::Params>(
 /// Every counter of an hour: sums, the `max`/`last` gauges, and per tag set the number of
 /// distinct values it brought first.
 pub(super) fn usage_rows(c: &Connection, hour: i64) -> rusqlite::Result<Vec<UsageRow>> {
+    let mut rows = Vec::new();
+    for_each_usage_row(c, hour, |row| rows.push(row))?;
+    Ok(rows)
+}
+
+/// The rows of [`usage_rows`], handed to `visit` one at a time as SQLite steps through them,
+/// ordered by dimension, tags and aggregation. Nothing is collected: a reader that renders
+/// each row (`GET /v1/usage/current`) holds one parsed row at a time, not the whole hour.
+pub(super) fn for_each_usage_row(
+    c: &Connection,
+    hour: i64,
+    mut visit: impl FnMut(UsageRow),
+) -> rusqlite::Result<()> {
     let mut stmt = c.prepare_cached(
         "SELECT dimension, tags, quantity, 'sum', 0 FROM usage WHERE hour = ?1 \
          UNION ALL SELECT dimension, tags, value, aggregation, seq FROM gauges WHERE hour = ?1 \
@@ -59,20 +72,27 @@ pub(super) fn usage_rows(c: &Connection, hour: i64) -> rusqlite::Result<Vec<Usag
     let conversion = |column: usize, e: Box<dyn std::error::Error + Send + Sync>| {
         rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, e)
     };
-    let rows = stmt.query_map([hour], |r| {
-        let tags: String = r.get(1)?;
-        let aggregation: String = r.get(3)?;
-        Ok(UsageRow {
+    let mut rows = stmt.query([hour])?;
+    while let Some(r) = rows.next()? {
+        let tags = r
+            .get_ref(1)?
+            .as_str()
+            .map_err(|e| conversion(1, Box::new(e)))?;
+        let aggregation = r
+            .get_ref(3)?
+            .as_str()
+            .map_err(|e| conversion(3, Box::new(e)))?;
+        visit(UsageRow {
             dimension: r.get(0)?,
-            tags: model::tagset_from_key(&tags).map_err(|e| conversion(1, Box::new(e)))?,
+            tags: model::tagset_from_key(tags).map_err(|e| conversion(1, Box::new(e)))?,
             quantity: r.get(2)?,
             aggregation: aggregation
                 .parse()
                 .map_err(|e: String| conversion(3, e.into()))?,
             seq: r.get(4)?,
-        })
-    })?;
-    rows.collect()
+        });
+    }
+    Ok(())
 }
 
 pub(super) fn run_seconds_of(c: &Connection, hour: i64) -> rusqlite::Result<i64> {

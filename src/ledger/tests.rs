@@ -282,3 +282,36 @@ proptest::proptest! {
         rt.block_on(run_model(ops))?;
     }
 }
+
+#[tokio::test]
+async fn folding_an_hours_usage_visits_the_rows_of_usage_of_hour_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(dir.path(), "prod-a", H).expect("open");
+    let tagged = |mut e: Event, tenant: &str| {
+        e.tags = [("tenant".to_owned(), tenant.to_owned())].into();
+        e
+    };
+    let mut events: Vec<Event> = (0..50)
+        .map(|i| tagged(event("requests", i, None), &format!("t{:02}", 49 - i)))
+        .collect();
+    events.push(tagged(unique("v1", None), "t07"));
+    events.push(tagged(unique("v2", None), "t07"));
+    events.push(event("gigabytes", 9, None));
+    ledger.append(events, H + 1).await.expect("append");
+    let rows = ledger.usage_of_hour(H).await.expect("usage");
+    assert_eq!(
+        rows.len(),
+        52,
+        "50 tenants, one unique tag set, one untagged row"
+    );
+    let folded = ledger
+        .fold_usage_of_hour(H, Vec::new(), |acc, row| acc.push(row))
+        .await
+        .expect("fold");
+    assert_eq!(folded, rows);
+    let count = ledger
+        .fold_usage_of_hour(H + HOUR_SECS, 0_usize, |n, _| *n += 1)
+        .await
+        .expect("fold of an empty hour");
+    assert_eq!(count, 0);
+}
