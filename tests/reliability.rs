@@ -1794,7 +1794,8 @@ async fn fifty_real_processes_share_one_accounts_quota_across_two_hour_boundarie
         wall.jump_to(from_unix_seconds(close - 10));
         let hour_real = std::time::Instant::now();
         let expected = AGENTS * DIMS.len();
-        let (billed_all, calls_seen) = (std::cell::Cell::new(false), std::cell::Cell::new(u64::MAX));
+        let (billed_all, calls_seen) =
+            (std::cell::Cell::new(false), std::cell::Cell::new(u64::MAX));
         let fleet_cell = tokio::sync::Mutex::new(&mut fleet);
         eventually(
             &format!("hour {hour} billed and recorded by every agent"),
@@ -1851,7 +1852,12 @@ async fn fifty_real_processes_share_one_accounts_quota_across_two_hour_boundarie
             .await
             .expect("exits within the grace period")
             .expect("wait");
-        assert!(status.success(), "{}: {status}: {}", p.access_key, p.stderr());
+        assert!(
+            status.success(),
+            "{}: {status}: {}",
+            p.access_key,
+            p.stderr()
+        );
     }
     ticker.abort();
 
@@ -1876,7 +1882,8 @@ async fn fifty_real_processes_share_one_accounts_quota_across_two_hour_boundarie
         })
         .collect();
     for p in &fleet {
-        let ledger = meterd::ledger::read_records_at(&p.dir.join("state"), 100_000).expect("ledger");
+        let ledger =
+            meterd::ledger::read_records_at(&p.dir.join("state"), 100_000).expect("ledger");
         for r in ledger {
             let Some(hour) = hours.get_mut(((r.hour - H0) / HOUR_SECS) as usize) else {
                 continue;
@@ -1895,7 +1902,11 @@ async fn fifty_real_processes_share_one_accounts_quota_across_two_hour_boundarie
     let rates = emulator.rates();
     let meter = &rates[account]["MeterUsage"];
     let (mut flush_calls, mut flush_throttled) = (0u64, 0u64);
-    for s in meter.seconds.iter().filter(|s| s.second > sent_by[sent_by.len() - 1]) {
+    for s in meter
+        .seconds
+        .iter()
+        .filter(|s| s.second > sent_by[sent_by.len() - 1])
+    {
         flush_calls += u64::from(s.accepted) + u64::from(s.throttled);
         flush_throttled += u64::from(s.throttled);
     }
