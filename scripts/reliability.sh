@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The reliability suite (tests/reliability.rs): an oracle compares every acknowledged count
 # with what the Metering Service emulator billed, under kill -9, faults, clock jumps, a full
-# disk and concurrent retries. See docs/RELIABILITY.md.
+# disk and concurrent retries, and a fleet of 50 real processes sharing one account's quotas
+# (issue 16; docs/PERFORMANCE.md). See docs/RELIABILITY.md.
 #
 #   scripts/reliability.sh          short mode (CI): 20 kills, 8 simulated fault hours
 #   scripts/reliability.sh --long   long mode (releases): 200 kills, 24 simulated fault hours

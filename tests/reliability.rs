@@ -1488,3 +1488,428 @@ async fn kill9_while_holding_floating_seats_leaks_and_doubles_no_seat() {
         s.emulator.license_consumptions().len()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A fleet of real processes (issue 16)
+
+/// Wall time that the test moves for processes under libfaketime: real time plus an offset,
+/// written as `+<seconds>` to the file that `FAKETIME_TIMESTAMP_FILE` names (libfaketime reads
+/// it again on every call with `FAKETIME_NO_CACHE=1`; an offset without an `x` rate means the
+/// same time in every process, whenever it started) and read by the emulator in this process,
+/// so the agents and the service agree on the time. [`FakeWall::tick`], every 10 ms, makes it
+/// run `speed` times faster than real time; [`FakeWall::jump_to`] moves it forward at once.
+struct FakeWall {
+    file: PathBuf,
+    /// Fake minus real time, nanoseconds.
+    offset_nanos: std::sync::atomic::AtomicI64,
+    /// (fake time at `origin`, `origin`, speed): where [`FakeWall::tick`] aims.
+    pace: Mutex<(SystemTime, std::time::Instant, f64)>,
+}
+
+impl FakeWall {
+    fn start(file: PathBuf, at: SystemTime, speed: f64) -> Arc<Self> {
+        let wall = Arc::new(Self {
+            file,
+            offset_nanos: Default::default(),
+            pace: Mutex::new((at, std::time::Instant::now(), speed)),
+        });
+        wall.tick();
+        wall
+    }
+
+    fn speed(&self) -> f64 {
+        self.pace.lock().expect("pace").2
+    }
+
+    /// Sets the offset to where the pace says the time is, and writes it for libfaketime
+    /// (renamed into place, so a reader never sees half a line).
+    fn tick(&self) {
+        let pace = self.pace.lock().expect("pace");
+        let target = pace.0 + pace.1.elapsed().mul_f64(pace.2);
+        let real = SystemTime::now();
+        let offset = match target.duration_since(real) {
+            Ok(ahead) => i64::try_from(ahead.as_nanos()).expect("offset"),
+            Err(behind) => -i64::try_from(behind.duration().as_nanos()).expect("offset"),
+        };
+        self.offset_nanos.store(offset, Ordering::SeqCst);
+        let tmp = self.file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{:+.6}\n", offset as f64 / 1e9)).expect("faketime file");
+        std::fs::rename(&tmp, &self.file).expect("faketime file");
+    }
+
+    /// Moves the time forward to `to` at once; it runs on from there at the same speed.
+    fn jump_to(&self, to: SystemTime) {
+        {
+            let mut pace = self.pace.lock().expect("pace");
+            assert!(to >= self.now(), "the fake wall only jumps forward");
+            *pace = (to, std::time::Instant::now(), pace.2);
+        }
+        self.tick();
+    }
+}
+
+impl Clock for FakeWall {
+    fn now(&self) -> SystemTime {
+        let offset = self.offset_nanos.load(Ordering::SeqCst);
+        let real = SystemTime::now();
+        if offset >= 0 {
+            real + Duration::from_nanos(offset.unsigned_abs())
+        } else {
+            real - Duration::from_nanos(offset.unsigned_abs())
+        }
+    }
+
+    fn sleep_until(&self, deadline: SystemTime) -> meterd::clock::SleepFuture<'_> {
+        Box::pin(async move {
+            while let Ok(left) = deadline.duration_since(self.now()) {
+                if left.is_zero() {
+                    return;
+                }
+                let real = left.div_f64(self.speed()).min(Duration::from_millis(10));
+                tokio::time::sleep(real).await;
+            }
+        })
+    }
+}
+
+/// One `meterd run` of the fleet.
+struct FleetProcess {
+    child: Child,
+    addr: String,
+    access_key: String,
+    dir: PathBuf,
+}
+
+impl FleetProcess {
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Fails the test, with the agent's log, if it has exited.
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "agent {} exited with {status}: {}",
+                self.access_key,
+                self.stderr()
+            );
+        }
+    }
+
+    /// Records still pending in its ledger, from `/v1/status`.
+    async fn pending(&self) -> Option<u64> {
+        let target = Target::Tcp(self.addr.clone());
+        let r = local_client::call(
+            &target,
+            Method::GET,
+            "/v1/status",
+            None,
+            None,
+            Duration::from_secs(5),
+        )
+        .await;
+        let Ok((StatusCode::OK, body)) = r else {
+            return None;
+        };
+        let status: Value = serde_json::from_slice(&body).ok()?;
+        status["records"]["pending"].as_u64()
+    }
+}
+
+/// Issue 16's fleet as real processes: 50 `meterd run` (the test binary; each its own state
+/// dir, ledger, instance id and access key; the unmapped keys share the emulator's default
+/// account and its quotas, MeterUsage 10 a second, RegisterUsage 5), the default `[sending]`
+/// (spread 5 minutes, 2 calls a second), 3 dimensions, across two hour boundaries, against one
+/// emulator in this process. The agents' wall clock is libfaketime's and the emulator's a
+/// [`FakeWall`] on the same offset: it runs 10 times faster than real time while the fleet
+/// starts and sends, and jumps over the quiet part of each hour. At that speed a wait of the
+/// agent's (`SystemClock` looks again after at most 1 s of real time) ends up to 10 s of fake
+/// time late and the 2-a-second limit spaces an agent's calls 5 fake seconds apart: slower,
+/// never faster, than the settings. Every unit is billed exactly once, none is dead-lettered,
+/// each hour's last record is accepted within spread + 5 minutes of its close, the service
+/// never accepts more MeterUsage calls in one second than the quota, every agent registers and
+/// none exits.
+///
+/// ```sh
+/// cargo test --test reliability fifty_real_processes -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reliability suite: scripts/reliability.sh (needs libfaketime)"]
+async fn fifty_real_processes_share_one_accounts_quota_across_two_hour_boundaries() {
+    const AGENTS: usize = 50;
+    const SPEED: f64 = 10.0;
+    const HOURS: i64 = 2;
+    const DIMS: [&str; 3] = ["requests", "gigabytes", "seats"];
+    let spread = 300;
+    let real_start = std::time::Instant::now();
+    let preload = libfaketime();
+    let wall_dir = tempfile::tempdir().expect("tempdir");
+    // 20 minutes into the first hour.
+    let wall = FakeWall::start(
+        wall_dir.path().join("faketime.rc"),
+        from_unix_seconds(H0 + 1200),
+        SPEED,
+    );
+    let ticker = tokio::spawn({
+        let wall = wall.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                wall.tick();
+            }
+        }
+    });
+    let mut emulator_config = support::emulator_with_dimensions(&["seats"]);
+    emulator_config.quotas = meterd::emulator::quotas::QuotaConfig::default();
+    let (emulator, dir, key) = support::emulator_and_key(emulator_config, wall.clone()).await;
+    let metering = format!("dimensions = {DIMS:?}");
+
+    // The rollout: every process at once.
+    let t0 = wall.now();
+    let mut fleet = Vec::with_capacity(AGENTS);
+    for i in 0..AGENTS {
+        let agent_dir = dir.path().join(format!("agent-{i}"));
+        std::fs::create_dir_all(&agent_dir).expect("agent dir");
+        let addr = format!("127.0.0.1:{}", support::free_port());
+        let config_path = agent_dir.join("meterd.toml");
+        std::fs::write(
+            &config_path,
+            support::agent_toml(&support::AgentToml {
+                key: &key,
+                state: &agent_dir.join("state"),
+                endpoint: &emulator.endpoint_url(),
+                listen: &addr,
+                server_extra: "",
+                sending: "",
+                metering: Some(&metering),
+            }),
+        )
+        .expect("config");
+        let access_key = format!("AKIAPROC{i:012}");
+        let log = std::fs::File::create(agent_dir.join("stderr.log")).expect("log file");
+        let mut cmd = support::agent_command(BIN, &config_path, &agent_dir, &access_key);
+        cmd.env("LD_PRELOAD", &preload)
+            .env("FAKETIME_TIMESTAMP_FILE", &wall.file)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stderr(Stdio::from(log));
+        fleet.push(FleetProcess {
+            child: cmd.spawn().expect("spawn agent"),
+            addr,
+            access_key,
+            dir: agent_dir,
+        });
+    }
+    for p in &mut fleet {
+        support::wait_ready(&p.addr, &mut p.child).await;
+    }
+    let all_ready_after = wall.now().duration_since(t0).unwrap_or_default();
+    let account = "000000000000";
+    let rates = emulator.rates();
+    let register = &rates[account]["RegisterUsage"];
+    let (register_accepted, register_throttled) = (register.accepted, register.throttled);
+    assert!(register_accepted >= AGENTS as u64, "{register:?}");
+
+    let mut oracle = support::FleetOracle::new();
+    let mut seed = 16u64;
+    let (mut waited_real, mut sent_by) = (Vec::new(), Vec::new());
+    for hour in 0..HOURS {
+        let hour_start = H0 + hour * HOUR_SECS;
+        let close = hour_start + HOUR_SECS;
+        let now = unix_seconds(wall.now());
+        assert!(
+            now >= hour_start && now < close - 120,
+            "hour {hour}: the fleet posts at {now}, outside its hour"
+        );
+        for p in &fleet {
+            let events: Vec<Value> = DIMS
+                .iter()
+                .map(|d| {
+                    let q = support::next_quantity(&mut seed);
+                    oracle.insert((p.access_key.clone(), hour_start, (*d).to_owned()), q);
+                    json!({"dimension": d, "quantity": q})
+                })
+                .collect();
+            let body = json!({ "events": events }).to_string().into_bytes();
+            let r = local_client::call(
+                &Target::Tcp(p.addr.clone()),
+                Method::POST,
+                "/v1/usage",
+                Some(body),
+                None,
+                Duration::from_secs(5),
+            )
+            .await;
+            assert!(matches!(r, Ok((StatusCode::OK, _))), "{r:?}");
+        }
+        // The quiet part of the hour is jumped over; the agents seal at the close + 2 s.
+        wall.jump_to(from_unix_seconds(close - 10));
+        let hour_real = std::time::Instant::now();
+        let expected = AGENTS * DIMS.len();
+        let (billed_all, calls_seen) =
+            (std::cell::Cell::new(false), std::cell::Cell::new(u64::MAX));
+        let fleet_cell = tokio::sync::Mutex::new(&mut fleet);
+        eventually(
+            &format!("hour {hour} billed and recorded by every agent"),
+            Duration::from_secs(300),
+            async || {
+                let mut fleet = fleet_cell.lock().await;
+                for p in fleet.iter_mut() {
+                    p.assert_running();
+                }
+                // The records are counted again only once the service has heard more calls.
+                let calls = emulator.calls_counted();
+                if !billed_all.get() && calls != calls_seen.get() {
+                    calls_seen.set(calls);
+                    let billed = emulator
+                        .records()
+                        .iter()
+                        .filter(|r| r.hour == hour_start)
+                        .count();
+                    billed_all.set(billed >= expected);
+                }
+                if !billed_all.get() {
+                    return false;
+                }
+                for p in fleet.iter() {
+                    if p.pending().await != Some(0) {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+        waited_real.push(hour_real.elapsed().as_secs_f64());
+        sent_by.push(unix_seconds(wall.now()));
+        if hour + 1 < HOURS {
+            // On to the next hour's usage, 20 minutes into it at most.
+            let next = from_unix_seconds(close + 1200);
+            if wall.now() < next {
+                wall.jump_to(next);
+            }
+        }
+    }
+    // A minute on (nothing is pending), so the shutdown's calls fall in seconds of their own.
+    wall.jump_to(wall.now() + Duration::from_secs(60));
+    let end_fake = unix_seconds(wall.now());
+
+    // None exited; each stops cleanly on SIGTERM.
+    for p in &mut fleet {
+        p.assert_running();
+        support::sigterm(&p.child);
+    }
+    for p in &mut fleet {
+        let status = tokio::time::timeout(Duration::from_secs(60), p.child.wait())
+            .await
+            .expect("exits within the grace period")
+            .expect("wait");
+        assert!(
+            status.success(),
+            "{}: {status}: {}",
+            p.access_key,
+            p.stderr()
+        );
+    }
+    ticker.abort();
+
+    struct Hour {
+        records: u64,
+        calls: u64,
+        throttled: u64,
+        peak_calls: u32,
+        peak_accepted: u32,
+        last_accepted_after: i64,
+        dead: u64,
+    }
+    let mut hours: Vec<Hour> = (0..HOURS)
+        .map(|_| Hour {
+            records: 0,
+            calls: 0,
+            throttled: 0,
+            peak_calls: 0,
+            peak_accepted: 0,
+            last_accepted_after: 0,
+            dead: 0,
+        })
+        .collect();
+    for p in &fleet {
+        let ledger =
+            meterd::ledger::read_records_at(&p.dir.join("state"), 100_000).expect("ledger");
+        for r in ledger {
+            let Some(hour) = hours.get_mut(((r.hour - H0) / HOUR_SECS) as usize) else {
+                continue;
+            };
+            hour.records += 1;
+            if r.state == RecordState::Dead {
+                hour.dead += 1;
+            }
+            let close = r.hour + HOUR_SECS;
+            let after = r.sent_at.map_or(i64::MAX, |t| t - close);
+            hour.last_accepted_after = hour.last_accepted_after.max(after);
+        }
+    }
+    // The service's calls from each hour's close until its records were all recorded as
+    // sent; after the last, those of the shutdown's final flush (the open hour, unspread).
+    let rates = emulator.rates();
+    let meter = &rates[account]["MeterUsage"];
+    let (mut flush_calls, mut flush_throttled) = (0u64, 0u64);
+    for s in meter
+        .seconds
+        .iter()
+        .filter(|s| s.second > sent_by[sent_by.len() - 1])
+    {
+        flush_calls += u64::from(s.accepted) + u64::from(s.throttled);
+        flush_throttled += u64::from(s.throttled);
+    }
+    for (i, hour) in hours.iter_mut().enumerate() {
+        let from = H0 + (i as i64 + 1) * HOUR_SECS;
+        for s in meter
+            .seconds
+            .iter()
+            .filter(|s| s.second >= from && s.second <= sent_by[i])
+        {
+            hour.calls += u64::from(s.accepted) + u64::from(s.throttled);
+            hour.throttled += u64::from(s.throttled);
+            hour.peak_calls = hour.peak_calls.max(s.accepted + s.throttled);
+            hour.peak_accepted = hour.peak_accepted.max(s.accepted);
+        }
+    }
+    println!(
+        "RELIABILITY scenario=fleet_real_processes agents={AGENTS} dimensions={} speed={SPEED} all_ready_after_fake_s={:.1} register_calls={} register_throttled={register_throttled} shutdown_flush_calls={flush_calls} shutdown_flush_throttled={flush_throttled} fake_end={} real_s={:.0}",
+        DIMS.len(),
+        all_ready_after.as_secs_f64(),
+        register_accepted + register_throttled,
+        end_fake - H0,
+        real_start.elapsed().as_secs_f64()
+    );
+    for (i, hour) in hours.iter().enumerate() {
+        println!(
+            "RELIABILITY fleet_real_processes hour={i} records={} calls={} throttled={} peak_calls_per_s={} peak_accepted_per_s={} last_accepted_after_close_s={} dead_letters={} real_s={:.1}",
+            hour.records,
+            hour.calls,
+            hour.throttled,
+            hour.peak_calls,
+            hour.peak_accepted,
+            hour.last_accepted_after,
+            hour.dead,
+            waited_real[i]
+        );
+    }
+    support::assert_billed_once(&emulator, &oracle, H0 + HOURS * HOUR_SECS);
+    let quota = meter.quota.expect("the MeterUsage quota is on");
+    for (i, hour) in hours.iter().enumerate() {
+        assert_eq!(hour.records, (AGENTS * DIMS.len()) as u64, "hour {i}");
+        assert_eq!(hour.dead, 0, "hour {i}: dead letters");
+        assert!(
+            hour.last_accepted_after <= spread + 300,
+            "hour {i}: the last record was accepted {} s after the close",
+            hour.last_accepted_after
+        );
+        assert!(
+            hour.peak_accepted <= quota,
+            "hour {i}: {} calls accepted in one second",
+            hour.peak_accepted
+        );
+    }
+}

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod binary;
+mod fleet;
 mod harness;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use meterd::ledger::StoredRecord;
 use meterd::local_client::{self, Target};
 
 pub use binary::{agent_command, agent_command_without_keys, sigterm, wait_ready, BinaryRig};
+pub use fleet::{assert_billed_once, next_quantity, FleetOracle};
 pub use harness::{drive_retries, Announce, Harness, ACCESS_KEY};
 
 /// The emulator's demo product, which every harness meters.

@@ -1,6 +1,7 @@
 //! The fleet simulation (issue 16): many real agent pipelines against one account's quotas.
 
 use super::*;
+use support::{assert_billed_once, next_quantity};
 
 #[path = "senders.rs"]
 mod senders;
@@ -417,35 +418,4 @@ fn fleet_dimensions() -> Vec<&'static str> {
         .unwrap_or(2)
         .clamp(1, all.len());
     all[..n].to_vec()
-}
-
-/// Every unit the oracle holds, by (agent, hour, dimension), was billed in exactly one record,
-/// counting the records of hours before `until`.
-fn assert_billed_once(
-    emulator: &meterd::emulator::EmulatorHandle,
-    oracle: &BTreeMap<(String, i64, String), i64>,
-    until: i64,
-) {
-    let mut billed: BTreeMap<(String, i64, String), i64> = BTreeMap::new();
-    for r in emulator.records().into_iter().filter(|r| r.hour < until) {
-        let key = (r.identity.clone(), r.hour, r.dimension.clone());
-        assert!(
-            billed.insert(key.clone(), r.quantity).is_none(),
-            "two records for {key:?}"
-        );
-    }
-    assert_eq!(
-        billed.len(),
-        oracle.len(),
-        "one record per agent, dimension and hour"
-    );
-    assert!(&billed == oracle, "every unit billed once, none lost");
-}
-
-/// The next usage quantity, 1 to 1,000, from a seeded LCG (the same fleet every run).
-fn next_quantity(seed: &mut u64) -> i64 {
-    *seed = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (*seed >> 33) as i64 % 1000 + 1
 }

@@ -100,8 +100,9 @@ impl RecordStore for MemoryStore {
         }
         if was_pending && r.state != RecordState::Pending {
             self.pending.fetch_sub(1, Ordering::SeqCst);
-            self.settle.notify_one();
         }
+        // Any answer: the agent is about to wait on the clock again (its back-off or limit).
+        self.settle.notify_one();
         Ok(())
     }
 }
@@ -297,7 +298,7 @@ pub(super) async fn run_senders(spec: &SendersSpec) -> SendersRun {
             }
             tokio::select! {
                 _ = settle.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
             }
         };
         let now = unix_seconds(h.clock.now());
