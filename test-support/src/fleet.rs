@@ -36,3 +36,30 @@ pub fn next_quantity(seed: &mut u64) -> i64 {
         .wrapping_add(1442695040888963407);
     (*seed >> 33) as i64 % 1000 + 1
 }
+
+/// What a fleet simulation saw of one hour's records.
+#[derive(Debug, Clone, Copy)]
+pub struct HourDelivered {
+    pub records: u64,
+    pub dead_letters: u64,
+    /// Records neither sent nor dead (0 where a simulation tells them by `last_accepted_after`).
+    pub unsent: u64,
+    /// Seconds from the hour's close until its last record was accepted (`i64::MAX`: never).
+    pub last_accepted_after: i64,
+}
+
+/// The checks every fleet makes of each hour: all `expected` records there, none
+/// dead-lettered or left unsent, the last accepted within `bound_secs` of the close.
+pub fn assert_hour_delivered(i: usize, hour: HourDelivered, expected: u64, bound_secs: i64) {
+    assert_eq!(hour.records, expected, "hour {i}: {hour:?}");
+    assert_eq!(
+        (hour.dead_letters, hour.unsent),
+        (0, 0),
+        "hour {i}: {hour:?}"
+    );
+    assert!(
+        hour.last_accepted_after <= bound_secs,
+        "hour {i}: the last record was accepted {} s after the close (bound {bound_secs} s)",
+        hour.last_accepted_after
+    );
+}

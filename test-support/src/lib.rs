@@ -26,7 +26,9 @@ use meterd::ledger::StoredRecord;
 use meterd::local_client::{self, Target};
 
 pub use binary::{agent_command, agent_command_without_keys, sigterm, wait_ready, BinaryRig};
-pub use fleet::{assert_billed_once, next_quantity, FleetOracle};
+pub use fleet::{
+    assert_billed_once, assert_hour_delivered, next_quantity, FleetOracle, HourDelivered,
+};
 pub use harness::{drive_retries, Announce, Harness, ACCESS_KEY};
 
 /// The emulator's demo product, which every harness meters.
