@@ -361,8 +361,8 @@ impl Metrics {
         Metrics { registry: r, ..m }
     }
 
-    /// Sets the gauges read from the ledger at scrape time.
-    /// The ledger's figures; `unsent_age` from [`unsent_age_seconds`].
+    /// Sets the gauges read from the ledger at scrape time; `unsent_age` from
+    /// [`unsent_age_seconds`].
     pub fn observe_ledger(&self, stats: &LedgerStats, unsent_age: i64) {
         self.records_pending.set(stats.pending);
         for (state, n) in

@@ -189,7 +189,7 @@ impl<S: RecordStore> Sender<S> {
             // A stop ends a pass before its next call (a call in flight is finished and
             // recorded), so a long pass at the call limit does not hold up the shutdown's seal
             // and flush.
-            let pass = self.pass_until(Spread::Honour, Some(&stop)).await;
+            let pass = self.pass(Spread::Honour, Some(&stop)).await;
             if stop.is_cancelled() {
                 return;
             }
@@ -268,7 +268,7 @@ impl<S: RecordStore> Sender<S> {
             |_| async {
                 tokio::select! {
                     biased;
-                    pass = self.pass_with(Spread::Ignore) => match pass {
+                    pass = self.pass(Spread::Ignore, None) => match pass {
                         Ok(Pass::Done) => Ok(()),
                         Ok(pass) => Err(Unfinished::Left(pass)),
                         Err(e) => Err(Unfinished::Ledger(e)),
@@ -289,21 +289,11 @@ impl<S: RecordStore> Sender<S> {
         }
     }
 
-    /// One attempt at every pending record that is due, oldest first.
-    pub async fn pass(&self) -> Result<Pass, LedgerError> {
-        self.pass_with(Spread::Honour).await
-    }
-
-    /// [`Self::pass_with`] a spread.
-    pub async fn pass_with(&self, spread: Spread) -> Result<Pass, LedgerError> {
-        self.pass_until(spread, None).await
-    }
-
     /// One attempt at every pending record, oldest first; with [`Spread::Honour`], only
     /// those whose hour closed at least the offset ago (the rest set [`Self::next_due`]).
     /// A `stop` ends the pass before its next call (waiting for a slot of the call limit
     /// included); the records left stay pending.
-    async fn pass_until(
+    async fn pass(
         &self,
         spread: Spread,
         stop: Option<&CancellationToken>,

@@ -214,7 +214,11 @@ pub async fn run(
         seal_policy: policy,
         auth_token,
     } = prepared;
+    // This agent's slot in the spread: the sender waits for it, status and health count from it.
+    let send_offset =
+        crate::send::spread_offset(&ledger.identity().instance_id, config.sending.spread);
     let api = Arc::new(Api {
+        send_offset,
         config: config.clone(),
         vocabulary: Vocabulary::from_config(&config),
         ledger: ledger.clone(),
@@ -300,10 +304,7 @@ pub async fn run(
             limiter: Arc::new(crate::rate::RateLimiter::new(
                 config.sending.max_calls_per_second,
             )),
-            offset: crate::send::spread_offset(
-                &ledger.identity().instance_id,
-                config.sending.spread,
-            ),
+            offset: send_offset,
             spread: config.sending.spread,
         },
     ));

@@ -56,6 +56,8 @@ pub struct Api {
     pub listen_ip: Option<IpAddr>,
     /// How long a body may take to arrive ([`crate::serve::BODY_READ_TIMEOUT`]).
     pub body_read_timeout: Duration,
+    /// This agent's offset in `sending.spread` (`send::spread_offset` of its instance id).
+    pub send_offset: Duration,
     /// Contract pricing: the checkout holder, once start-up has checked out.
     pub contract: std::sync::OnceLock<Arc<crate::entitlement::contract::ContractHolder>>,
 }

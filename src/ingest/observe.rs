@@ -1,7 +1,5 @@
 //! The read-only state: `/metrics`, `/v1/status` and `/readyz`.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use http_body_util::Full;
@@ -14,17 +12,9 @@ use crate::status::MeteringHealth;
 use super::{json_response, Api, Body};
 
 impl Api {
-    /// This agent's offset in the spread (`send::spread_offset` of its instance id).
-    fn send_offset(&self) -> Duration {
-        crate::send::spread_offset(
-            &self.ledger.identity().instance_id,
-            self.config.sending.spread,
-        )
-    }
-
     /// How overdue the oldest unsent record is ([`unsent_age_seconds`]).
     fn unsent_age(&self, stats: &crate::ledger::LedgerStats, now: i64) -> i64 {
-        unsent_age_seconds(stats.oldest_pending_hour, self.send_offset(), now)
+        unsent_age_seconds(stats.oldest_pending_hour, self.send_offset, now)
     }
 
     /// OpenMetrics when the scraper accepts it, else the text format 0.0.4 (`crate::metrics`).
@@ -112,7 +102,7 @@ impl Api {
                 "sender": self.status.sender(),
                 "sending": {
                     "spread_seconds": self.config.sending.spread.as_secs_f64(),
-                    "offset_seconds": self.send_offset().as_secs_f64(),
+                    "offset_seconds": self.send_offset.as_secs_f64(),
                     "max_calls_per_second": self.config.sending.max_calls_per_second,
                 },
                 "ledger": ledger_json,
