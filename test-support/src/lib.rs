@@ -29,7 +29,7 @@ pub use binary::{agent_command, agent_command_without_keys, sigterm, wait_ready,
 pub use fleet::{
     assert_billed_once, assert_hour_delivered, next_quantity, FleetOracle, HourDelivered,
 };
-pub use harness::{drive_retries, Announce, Harness, ACCESS_KEY};
+pub use harness::{drive_retries, Announce, Harness, ACCESS_KEY, SETTLE_QUIET};
 
 /// The emulator's demo product, which every harness meters.
 pub const PRODUCT: &str = emulator::config::DEMO_PRODUCT_CODE;
